@@ -1,0 +1,90 @@
+"""Per-request sampling parameters and the target distribution they define (pure torch).
+
+Random numbers come from the default generator, except for requests that carry their own
+``torch.Generator`` (seeded requests), whose rows are drawn from it: the same convention as
+vLLM's sampler, so a seeded request reproduces its own draws whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_EPS_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor  # [B] float32; <= 1e-5 means greedy
+    top_k: torch.Tensor  # [B] int64; <= 0 or >= vocab means off
+    top_p: torch.Tensor  # [B] float32; >= 1 means off
+    generators: dict[int, torch.Generator] | None = None  # request row -> its own generator
+    filtered: bool = True  # host-known: some row uses top-k/top-p (False skips the sort)
+
+    @property
+    def is_greedy(self) -> torch.Tensor:  # [B] bool
+        return self.temperature <= _EPS_TEMPERATURE
+
+    def take(self, rows: torch.Tensor) -> SamplingBatch:
+        """The parameters of ``rows`` (a [M] index into the batch), e.g. one per tree row."""
+        return SamplingBatch(
+            self.temperature[rows], self.top_k[rows], self.top_p[rows], None, self.filtered
+        )
+
+    @classmethod
+    def greedy(cls, batch: int, device: torch.device | str = "cpu") -> SamplingBatch:
+        return cls(
+            torch.zeros(batch, device=device),
+            torch.zeros(batch, dtype=torch.int64, device=device),
+            torch.ones(batch, device=device),
+            filtered=False,
+        )
+
+
+def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
+    """[M, V] logits -> [M, V] float32 probabilities after temperature, top-k and top-p.
+
+    Rows of greedy requests get temperature 1 (their probabilities are not used to sample).
+    """
+    temp = torch.where(sampling.is_greedy, torch.ones_like(sampling.temperature), sampling.temperature)
+    x = logits.float() / temp.unsqueeze(1)
+    vocab = x.shape[-1]
+    k = sampling.top_k
+    p = sampling.top_p
+    use_k = (k > 0) & (k < vocab)
+    use_p = p < 1.0
+    if sampling.filtered:
+        x = _apply_top_k_top_p(x, torch.where(use_k, k, vocab), torch.where(use_p, p, 1.0))
+    return torch.softmax(x, dim=-1)
+
+
+def _apply_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf (sort-based)."""
+    sorted_x, order = x.sort(dim=-1, descending=True)  # [M, V]
+    vocab = x.shape[-1]
+    ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
+    drop = ranks >= k.unsqueeze(1)
+    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches p (the first token always stays)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= p.unsqueeze(1)
+    drop[:, 0] = False
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)
+
+
+def uniform(shape: tuple[int, ...], sampling: SamplingBatch, device: torch.device) -> torch.Tensor:
+    """[B, ...] float32 uniforms in [0, 1), per-request generators honoured."""
+    out = torch.rand(shape, device=device)
+    for row, gen in (sampling.generators or {}).items():
+        out[row] = torch.rand(shape[1:], device=device, generator=gen)
+    return out
+
+
+def sample(probs: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
+    """[B, V] probabilities -> [B] int64 tokens by the exponential race (no host sync)."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in (sampling.generators or {}).items():
+        noise[row].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,258 @@
+"""Tree verification, batched over requests, pure tensors (no vLLM, no host syncs).
+
+Inputs shared by every rule (B requests, Q = 1 + max tree nodes, D = max tree depth):
+
+- ``logits``      [R, V]  target logits of all verified rows of the batch (any order);
+- ``row_of_node`` [B, Q]  the logits row of each request's root (slot 0) and tree nodes, -1 if none;
+- ``drafts``      [B, Q-1] draft token of node i+1 (padding ignored);
+- ``num_nodes``   [B]     how many nodes of the request's tree were verified (its BFS prefix);
+- ``tree_ids``    [B]     which tree of the :class:`TreeTensors` stack the drafts follow.
+
+Node ``i`` is checked against the target distribution at its parent's row. Every rule returns a
+:class:`VerifyOutput`: the accepted path (node ids, ascending, -1 padded), its length, the node
+whose hidden state feeds the next proposal, and the emitted tokens (accepted drafts + one token
+from the target: the bonus, or the correction where a draft was rejected), -1 padded.
+
+Rules:
+- greedy: accept the longest path whose tokens equal the target argmax (exact; temperature 0);
+- typical (Medusa-2): accept node i if p(x_i) > min(eps, delta * exp(-H(p))) at its parent, take
+  the longest accepted path (ties: the first in BFS order), then sample the last token from the
+  target; fast but not distribution-preserving. Defaults eps=0.09, delta=0.3 (Medusa's
+  ``medusa_generate``: posterior_threshold 0.09, posterior_alpha 0.3);
+- rejection: lossless multi-draft recursive rejection sampling down the tree. Medusa's drafts are
+  deterministic (top-k of each head), i.e. point masses, so at a node with target distribution p
+  and children x_1..x_m (in rank order) child j is accepted with probability
+  p(x_j) / (1 - sum_{i<j} p(x_i)); if all are rejected, the token is drawn from p with
+  x_1..x_m removed (renormalised). Each token is then emitted with exactly probability p(x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medusa_vllm.sampling import SamplingBatch, sample, target_probs, uniform
+from medusa_vllm.tree_tensors import TreeTensors
+
+TYPICAL_EPS = 0.09
+TYPICAL_DELTA = 0.3
+
+
+@dataclass
+class VerifyOutput:
+    accepted: torch.Tensor  # [B, D] int64 accepted node ids, ascending, -1 pad
+    num_accepted: torch.Tensor  # [B] int64
+    last_node: torch.Tensor  # [B] int64 (0 = root: nothing accepted)
+    tokens: torch.Tensor  # [B, D+1] int64 emitted tokens, -1 pad
+
+
+@dataclass
+class TreeBatch:
+    """Per-request views of the tree stack (gathered once per step)."""
+
+    parents: torch.Tensor  # [B, Q]
+    children: torch.Tensor  # [B, Q, C]
+    leaf_paths: torch.Tensor  # [B, P, D+1]
+    valid: torch.Tensor  # [B, Q] bool: slot verified this step (root always)
+
+    @classmethod
+    def gather(cls, trees: TreeTensors, tree_ids: torch.Tensor, num_nodes: torch.Tensor):
+        q = trees.parents.shape[1]
+        slots = torch.arange(q, device=tree_ids.device)
+        valid = slots.unsqueeze(0) <= num_nodes.unsqueeze(1)  # [B, Q]
+        return cls(trees.parents[tree_ids], trees.children[tree_ids], trees.leaf_paths[tree_ids], valid)
+
+
+def _node_tokens(drafts: torch.Tensor) -> torch.Tensor:
+    """[B, Q-1] drafts -> [B, Q] token per slot (root slot 0 holds a dummy 0)."""
+    return torch.cat([torch.zeros_like(drafts[:, :1]), drafts], dim=1).long().clamp_min(0)
+
+
+def longest_accepted_path(ok: torch.Tensor, leaf_paths: torch.Tensor):
+    """Choose the longest root-to-leaf prefix made of accepted nodes.
+
+    ok [B, Q] bool (slot 0 ignored), leaf_paths [B, P, D+1] -> (accepted [B, D] node ids -1 pad,
+    num_accepted [B], last_node [B]). Ties go to the first path (BFS / rank order).
+    """
+    b = ok.shape[0]
+    nodes = leaf_paths[:, :, 1:]  # [B, P, D]
+    node_ok = torch.gather(ok, 1, nodes.clamp_min(0).reshape(b, -1)).reshape(nodes.shape)
+    node_ok &= nodes >= 0
+    run = node_ok.long().cumprod(dim=2)  # [B, P, D] 1 while every node so far is accepted
+    lengths = run.sum(dim=2)  # [B, P]
+    best = lengths.argmax(dim=1)  # [B] first maximum
+    num_accepted = lengths.gather(1, best.unsqueeze(1)).squeeze(1)
+    path = nodes[torch.arange(b, device=ok.device), best]  # [B, D]
+    depth_idx = torch.arange(path.shape[1], device=ok.device).unsqueeze(0)
+    accepted = torch.where(depth_idx < num_accepted.unsqueeze(1), path, torch.full_like(path, -1))
+    last = accepted.gather(1, (num_accepted - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    last_node = torch.where(num_accepted > 0, last, torch.zeros_like(last))
+    return accepted, num_accepted, last_node
+
+
+def _emit(drafts: torch.Tensor, accepted: torch.Tensor, num_accepted: torch.Tensor, final: torch.Tensor):
+    """Emitted tokens [B, D+1]: drafts of the accepted nodes, then ``final``, then -1."""
+    tok = _node_tokens(drafts).gather(1, accepted.clamp_min(0))
+    tok = torch.where(accepted >= 0, tok, torch.full_like(tok, -1))
+    out = torch.cat([tok, torch.full_like(tok[:, :1], -1)], dim=1)
+    out.scatter_(1, num_accepted.unsqueeze(1), final.unsqueeze(1))
+    return out
+
+
+def _rows(logits: torch.Tensor, row_of_node: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """Logits rows [B, V] of one node per request."""
+    rows = row_of_node.gather(1, nodes.unsqueeze(1)).squeeze(1).clamp_min(0)
+    return logits[rows]
+
+
+def verify_greedy(
+    logits: torch.Tensor,
+    row_of_node: torch.Tensor,
+    drafts: torch.Tensor,
+    num_nodes: torch.Tensor,
+    tree_ids: torch.Tensor,
+    trees: TreeTensors,
+) -> VerifyOutput:
+    tb = TreeBatch.gather(trees, tree_ids, num_nodes)
+    argmax = logits.argmax(dim=-1)[row_of_node.clamp_min(0)]  # [B, Q] target token per slot
+    return greedy_from_argmax(argmax, drafts, tb)
+
+
+def greedy_from_argmax(argmax: torch.Tensor, drafts: torch.Tensor, tb: TreeBatch) -> VerifyOutput:
+    """Greedy rule from the target argmax of each slot ([B, Q])."""
+    parent_choice = argmax.gather(1, tb.parents.clamp_min(0))  # [B, Q]
+    ok = (_node_tokens(drafts) == parent_choice) & tb.valid
+    accepted, num_accepted, last_node = longest_accepted_path(ok, tb.leaf_paths)
+    bonus = argmax.gather(1, last_node.unsqueeze(1)).squeeze(1)
+    return VerifyOutput(accepted, num_accepted, last_node, _emit(drafts, accepted, num_accepted, bonus))
+
+
+def verify_typical(
+    logits: torch.Tensor,
+    row_of_node: torch.Tensor,
+    drafts: torch.Tensor,
+    num_nodes: torch.Tensor,
+    tree_ids: torch.Tensor,
+    trees: TreeTensors,
+    sampling: SamplingBatch,
+    eps: float = TYPICAL_EPS,
+    delta: float = TYPICAL_DELTA,
+) -> VerifyOutput:
+    tb = TreeBatch.gather(trees, tree_ids, num_nodes)
+    b, q = row_of_node.shape
+    parent_rows = row_of_node.gather(1, tb.parents.clamp_min(0)).clamp_min(0)  # [B, Q]
+    # temperature-scaled target at every parent row (top-k/top-p do not enter the rule)
+    temp = torch.where(sampling.is_greedy, torch.ones_like(sampling.temperature), sampling.temperature)
+    logp = torch.log_softmax(logits.float()[parent_rows.flatten()] / temp.repeat_interleave(q).unsqueeze(1), -1)
+    logp = logp.reshape(b, q, -1)
+    entropy = -(logp.exp() * logp).sum(-1)  # [B, Q]
+    p_draft = logp.gather(2, _node_tokens(drafts).unsqueeze(2)).squeeze(2).exp()
+    threshold = torch.minimum(torch.full_like(entropy, eps), delta * torch.exp(-entropy))
+    ok = (p_draft > threshold) & tb.valid
+    accepted, num_accepted, last_node = longest_accepted_path(ok, tb.leaf_paths)
+    probs = target_probs(_rows(logits, row_of_node, last_node), sampling)
+    final = sample(probs, sampling)
+    return VerifyOutput(accepted, num_accepted, last_node, _emit(drafts, accepted, num_accepted, final))
+
+
+def verify_rejection(
+    logits: torch.Tensor,
+    row_of_node: torch.Tensor,
+    drafts: torch.Tensor,
+    num_nodes: torch.Tensor,
+    tree_ids: torch.Tensor,
+    trees: TreeTensors,
+    sampling: SamplingBatch,
+    renormalize: bool = True,
+) -> VerifyOutput:
+    """Lossless tree rejection sampling. ``renormalize=False`` is a deliberately broken variant
+    (accepts child j with p(x_j) instead of p(x_j)/(1 - mass of rejected siblings)); it exists
+    so the statistical tests can show that they catch a wrong sampler."""
+    tb = TreeBatch.gather(trees, tree_ids, num_nodes)
+    b = drafts.shape[0]
+    dev = drafts.device
+    depth = trees.max_depth
+    tokens = _node_tokens(drafts)  # [B, Q]
+    cur = torch.zeros(b, dtype=torch.int64, device=dev)
+    active = torch.ones(b, dtype=torch.bool, device=dev)
+    accepted = torch.full((b, depth), -1, dtype=torch.int64, device=dev)
+    num_accepted = torch.zeros(b, dtype=torch.int64, device=dev)
+    final = torch.zeros(b, dtype=torch.int64, device=dev)
+    batch_idx = torch.arange(b, device=dev)
+    for level in range(depth + 1):
+        probs = target_probs(_rows(logits, row_of_node, cur), sampling)  # [B, V]
+        kids = tb.children[batch_idx, cur]  # [B, C]
+        kid_ok = (kids >= 0) & tb.valid.gather(1, kids.clamp_min(0)) & active.unsqueeze(1)
+        kid_tok = tokens.gather(1, kids.clamp_min(0))  # [B, C]
+        p_kid = probs.gather(1, kid_tok) * kid_ok
+        # a token offered twice under one parent is only worth its first offer
+        same = kid_tok.unsqueeze(2) == kid_tok.unsqueeze(1)  # [B, C, C]
+        earlier = torch.ones_like(same[0]).tril_(-1).bool()
+        dup = (same & earlier & kid_ok.unsqueeze(1)).any(dim=2)
+        p_kid = p_kid.masked_fill(dup, 0.0)
+        if renormalize:
+            remaining = 1.0 - (p_kid.cumsum(dim=1) - p_kid)
+            accept_prob = torch.where(remaining > 0, p_kid / remaining.clamp_min(1e-30), 0.0)
+        else:
+            accept_prob = p_kid
+        u = uniform(tuple(kids.shape), sampling, dev)
+        hit = (u < accept_prob) & kid_ok & (p_kid > 0)
+        any_hit = hit.any(dim=1)
+        first = hit.long().argmax(dim=1)
+        child = kids.gather(1, first.unsqueeze(1)).squeeze(1)
+        step = active & any_hit
+        if level < depth:
+            accepted[:, level] = torch.where(step, child, accepted[:, level])
+        num_accepted += step.long()
+        # stopping here: draw from p without the rejected children (all of them)
+        stop = active & ~any_hit
+        removed = torch.zeros_like(probs).scatter_add_(1, kid_tok, kid_ok.float()) > 0
+        residual = probs.masked_fill(removed, 0.0)
+        mass = residual.sum(dim=1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), probs)
+        final = torch.where(stop, sample(residual, sampling), final)
+        cur = torch.where(step, child, cur)
+        active = step
+    return VerifyOutput(accepted, num_accepted, cur, _emit(drafts, accepted, num_accepted, final))
+
+
+def verify(
+    rule: str,
+    logits: torch.Tensor,
+    row_of_node: torch.Tensor,
+    drafts: torch.Tensor,
+    num_nodes: torch.Tensor,
+    tree_ids: torch.Tensor,
+    trees: TreeTensors,
+    sampling: SamplingBatch,
+    *,
+    all_greedy: bool = False,
+    eps: float = TYPICAL_EPS,
+    delta: float = TYPICAL_DELTA,
+) -> VerifyOutput:
+    """Greedy rule for greedy requests, ``rule`` ("rejection" or "typical") for the others.
+
+    ``all_greedy`` (host-known) skips the sampling rule entirely."""
+    greedy = verify_greedy(logits, row_of_node, drafts, num_nodes, tree_ids, trees)
+    if all_greedy:
+        return greedy
+    if rule == "rejection":
+        other = verify_rejection(logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling)
+    elif rule == "typical":
+        other = verify_typical(
+            logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling, eps, delta
+        )
+    else:
+        raise ValueError(f"unknown acceptance rule {rule!r}: use 'rejection' or 'typical'")
+    g = sampling.is_greedy
+
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(g.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+    return VerifyOutput(
+        pick(greedy.accepted, other.accepted),
+        pick(greedy.num_accepted, other.num_accepted),
+        pick(greedy.last_node, other.last_node),
+        pick(greedy.tokens, other.tokens),
+    )
