@@ -1,10 +1,16 @@
 """Save and load Medusa heads in three on-disk layouts; safetensors only, never unpickle.
 
-| layout | files | tensor keys (h = head, l = layer, L = num_layers) |
-|---|---|---|
-| `medusa_vllm` (ours) | `medusa_config.json`, `medusa_heads.safetensors` | `blocks.{h}.{l}.linear.weight/bias`, `lm_heads.{h}.weight` (own_lm_heads only) |
-| `fasterdecoding` (FasterDecoding/Medusa) | `config.json` (`medusa_num_heads`, `medusa_num_layers`, ...), `medusa_lm_head.safetensors` | `{h}.{l}.linear.weight/bias`, `{h}.{L}.weight` (per-head vocab projection) |
-| `vllm` (vLLM 0.26 `MedusaModel`) | `config.json` (`model_type: medusa`, `num_heads`, `num_hidden_layers`, `medusa_fc_bias`, ...), `model.safetensors` | `blocks.{h}.layers.{l}.weight/bias`, `lm_heads.{h}.weight`, or one `lm_head.weight` with `original_lm_head: true` |
+Tensor keys use h = head, l = layer, L = num_layers.
+- "medusa_vllm" (ours): `medusa_config.json` (every MedusaHeadsConfig field, "format", "version")
+  and `medusa_heads.safetensors`: `blocks.{h}.{l}.linear.weight|bias`, `lm_heads.{h}.weight`
+  (own_lm_heads only).
+- "fasterdecoding" (FasterDecoding/Medusa): `config.json` (`medusa_num_heads`,
+  `medusa_num_layers`, `base_model_name_or_path`, `hidden_size`, `vocab_size`) and
+  `medusa_lm_head.safetensors`: `{h}.{l}.linear.weight|bias`, `{h}.{L}.weight` (vocab projection).
+- "vllm" (vLLM 0.26 `MedusaModel`): `config.json` (`architectures: [MedusaModel]`,
+  `model_type: medusa`, `hidden_size`, `vocab_size`, `num_heads`, `num_hidden_layers`,
+  `medusa_fc_bias`, `original_lm_head`) and `model.safetensors`: `blocks.{h}.layers.{l}.weight|bias`
+  and either `lm_heads.{h}.weight` or one `lm_head.weight` (with `original_lm_head: true`).
 
 Heads that share the base lm_head (own_lm_heads=False) have no vocab projection of their own; the
 two foreign layouts need one, so saving them there takes `lm_head_weight` and writes it
@@ -62,15 +68,15 @@ _VLLM_BLOCK = re.compile(r"blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)")
 
 
 def _from_ours(key: str, layout: str, num_layers: int) -> str:
-    """Our state-dict key -> the key `layout` stores it under."""
+    """Our state-dict key -> the key `layout` stores it under (other keys unchanged)."""
     if layout == "medusa_vllm":
         return key
     if m := _OURS_BLOCK.fullmatch(key):
         h, l, p = m.groups()
         return f"{h}.{l}.linear.{p}" if layout == "fasterdecoding" else f"blocks.{h}.layers.{l}.{p}"
-    m = _OURS_LM.fullmatch(key)
-    assert m is not None, key
-    return f"{m.group(1)}.{num_layers}.weight" if layout == "fasterdecoding" else key
+    if (m := _OURS_LM.fullmatch(key)) and layout == "fasterdecoding":
+        return f"{m.group(1)}.{num_layers}.weight"
+    return key
 
 
 def _to_ours(key: str, layout: str, num_layers: int) -> str | None:
@@ -136,9 +142,9 @@ def _save_tensors(tensors: dict[str, Tensor], file: Path, dtype: torch.dtype) ->
     out, seen = {}, set()
     for key, tensor in tensors.items():
         t = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        if t.data_ptr() in seen or t.data_ptr() == tensor.data_ptr():
-            t = t.clone()  # safetensors refuses tensors that share memory; never alias the caller's
-        seen.add(t.data_ptr())
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors refuses tensors that share memory (e.g. one lm_head, K heads)
+        seen.add(t.untyped_storage().data_ptr())
         out[key] = t
     save_file(out, str(file), metadata={"format": "pt"})
 
@@ -196,9 +202,11 @@ def load_heads(path: str | Path, *, hidden_size: int | None = None, vocab_size: 
     dtype None keeps the stored dtype. Raises CheckpointError on any problem.
     """
     found = _find(Path(path))
+    if found.config is None and found.layout == "medusa_vllm":
+        raise _fail(found.weights.parent / OURS_CONFIG, f"is missing next to {OURS_WEIGHTS}")
     raw_cfg = _read_json(found.config) if found.config is not None else {}
     tensors = _read_tensors(found.weights, device)
-    cfg, sd = _interpret(found, raw_cfg, tensors)
+    cfg, sd = _interpret(found, raw_cfg, tensors, hidden_size, vocab_size)
     _check_size(found.weights, "hidden size", cfg.hidden_size, hidden_size)
     _check_size(found.weights, "vocab size", cfg.vocab_size, vocab_size)
     _check_tensors(found, cfg, sd)
@@ -206,6 +214,13 @@ def load_heads(path: str | Path, *, hidden_size: int | None = None, vocab_size: 
         heads = MedusaHeads(cfg)
     heads.load_state_dict(sd, assign=True)
     return heads.to(dtype=dtype) if dtype is not None else heads
+
+
+def load_heads_config(path: str | Path, *, hidden_size: int | None = None,
+                      vocab_size: int | None = None) -> MedusaHeadsConfig:
+    """The config of a heads checkpoint, after the same checks as :func:`load_heads` (weights are
+    read too: shapes, NaN/Inf). Used to refuse a bad checkpoint before an engine starts."""
+    return load_heads(path, hidden_size=hidden_size, vocab_size=vocab_size).config
 
 
 def _find(path: Path) -> _Found:
@@ -241,8 +256,8 @@ def _found_for_file(file: Path) -> _Found:
 
 
 def _refuse_pickled_siblings(directory: Path, layout: str | None) -> None:
-    stems = [Path(_WEIGHT_FILES[layout]).stem] if layout else [Path(f).stem for f in _WEIGHT_FILES.values()]
-    stems.append("pytorch_model")
+    names = [_WEIGHT_FILES[layout]] if layout else list(_WEIGHT_FILES.values())
+    stems = [Path(name).stem for name in names] + ["pytorch_model"]
     for stem in stems:
         for suffix in PICKLE_SUFFIXES:
             if (directory / (stem + suffix)).exists():
@@ -250,7 +265,7 @@ def _refuse_pickled_siblings(directory: Path, layout: str | None) -> None:
 
 
 def _pickled(file: Path) -> CheckpointError:
-    target = file.with_suffix(".safetensors")
+    target = file.with_name({"pytorch_model": "model"}.get(file.stem, file.stem) + ".safetensors")
     return CheckpointError(
         f"medusa heads {file}: is a pickled torch file; medusa_vllm loads only safetensors (unpickling "
         f"can run arbitrary code); if you trust the file, convert it once with:\n"
@@ -281,9 +296,13 @@ def _read_tensors(file: Path, device: str | torch.device) -> dict[str, Tensor]:
         raise _fail(file, f"is truncated or corrupt ({e})") from None
 
 
-def _interpret(found: _Found, raw: dict[str, Any], tensors: dict[str, Tensor]
+def _interpret(found: _Found, raw: dict[str, Any], tensors: dict[str, Tensor],
+               hidden_size: int | None, vocab_size: int | None
                ) -> tuple[MedusaHeadsConfig, dict[str, Tensor]]:
-    """Stored config + tensors -> (our config, tensors under our keys; foreign keys left as is)."""
+    """Stored config + tensors -> (our config, tensors under our keys; foreign keys left as is).
+
+    Sizes missing from a foreign config come from the tensors, else from the caller's model.
+    """
     if found.layout == "medusa_vllm":
         return _ours_config(found.config or found.weights, raw), tensors
     meta = raw.get(META_KEY)
@@ -294,14 +313,14 @@ def _interpret(found: _Found, raw: dict[str, Any], tensors: dict[str, Tensor]
         n_heads = n_heads or (1 + max((h for h, _ in h_l), default=-1))
         n_layers = n_layers or (1 + max((l for _, l in h_l), default=-1))
     if found.layout == "vllm":
-        tensors = _expand_original_lm_head(found, raw, tensors, n_heads)
+        tensors = _vllm_tensors(found, raw, tensors, n_heads)
     sd = {(_to_ours(k, found.layout, n_layers) or k): v for k, v in tensors.items()}
     if n_heads <= 0 or n_layers <= 0:
         raise _fail(found.weights, "holds no Medusa blocks")
     first = sd.get("blocks.0.0.linear.weight")
     proj = [sd[f"lm_heads.{h}.weight"] for h in range(n_heads) if f"lm_heads.{h}.weight" in sd]
-    hidden = raw.get("hidden_size") or (first.shape[-1] if first is not None else None)
-    vocab = raw.get("vocab_size") or (proj[0].shape[0] if proj else None)
+    hidden = raw.get("hidden_size") or (first.shape[-1] if first is not None else hidden_size)
+    vocab = raw.get("vocab_size") or (proj[0].shape[0] if proj else vocab_size)
     if hidden is None or vocab is None:
         raise _fail(found.weights, "hidden_size/vocab_size are neither in the config nor inferable "
                     "from the tensors (blocks.0.0 / lm_heads.0 missing)")
@@ -322,11 +341,13 @@ def _first_int(raw: dict[str, Any], *keys: str) -> int | None:
     return None
 
 
-def _expand_original_lm_head(found: _Found, raw: dict[str, Any], tensors: dict[str, Tensor],
+def _vllm_tensors(found: _Found, raw: dict[str, Any], tensors: dict[str, Tensor],
                              n_heads: int) -> dict[str, Tensor]:
-    """vLLM `original_lm_head: true`: one lm_head (key lm_head.weight or lm_heads.0.weight) for all heads."""
+    """Refuse a truncated vocab; `original_lm_head: true`: one lm_head (key lm_head.weight or
+    lm_heads.0.weight, as vLLM reads it) serves all heads."""
     if raw.get("truncated_vocab_size") not in (None, raw.get("vocab_size")) or "token_map" in tensors:
-        raise _fail(found.weights, "uses a truncated vocabulary (token_map), which medusa_vllm does not support",
+        raise _fail(found.weights, "uses a truncated vocabulary (token_map), which medusa_vllm does "
+                    "not support",
                     "use heads over the full vocabulary")
     if not raw.get("original_lm_head"):
         return tensors
@@ -344,7 +365,9 @@ def _ours_config(file: Path, raw: dict[str, Any]) -> MedusaHeadsConfig:
     fmt, version = raw.pop("format", None), raw.pop("version", None)
     if fmt != "medusa_vllm":
         raise _fail(file, f'has "format": {fmt!r}, expected "medusa_vllm"')
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int):
+        raise _fail(file, 'has no integer "version"')
+    if version > FORMAT_VERSION:
         raise _fail(file, f"has format version {version!r}; this medusa_vllm reads up to {FORMAT_VERSION}",
                     "upgrade medusa_vllm")
     try:
@@ -354,12 +377,15 @@ def _ours_config(file: Path, raw: dict[str, Any]) -> MedusaHeadsConfig:
 
 
 def _meta_config(found: _Found, meta: Any, fields: dict[str, Any]) -> MedusaHeadsConfig:
-    """Our config from the stored fields, refined by our own metadata when it agrees with them."""
+    """Our config from the stored fields, or from our own metadata when that agrees with them.
+
+    The metadata decides own_lm_heads (False: the stored projections are copies of the base
+    lm_head) and, for FasterDecoding, bias; vLLM's bias is what vLLM reads: medusa_fc_bias.
+    """
     if isinstance(meta, dict):
         m = _ours_config(found.config or found.weights, meta)
-        same = all(getattr(m, k) == fields[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers"))
-        if same and (not m.own_lm_heads or fields["own_lm_heads"]):
-            return replace(m, bias=fields["bias"], own_lm_heads=m.own_lm_heads and fields["own_lm_heads"])
+        if all(getattr(m, k) == fields[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers")):
+            return m if found.layout == "fasterdecoding" else replace(m, bias=fields["bias"])
     try:
         return MedusaHeadsConfig(**fields)
     except ValueError as e:
@@ -375,13 +401,16 @@ def _check_tensors(found: _Found, cfg: MedusaHeadsConfig, sd: dict[str, Tensor])
     """Missing / unexpected tensors, shapes, NaN/Inf; names as stored in the file."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in MedusaHeads(cfg).state_dict().items()}
-    stored = lambda k: _from_ours(k, found.layout, cfg.num_layers) if k in expected else k  # noqa: E731
+
+    def stored(key: str) -> str:  # our key -> its name in the file
+        return _from_ours(key, found.layout, cfg.num_layers)
+
     shape_of = f"num_heads={cfg.num_heads}, num_layers={cfg.num_layers}, bias={cfg.bias}, " \
                f"own_lm_heads={cfg.own_lm_heads}"
     missing = sorted(stored(k) for k in expected.keys() - sd.keys())
     if missing:
         raise _fail(found.weights, f"missing tensors {_short(missing)} (config: {shape_of})")
-    unexpected = sorted(sd.keys() - expected.keys())
+    unexpected = sorted(stored(k) for k in sd.keys() - expected.keys())
     if unexpected:
         hint = (" (config.json has medusa_fc_bias false: vLLM would silently drop these biases; "
                 "set it true)") if found.layout == "vllm" and any(".bias" in k for k in unexpected) else ""
@@ -390,7 +419,11 @@ def _check_tensors(found: _Found, cfg: MedusaHeadsConfig, sd: dict[str, Tensor])
         if tuple(sd[key].shape) != shape:
             raise _fail(found.weights, f"tensor {stored(key)} has shape {list(sd[key].shape)}, expected "
                         f"{list(shape)} (hidden_size={cfg.hidden_size}, vocab_size={cfg.vocab_size})")
+    seen = set()  # vLLM original_lm_head: K keys, one storage
     for key, tensor in sd.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise _fail(found.weights, f"tensor {stored(key)} holds NaN or Inf values",
                         "training diverged or the file is damaged; retrain or re-save the heads")
@@ -444,12 +477,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medusa_vllm.checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medusa_vllm.checkpoint",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert heads between layouts")
-    conv.add_argument("src"), conv.add_argument("dst")
+    conv.add_argument("src", help="heads folder or weights file, any layout")
+    conv.add_argument("dst", help="output folder")
     conv.add_argument("--layout", choices=LAYOUTS, required=True)
-    conv.add_argument("--base-model", help="HF folder whose lm_head shared-lm_head heads use")
+    conv.add_argument("--base-model",
+                      help="base model HF folder: its lm_head is written for heads that share it")
     conv.add_argument("--dtype", choices=sorted(_DTYPES), help="default: as stored")
     info = sub.add_parser("info", help="print the config of a heads checkpoint")
     info.add_argument("path")
