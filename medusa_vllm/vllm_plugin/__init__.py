@@ -1,0 +1,146 @@
+"""vLLM 0.26 plugin: Medusa tree speculative decoding (entry point ``vllm.general_plugins``).
+
+``register()`` runs in every vLLM process (CLI, engine core, workers) and must be idempotent.
+It patches three places of ``EngineArgs``, each a thin wrapper that calls the original:
+
+- ``add_cli_args``: adds ``--speculative-model`` (``medusa_vllm`` or a heads path);
+- ``from_cli_args``: folds ``--speculative-model`` into the speculative config;
+- ``create_engine_config``: rewrites ``{"method": "medusa_vllm", ...}`` into vLLM's
+  ``custom_class`` method + ``additional_config["medusa_vllm"]`` + our worker class, after
+  validating heads, tree and options (:mod:`medusa_vllm.vllm_plugin.config`).
+
+and registers our tree attention backend as vLLM's CUSTOM backend. Everything that runs inside the
+engine lives in :mod:`.runner` (model runner), :mod:`.proposer` (heads), :mod:`.attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+_REGISTERED = False
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    from vllm.engine.arg_utils import EngineArgs
+
+    _patch_cli(EngineArgs)
+    _patch_engine_config(EngineArgs)
+    _register_attention_backend()
+
+
+def _register_attention_backend() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(
+        AttentionBackendEnum.CUSTOM, "medusa_vllm.vllm_plugin.attention_triton.MedusaTritonBackend"
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+def _patch_cli(engine_args_cls: Any) -> None:
+    original_add = engine_args_cls.add_cli_args
+    original_from = engine_args_cls.from_cli_args.__func__
+
+    @functools.wraps(original_add)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        try:
+            parser.add_argument(
+                "--speculative-model",
+                dest="medusa_speculative_model",
+                default=None,
+                help="medusa_vllm: Medusa heads for tree speculative decoding: 'medusa_vllm' "
+                "(heads found next to the model, or the bundled heads for the bundled model) "
+                "or a path to a heads checkpoint. Tree and acceptance options go in "
+                '--speculative-config, e.g. \'{"method": "medusa_vllm", "tree": "default-63", '
+                '"acceptance": "typical"}\'.',
+            )
+        except Exception:  # already added (parser built twice)
+            pass
+        return parser
+
+    def from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        heads = getattr(args, "medusa_speculative_model", None)
+        if heads is not None:
+            from medusa_vllm.vllm_plugin.config import METHOD, parse_json_option
+
+            spec = parse_json_option(engine_args.speculative_config, "--speculative-config") or {}
+            spec = dict(spec)
+            if spec.get("method") not in (None, METHOD):
+                raise ValueError(
+                    f"--speculative-model selects medusa_vllm but --speculative-config asks "
+                    f"for method {spec['method']!r}; drop one of them"
+                )
+            spec["method"] = METHOD
+            if heads != METHOD:
+                spec.setdefault("model", heads)
+            engine_args.speculative_config = spec
+        return engine_args
+
+    engine_args_cls.add_cli_args = staticmethod(add_cli_args)
+    engine_args_cls.from_cli_args = classmethod(from_cli_args)
+
+
+# ----------------------------------------------------------------------------- config
+def _patch_engine_config(engine_args_cls: Any) -> None:
+    original = engine_args_cls.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        from medusa_vllm.vllm_plugin.config import is_medusa_request, parse_json_option
+
+        spec = parse_json_option(self.speculative_config, "speculative_config")
+        if getattr(self, "spec_method", None) == "medusa_vllm":  # --spec-method medusa_vllm
+            spec = dict(spec or {}, method="medusa_vllm")
+            if self.spec_model is not None:
+                spec.setdefault("model", self.spec_model)
+            self.spec_method = self.spec_model = None
+        if is_medusa_request(spec):
+            _rewrite_medusa_args(self, dict(spec))
+        return original(self, *args, **kwargs)
+
+    engine_args_cls.create_engine_config = create_engine_config
+
+
+def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
+    """Validate the medusa_vllm settings and turn them into vLLM's own arguments."""
+    from vllm.platforms import current_platform
+
+    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS, resolve
+
+    hidden, vocab = _target_sizes(engine_args)
+    cfg = resolve(spec, str(engine_args.model), hidden, vocab)
+    engine_args.speculative_config = {
+        "method": "custom_class",
+        "model": PROPOSER_CLASS,
+        "num_speculative_tokens": cfg.max_nodes,
+    }
+    extra = dict(engine_args.additional_config or {})
+    extra["medusa_vllm"] = cfg.to_dict()
+    engine_args.additional_config = extra
+    if engine_args.worker_cls in (None, "auto"):
+        kind = "MedusaCPUWorker" if current_platform.is_cpu() else "MedusaGPUWorker"
+        engine_args.worker_cls = f"medusa_vllm.vllm_plugin.worker.{kind}"
+    if not current_platform.is_cpu() and engine_args.attention_backend is None:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        engine_args.attention_backend = AttentionBackendEnum.CUSTOM
+
+
+def _target_sizes(engine_args: Any) -> tuple[int, int]:
+    """Hidden size and vocab of the target model, read from its config.json."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(
+        engine_args.model,
+        trust_remote_code=engine_args.trust_remote_code,
+        revision=engine_args.revision,
+    )
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.hidden_size), int(text.vocab_size)

@@ -1,0 +1,175 @@
+"""Tree attention inside vLLM: backends that send tree-decode requests to our kernel and every
+other request (prefill chunks) to vLLM's own backend for the platform.
+
+The runner sorts decoding requests to the front of the batch (``reorder_batch_threshold`` =
+1 + max tree nodes) and, before vLLM builds the attention metadata of a step, hands the builders a
+:class:`TreeAttnStep`: how many leading requests/tokens are tree decodes and which mask each uses
+(0 = causal chain, k + 1 = tree k). The builder keeps vLLM's metadata for the rest of the batch;
+the impl runs ``medusa_vllm.kernels.tree_attention`` on the leading tokens and vLLM's kernel on the
+others. KV writes stay vLLM's (``do_kv_cache_update``, linear slots).
+
+Cache layouts (the kernel takes [num_blocks, block_size, kv_heads, head_dim] strided views):
+- CPU_ATTN: [nb, H, bs, 2D] viewed as [nb, H, 2bs, D]: K rows [0, bs), V rows [bs, 2bs);
+- TRITON_ATTN (NHD): logical [nb, H, bs, 2D], physical [nb, bs, H, 2D]: K = [..., :D], V = [..., D:].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
+
+from medusa_vllm import kernels
+
+
+@dataclass
+class TreeAttnStep:
+    num_reqs: int  # leading requests of the batch that are tree decodes
+    num_tokens: int  # their query tokens
+    mask_ids: torch.Tensor  # [num_reqs] int32 on device: row of `masks` each request uses
+
+
+class MedusaAttnContext:
+    """Shared by the runner (writes ``step``) and every builder (reads it)."""
+
+    def __init__(self, masks: torch.Tensor, max_query: int) -> None:
+        self.masks = masks  # [1 + NT, Q, W] int64 packed: 0 = causal chain, k + 1 = tree k
+        self.max_query = max_query
+        self.step: TreeAttnStep | None = None
+
+
+@dataclass
+class TreeAttnMetadata:
+    num_tokens: int
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    seq_lens: torch.Tensor  # [R] int32: context + query
+    block_table: torch.Tensor  # [R, max_blocks] int32
+    mask_ids: torch.Tensor  # [R] int32
+    masks: torch.Tensor  # [1 + NT, Q, W] int64
+
+
+@dataclass
+class MedusaMetadata:
+    """Tree part (leading requests) + vLLM's metadata for the remaining requests (or None)."""
+
+    tree: TreeAttnMetadata
+    rest: object | None
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor
+
+
+def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttentionMetadata,
+                 fast_build: bool):
+    ctx: MedusaAttnContext | None = getattr(builder, "medusa", None)
+    step = ctx.step if ctx is not None else None
+    if step is None or step.num_reqs == 0:
+        return parent_build(common_prefix_len, cm, fast_build)
+    nd, ndt = step.num_reqs, step.num_tokens
+    tree = TreeAttnMetadata(
+        num_tokens=ndt,
+        query_start_loc=cm.query_start_loc[: nd + 1],
+        seq_lens=cm.seq_lens[:nd],
+        block_table=cm.block_table_tensor[:nd],
+        mask_ids=step.mask_ids,
+        masks=ctx.masks,
+    )
+    rest = None
+    if nd < cm.num_reqs:
+        sliced = _make_metadata_with_slice(
+            UBatchSlice(slice(nd, cm.num_reqs), slice(ndt, cm.num_actual_tokens)), cm
+        )
+        rest = parent_build(0, sliced, fast_build)
+    return MedusaMetadata(tree, rest, cm.num_actual_tokens, cm.slot_mapping)
+
+
+def _split_forward(impl, parent_forward, layer, query, key, value, kv_cache, md: MedusaMetadata,
+                   output, k_cache, v_cache):
+    t = md.tree
+    n = t.num_tokens
+    kernels.tree_attention(
+        output[:n], query[:n], k_cache, v_cache, t.block_table, t.seq_lens, t.query_start_loc,
+        t.masks, t.mask_ids, impl.scale, float(impl.logits_soft_cap or 0.0), 0,
+    )
+    if md.rest is not None:
+        parent_forward(
+            layer,
+            query[n:],
+            key[n:] if key is not None else None,
+            value[n:] if value is not None else None,
+            kv_cache,
+            md.rest,
+            output=output[n:],
+        )
+    return output
+
+
+# --------------------------------------------------------------------------- CPU
+def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU_ATTN's "vec"/"vec16" layout: per (block, kv head), K is stored transposed
+    ([D, bs]: element (t, d) at d * bs + t) and V row-major ([bs, D]), one after the other.
+    Returned as [nb, bs, H, D] strided views (K's head_dim stride is bs)."""
+    nb, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    x = kv_cache.view(nb, h, 2 * bs * d)
+    k = x[:, :, : bs * d].view(nb, h, d, bs).permute(0, 3, 1, 2)
+    v = x[:, :, bs * d :].view(nb, h, bs, d).permute(0, 2, 1, 3)
+    return k, v
+
+
+def _no_amx(isa: str) -> str:
+    # AMX packs K/V differently; "vec" keeps the layout cpu_kv_views documents
+    return "vec" if isa == "amx" else isa
+
+
+class MedusaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.isa = _no_amx(self.isa)
+        self.medusa: MedusaAttnContext | None = None
+        self.reorder_batch_threshold = 1 + vllm_config.speculative_config.num_speculative_tokens
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        return _split_build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
+
+
+class MedusaCPUImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.isa = _no_amx(self.isa)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not isinstance(attn_metadata, MedusaMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        k_cache, v_cache = cpu_kv_views(kv_cache)
+        return _split_forward(self, super().forward, layer, query, key, value, kv_cache,
+                              attn_metadata, output, k_cache, v_cache)
+
+
+class MedusaCPUBackend(CPUAttentionBackend):
+    kv_views = staticmethod(cpu_kv_views)
+
+    @staticmethod
+    def get_impl_cls():
+        return MedusaCPUImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return MedusaCPUMetadataBuilder
+
+
+def use_cpu_tree_attention() -> None:
+    """The CPU platform always selects CPU_ATTN: point that entry at our backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(
+        AttentionBackendEnum.CPU_ATTN, "medusa_vllm.vllm_plugin.attention.MedusaCPUBackend"
+    )

@@ -1,0 +1,203 @@
+"""medusa_vllm's speculative settings and their translation into vLLM's own config.
+
+Users write ``{"method": "medusa_vllm", "model": HEADS, "tree": ..., "acceptance": ...}``
+(``--speculative-config``) or ``--speculative-model medusa_vllm|HEADS``. vLLM 0.26 validates
+``method`` against a fixed list, so before vLLM sees it the plugin rewrites it into the
+``custom_class`` method (our proposer class), carries these settings in
+``additional_config["medusa_vllm"]`` and selects our worker. Everything is checked here, in the
+front-end process, so a bad heads path, a heads checkpoint that does not fit the model or an
+invalid tree stops vLLM at start-up with one line that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medusa_vllm.tree import TokenTree, get_tree
+
+METHOD = "medusa_vllm"
+PROPOSER_CLASS = "medusa_vllm.vllm_plugin.proposer.MedusaTreeProposer"
+ACCEPTANCE_RULES = ("rejection", "typical")
+ATTENTION_CHOICES = ("auto", "kernel", "reference", "xformers")
+# keys of our speculative config; vLLM's own keys we accept alongside them
+_VLLM_KEYS = ("method", "model", "num_speculative_tokens")
+
+
+class MedusaConfigError(ValueError):
+    """A bad medusa_vllm setting; the message says what is wrong and what to do."""
+
+
+@dataclass
+class MedusaSpecConfig:
+    """Everything the engine needs to run Medusa trees; validated in ``__post_init__``."""
+
+    heads: str  # directory (or file) of the heads checkpoint, resolved
+    tree: list[list[int]]  # the main tree, BFS order
+    acceptance: str = "rejection"  # sampled requests: lossless "rejection" or Medusa "typical"
+    typical_eps: float = 0.09
+    typical_delta: float = 0.3
+    adaptive: bool = False  # shrink the tree as the batch grows (load-adaptive)
+    adaptive_trees: list[list[list[int]]] = field(default_factory=list)  # smaller trees to pick from
+    adaptive_max_tokens: int = 0  # token budget per step the adaptive policy aims for (0 = auto)
+    attention: str = "auto"  # tree attention: csrc kernel, PyTorch reference, or xformers
+    topk: int = 10  # candidates taken per head
+
+    def __post_init__(self) -> None:
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise MedusaConfigError(
+                f"medusa_vllm: acceptance {self.acceptance!r} is not one of {ACCEPTANCE_RULES}"
+            )
+        if self.attention not in ATTENTION_CHOICES:
+            raise MedusaConfigError(
+                f"medusa_vllm: attention {self.attention!r} is not one of {ATTENTION_CHOICES}"
+            )
+        if not 0 < self.typical_eps < 1 or not self.typical_delta > 0:
+            raise MedusaConfigError("medusa_vllm: typical_eps must be in (0, 1) and typical_delta > 0")
+        for spec in [self.tree, *self.adaptive_trees]:
+            try:
+                TokenTree.from_choices(spec, topk=self.topk)
+            except ValueError as e:
+                raise MedusaConfigError(f"medusa_vllm: invalid tree: {e}") from None
+
+    @property
+    def trees(self) -> list[TokenTree]:
+        """The main tree first, then the adaptive alternatives (largest to smallest)."""
+        out = [TokenTree.from_choices(self.tree)]
+        out += sorted((TokenTree.from_choices(t) for t in self.adaptive_trees), key=len, reverse=True)
+        return out
+
+    @property
+    def max_nodes(self) -> int:
+        return max(len(t) for t in self.trees)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MedusaSpecConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------- user options
+_USER_KEYS = {
+    "method",
+    "model",
+    "heads",
+    "num_speculative_tokens",
+    "tree",
+    "acceptance",
+    "typical_eps",
+    "typical_delta",
+    "adaptive",
+    "adaptive_trees",
+    "adaptive_max_tokens",
+    "attention",
+}
+
+
+def is_medusa_request(spec: dict[str, Any] | None) -> bool:
+    """Does a user's speculative config ask for medusa_vllm?"""
+    if not spec:
+        return False
+    return spec.get("method") == METHOD or (spec.get("method") is None and spec.get("model") == METHOD)
+
+
+def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int) -> MedusaSpecConfig:
+    """Validate a user's medusa_vllm speculative config against the target model."""
+    from medusa_vllm.checkpoint import CheckpointError, load_heads_config
+
+    unknown = sorted(set(spec) - _USER_KEYS)
+    if unknown:
+        raise MedusaConfigError(
+            f"medusa_vllm: unknown speculative config key(s) {unknown}; "
+            f"known keys: {sorted(_USER_KEYS)}"
+        )
+    heads = resolve_heads_path(spec.get("heads") or spec.get("model"), model)
+    try:
+        heads_cfg = load_heads_config(heads, hidden_size=hidden_size, vocab_size=vocab_size)
+    except CheckpointError as e:
+        raise MedusaConfigError(str(e)) from None
+    tree_spec = spec.get("tree") or heads_cfg.tree or "default-63"
+    try:
+        tree = get_tree(tree_spec, num_heads=heads_cfg.num_heads, topk=10)
+    except ValueError as e:
+        raise MedusaConfigError(f"medusa_vllm: invalid tree: {e}") from None
+    adaptive = spec.get("adaptive", False)
+    adaptive_trees = spec.get("adaptive_trees")
+    if adaptive and adaptive_trees is None:
+        adaptive_trees = default_adaptive_trees(tree, heads_cfg.num_heads)
+    trees = []
+    for t in adaptive_trees or []:
+        try:
+            trees.append(get_tree(t, num_heads=heads_cfg.num_heads, topk=10).choices())
+        except ValueError as e:
+            raise MedusaConfigError(f"medusa_vllm: invalid adaptive tree: {e}") from None
+    n = spec.get("num_speculative_tokens")
+    max_nodes = max([len(tree)] + [len(t) for t in trees])
+    if n is not None and int(n) != max_nodes:
+        raise MedusaConfigError(
+            f"medusa_vllm: num_speculative_tokens={n} but the tree has {max_nodes} nodes; leave "
+            "num_speculative_tokens out (it is the tree size) or pick a tree of that size"
+        )
+    return MedusaSpecConfig(
+        heads=str(heads),
+        tree=tree.choices(),
+        acceptance=spec.get("acceptance", "rejection"),
+        typical_eps=float(spec.get("typical_eps", 0.09)),
+        typical_delta=float(spec.get("typical_delta", 0.3)),
+        adaptive=bool(adaptive),
+        adaptive_trees=trees,
+        adaptive_max_tokens=int(spec.get("adaptive_max_tokens", 0)),
+        attention=spec.get("attention", "auto"),
+    )
+
+
+def default_adaptive_trees(tree: TokenTree, num_heads: int) -> list[list[list[int]]]:
+    """Smaller trees the load-adaptive policy may fall back to: the named sparse trees smaller
+    than ``tree`` and a top-1 chain (vLLM's built-in Medusa shape)."""
+    out = []
+    for name in ("sparse-31", "sparse-15", "sparse-7"):
+        t = get_tree(name)
+        if len(t) < len(tree) and t.depth <= num_heads:
+            out.append(t.choices())
+    out.append(TokenTree.chain(min(num_heads, 3)).choices())
+    return out
+
+
+def resolve_heads_path(value: str | None, model: str) -> Path:
+    """``None``/``"medusa_vllm"``: heads next to the model (``MODEL/medusa_heads``) or, for the
+    bundled model, the heads shipped in the package. Otherwise a path that must exist."""
+    if value in (None, METHOD):
+        beside = Path(model) / "medusa_heads"
+        if beside.exists():
+            return beside
+        from medusa_vllm.bundled import bundled_heads_path, is_bundled_model
+
+        bundled = bundled_heads_path()
+        if is_bundled_model(model) and bundled is not None:
+            return bundled
+        raise MedusaConfigError(
+            f"medusa_vllm: no Medusa heads for model {model!r}: none at {beside} and it is not "
+            "the bundled model; pass the heads with --speculative-model /path/to/heads (train "
+            "them with python -m training.train)"
+        )
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise MedusaConfigError(
+            f"medusa_vllm: heads path {str(path)!r} does not exist; pass a directory written by "
+            "python -m training.train (or a FasterDecoding/vLLM Medusa checkpoint)"
+        )
+    return path.resolve()
+
+
+def parse_json_option(value: Any, what: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise MedusaConfigError(f"medusa_vllm: {what} is not valid JSON: {e}") from None
+    return value

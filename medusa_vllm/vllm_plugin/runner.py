@@ -1,0 +1,324 @@
+"""medusa_vllm's model runner: vLLM's V1 runner (GPU or CPU) with Medusa trees.
+
+One step, as vLLM drives it (``execute_model`` then ``sample_tokens``):
+
+1. ``_prepare_inputs``: vLLM lays out ``[root, n tree nodes]`` per decoding request with linear
+   positions and slots; we add ``depth - index`` to the positions of tree nodes (RoPE sees
+   ``base + depth``) and tell the attention builders which leading requests are tree decodes.
+2. forward: tree attention for those (:mod:`.attention`), vLLM's backend for the rest.
+3. ``_sample``: verify every request's tree against the target logits (greedy / lossless
+   rejection / typical, :mod:`medusa_vllm.verify`), emit accepted path + one token, then move the
+   accepted nodes' KV into the consecutive slots vLLM's bookkeeping expects — so vLLM's own
+   rollback of ``n - accepted`` tokens stays correct. Requests without drafts are sampled by
+   vLLM's sampler (all its features: penalties, logprobs, …).
+4. ``propose_draft_token_ids``: the heads read the hidden state of each request's last accepted
+   token; top-k per head; the tree's tokens are gathered by (head, rank) — all on the device.
+   vLLM then hands them to the scheduler as each request's speculative tokens (BFS order).
+
+Requests that speculation cannot serve exactly (logprobs, penalties, bad words, allowed token
+ids, min_tokens, structured output) get no drafts and decode normally.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+from vllm.v1.outputs import DraftTokenIds, LogprobsTensors, SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from medusa_vllm import kernels
+from medusa_vllm.adaptive import AdaptiveTreePolicy
+from medusa_vllm.sampling import SamplingBatch
+from medusa_vllm.tree_tensors import TreeTensors, causal_masks
+from medusa_vllm.verify import verify
+from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
+from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
+from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets
+
+logger = init_logger(__name__)
+
+
+def can_speculate(sp) -> bool:
+    """Sampling options the tree verifier reproduces exactly (others decode normally)."""
+    if sp is None:
+        return False
+    return (
+        sp.logprobs is None
+        and sp.presence_penalty == 0.0
+        and sp.frequency_penalty == 0.0
+        and sp.repetition_penalty == 1.0
+        and not sp.bad_words
+        and not sp.allowed_token_ids
+        and not sp.logit_bias
+        and sp.min_p == 0.0
+        and sp.min_tokens == 0
+        and sp.structured_outputs is None
+        and not getattr(sp, "thinking_token_budget", None)
+    )
+
+
+class MedusaRunnerMixin:
+    """Overrides on top of vLLM 0.26's V1 ``GPUModelRunner`` (shared by its CPU subclass)."""
+
+    def __init__(self, vllm_config, device) -> None:
+        super().__init__(vllm_config, device)
+        self.medusa_cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
+        trees = self.medusa_cfg.trees
+        self.medusa_max_query = 1 + self.num_spec_tokens
+        self.medusa_trees = TreeTensors.build(trees, self.device, q_max=self.medusa_max_query)
+        self.medusa_tree_sizes = [len(t) for t in trees]
+        self.medusa_offsets = position_offsets(trees)
+        masks = torch.cat([causal_masks(self.medusa_max_query), self.medusa_trees.masks.cpu()])
+        self.medusa_attn = MedusaAttnContext(
+            kernels.pack_tree_masks(masks).to(self.device), self.medusa_max_query
+        )
+        # which (head, rank) each node of each tree reads: [NT, Tmax]
+        self.medusa_head_idx = (self.medusa_trees.depths[:, 1:] - 1).clamp_min(0)
+        self.medusa_rank_idx = self.medusa_trees.ranks[:, 1:].clamp_min(0)
+        self.medusa_policy = AdaptiveTreePolicy(
+            trees, self.medusa_cfg.adaptive, self.medusa_cfg.adaptive_max_tokens, self.device.type
+        )
+        self._medusa_req_tree: dict[str, int] = {}
+        self._medusa_ok: dict[str, bool] = {}
+        self._medusa_nan_warned: set[str] = set()
+        self._medusa_step: dict | None = None
+        self._medusa_hidden_rows: torch.Tensor | None = None
+        self._medusa_finite: torch.Tensor | None = None
+        self._medusa_proposed = False
+        self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.medusa_stats = MedusaStats(max(t.depth for t in trees))
+
+    # ------------------------------------------------------------------ set-up hooks
+    def initialize_metadata_builders(self, *args, **kwargs) -> None:
+        super().initialize_metadata_builders(*args, **kwargs)
+        for group in self._attn_group_iterator():
+            builder = group.get_metadata_builder()
+            if not hasattr(builder, "medusa"):
+                raise RuntimeError(
+                    f"medusa_vllm needs its tree attention backend, but vLLM selected "
+                    f"{group.backend.get_name()}; do not pass --attention-backend with medusa_vllm"
+                )
+            builder.medusa = self.medusa_attn
+
+    def _medusa_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._medusa_kv_views is None:
+            backend = next(iter(self._attn_group_iterator())).backend
+            self._medusa_kv_views = [backend.kv_views(kv) for kv in self.kv_caches]
+        return self._medusa_kv_views
+
+    # ------------------------------------------------------------------ per step
+    def _update_states(self, scheduler_output):
+        for req_id in scheduler_output.finished_req_ids:
+            self._medusa_req_tree.pop(req_id, None)
+            self._medusa_ok.pop(req_id, None)
+            self._medusa_nan_warned.discard(req_id)
+        return super()._update_states(scheduler_output)
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        try:
+            return super().execute_model(scheduler_output, intermediate_tensors)
+        finally:
+            self.medusa_attn.step = None
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        logits_indices, spec_meta = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], dtype=np.int64)
+        tree_ids = np.array(
+            [
+                choose_tree_for_drafts(self._medusa_req_tree.get(r), int(n), self.medusa_tree_sizes)
+                for r, n in zip(req_ids, num_drafts)
+            ],
+            dtype=np.int64,
+        )
+        done_prefill = (
+            self.input_batch.num_computed_tokens_cpu[:num_reqs]
+            >= self.input_batch.num_prompt_tokens[:num_reqs]
+        )
+        plan = plan_step(
+            np.asarray(num_scheduled_tokens, dtype=np.int64), num_drafts, tree_ids, done_prefill,
+            self.medusa_offsets, self.medusa_max_query,
+        )
+        n_tok = len(plan.position_delta)
+        if num_drafts.any():
+            delta = torch.from_numpy(plan.position_delta).to(self.device, non_blocking=True)
+            self.positions[:n_tok] += delta
+        self.medusa_attn.step = TreeAttnStep(
+            plan.num_tree_reqs,
+            plan.num_tree_tokens,
+            torch.from_numpy(plan.mask_ids).to(self.device, non_blocking=True),
+        )
+        self._medusa_step = {
+            "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
+            "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
+            "num_drafts_np": num_drafts,
+            "num_reqs": num_reqs,
+            "num_tokens": n_tok,
+        }
+        return logits_indices, spec_meta
+
+    def sample_tokens(self, grammar_output):
+        state = self.execute_model_state
+        if state is not None and self._medusa_step is not None:
+            slots = state.slot_mappings
+            if isinstance(slots, list):
+                slots = slots[0]
+            self._medusa_step["slot_mapping"] = next(iter(slots.values())) if slots else None
+        self._medusa_proposed = False
+        return super().sample_tokens(grammar_output)
+
+    def _sample(self, logits, spec_decode_metadata):
+        step = self._medusa_step
+        num_reqs = self.input_batch.num_reqs
+        if spec_decode_metadata is None or step is None:
+            out = super()._sample(logits, spec_decode_metadata)
+            self._medusa_hidden_rows = torch.arange(num_reqs, device=logits.device)
+            return out
+        sm = self.input_batch.sampling_metadata
+        n = step["num_drafts"]  # [B]
+        q = self.medusa_max_query
+        cu = spec_decode_metadata.cu_num_sampled_tokens  # [B] end of each request's rows
+        first = (cu - n - 1).long()  # [B] logits row of each root
+        slots = torch.arange(q, device=logits.device)
+        row_of_node = torch.where(slots[None, :] <= n[:, None], first[:, None] + slots[None, :], -1)
+        # plain sampling (all of vLLM's options) of each root: the token of requests w/o drafts
+        self.input_batch.update_async_output_token_ids()
+        base = self.sampler(logits=logits[first], sampling_metadata=sm)
+        # drafts as scheduled (flat, per request in batch order) -> [B, Q-1]
+        flat = spec_decode_metadata.draft_token_ids
+        starts = (spec_decode_metadata.cu_num_draft_tokens - n).long()
+        pos = (starts[:, None] + slots[None, : q - 1]).clamp(0, max(flat.shape[0] - 1, 0))
+        drafts = flat[pos].long() if flat.numel() else torch.zeros_like(pos)
+        sampling = _sampling_batch(sm, num_reqs, logits.device)
+        out = verify(
+            self.medusa_cfg.acceptance, logits, row_of_node, drafts, n, step["tree_ids"],
+            self.medusa_trees, sampling, all_greedy=sm.all_greedy,
+            eps=self.medusa_cfg.typical_eps, delta=self.medusa_cfg.typical_delta,
+        )
+        has = n > 0
+        width = out.tokens.shape[1]
+        plain = torch.full_like(out.tokens, -1)
+        plain[:, 0] = base.sampled_token_ids[:, 0].long()
+        tokens = torch.where(has[:, None], out.tokens, plain)
+        accepted = torch.where(has[:, None], out.accepted, torch.full_like(out.accepted, -1))
+        self._medusa_hidden_rows = torch.where(
+            has, row_of_node.gather(1, out.last_node[:, None]).squeeze(1), first
+        )
+        if step.get("slot_mapping") is not None and bool(step["num_drafts_np"].any()):
+            # accepted node ids are window offsets of the request's query (root = 0)
+            k_caches, v_caches = zip(*self._medusa_views())
+            kernels.move_accepted_kv(
+                list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
+                self.query_start_loc.gpu[: num_reqs + 1], accepted.int(),
+            )
+        self.medusa_stats.observe(step["num_drafts_np"], out.num_accepted, has)
+        return SamplerOutput(
+            sampled_token_ids=tokens.int(),
+            logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width),
+        )
+
+    # ------------------------------------------------------------------ drafting
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, *args, **kwargs):
+        rows = self._medusa_hidden_rows
+        num_reqs = self.input_batch.num_reqs
+        hidden = sample_hidden_states[rows[:num_reqs]]  # [B, H]
+        topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
+        k = self.medusa_policy.choose(num_reqs)
+        size = self.medusa_tree_sizes[k]
+        drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
+        self._medusa_finite = finite
+        self._medusa_proposed = True
+        for req_id in self.input_batch.req_ids[:num_reqs]:
+            self._medusa_req_tree[req_id] = k
+        return drafts  # [B, T_k] int64, BFS order
+
+    def take_draft_token_ids(self):
+        out = super().take_draft_token_ids()
+        if out is None:
+            return None
+        if not self._medusa_proposed:
+            return DraftTokenIds(out.req_ids, [[] for _ in out.req_ids])
+        finite = self._medusa_finite.tolist() if self._medusa_finite is not None else None
+        drafts = []
+        for i, (req_id, tokens) in enumerate(zip(out.req_ids, out.draft_token_ids)):
+            if finite is not None and i < len(finite) and not finite[i]:
+                if req_id not in self._medusa_nan_warned:
+                    self._medusa_nan_warned.add(req_id)
+                    logger.warning(
+                        "medusa_vllm: NaN/Inf in the Medusa heads' logits for request %s; "
+                        "speculation is off for it this step", req_id
+                    )
+                tokens = []
+            elif not self._medusa_can_speculate(req_id):
+                tokens = []
+            drafts.append(tokens)
+        return DraftTokenIds(out.req_ids, drafts)
+
+    def _medusa_can_speculate(self, req_id: str) -> bool:
+        ok = self._medusa_ok.get(req_id)
+        if ok is None:
+            state = self.requests.get(req_id)
+            ok = can_speculate(state.sampling_params if state is not None else None)
+            self._medusa_ok[req_id] = ok
+        return ok
+
+
+def _sampling_batch(sm, num_reqs: int, device) -> SamplingBatch:
+    temp = sm.temperature if sm.temperature is not None else torch.zeros(num_reqs, device=device)
+    top_k = sm.top_k.long() if sm.top_k is not None else torch.zeros(num_reqs, dtype=torch.int64, device=device)
+    top_p = sm.top_p.float() if sm.top_p is not None else torch.ones(num_reqs, device=device)
+    return SamplingBatch(
+        temp[:num_reqs].float(), top_k[:num_reqs], top_p[:num_reqs], sm.generators,
+        filtered=sm.top_k is not None or sm.top_p is not None,
+    )
+
+
+def _expand_logprobs(lt: LogprobsTensors | None, width: int) -> LogprobsTensors | None:
+    """Logprobs of requests without drafts (one token each) placed at each row's first slot of
+    the [B * width] layout vLLM expects when requests may emit several tokens."""
+    if lt is None:
+        return None
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], width, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        out[:, 0] = x
+        return out.flatten(0, 1)
+
+    return LogprobsTensors(spread(lt.logprob_token_ids), spread(lt.logprobs),
+                           spread(lt.selected_token_ranks))
+
+
+class MedusaStats:
+    """Accepted length and per-depth acceptance, readable from Python (e.g. the benchmark)."""
+
+    def __init__(self, max_depth: int) -> None:
+        self.steps = 0
+        self.emitted = 0
+        self.accepted_per_depth = np.zeros(max_depth, dtype=np.int64)
+
+    def observe(self, num_drafts: np.ndarray, num_accepted: torch.Tensor, has: torch.Tensor) -> None:
+        acc = num_accepted[has].cpu().numpy()
+        self.steps += len(acc)
+        self.emitted += int(acc.sum()) + len(acc)
+        for d in range(len(self.accepted_per_depth)):
+            self.accepted_per_depth[d] += int((acc > d).sum())
+
+    def summary(self) -> dict:
+        return {
+            "tree_steps": self.steps,
+            "mean_accepted_length": self.emitted / self.steps if self.steps else 0.0,
+            "acceptance_per_depth": (self.accepted_per_depth / max(self.steps, 1)).tolist(),
+        }
+
+
+class MedusaGPUModelRunner(MedusaRunnerMixin, GPUModelRunner):
+    pass
+
+
+class MedusaCPUModelRunner(MedusaRunnerMixin, CPUModelRunner):
+    pass

@@ -1,0 +1,65 @@
+"""Host-side bookkeeping of one engine step, as pure NumPy functions (no vLLM, no torch).
+
+vLLM schedules a decoding request as ``1 + n`` query tokens: its last emitted token (the tree
+root) and the first ``n`` nodes of its tree in BFS order. vLLM gives them linear positions
+``c, c+1, …, c+n`` and writes their KV to the matching slots; RoPE must instead see
+``c + depth(node)``, and attention must follow the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medusa_vllm.tree import TokenTree
+
+
+@dataclass
+class StepPlan:
+    position_delta: np.ndarray  # [num_tokens] int64: add to vLLM's linear positions
+    num_tree_reqs: int  # leading requests attended by the tree kernel (decodes, after reorder)
+    num_tree_tokens: int  # their query tokens
+    mask_ids: np.ndarray  # [num_tree_reqs] int32: 0 = causal chain, k + 1 = tree k
+    tree_ids: np.ndarray  # [num_reqs] int64: tree of each request's drafts (0 if none)
+
+
+def position_offsets(trees: list[TokenTree]) -> list[np.ndarray]:
+    """Per tree, ``depth(i) - i`` for slots i = 0..T (0 at the root)."""
+    return [t.depths - np.arange(t.num_nodes + 1) for t in trees]
+
+
+def plan_step(
+    num_scheduled: np.ndarray,  # [B] query tokens per request (batch order)
+    num_drafts: np.ndarray,  # [B] scheduled draft tokens per request
+    tree_ids: np.ndarray,  # [B] tree each request's drafts follow
+    done_prefill: np.ndarray,  # [B] bool: num_computed >= num_prompt (a decode, not a chunk)
+    offsets: list[np.ndarray],  # position_offsets(trees)
+    max_query: int,  # 1 + the largest tree: longest query the tree kernel takes
+) -> StepPlan:
+    b = len(num_scheduled)
+    starts = np.concatenate([[0], np.cumsum(num_scheduled)[:-1]]).astype(np.int64)
+    delta = np.zeros(int(num_scheduled.sum()), dtype=np.int64)
+    for r in np.flatnonzero(num_drafts > 0):
+        n = int(num_drafts[r])
+        # drafts sit after the root: slots 1..n of the request's query
+        delta[starts[r] + 1 : starts[r] + 1 + n] = offsets[tree_ids[r]][1 : n + 1]
+    is_tree = done_prefill & (num_scheduled <= max_query)
+    # the runner sorts decodes first; the tree kernel takes that leading run
+    lead = int(np.argmin(is_tree)) if not is_tree.all() else b
+    mask_ids = np.where(num_drafts[:lead] > 0, tree_ids[:lead] + 1, 0).astype(np.int32)
+    return StepPlan(
+        position_delta=delta,
+        num_tree_reqs=lead,
+        num_tree_tokens=int(num_scheduled[:lead].sum()),
+        mask_ids=mask_ids,
+        tree_ids=np.where(num_drafts > 0, tree_ids, 0).astype(np.int64),
+    )
+
+
+def choose_tree_for_drafts(recorded: int | None, num_drafts: int, sizes: list[int]) -> int:
+    """The tree a request's scheduled drafts follow: the one it was proposed with, unless vLLM
+    handed it more drafts than that tree has (placeholder drafts): then the largest tree."""
+    if recorded is not None and num_drafts <= sizes[recorded]:
+        return recorded
+    return int(np.argmax(sizes))

@@ -1,0 +1,42 @@
+"""Workers that build medusa_vllm's model runner instead of vLLM's (selected via ``worker_cls``).
+
+vLLM's workers construct their runner by module-level name inside ``init_device``; we swap that
+name for the duration of the call, so the rest of the worker stays vLLM's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from vllm.v1.worker import cpu_worker, gpu_model_runner
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker
+
+
+@contextlib.contextmanager
+def _swapped(module: object, name: str, replacement: type) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class MedusaGPUWorker(Worker):
+    def init_device(self) -> None:
+        from medusa_vllm.vllm_plugin.runner import MedusaGPUModelRunner
+
+        with _swapped(gpu_model_runner, "GPUModelRunner", MedusaGPUModelRunner):
+            super().init_device()
+
+
+class MedusaCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        from medusa_vllm.vllm_plugin.attention import use_cpu_tree_attention
+        from medusa_vllm.vllm_plugin.runner import MedusaCPUModelRunner
+
+        use_cpu_tree_attention()  # CPU always picks CPU_ATTN: override that entry
+        with _swapped(cpu_worker, "CPUModelRunner", MedusaCPUModelRunner):
+            super().init_device()
