@@ -1,0 +1,123 @@
+"""The plugin's front door: vLLM's own argument machinery with medusa_vllm settings, good and bad.
+
+No engine starts here: ``EngineArgs.create_engine_config()`` is where the plugin validates heads,
+tree and options, so a bad setting must fail there with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from medusa_vllm.checkpoint import save_heads  # noqa: E402
+from medusa_vllm.heads import MedusaHeads, MedusaHeadsConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(bundled_model_dir):
+    return str(bundled_model_dir)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    path = tmp_path_factory.mktemp("heads")
+    save_heads(MedusaHeads(MedusaHeadsConfig(hidden_size=576, vocab_size=49152)), path)
+    return path
+
+
+def _config(model, spec, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    import medusa_vllm.vllm_plugin as plugin
+
+    plugin.register()
+    args = EngineArgs(model=model, max_model_len=512, speculative_config=spec, **kw)
+    return args.create_engine_config()
+
+
+def test_medusa_config_becomes_vllm_custom_class(model, heads):
+    cfg = _config(model, {"method": "medusa_vllm", "model": str(heads), "tree": "sparse-15",
+                          "acceptance": "typical"})
+    spec = cfg.speculative_config
+    assert spec.method == "custom_class"
+    assert spec.num_speculative_tokens == 15
+    ours = cfg.additional_config["medusa_vllm"]
+    assert ours["acceptance"] == "typical" and len(ours["tree"]) == 15
+    assert ours["heads"] == str(heads.resolve())
+    assert cfg.parallel_config.worker_cls.startswith("medusa_vllm.vllm_plugin.worker.")
+
+
+def test_cli_flag_speculative_model(model, heads):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    import medusa_vllm.vllm_plugin as plugin
+
+    plugin.register()
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    ns = parser.parse_args(["--model", model, "--speculative-model", str(heads),
+                            "--speculative-config", json.dumps({"tree": "chain-3"})])
+    args = AsyncEngineArgs.from_cli_args(ns)
+    assert args.speculative_config["method"] == "medusa_vllm"
+    assert args.speculative_config["model"] == str(heads)
+    args.max_model_len = 512
+    assert args.create_engine_config().speculative_config.num_speculative_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"method": "medusa_vllm", "model": "/no/such/heads"}, "heads path '/no/such/heads' does not exist"),
+        ({"method": "medusa_vllm", "tree": "[[0], [3, 1]]"}, "path [3, 1] has no parent"),
+        ({"method": "medusa_vllm", "tree": "no-such-tree"}, "unknown token tree 'no-such-tree'"),
+        ({"method": "medusa_vllm", "tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]},
+         "has depth 5, but there are only 4 Medusa heads"),
+        ({"method": "medusa_vllm", "acceptance": "greedy-ish"}, "acceptance 'greedy-ish' is not one of"),
+        ({"method": "medusa_vllm", "treee": "sparse-7"}, "unknown speculative config key(s) ['treee']"),
+        ({"method": "medusa_vllm", "tree": "sparse-7", "num_speculative_tokens": 4},
+         "num_speculative_tokens=4 but the tree has 7 nodes"),
+    ],
+)
+def test_bad_settings_refuse_to_start_with_one_clear_line(model, heads, spec, message):
+    spec = dict(spec)
+    spec.setdefault("model", str(heads))
+    with pytest.raises(ValueError) as e:
+        _config(model, spec)
+    text = str(e.value)
+    assert message in text
+    assert "\n" not in text.strip()
+
+
+def test_heads_of_another_model_are_refused(model, tmp_path):
+    save_heads(MedusaHeads(MedusaHeadsConfig(hidden_size=896, vocab_size=49152)), tmp_path)
+    with pytest.raises(ValueError, match="hidden size 896 does not match the model's 576"):
+        _config(model, {"method": "medusa_vllm", "model": str(tmp_path)})
+
+
+def test_heads_with_wrong_vocab_are_refused(model, tmp_path):
+    save_heads(MedusaHeads(MedusaHeadsConfig(hidden_size=576, vocab_size=32000)), tmp_path)
+    with pytest.raises(ValueError, match="vocab"):
+        _config(model, {"method": "medusa_vllm", "model": str(tmp_path)})
+
+
+def test_nan_heads_are_refused(model, tmp_path):
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=576, vocab_size=49152))
+    with torch.no_grad():
+        heads.blocks[1][0].linear.weight[3, 4] = float("nan")
+    save_heads(heads, tmp_path)
+    with pytest.raises(ValueError, match="NaN"):
+        _config(model, {"method": "medusa_vllm", "model": str(tmp_path)})
+
+
+def test_no_heads_for_an_unknown_model(tmp_path, model):
+    # a model folder with no heads next to it, and not the bundled one
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(model, other)
+    with pytest.raises(ValueError, match="no Medusa heads for model"):
+        _config(str(other), {"method": "medusa_vllm"})
