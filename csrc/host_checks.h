@@ -1,0 +1,217 @@
+// Input checks shared by the CPU and CUDA host functions, and the translation of checked
+// tensors into the raw-pointer parameter structs of paged_kv.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+#include "paged_kv.h"
+
+namespace medusa_vllm {
+
+// Sizes of a checked tree_attention call.
+struct TreeAttentionShape {
+  int64_t num_tokens;    // N
+  int64_t num_q_heads;   // Hq
+  int64_t num_kv_heads;  // Hkv
+  int64_t head_dim;      // D
+  int64_t num_requests;  // B
+  int64_t block_size;
+  int64_t q_max;         // tree window rows
+  int64_t mask_words;
+};
+
+inline void check_index_tensor(const char* op, const at::Tensor& t, const char* name,
+                               at::ScalarType dtype, int64_t ndim, const at::Device& device) {
+  TORCH_CHECK(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the other inputs, got ",
+              t.device());
+  TORCH_CHECK(t.numel() == 0 || t.stride(-1) == 1, op, ": ", name,
+              " must be contiguous in its last dimension, got strides ", t.strides());
+}
+
+// Any strides are accepted here (vLLM's CPU layout has K^T blocks); the CUDA host functions
+// add check_unit_head_stride.
+inline void check_kv_view(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, name,
+              " must be a 4-D view [num_blocks, block_size, num_kv_heads, head_dim], got shape ",
+              t.sizes());
+}
+
+inline void check_unit_head_stride(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.stride(3) == 1, name, " must have unit stride on head_dim on CUDA, got strides ",
+              t.strides());
+}
+
+inline TreeAttentionShape check_tree_attention_args(
+    const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+    const at::Tensor& query_start_loc, const at::Tensor& tree_masks,
+    const at::Tensor& req_tree_ids, double softcap) {
+  TORCH_CHECK(q.dim() == 3, "tree_attention: q must be 3-D [num_tokens, num_q_heads, head_dim], got shape ",
+              q.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "tree_attention: out must have q's shape ", q.sizes(),
+              ", got ", out.sizes());
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1,
+              "tree_attention: q and out must be contiguous in head_dim, got strides ",
+              q.strides(), " and ", out.strides());
+  check_kv_view(k_cache, "tree_attention: k_cache");
+  check_kv_view(v_cache, "tree_attention: v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "tree_attention: k_cache ", k_cache.sizes(),
+              " and v_cache ", v_cache.sizes(), " must have the same shape");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(out.scalar_type() == dtype && k_cache.scalar_type() == dtype &&
+                  v_cache.scalar_type() == dtype,
+              "tree_attention: q, out, k_cache and v_cache must share one dtype, got ", dtype,
+              ", ", out.scalar_type(), ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  const auto device = q.device();
+  TORCH_CHECK(out.device() == device && k_cache.device() == device && v_cache.device() == device,
+              "tree_attention: q, out, k_cache and v_cache must be on one device");
+
+  TreeAttentionShape s{};
+  s.num_tokens = q.size(0);
+  s.num_q_heads = q.size(1);
+  s.head_dim = q.size(2);
+  s.block_size = k_cache.size(1);
+  s.num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == s.head_dim, "tree_attention: k_cache head_dim ",
+              k_cache.size(3), " != q head_dim ", s.head_dim);
+  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0,
+              "tree_attention: num_q_heads (", s.num_q_heads,
+              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
+  TORCH_CHECK(s.block_size > 0, "tree_attention: block_size must be positive");
+
+  check_index_tensor("tree_attention", block_table, "block_table", at::kInt, 2, device);
+  check_index_tensor("tree_attention", seq_lens, "seq_lens", at::kInt, 1, device);
+  check_index_tensor("tree_attention", query_start_loc, "query_start_loc", at::kInt, 1, device);
+  check_index_tensor("tree_attention", req_tree_ids, "req_tree_ids", at::kInt, 1, device);
+  check_index_tensor("tree_attention", tree_masks, "tree_masks", at::kLong, 3, device);
+  s.num_requests = seq_lens.size(0);
+  TORCH_CHECK(block_table.size(0) >= s.num_requests, "tree_attention: block_table has ",
+              block_table.size(0), " rows for ", s.num_requests, " requests");
+  TORCH_CHECK(query_start_loc.size(0) == s.num_requests + 1,
+              "tree_attention: query_start_loc must have num_requests + 1 = ",
+              s.num_requests + 1, " entries, got ", query_start_loc.size(0));
+  TORCH_CHECK(req_tree_ids.size(0) == s.num_requests, "tree_attention: req_tree_ids must have ",
+              s.num_requests, " entries, got ", req_tree_ids.size(0));
+  TORCH_CHECK(tree_masks.is_contiguous(), "tree_attention: tree_masks must be contiguous");
+  s.q_max = tree_masks.size(1);
+  s.mask_words = tree_masks.size(2);
+  TORCH_CHECK(tree_masks.size(0) > 0, "tree_attention: tree_masks holds no tree");
+  TORCH_CHECK(s.q_max > 0 && s.q_max <= kMaxTreeQueries, "tree_attention: tree_masks rows (Q_MAX = ",
+              s.q_max, ") must be in [1, ", kMaxTreeQueries, "]");
+  TORCH_CHECK(s.mask_words == (s.q_max + kMaskWordBits - 1) / kMaskWordBits,
+              "tree_attention: tree_masks must be [num_trees, Q_MAX, ceil(Q_MAX / 64)] int64, got ",
+              tree_masks.sizes());
+  TORCH_CHECK(softcap >= 0.0, "tree_attention: softcap must be >= 0 (0 = off), got ", softcap);
+  return s;
+}
+
+template <typename T>
+TreeAttentionParams<T> make_tree_attention_params(
+    at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+    const at::Tensor& tree_masks, const at::Tensor& req_tree_ids, const TreeAttentionShape& s,
+    double scale, double softcap) {
+  TreeAttentionParams<T> p{};
+  p.out = reinterpret_cast<T*>(out.data_ptr());
+  p.q = reinterpret_cast<const T*>(q.data_ptr());
+  p.q_stride_token = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.out_stride_token = out.stride(0);
+  p.out_stride_head = out.stride(1);
+  p.kv.k = reinterpret_cast<const T*>(k_cache.data_ptr());
+  p.kv.v = reinterpret_cast<const T*>(v_cache.data_ptr());
+  p.kv.k_stride_block = k_cache.stride(0);
+  p.kv.k_stride_token = k_cache.stride(1);
+  p.kv.k_stride_head = k_cache.stride(2);
+  p.kv.k_stride_dim = k_cache.stride(3);
+  p.kv.v_stride_block = v_cache.stride(0);
+  p.kv.v_stride_token = v_cache.stride(1);
+  p.kv.v_stride_head = v_cache.stride(2);
+  p.kv.v_stride_dim = v_cache.stride(3);
+  p.kv.block_table = block_table.data_ptr<int32_t>();
+  p.kv.block_table_stride = block_table.stride(0);
+  p.kv.block_size = static_cast<int>(s.block_size);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  p.req_tree_ids = req_tree_ids.data_ptr<int32_t>();
+  p.masks.bits = reinterpret_cast<const uint64_t*>(tree_masks.data_ptr<int64_t>());
+  p.masks.num_trees = static_cast<int>(tree_masks.size(0));
+  p.masks.q_max = static_cast<int>(s.q_max);
+  p.masks.words = static_cast<int>(s.mask_words);
+  p.num_tokens = static_cast<int>(s.num_tokens);
+  p.num_requests = static_cast<int>(s.num_requests);
+  p.num_q_heads = static_cast<int>(s.num_q_heads);
+  p.num_kv_heads = static_cast<int>(s.num_kv_heads);
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  return p;
+}
+
+// Checks the move_accepted_kv arguments and fills everything but the layer pointers.
+inline MoveAcceptedParams check_move_accepted_args(at::TensorList k_caches,
+                                                   at::TensorList v_caches,
+                                                   const at::Tensor& slot_mapping,
+                                                   const at::Tensor& query_start_loc,
+                                                   const at::Tensor& accepted) {
+  TORCH_CHECK(!k_caches.empty() && k_caches.size() == v_caches.size(),
+              "move_accepted_kv: k_caches and v_caches must be non-empty lists of equal length, got ",
+              k_caches.size(), " and ", v_caches.size());
+  const at::Tensor& k0 = k_caches[0];
+  const at::Tensor& v0 = v_caches[0];
+  check_kv_view(k0, "move_accepted_kv: k_caches[0]");
+  check_kv_view(v0, "move_accepted_kv: v_caches[0]");
+  TORCH_CHECK(k0.sizes() == v0.sizes() && k0.scalar_type() == v0.scalar_type(),
+              "move_accepted_kv: K and V views must share shape and dtype, got ", k0.sizes(), " ",
+              k0.scalar_type(), " and ", v0.sizes(), " ", v0.scalar_type());
+  for (size_t l = 0; l < k_caches.size(); ++l) {
+    const at::Tensor& k = k_caches[l];
+    const at::Tensor& v = v_caches[l];
+    TORCH_CHECK(k.sizes() == k0.sizes() && k.strides() == k0.strides() &&
+                    k.scalar_type() == k0.scalar_type() && k.device() == k0.device(),
+                "move_accepted_kv: k_caches[", l, "] must match k_caches[0] in shape ",
+                k0.sizes(), ", strides ", k0.strides(), ", dtype and device");
+    TORCH_CHECK(v.sizes() == v0.sizes() && v.strides() == v0.strides() &&
+                    v.scalar_type() == v0.scalar_type() && v.device() == k0.device(),
+                "move_accepted_kv: v_caches[", l, "] must match v_caches[0] in shape ",
+                v0.sizes(), ", strides ", v0.strides(), ", dtype and device");
+  }
+  const auto device = k0.device();
+  check_index_tensor("move_accepted_kv", slot_mapping, "slot_mapping", at::kLong, 1, device);
+  check_index_tensor("move_accepted_kv", query_start_loc, "query_start_loc", at::kInt, 1, device);
+  check_index_tensor("move_accepted_kv", accepted, "accepted", at::kInt, 2, device);
+  TORCH_CHECK(query_start_loc.size(0) == accepted.size(0) + 1,
+              "move_accepted_kv: query_start_loc must have num_requests + 1 = ", accepted.size(0) + 1,
+              " entries (accepted is [num_requests, A]), got ", query_start_loc.size(0));
+
+  const int64_t elem = k0.element_size();
+  MoveAcceptedParams p{};
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  p.accepted = accepted.data_ptr<int32_t>();
+  p.accepted_stride = accepted.size(0) > 0 ? accepted.stride(0) : 0;
+  p.num_accepted_cols = static_cast<int>(accepted.size(1));
+  p.num_requests = static_cast<int>(accepted.size(0));
+  p.block_size = static_cast<int>(k0.size(1));
+  p.num_kv_heads = static_cast<int>(k0.size(2));
+  p.head_dim = static_cast<int>(k0.size(3));
+  p.elem_bytes = static_cast<int>(elem);
+  p.head_bytes = k0.size(3) * elem;
+  p.k_stride_block = k0.stride(0) * elem;
+  p.k_stride_token = k0.stride(1) * elem;
+  p.k_stride_head = k0.stride(2) * elem;
+  p.k_stride_dim = k0.stride(3) * elem;
+  p.v_stride_block = v0.stride(0) * elem;
+  p.v_stride_token = v0.stride(1) * elem;
+  p.v_stride_head = v0.stride(2) * elem;
+  p.v_stride_dim = v0.stride(3) * elem;
+  return p;
+}
+
+}  // namespace medusa_vllm

@@ -1,0 +1,38 @@
+// Host entry points of the medusa_vllm ops (registered in bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace medusa_vllm {
+
+// Schemas (bindings.cpp):
+//   tree_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache,
+//                  Tensor block_table, Tensor seq_lens, Tensor query_start_loc,
+//                  Tensor tree_masks, Tensor req_tree_ids,
+//                  float scale, float softcap, int num_splits) -> ()
+//   move_accepted_kv(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping,
+//                    Tensor query_start_loc, Tensor accepted) -> ()
+
+void tree_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                        const at::Tensor& tree_masks, const at::Tensor& req_tree_ids,
+                        double scale, double softcap, int64_t num_splits);
+
+void move_accepted_kv_cpu(at::TensorList k_caches, at::TensorList v_caches,
+                          const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
+                          const at::Tensor& accepted);
+
+#ifdef MEDUSA_VLLM_WITH_CUDA
+void tree_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_table,
+                         const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                         const at::Tensor& tree_masks, const at::Tensor& req_tree_ids,
+                         double scale, double softcap, int64_t num_splits);
+
+void move_accepted_kv_cuda(at::TensorList k_caches, at::TensorList v_caches,
+                           const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
+                           const at::Tensor& accepted);
+#endif
+
+}  // namespace medusa_vllm

@@ -1,0 +1,316 @@
+// CUDA core of tree_attention: one pass over the paged KV cache with tensor-core MMAs.
+//
+// Work split. A CTA handles (request b, kv head, query-row tile, KV split). The rows of a
+// request's kv head are its q_len tokens x `group` query heads, stacked token-major
+// (row r = token r / group, q head kv_head * group + r % group), so each K/V tile is read once
+// for the whole GQA group. 4 warps own 16 * kMTiles rows each.
+//
+// Per KV tile of kBlockN keys (cp.async multi-stage pipeline, zero-filled past seq_len):
+//   S = Q K^T            mma.m16n8k16, fp32 accumulators (Q fragments in registers or smem)
+//   softcap, log2e scale; tree mask only on tiles that reach the query window
+//   online softmax       running max / sum per row in fp32 (log2 domain, ex2.approx)
+//   O += P V             P re-packed from the S accumulators into A fragments (no smem trip)
+// Split KV (flash-decoding): split s of a request takes a contiguous range of its tiles,
+// computed on the device from seq_lens; partial O / log2-sum-exp go to a workspace and
+// merge_splits_kernel combines them. With one split the CTA writes `out` directly.
+#pragma once
+
+#include <cmath>
+
+#include "cuda_utils.cuh"
+#include "paged_kv.h"
+#include "tree_attention_cuda_tiles.cuh"
+#include "tree_attention_cuda_warp.cuh"
+
+namespace medusa_vllm {
+namespace cuda {
+
+// Stores fp32 row values (2 per call) of CTA row r: to `out` (one split) or to the partials.
+template <typename T>
+struct RowWriter {
+  const TreeAttentionParams<T>& p;
+  const SplitKV& sp;
+  const CtaWork& w;
+
+  __device__ __forceinline__ int64_t row_index(int r) const {  // token * Hq + q head
+    const int gr = w.row0 + r;
+    return static_cast<int64_t>(w.q_start + gr / w.group) * p.num_q_heads + w.kv_head * w.group +
+           gr % w.group;
+  }
+  __device__ __forceinline__ void store2(int r, int d, float x, float y) const {
+    const int gr = w.row0 + r;
+    if (sp.num_splits == 1) {
+      T* dst = p.out + static_cast<int64_t>(w.q_start + gr / w.group) * p.out_stride_token +
+               static_cast<int64_t>(w.kv_head * w.group + gr % w.group) * p.out_stride_head + d;
+      *reinterpret_cast<uint32_t*>(dst) = MmaOps<T>::pack(x, y);
+    } else {
+      float* dst = sp.partial_o + (static_cast<int64_t>(w.split) * p.num_tokens * p.num_q_heads +
+                                   row_index(r)) * p.head_dim + d;
+      *reinterpret_cast<float2*>(dst) = make_float2(x, y);
+    }
+  }
+  __device__ __forceinline__ void store_lse(int r, float lse) const {
+    if (sp.num_splits > 1) {
+      sp.partial_lse[static_cast<int64_t>(w.split) * p.num_tokens * p.num_q_heads + row_index(r)] = lse;
+    }
+  }
+};
+
+// Rows of a CTA that cannot compute: invalid metadata (NaN rows, loud and sync-free) or an
+// empty split (log2-sum-exp -inf, ignored by the merge).
+template <typename T, typename Cfg>
+__device__ void fill_rows(const TreeAttentionParams<T>& p, const SplitKV& sp, const CtaWork& w,
+                          bool invalid) {
+  const RowWriter<T> writer{p, sp, w};
+  const int n = min(Cfg::kBlockM, w.rows - w.row0);
+  for (int i = threadIdx.x; i < n * (Cfg::kHeadDim / 2); i += Cfg::kThreads) {
+    const int r = i / (Cfg::kHeadDim / 2);
+    const int d = 2 * (i % (Cfg::kHeadDim / 2));
+    if (invalid) writer.store2(r, d, NAN, NAN);
+    if (d == 0) writer.store_lse(r, invalid ? 0.f : -INFINITY);
+  }
+}
+
+// Mask words of the CTA rows -> s_mask [kBlockM][kMaxMaskWords] (0 for padding rows).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void load_mask_rows(const TreeAttentionParams<T>& p, const CtaWork& w,
+                                               uint64_t* s_mask) {
+  for (int r = threadIdx.x; r < Cfg::kBlockM; r += Cfg::kThreads) {
+    const int gr = w.row0 + r;
+    static_assert(kMaxMaskWords == 2, "mask rows are loaded as two words");
+    uint64_t word0 = 0, word1 = 0;
+    if (gr < w.rows) {
+      const uint64_t* row = p.masks.row(w.tree, gr / w.group);
+      word0 = row[0];
+      if (p.masks.words > 1) word1 = row[1];
+    }
+    s_mask[r * kMaxMaskWords] = word0;
+    s_mask[r * kMaxMaskWords + 1] = word1;
+  }
+}
+
+// Q rows of the CTA -> s_q [kBlockM][kSmemRow] (async; zeros for padding rows).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void load_q_tile(const TreeAttentionParams<T>& p, const CtaWork& w, T* s_q) {
+  const int chunk = threadIdx.x % Cfg::kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < Cfg::kBlockM / Cfg::kRowsPerPass; ++i) {
+    const int r = threadIdx.x / Cfg::kChunksPerRow + i * Cfg::kRowsPerPass;
+    const int gr = w.row0 + r;
+    const bool valid = gr < w.rows;
+    const T* src = p.q;
+    if (valid) {
+      src += static_cast<int64_t>(w.q_start + gr / w.group) * p.q_stride_token +
+             static_cast<int64_t>(w.kv_head * w.group + gr % w.group) * p.q_stride_head +
+             chunk * Cfg::kChunk;
+    }
+    cp_async_16(s_q + r * Cfg::kSmemRow + chunk * Cfg::kChunk, src, valid);
+  }
+}
+
+// Keys [tile * kBlockN, +kBlockN) of K and V -> one pipeline stage (async; zeros past seq_len).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void load_kv_tile(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                             const CtaWork& w, int tile, T* s_k, T* s_v) {
+  const PagedKV<const T>& kv = p.kv;
+  const int chunk = threadIdx.x % Cfg::kChunksPerRow;
+  const int32_t* table = kv.block_table + w.request * kv.block_table_stride;
+#pragma unroll
+  for (int i = 0; i < Cfg::kBlockN / Cfg::kRowsPerPass; ++i) {
+    const int key = threadIdx.x / Cfg::kChunksPerRow + i * Cfg::kRowsPerPass;
+    const int pos = tile * Cfg::kBlockN + key;
+    const bool valid = pos < w.seq_len;
+    const T* k_src = kv.k;
+    const T* v_src = kv.v;
+    if (valid) {
+      int page, offset;
+      if (sp.block_shift >= 0) {
+        page = pos >> sp.block_shift;
+        offset = pos & (kv.block_size - 1);
+      } else {
+        page = pos / kv.block_size;
+        offset = pos - page * kv.block_size;
+      }
+      const int64_t block = __ldg(table + page);
+      k_src += kv.k_offset(block, offset, w.kv_head) + chunk * Cfg::kChunk;
+      v_src += kv.v_offset(block, offset, w.kv_head) + chunk * Cfg::kChunk;
+    }
+    cp_async_16(s_k + key * Cfg::kSmemRow + chunk * Cfg::kChunk, k_src, valid);
+    cp_async_16(s_v + key * Cfg::kSmemRow + chunk * Cfg::kChunk, v_src, valid);
+  }
+}
+
+// Normalizes and stores the warp's rows (or the split partials and their log2-sum-exp).
+template <typename T, typename Cfg>
+__device__ __forceinline__ void store_warp_rows(const RowWriter<T>& writer,
+                                                float (&o)[Cfg::kMTiles][Cfg::kDTiles][4],
+                                                const float (&m_run)[Cfg::kMTiles][2],
+                                                float (&l_run)[Cfg::kMTiles][2], int warp_row0,
+                                                int lane) {
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMTiles; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[mi][h];
+      l += __shfl_xor_sync(kFullWarp, l, 1);
+      l += __shfl_xor_sync(kFullWarp, l, 2);
+      const int r = warp_row0 + mi * 16 + (lane >> 2) + h * 8;
+      if (writer.w.row0 + r >= writer.w.rows) continue;
+      const float inv_l = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gets zeros
+#pragma unroll
+      for (int dt = 0; dt < Cfg::kDTiles; ++dt)
+        writer.store2(r, dt * 8 + (lane & 3) * 2, o[mi][dt][2 * h] * inv_l, o[mi][dt][2 * h + 1] * inv_l);
+      if ((lane & 3) == 0) writer.store_lse(r, l > 0.f ? m_run[mi][h] + __log2f(l) : -INFINITY);
+    }
+}
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Decodes blockIdx.x = ((request * Hkv + kv_head) * num_splits + split) * row_tiles + row_tile
+// (row tiles innermost: CTAs sharing a K/V range run together and share it through L2).
+template <typename T, typename Cfg>
+__device__ __forceinline__ CtaWork decode_cta(const TreeAttentionParams<T>& p, const SplitKV& sp) {
+  CtaWork w;
+  const int row_tile = blockIdx.x % sp.row_tiles;
+  w.split = (blockIdx.x / sp.row_tiles) % sp.num_splits;
+  const int head_index = blockIdx.x / (sp.row_tiles * sp.num_splits);
+  w.request = head_index / p.num_kv_heads;
+  w.kv_head = head_index % p.num_kv_heads;
+  w.group = p.num_q_heads / p.num_kv_heads;
+  w.q_start = p.query_start_loc[w.request];
+  w.q_len = p.query_start_loc[w.request + 1] - w.q_start;
+  w.rows = w.q_len * w.group;
+  w.row0 = row_tile * Cfg::kBlockM;
+  w.seq_len = p.seq_lens[w.request];
+  w.ctx = w.seq_len - w.q_len;
+  w.tree = p.req_tree_ids[w.request];
+  const int num_tiles = ceil_div(max(w.seq_len, 0), Cfg::kBlockN);
+  const int per_split = max(ceil_div(num_tiles, sp.num_splits), sp.min_tiles_per_split);
+  w.tile_begin = w.split * per_split;
+  w.tile_end = min(num_tiles, w.tile_begin + per_split);
+  return w;
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    tree_attention_kernel(const __grid_constant__ TreeAttentionParams<T> p,
+                          const __grid_constant__ SplitKV sp) {
+  const CtaWork w = decode_cta<T, Cfg>(p, sp);
+  if (w.q_len <= 0 || w.row0 >= w.rows) return;  // padded request or unused row tile
+  const bool invalid = w.q_len > p.masks.q_max || w.ctx < 0 || w.tree < 0 || w.tree >= p.masks.num_trees;
+  if (invalid || w.tile_begin >= w.tile_end) {
+    fill_rows<T, Cfg>(p, sp, w, invalid);
+    return;
+  }
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint64_t* s_mask = reinterpret_cast<uint64_t*>(smem);             // [kBlockM][kMaxMaskWords]
+  T* s_q = reinterpret_cast<T*>(smem + Cfg::kMaskBytes);             // [kBlockM][kSmemRow]
+  T* s_k = reinterpret_cast<T*>(smem + Cfg::kMaskBytes + Cfg::kQBytes);  // [kStages][kBlockN][kSmemRow]
+  T* s_v = s_k + Cfg::kStages * Cfg::kBlockN * Cfg::kSmemRow;           // [kStages][kBlockN][kSmemRow]
+  constexpr int kStageElems = Cfg::kBlockN * Cfg::kSmemRow;
+
+  const int lane = threadIdx.x % 32;
+  const int warp_row0 = (threadIdx.x / 32) * Cfg::kWarpRows;  // first row of this warp in the CTA
+  const bool warp_active = w.row0 + warp_row0 < w.rows;
+
+  // Prologue: mask rows (plain stores), Q and the first kStages - 1 KV tiles (async groups;
+  // Q rides in group 0 with the first tile).
+  load_mask_rows<T, Cfg>(p, w, s_mask);
+  load_q_tile<T, Cfg>(p, w, s_q);
+#pragma unroll
+  for (int st = 0; st < Cfg::kStages - 1; ++st) {
+    if (w.tile_begin + st < w.tile_end)
+      load_kv_tile<T, Cfg>(p, sp, w, w.tile_begin + st, s_k + st * kStageElems, s_v + st * kStageElems);
+    cp_async_commit();
+  }
+
+  float o[Cfg::kMTiles][Cfg::kDTiles][4];
+  float m_run[Cfg::kMTiles][2];
+  float l_run[Cfg::kMTiles][2];
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMTiles; ++mi) {
+#pragma unroll
+    for (int dt = 0; dt < Cfg::kDTiles; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][dt][e] = 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m_run[mi][h] = -INFINITY;
+      l_run[mi][h] = 0.f;
+    }
+  }
+  uint32_t q_frag[Cfg::kQInRegs ? Cfg::kMTiles : 1][Cfg::kQInRegs ? Cfg::kKSteps : 1][4];
+
+  for (int tile = w.tile_begin; tile < w.tile_end; ++tile) {
+    const int j = tile - w.tile_begin;
+    cp_async_wait<Cfg::kStages - 2>();  // this thread's copies of tile j (and Q) landed
+    __syncthreads();                    // everyone's did; everyone is done with tile j - 1
+    const int next = tile + Cfg::kStages - 1;
+    if (next < w.tile_end) {
+      const int st = (j + Cfg::kStages - 1) % Cfg::kStages;  // the stage of tile j - 1
+      load_kv_tile<T, Cfg>(p, sp, w, next, s_k + st * kStageElems, s_v + st * kStageElems);
+    }
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    if (!warp_active) continue;
+
+    if constexpr (Cfg::kQInRegs) {
+      if (j == 0) {
+#pragma unroll
+        for (int mi = 0; mi < Cfg::kMTiles; ++mi)
+#pragma unroll
+          for (int kk = 0; kk < Cfg::kKSteps; ++kk) load_q_frag<Cfg>(q_frag[mi][kk], s_q, warp_row0, mi, kk, lane);
+      }
+    }
+    const int st = j % Cfg::kStages;
+    float s[Cfg::kMTiles][Cfg::kNTiles][4];
+    warp_scores<T, Cfg>(s, q_frag, s_q, s_k + st * kStageElems, warp_row0, lane);
+    scale_and_mask<T, Cfg>(s, p, w, tile, s_mask, warp_row0, lane);
+    online_softmax<Cfg>(s, o, m_run, l_run);
+    warp_pv<T, Cfg>(o, s, s_v + st * kStageElems, lane);
+  }
+
+  if (warp_active) {
+    const RowWriter<T> writer{p, sp, w};
+    store_warp_rows<T, Cfg>(writer, o, m_run, l_run, warp_row0, lane);
+  }
+}
+
+// Combines the split partials of each (token, q head) row: one warp per row, kHeadDim / 32
+// consecutive elements per lane. Tokens past query_start_loc[B] (batch padding) are untouched.
+constexpr int kMergeWarps = 4;
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kMergeWarps * 32)
+    merge_splits_kernel(const __grid_constant__ TreeAttentionParams<T> p, const __grid_constant__ SplitKV sp) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int64_t num_rows = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= num_rows) return;
+  const int token = static_cast<int>(row / p.num_q_heads);
+  const int head = static_cast<int>(row % p.num_q_heads);
+  if (token >= p.query_start_loc[p.num_requests]) return;
+
+  float lse_max = -INFINITY;
+  for (int s = 0; s < sp.num_splits; ++s) lse_max = fmaxf(lse_max, sp.partial_lse[s * num_rows + row]);
+  float acc[kPerLane] = {};
+  float weight_sum = 0.f;
+  for (int s = 0; s < sp.num_splits; ++s) {
+    const float lse = sp.partial_lse[s * num_rows + row];
+    if (lse == -INFINITY) continue;  // empty split (also covers lse_max == -inf)
+    const float weight = exp2f(lse - lse_max);
+    weight_sum += weight;
+    const float* src = sp.partial_o + (s * num_rows + row) * kHeadDim + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] += weight * src[i];
+  }
+  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
+  T* dst = p.out + static_cast<int64_t>(token) * p.out_stride_token +
+           static_cast<int64_t>(head) * p.out_stride_head + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) dst[i] = MmaOps<T>::from_float(acc[i] * inv);
+}
+
+}  // namespace cuda
+}  // namespace medusa_vllm

@@ -1,0 +1,97 @@
+"""Plain PyTorch references of the medusa_vllm ops: the test oracle and the fallback when the
+compiled extension is missing. Slow (Python loops over requests, host syncs), obviously right.
+
+Conventions shared with the kernels (see csrc/paged_kv.h):
+- k_cache / v_cache: strided views [num_blocks, block_size, num_kv_heads, head_dim].
+- Request b owns query tokens [qsl[b], qsl[b+1]) and seq_lens[b] keys; with
+  ctx = seq_len - q_len, query i sees keys [0, ctx) and window key ctx + j iff bit j of
+  tree_masks[req_tree_ids[b], i] is set. A row that sees no key at all gets zeros.
+- Query head h uses kv head h // (Hq // Hkv).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from medusa_vllm.kernels.masks import unpack_tree_masks
+
+
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions [0, length) of one request: cache [nb, bs, H, D] -> [length, H, D]."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    blocks = block_table_row.to(cache.device).long()[pos // block_size]
+    return cache[blocks, pos % block_size]
+
+
+def request_mask(tree_masks: torch.Tensor, tree_id: int, q_len: int, seq_len: int) -> torch.Tensor:
+    """[q_len, seq_len] bool: context fully visible, window keys by the tree bits."""
+    ctx = seq_len - q_len
+    mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=tree_masks.device)
+    window = unpack_tree_masks(tree_masks[tree_id : tree_id + 1, :q_len])[0, :, :q_len]
+    mask[:, ctx:] = window
+    return mask
+
+
+def tree_attention_ref(
+    out: torch.Tensor,  # [N, Hq, D] (output)
+    q: torch.Tensor,  # [N, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] (strided view)
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] (strided view)
+    block_table: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    tree_masks: torch.Tensor,  # [num_trees, Q_MAX, W] int64
+    req_tree_ids: torch.Tensor,  # [B] int32
+    scale: float,
+    softcap: float = 0.0,
+    num_splits: int = 0,
+) -> None:
+    del num_splits  # a kernel tuning knob; no effect on the result
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    tree_ids = req_tree_ids.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    for b, seq_len in enumerate(lens):
+        start, end = qsl[b], qsl[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        if q_len > tree_masks.shape[1] or seq_len < q_len:
+            raise ValueError(f"request {b}: q_len {q_len}, seq_len {seq_len}, Q_MAX {tree_masks.shape[1]}")
+        k = gather_paged(k_cache, block_table[b], seq_len).float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = gather_paged(v_cache, block_table[b], seq_len).float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        mask = request_mask(tree_masks, tree_ids[b], q_len, seq_len).to(q.device)  # [q_len, L]
+        logits = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale  # [Hq, q_len, L]
+        if softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+
+
+def move_accepted_kv_ref(
+    k_caches: Sequence[torch.Tensor],  # L x [num_blocks, block_size, Hkv, D] (mutated)
+    v_caches: Sequence[torch.Tensor],  # L x [num_blocks, block_size, Hkv, D] (mutated)
+    slot_mapping: torch.Tensor,  # [N] int64
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    accepted: torch.Tensor,  # [B, A] int32, -1 terminated
+) -> None:
+    """For each request, step k (ascending) copies window index accepted[b, k] to k + 1."""
+    qsl = query_start_loc.tolist()
+    slots = slot_mapping.tolist()
+    block_size = k_caches[0].shape[1]
+    for b, row in enumerate(accepted.tolist()):
+        start, q_len = qsl[b], qsl[b + 1] - qsl[b]
+        for k, idx in enumerate(row):
+            if idx < 0 or idx >= q_len or k + 1 >= q_len:
+                break  # end of the list (or an index outside the window)
+            if idx == k + 1:
+                continue  # already in place
+            src, dst = slots[start + idx], slots[start + k + 1]
+            if src < 0 or dst < 0:
+                continue  # padding slot
+            for cache in (*k_caches, *v_caches):
+                cache[dst // block_size, dst % block_size] = cache[src // block_size, src % block_size]

@@ -1,0 +1,188 @@
+"""Builders of kernel test / benchmark inputs: paged KV caches in vLLM's two layouts with
+shuffled block tables, tree masks (chain, star, Medusa's mc_sim_7b_63, random) and whole
+tree_attention / move_accepted_kv problems. Used by tests/kernels and benchmarks/kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from medusa_vllm.kernels.masks import pack_tree_masks
+
+# "nhd": vLLM's GPU layout; "cpu_vec": vLLM 0.26 CPU_ATTN ("vec"/"vec16": K^T blocks, head_dim
+# stride = block_size; CPU only); "cpu_rows": [nb, Hkv, 2bs, D] with K rows [0, bs), V rows [bs, 2bs).
+LAYOUTS = ("nhd", "cpu_vec", "cpu_rows")
+UNIT_STRIDE_LAYOUTS = ("nhd", "cpu_rows")  # what the CUDA kernels accept
+
+# FasterDecoding/Medusa medusa_choices.py, verbatim (63 nodes; the root is implicit).
+MC_SIM_7B_63: list[list[int]] = [
+    [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0],
+    [0, 5], [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0],
+    [0, 9], [8], [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5],
+    [0, 0, 0, 0], [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9],
+    [6, 0], [0, 4, 0], [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0],
+    [1, 5], [1, 0, 1], [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0],
+]  # fmt: skip
+
+
+def mask_from_parents(parents: Sequence[int]) -> torch.Tensor:
+    """[Q, Q] bool ancestor mask (self included) of a tree given by parent indices
+    (parents[0] = -1 for the root, parents[i] < i otherwise)."""
+    q = len(parents)
+    mask = torch.zeros(q, q, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        mask[i, i] = True
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+def parents_from_paths(paths: Sequence[Sequence[int]]) -> list[int]:
+    """Medusa choices (paths of child ranks, root implicit) -> parents of root + nodes, in
+    the (len, path) order Medusa uses."""
+    ordered = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+    index = {(): 0} | {p: i + 1 for i, p in enumerate(ordered)}
+    return [-1] + [index[p[:-1]] for p in ordered]
+
+
+def chain_mask(q: int) -> torch.Tensor:
+    return torch.ones(q, q, dtype=torch.bool).tril()
+
+
+def star_mask(q: int) -> torch.Tensor:
+    return mask_from_parents([-1] + [0] * (q - 1))
+
+
+def medusa_mask(num_nodes: int = 63) -> torch.Tensor:
+    """Ancestor mask of root + the first num_nodes nodes of mc_sim_7b_63 (a BFS prefix)."""
+    parents = parents_from_paths(MC_SIM_7B_63)
+    return mask_from_parents(parents[: num_nodes + 1])
+
+
+def random_tree_mask(q: int, gen: torch.Generator) -> torch.Tensor:
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, q)]
+    return mask_from_parents(parents)
+
+
+def pad_masks(masks: Sequence[torch.Tensor], q_max: int) -> torch.Tensor:
+    """Stack [Qi, Qi] masks into [num_trees, q_max, q_max] (zero padded)."""
+    out = torch.zeros(len(masks), q_max, q_max, dtype=torch.bool)
+    for t, m in enumerate(masks):
+        out[t, : m.shape[0], : m.shape[1]] = m
+    return out
+
+
+@dataclass
+class PagedKVCache:
+    storage: torch.Tensor  # the per-layer tensor vLLM allocates (layout dependent)
+    k: torch.Tensor  # [num_blocks, block_size, Hkv, D] view
+    v: torch.Tensor  # [num_blocks, block_size, Hkv, D] view
+
+
+def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device | str, layout: str, gen: torch.Generator | None = None) -> PagedKVCache:
+    """Random per-layer cache in one of LAYOUTS, with K/V as [nb, bs, Hkv, D] strided views.
+    gen=None draws on the device from the global RNG (fast for GPU benchmarks)."""
+    if layout == "nhd":
+        shape = (num_blocks, block_size, num_kv_heads, 2 * head_dim)
+    elif layout in ("cpu_vec", "cpu_rows"):
+        shape = (num_blocks, num_kv_heads, block_size, 2 * head_dim)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if gen is None:
+        storage = torch.randn(shape, device=device, dtype=dtype)
+    else:
+        storage = torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
+    if layout == "nhd":
+        k, v = storage[..., :head_dim], storage[..., head_dim:]
+    elif layout == "cpu_rows":
+        rows = storage.view(num_blocks, num_kv_heads, 2 * block_size, head_dim)
+        k = rows[:, :, :block_size].permute(0, 2, 1, 3)
+        v = rows[:, :, block_size:].permute(0, 2, 1, 3)
+    else:  # per (block, head): K^T [D, bs] then V [bs, D]
+        flat = storage.view(num_blocks, num_kv_heads, 2 * block_size * head_dim)
+        k = flat[:, :, : block_size * head_dim].view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+        v = flat[:, :, block_size * head_dim :].view(num_blocks, num_kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
+    return PagedKVCache(storage, k, v)
+
+
+def make_block_table(seq_lens: Sequence[int], block_size: int, num_blocks: int, gen: torch.Generator,
+                     extra_cols: int = 1, fill: int = -1) -> torch.Tensor:
+    """[B, max_blocks] int32 of distinct random physical blocks; unused entries = fill."""
+    need = [(s + block_size - 1) // block_size for s in seq_lens]
+    if sum(need) > num_blocks:
+        raise ValueError(f"{sum(need)} blocks needed, cache has {num_blocks}")
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    table = torch.full((len(seq_lens), max(need, default=0) + extra_cols), fill, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
+        used += n
+    return table
+
+
+def slots_of(block_table: torch.Tensor, b: int, positions: Sequence[int], block_size: int) -> list[int]:
+    return [int(block_table[b, p // block_size]) * block_size + p % block_size for p in positions]
+
+
+@dataclass
+class TreeAttentionProblem:
+    out: torch.Tensor  # [N, Hq, D]
+    q: torch.Tensor  # [N, Hq, D] (maybe a strided view)
+    cache: PagedKVCache
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    tree_masks: torch.Tensor  # [num_trees, Q_MAX, W] int64
+    req_tree_ids: torch.Tensor  # [B] int32
+    slot_mapping: torch.Tensor  # [N] int64
+    scale: float
+
+    def args(self) -> tuple:
+        return (self.out, self.q, self.cache.k, self.cache.v, self.block_table, self.seq_lens,
+                self.query_start_loc, self.tree_masks, self.req_tree_ids)
+
+
+def make_tree_attention_problem(
+    q_lens: Sequence[int], ctx_lens: Sequence[int], tree_ids: Sequence[int], masks: Sequence[torch.Tensor],
+    *, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    device: torch.device | str, layout: str = "nhd", q_max: int | None = None, strided_q: bool = False,
+    spare_blocks: int = 3, seed: int = 0, cache_on_device_rng: bool = False,
+) -> TreeAttentionProblem:
+    """Requests with q_lens[b] query tokens after ctx_lens[b] context tokens, using tree
+    tree_ids[b] of `masks` (its first q_len rows/columns). cache_on_device_rng draws the KV
+    cache on the device (global RNG) instead of on the CPU (seeded, device independent)."""
+    gen = torch.Generator().manual_seed(seed)
+    q_max = q_max or max(m.shape[0] for m in masks)
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    num_blocks = sum((s + block_size - 1) // block_size for s in seq_lens) + spare_blocks
+    cache = make_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, layout,
+                          None if cache_on_device_rng else gen)
+    block_table = make_block_table(seq_lens, block_size, num_blocks, gen)
+    qsl = [0]
+    for q in q_lens:
+        qsl.append(qsl[-1] + q)
+    n = qsl[-1]
+    width = num_q_heads * head_dim
+    if strided_q:  # q as a slice of a fused qkv projection: row stride > Hq * D
+        qkv = torch.randn(n, width + 2 * num_kv_heads * head_dim, generator=gen).to(dtype=dtype, device=device)
+        q = qkv[:, :width].view(n, num_q_heads, head_dim)
+    else:
+        q = torch.randn(n, num_q_heads, head_dim, generator=gen).to(dtype=dtype, device=device)
+    slots = []
+    for b, (c, ql) in enumerate(zip(ctx_lens, q_lens)):
+        slots += slots_of(block_table, b, range(c, c + ql), block_size)
+    return TreeAttentionProblem(
+        out=torch.full((n, num_q_heads, head_dim), float("nan"), dtype=dtype, device=device),
+        q=q,
+        cache=cache,
+        block_table=block_table.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        tree_masks=pack_tree_masks(pad_masks(masks, q_max)).to(device),
+        req_tree_ids=torch.tensor(tree_ids, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        scale=head_dim**-0.5,
+    )
