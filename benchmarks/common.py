@@ -1,0 +1,127 @@
+"""Shared by the benchmark programs: the results envelope (shared/RESULTS.md), device names,
+and running one vLLM engine per configuration in its own spawned process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}"
+
+
+def device_tag() -> str:
+    """Short tag for file names: h100, h200, cpu, …"""
+    name = device_name().lower()
+    for tag in ("h100", "h200", "a100", "l40", "b200"):
+        if tag in name:
+            return tag
+    return "cpu" if name.startswith("cpu") else name.split()[-1]
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MEDUSA_GIT_COMMIT")
+
+
+def software() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "vllm", "transformers", "medusa_vllm"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception as e:  # noqa: BLE001 - record why
+            out[name] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+def write_envelope(path: Path, benchmark: str, config: dict, rows: list, summary: dict) -> Path:
+    doc = {
+        "benchmark": benchmark,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": git_commit(),
+        "device": device_name(),
+        "software": software(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config,
+        "rows": rows,
+        "summary": summary,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
+
+
+def _child(conn, fn: Callable, args: tuple) -> None:
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_isolated(fn: Callable, *args, timeout: float = 3600, env: dict | None = None):
+    """``fn(*args)`` in a fresh spawned process (one vLLM engine each); returns its result."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        if not parent.poll(timeout):
+            raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s")
+        status, payload = parent.recv()
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(payload)
+    return payload
+
+
+def metric_values(llm) -> dict[str, float]:
+    """vLLM's Prometheus metrics as a flat dict (vectors as name[i])."""
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if hasattr(m, "values"):
+            for i, v in enumerate(m.values):
+                out[f"{m.name}[{i}]"] = float(v)
+        elif hasattr(m, "value"):
+            out[m.name] = float(m.value)
+    return out

@@ -1,0 +1,105 @@
+"""What one decoding step costs: plain vLLM vs medusa_vllm trees vs vLLM's built-in Medusa.
+
+    python benchmarks/step_cost.py --heads UNTRAINED_HEADS [--batch-sizes 1 8 32]
+
+Untrained (zero-initialised) heads make acceptance ≈ 0, so every step emits about one token and
+the per-step overhead is exposed. ms/step = wall time of a round ÷ verification steps per request
+(tokens ÷ τ). Configurations run one engine each (``benchmarks/throughput.py`` machinery):
+plain decoding with vLLM's default runner and with the V1 runner + async scheduling (the fastest
+plain configuration on the H100), trees of 4 (chain), 16 and 64 nodes, built-in Medusa K=4.
+With ``--profile`` a torch-profiler trace summary of a few tree steps is written too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, device_name, device_tag, run_isolated, write_envelope  # noqa: E402
+from benchmarks.throughput import builtin_layout, engine_kwargs, measure, prompts_for  # noqa: E402
+
+CONFIGS = {
+    "plain_default": "baseline",
+    "plain_v1_async": "baseline-v1async",
+    "tree4_chain": "medusa:chain-4",
+    "tree16": "medusa:sparse-15",
+    "tree64": "medusa:default-63",
+    "builtin_medusa_k4": "builtin",
+}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--heads", required=True, help="untrained heads (acceptance ~ 0)")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    # fields engine_kwargs reads
+    args.max_model_len, args.gpu_memory_utilization = 2048, 0.3
+    args.acceptance, args.adaptive_tree, args.builtin_k, args.temperature = "rejection", "default-63", 4, 0.0
+
+    from medusa_vllm.bundled import bundled_model_path
+
+    args.model = args.model or str(bundled_model_path())
+    out = Path(args.out) if args.out else RESULTS / f"step_cost_{device_tag()}.json"
+    prompts = prompts_for(args)
+    per_batch = {b: b * args.rounds for b in args.batch_sizes}
+    builtin = builtin_layout(args.heads, args.model, out.parent / ".work")
+    rows = []
+    for name in args.configs:
+        config = CONFIGS[name]
+        env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if name == "plain_v1_async" else {}
+        kw = engine_kwargs(args, config.replace("-v1async", ""), args.heads, builtin)
+        if name == "plain_v1_async":
+            kw["async_scheduling"] = True
+        try:
+            res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, 0.0,
+                               per_batch, env=env)
+        except Exception as e:  # noqa: BLE001
+            print(f"[{name}] failed: {e}", file=sys.stderr)
+            rows.append({"config": name, "error": str(e)[-1500:]})
+            continue
+        for r in res["rows"]:
+            tau = r["tau"] or 1.0
+            per_req = r["output_tokens"] / r["requests"]
+            rounds = r["requests"] / r["batch_size"]
+            ms = 1000 * r["seconds"] / rounds / (per_req / tau)
+            rows.append({"config": name, "batch_size": r["batch_size"], "ms_per_step": ms,
+                         "tau": r["tau"], "tokens_per_s": r["tokens_per_s"],
+                         "engine_start_s": res["engine_start_s"]})
+            print(f"{name:>18} bs={r['batch_size']:>3} {ms:7.2f} ms/step tau={tau:.2f}")
+
+    def ms(name, b):
+        return next((r["ms_per_step"] for r in rows if r.get("config") == name and r.get("batch_size") == b), None)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    fastest1 = min(x for x in (ms("plain_default", 1), ms("plain_v1_async", 1), float("inf")) if x)
+    fastest32 = min(x for x in (ms("plain_default", 32), ms("plain_v1_async", 32), float("inf")) if x)
+    summary = {
+        "plain_ms_bs1_default": ms("plain_default", 1),
+        "plain_ms_bs1_fastest": fastest1 if fastest1 != float("inf") else None,
+        "tree64_ms_bs1": ms("tree64", 1), "tree16_ms_bs1": ms("tree16", 1),
+        "builtin_medusa_k4_ms_bs1": ms("builtin_medusa_k4", 1),
+        "tree64_vs_fastest_plain_bs1": ratio(ms("tree64", 1), fastest1),
+        "plain_ms_bs32_fastest": fastest32 if fastest32 != float("inf") else None,
+        "tree64_ms_bs32": ms("tree64", 32),
+        "tree64_vs_fastest_plain_bs32": ratio(ms("tree64", 32), fastest32),
+        "async": False, "cuda_graphs": "piecewise (tree steps), vLLM default (plain)",
+        "device": device_name(),
+    }
+    write_envelope(out, "step_cost", vars(args), rows, summary)
+    print("summary:", summary)
+
+
+if __name__ == "__main__":
+    main()

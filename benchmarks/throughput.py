@@ -1,0 +1,273 @@
+"""Baseline vs Medusa in one run: output tokens/s, speed-up, τ and per-depth acceptance by batch size.
+
+    python benchmarks/throughput.py                       # bundled model + heads, MT-Bench, this device
+    python benchmarks/throughput.py --configs baseline medusa:default-63 --batch-sizes 1 8
+
+Configurations (each its own engine, one after the other, same machine):
+  baseline          vLLM 0.26 without speculation (its default runner)
+  baseline-v1async  the fastest plain configuration seen on the H100 (V1 runner, async scheduling)
+  builtin           vLLM's built-in Medusa (top-1 chain of K heads), the same heads in its layout
+  medusa:<tree>     medusa_vllm with a tree (preset, chain-N, or the heads' calibrated "calibrated")
+  adaptive          medusa_vllm with the load-adaptive tree
+Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
+decode together; greedy outputs are compared token by token with ``baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    device_tag,
+    metric_values,
+    run_isolated,
+    write_envelope,
+)
+
+DEFAULT_CONFIGS = ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15",
+                   "medusa:sparse-31", "medusa:default-63", "adaptive"]
+
+
+def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    kw = dict(model=args.model, max_model_len=args.max_model_len, seed=0, disable_log_stats=False,
+              max_num_seqs=max(args.batch_sizes))
+    if gpu:
+        kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
+        if not config.startswith(("medusa", "adaptive")):
+            kw["attention_backend"] = "TRITON_ATTN"  # FlashAttention is not carried to the GPU box
+    else:
+        kw.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2)
+    if config == "builtin":
+        kw["speculative_config"] = {"method": "medusa", "model": builtin_heads,
+                                    "num_speculative_tokens": args.builtin_k}
+    elif config.startswith("medusa:") or config == "adaptive":
+        spec = {"method": "medusa_vllm", "model": heads, "acceptance": args.acceptance}
+        if config == "adaptive":
+            spec.update(tree=args.adaptive_tree, adaptive=True)
+        elif config != "medusa:calibrated":
+            spec["tree"] = config.split(":", 1)[1]
+        kw["speculative_config"] = spec
+    if "speculative_config" in kw:
+        n = 64 if config in ("adaptive", "medusa:default-63", "medusa:calibrated") else 32
+        kw["max_num_batched_tokens"] = max(2048, max(args.batch_sizes) * (n + 1))
+    return kw
+
+
+def _spec_counts(m: dict) -> tuple[float, float, list[float]]:
+    per_pos = [v for k, v in sorted(m.items()) if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos[")]
+    return (m.get("vllm:spec_decode_num_drafts", 0.0),
+            m.get("vllm:spec_decode_num_accepted_tokens", 0.0), per_pos)
+
+
+def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
+            temperature: float, prompts_per_batch: dict[int, int]) -> dict:
+    """Runs in its own process: one engine, every batch size."""
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t0
+    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
+    llm.generate(prompts[: min(4, len(prompts))], SamplingParams(max_tokens=8, temperature=0.0),
+                 use_tqdm=False)  # warm-up (JIT kernels, first-use allocations)
+    rows = []
+    for b in batch_sizes:
+        n = prompts_per_batch[b]
+        todo = [prompts[i % len(prompts)] for i in range(n)]
+        before = _spec_counts(metric_values(llm))
+        tokens, tpot, elapsed, outputs = 0, [], 0.0, []
+        for r in range(0, n, b):
+            chunk = todo[r : r + b]
+            s = time.perf_counter()
+            res = llm.generate(chunk, sp, use_tqdm=False)
+            dt = time.perf_counter() - s
+            elapsed += dt
+            for o in res:
+                k = len(o.outputs[0].token_ids)
+                tokens += k
+                tpot.append(dt / max(k, 1))
+                outputs.append(list(o.outputs[0].token_ids))
+        after = _spec_counts(metric_values(llm))
+        drafts, accepted = after[0] - before[0], after[1] - before[1]
+        per_pos = [a - (before[2][i] if i < len(before[2]) else 0) for i, a in enumerate(after[2])]
+        tpot.sort()
+        rows.append({
+            "batch_size": b, "requests": n, "output_tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "tpot_ms_median": 1000 * statistics.median(tpot),
+            "tpot_ms_p90": 1000 * tpot[min(len(tpot) - 1, int(0.9 * len(tpot)))],
+            "tau": (1 + accepted / drafts) if drafts else None,
+            "acceptance_per_depth": [p / drafts for p in per_pos if p > 0] if drafts else None,
+            "outputs": outputs,
+        })
+    return {"engine_start_s": start_s, "rows": rows}
+
+
+def prompts_for(args) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from medusa_vllm.prompts import chat, mt_bench_questions
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    return chat(tok, mt_bench_questions()[: args.num_prompts])
+
+
+def builtin_layout(heads: str, model: str, out_dir: Path) -> str:
+    """The same heads in the layout vLLM's built-in Medusa loads."""
+    from medusa_vllm.checkpoint import convert_heads, load_heads, load_lm_head_weight
+
+    dst = out_dir / "heads_vllm_layout"
+    if not (dst / "config.json").exists():
+        h = load_heads(heads)
+        lm = None if h.config.own_lm_heads else load_lm_head_weight(model)
+        convert_heads(heads, dst, "vllm", lm_head_weight=lm)
+    return str(dst)
+
+
+def summarize(results: dict, args) -> tuple[list, dict]:
+    base = {r["batch_size"]: r for r in results.get("baseline", {}).get("rows", [])}
+    rows, identical = [], []
+    for config, res in results.items():
+        for r in res["rows"]:
+            b0 = base.get(r["batch_size"])
+            same = None
+            if b0 is not None and args.temperature == 0 and config != "baseline":
+                same = sum(x == y for x, y in zip(r["outputs"], b0["outputs"]))
+                identical.append(same == len(r["outputs"]))
+            rows.append({
+                "config": config, **{k: v for k, v in r.items() if k != "outputs"},
+                "speedup": r["tokens_per_s"] / b0["tokens_per_s"] if b0 else None,
+                "greedy_identical_requests": same,
+                "engine_start_s": res["engine_start_s"],
+            })
+
+    def best(b: int, pick=lambda c: c.startswith("medusa:")) -> float | None:
+        xs = [r["speedup"] for r in rows if r["batch_size"] == b and pick(r["config"]) and r["speedup"]]
+        return max(xs) if xs else None
+
+    tau1 = [r["tau"] for r in rows if r["batch_size"] == 1 and r["config"].startswith("medusa:") and r["tau"]]
+    summary = {
+        "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
+        "speedup_bs64": best(64, lambda c: c == "adaptive"),
+        "speedup_builtin_medusa_bs1": best(1, lambda c: c == "builtin"),
+        "tau_bs1": max(tau1) if tau1 else None,
+        "greedy_identical": all(identical) if identical else None,
+        "device": None,
+    }
+    return rows, summary
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["batch_size"], r["speedup"]) for r in rows if r["config"] == config and r["speedup"]]
+        if pts:
+            ax1.plot(*zip(*pts), marker="o", label=config)
+        taus = [(r["batch_size"], r["tau"]) for r in rows if r["config"] == config and r["tau"]]
+        if taus:
+            ax2.plot(*zip(*taus), marker="o", label=config)
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.set(xscale="log", xlabel="batch size", ylabel="output tokens/s ÷ no speculation",
+            title="speed-up over vLLM without speculation")
+    ax2.set(xscale="log", xlabel="batch size", ylabel="τ (tokens per verification step)",
+            title="mean accepted length")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder (default: bundled SmolLM2-135M)")
+    ap.add_argument("--heads", default=None, help="heads checkpoint (default: bundled heads)")
+    ap.add_argument("--configs", nargs="+", default=None)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--num-prompts", type=int, default=80)
+    ap.add_argument("--acceptance", default="rejection", choices=["rejection", "typical"])
+    ap.add_argument("--adaptive-tree", default="default-63")
+    ap.add_argument("--builtin-k", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of b requests per batch size b")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<dev>.json)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from medusa_vllm.bundled import bundled_heads_path, bundled_model_path
+
+    gpu = torch.cuda.is_available()
+    args.model = args.model or str(bundled_model_path())
+    heads = args.heads or (str(bundled_heads_path()) if bundled_heads_path() else None)
+    if heads is None:
+        sys.exit("no heads: pass --heads (the bundled heads are missing from this install)")
+    args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 16])
+    args.configs = args.configs or (DEFAULT_CONFIGS if gpu else
+                                    ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15", "adaptive"])
+    if "baseline" not in args.configs:
+        args.configs.insert(0, "baseline")
+    out = Path(args.out) if args.out else RESULTS / f"throughput_{device_tag()}.json"
+    prompts = prompts_for(args)
+    per_batch = {b: min(len(prompts) * 4, b * args.rounds) for b in args.batch_sizes}
+    builtin = builtin_layout(heads, args.model, out.parent / ".work") if "builtin" in args.configs else None
+
+    from tqdm import tqdm
+
+    results = {}
+    for config in tqdm(args.configs, desc="configurations"):
+        env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {}
+        kw = engine_kwargs(args, config.replace("-v1async", ""), heads, builtin)
+        if config == "baseline-v1async":
+            kw["async_scheduling"] = True
+        try:
+            results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
+                                           args.temperature, per_batch, env=env)
+        except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
+            print(f"[{config}] failed: {e}", file=sys.stderr)
+            results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}
+        for r in results[config]["rows"]:
+            tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+            print(f"{config:>22} bs={r['batch_size']:>3} {r['tokens_per_s']:9.1f} tok/s  tau={tau}")
+    rows, summary = summarize(results, args)
+    from benchmarks.common import device_name
+
+    summary["device"] = device_name()
+    summary["cuda_graphs"] = bool(gpu)
+    errors = {c: r["error"] for c, r in results.items() if r.get("error")}
+    config = {k: v for k, v in vars(args).items()} | {"heads": heads, "errors": errors,
+                                                       "prompts": "MT-Bench first turns, chat template"}
+    write_envelope(out, "throughput", config, rows, summary)
+    plot(rows, out.with_suffix(".png"))
+    print(f"\n{'config':>22} {'bs':>4} {'tok/s':>9} {'speedup':>8} {'tau':>5}")
+    for r in rows:
+        sp = f"{r['speedup']:.2f}" if r["speedup"] else "-"
+        tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+        print(f"{r['config']:>22} {r['batch_size']:>4} {r['tokens_per_s']:9.1f} {sp:>8} {tau:>5}")
+    print("summary:", summary)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
+settings (bf16, CUDA graphs), plus τ. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE"""
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.common import metric_values, run_isolated  # noqa: E402
+
+
+def run(kw, prompts, n):
+    from vllm import LLM, SamplingParams
+
+    t = time.time()
+    llm = LLM(**kw)
+    start = time.time() - t
+    t = time.time()
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)
+    return {"start_s": start, "gen_s": time.time() - t, "metrics": metric_values(llm),
+            "tokens": [list(o.outputs[0].token_ids) for o in out],
+            "text0": out[0].outputs[0].text}
+
+
+if __name__ == "__main__":
+    model, heads, tree = sys.argv[1:4]
+    from transformers import AutoTokenizer
+
+    from medusa_vllm.prompts import chat
+
+    qs = ["What is the capital of France?", "Write a haiku about the sea.",
+          "Explain recursion to a child.", "List three prime numbers and why they are prime."] * 4
+    prompts = chat(AutoTokenizer.from_pretrained(model), qs)
+    kw = dict(model=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.25,
+              seed=0, disable_log_stats=False, max_num_seqs=16, max_num_batched_tokens=2048)
+    base = run_isolated(run, dict(kw, attention_backend="TRITON_ATTN"), prompts, 48)
+    med = run_isolated(run, dict(kw, speculative_config={"method": "medusa_vllm", "model": heads,
+                                                          "tree": tree}), prompts, 48)
+    m = med["metrics"]
+    d = m.get("vllm:spec_decode_num_drafts", 0)
+    same = sum(a == b for a, b in zip(base["tokens"], med["tokens"]))
+    print(json.dumps({"identical": same, "of": len(prompts), "tau": 1 + m.get("vllm:spec_decode_num_accepted_tokens", 0) / d if d else None,
+                      "base_gen_s": base["gen_s"], "med_gen_s": med["gen_s"], "base_start_s": base["start_s"],
+                      "med_start_s": med["start_s"], "base_text": base["text0"][:120], "med_text": med["text0"][:120]}, indent=1))
