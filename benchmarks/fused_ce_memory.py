@@ -13,7 +13,8 @@ heads train it; Medusa-1 with the shared lm_head does not).
 
 CUDA peaks come from torch.cuda.max_memory_allocated; on CPU each variant runs in a fresh
 process and the peak is the growth of its maximum resident set size (a smoke test, coarser).
-Writes benchmarks/results/fused_ce_memory[_cpu].json and prints the ratio fused / naive.
+Writes benchmarks/results/fused_ce_memory_<device>.json (the shared envelope, benchmarks/common.py)
+and prints the ratio fused / naive.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import RESULTS, device_name, device_tag, write_envelope  # noqa: E402
 from training.fused_ce import fused_linear_cross_entropy  # noqa: E402
-from training.report import device_name, envelope, write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -145,13 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                   / by["naive", True]["peak_total_bytes"], 4),
                "naive_peak_gib": round(by["naive", True]["peak_extra_bytes"] / 2**30, 3),
                "fused_peak_gib": round(by["fused", True]["peak_extra_bytes"] / 2**30, 3),
-               "device": device_name(device)}
+               "device": device_name()}
     note = "(target <= 0.35)" if device.type == "cuda" else "(CPU: peak-RSS growth, a coarse smoke test)"
     print(f"peak_mem_fused_vs_naive = {summary['peak_mem_fused_vs_naive']} {note}")
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    out = args.out or ROOT / "benchmarks" / "results" / f"fused_ce_memory{'' if device.type == 'cuda' else '_cpu'}.json"
-    write_json(out, envelope("fused_ce_memory", device=summary["device"], config=config, rows=rows,
-                             summary=summary))
+    out = Path(args.out) if args.out else RESULTS / f"fused_ce_memory_{device_tag()}.json"
+    write_envelope(out, "fused_ce_memory", config, rows, summary)
     print(f"wrote {out}")
     return summary
 
@@ -167,7 +167,7 @@ def parse_args(argv):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--full-shape-on-cpu", action="store_true", help="do not shrink the shape on CPU")
-    p.add_argument("--out", help="JSON path (default: benchmarks/results/fused_ce_memory[_cpu].json)")
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/fused_ce_memory_<device>.json)")
     return p.parse_args(argv)
 
 

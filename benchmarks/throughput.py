@@ -16,7 +16,6 @@ decode together; greedy outputs are compared token by token with ``baseline``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys

@@ -125,8 +125,11 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
     extra["medusa_vllm"] = cfg.to_dict()
     engine_args.additional_config = extra
     if engine_args.worker_cls in (None, "auto"):
-        kind = "MedusaCPUWorker" if current_platform.is_cpu() else "MedusaGPUWorker"
-        engine_args.worker_cls = f"medusa_vllm.vllm_plugin.worker.{kind}"
+        engine_args.worker_cls = (
+            "medusa_vllm.vllm_plugin.worker_cpu.MedusaCPUWorker"
+            if current_platform.is_cpu()
+            else "medusa_vllm.vllm_plugin.worker.MedusaGPUWorker"
+        )
     if not current_platform.is_cpu() and engine_args.attention_backend is None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

@@ -6,7 +6,8 @@ The runner sorts decoding requests to the front of the batch (``reorder_batch_th
 :class:`TreeAttnStep`: how many leading requests/tokens are tree decodes and which mask each uses
 (0 = causal chain, k + 1 = tree k). The builder keeps vLLM's metadata for the rest of the batch;
 the impl runs ``medusa_vllm.kernels.tree_attention`` on the leading tokens and vLLM's kernel on the
-others. KV writes stay vLLM's (``do_kv_cache_update``, linear slots).
+others. KV writes stay vLLM's (``do_kv_cache_update``, linear slots). The platform backends are
+in :mod:`.attention_cpu` and :mod:`.attention_triton` (each imported only on its platform).
 
 Cache layouts (the kernel takes [num_blocks, block_size, kv_heads, head_dim] strided views):
 - CPU_ATTN: [nb, H, bs, 2D] viewed as [nb, H, 2bs, D]: K rows [0, bs), V rows [bs, 2bs);
@@ -19,11 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.attention.backends.cpu_attn import (
-    CPUAttentionBackend,
-    CPUAttentionBackendImpl,
-    CPUAttentionMetadataBuilder,
-)
 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
 from medusa_vllm import kernels
@@ -108,68 +104,3 @@ def _split_forward(impl, parent_forward, layer, query, key, value, kv_cache, md:
             output=output[n:],
         )
     return output
-
-
-# --------------------------------------------------------------------------- CPU
-def cpu_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU_ATTN's "vec"/"vec16" layout: per (block, kv head), K is stored transposed
-    ([D, bs]: element (t, d) at d * bs + t) and V row-major ([bs, D]), one after the other.
-    Returned as [nb, bs, H, D] strided views (K's head_dim stride is bs)."""
-    nb, h, bs, d2 = kv_cache.shape
-    d = d2 // 2
-    x = kv_cache.view(nb, h, 2 * bs * d)
-    k = x[:, :, : bs * d].view(nb, h, d, bs).permute(0, 3, 1, 2)
-    v = x[:, :, bs * d :].view(nb, h, bs, d).permute(0, 2, 1, 3)
-    return k, v
-
-
-def _no_amx(isa: str) -> str:
-    # AMX packs K/V differently; "vec" keeps the layout cpu_kv_views documents
-    return "vec" if isa == "amx" else isa
-
-
-class MedusaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.isa = _no_amx(self.isa)
-        self.medusa: MedusaAttnContext | None = None
-        self.reorder_batch_threshold = 1 + vllm_config.speculative_config.num_speculative_tokens
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        return _split_build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
-
-
-class MedusaCPUImpl(CPUAttentionBackendImpl):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.isa = _no_amx(self.isa)
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if not isinstance(attn_metadata, MedusaMetadata):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
-        k_cache, v_cache = cpu_kv_views(kv_cache)
-        return _split_forward(self, super().forward, layer, query, key, value, kv_cache,
-                              attn_metadata, output, k_cache, v_cache)
-
-
-class MedusaCPUBackend(CPUAttentionBackend):
-    kv_views = staticmethod(cpu_kv_views)
-
-    @staticmethod
-    def get_impl_cls():
-        return MedusaCPUImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return MedusaCPUMetadataBuilder
-
-
-def use_cpu_tree_attention() -> None:
-    """The CPU platform always selects CPU_ATTN: point that entry at our backend."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(
-        AttentionBackendEnum.CPU_ATTN, "medusa_vllm.vllm_plugin.attention.MedusaCPUBackend"
-    )

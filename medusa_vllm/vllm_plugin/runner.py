@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import DraftTokenIds, LogprobsTensors, SamplerOutput
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from medusa_vllm import kernels
@@ -317,8 +316,4 @@ class MedusaStats:
 
 
 class MedusaGPUModelRunner(MedusaRunnerMixin, GPUModelRunner):
-    pass
-
-
-class MedusaCPUModelRunner(MedusaRunnerMixin, CPUModelRunner):
     pass

@@ -1,7 +1,9 @@
-"""Workers that build medusa_vllm's model runner instead of vLLM's (selected via ``worker_cls``).
+"""GPU worker that builds medusa_vllm's model runner instead of vLLM's (selected via ``worker_cls``).
 
 vLLM's workers construct their runner by module-level name inside ``init_device``; we swap that
-name for the duration of the call, so the rest of the worker stays vLLM's own.
+name for the duration of the call, so the rest of the worker stays vLLM's own. The CPU worker
+lives in :mod:`.worker_cpu`: importing vLLM's CPU worker patches ``torch.Event`` process-wide
+(``vllm/v1/worker/cpu/shm.py``), which breaks torch.compile's autotuning on a GPU.
 """
 
 from __future__ import annotations
@@ -9,8 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from vllm.v1.worker import cpu_worker, gpu_model_runner
-from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker import gpu_model_runner
 from vllm.v1.worker.gpu_worker import Worker
 
 
@@ -29,14 +30,4 @@ class MedusaGPUWorker(Worker):
         from medusa_vllm.vllm_plugin.runner import MedusaGPUModelRunner
 
         with _swapped(gpu_model_runner, "GPUModelRunner", MedusaGPUModelRunner):
-            super().init_device()
-
-
-class MedusaCPUWorker(CPUWorker):
-    def init_device(self) -> None:
-        from medusa_vllm.vllm_plugin.attention import use_cpu_tree_attention
-        from medusa_vllm.vllm_plugin.runner import MedusaCPUModelRunner
-
-        use_cpu_tree_attention()  # CPU always picks CPU_ATTN: override that entry
-        with _swapped(cpu_worker, "CPUModelRunner", MedusaCPUModelRunner):
             super().init_device()
