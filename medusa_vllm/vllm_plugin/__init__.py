@@ -9,7 +9,8 @@ It patches three places of ``EngineArgs``, each a thin wrapper that calls the or
   ``custom_class`` method + ``additional_config["medusa_vllm"]`` + our worker class, after
   validating heads, tree and options (:mod:`medusa_vllm.vllm_plugin.config`).
 
-and registers our tree attention backend as vLLM's CUSTOM backend. Everything that runs inside the
+registers our tree attention backend as vLLM's CUSTOM backend, and makes stop strings cut a
+multi-token step at the right token (:mod:`.stops`). Everything that runs inside the
 engine lives in :mod:`.runner` (model runner), :mod:`.proposer` (heads), :mod:`.attention`.
 """
 
@@ -31,6 +32,9 @@ def register() -> None:
     _patch_cli(EngineArgs)
     _patch_engine_config(EngineArgs)
     _register_attention_backend()
+    from medusa_vllm.vllm_plugin.stops import patch_stop_strings
+
+    patch_stop_strings()
 
 
 def _register_attention_backend() -> None:
