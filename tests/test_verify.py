@@ -98,12 +98,12 @@ def _joint_counts(tokens, vocab):
     return first, pairs
 
 
-def _rejection_pvalues(renormalize, duplicate=False, batch=20000, vocab=6, seed=0):
+def _rejection_pvalues(renormalize, duplicate=False, batch=20000, vocab=6, seed=0, residual=True):
     torch.manual_seed(seed + 1)
     logits_one, d, logits, rows, drafts = _stat_setup(batch, vocab, seed, duplicate)
     trees = TreeTensors.build([TREE])
     out = verify_rejection(logits, rows, drafts, torch.full((batch,), 7), torch.zeros(batch, dtype=torch.int64),
-                           trees, _sampled(batch), renormalize=renormalize)
+                           trees, _sampled(batch), renormalize=renormalize, residual=residual)
     p = torch.softmax(logits_one, -1).double().numpy()  # target at each slot
     first, pairs = _joint_counts(out.tokens, vocab)
     p_first = chisquare(first, p[0] / p[0].sum() * first.sum()).pvalue
@@ -133,6 +133,11 @@ def test_rejection_sampling_with_duplicate_siblings_is_still_exact():
 
 def test_the_test_catches_a_sampler_without_residual_normalisation():
     p_first, p_pair = _rejection_pvalues(renormalize=False)
+    assert min(p_first, p_pair) < 1e-6
+
+
+def test_the_test_catches_a_correction_drawn_from_the_full_target():
+    p_first, p_pair = _rejection_pvalues(renormalize=True, residual=False)
     assert min(p_first, p_pair) < 1e-6
 
 

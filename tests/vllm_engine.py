@@ -4,9 +4,7 @@ One process per engine keeps engines from sharing memory or global state (plugin
 backend overrides) and frees everything when it ends. A job is either ``(prompts, sampling
 kwargs)`` — one ``llm.generate`` call, so a job of N prompts runs at batch size up to N — or
 ``(callable, args)`` where the module-level callable gets ``(llm, *args)`` and returns anything
-picklable (for step-level scenarios: aborts, streaming). ``patch`` names a module-level callable
-run in the engine process before the engine is built (the engine core runs in-process there, so
-it can replace medusa_vllm functions, e.g. with a deliberately broken verifier).
+picklable (for step-level scenarios: aborts, streaming).
 """
 
 from __future__ import annotations
@@ -46,10 +44,8 @@ def _metrics(llm) -> dict[str, float]:
     return out
 
 
-def _worker(conn, engine_kwargs: dict, jobs: list, patch) -> None:
+def _worker(conn, engine_kwargs: dict, jobs: list) -> None:
     try:
-        if patch is not None:
-            patch()
         from vllm import LLM, SamplingParams
 
         llm = LLM(**engine_kwargs)
@@ -70,15 +66,13 @@ def _worker(conn, engine_kwargs: dict, jobs: list, patch) -> None:
         conn.close()
 
 
-def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800, patch=None) -> EngineResult:
+def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800) -> EngineResult:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    if patch is not None:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the patched process
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    proc = ctx.Process(target=_worker, args=(child, engine_kwargs, jobs, patch))
+    proc = ctx.Process(target=_worker, args=(child, engine_kwargs, jobs))
     proc.start()
     child.close()
     for k, v in saved.items():
