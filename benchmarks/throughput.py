@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{config:>22} bs={r['batch_size']:>3} {r['tokens_per_s']:9.1f} tok/s  tau={tau}")
         save(results, args, heads, out, gpu)  # after every configuration: a cut-off run keeps its rows
     rows, summary = save(results, args, heads, out, gpu)
-    plot(rows, out.with_suffix(".png"))
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError as e:  # the GPU box has no matplotlib: the JSON is the result
+        print(f"no plot ({e}); the numbers are in {out}", file=sys.stderr)
     print(f"\n{'config':>22} {'bs':>4} {'tok/s':>9} {'speedup':>8} {'tau':>5}")
     for r in rows:
         sp = f"{r['speedup']:.2f}" if r["speedup"] else "-"

