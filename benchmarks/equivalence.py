@@ -4,8 +4,15 @@
 
 Runs the same chat prompts (MT-Bench first turns) through vLLM without speculation and with
 medusa_vllm (bundled model and heads unless given), in groups of 1, 4 and 16 concurrent requests,
-and counts token-identical outputs. On CPU it runs fp32 (multi-token verification queries and
-single-token decode then agree to rounding); writes benchmarks/results/vllm_<dev>_equivalence.json.
+and counts token-identical outputs. On CPU it runs fp32 by default (multi-token verification
+queries and single-token decode then agree to rounding); on GPU bf16 (the CUDA kernel's dtypes).
+
+For each output that differs, the engine without speculation is asked again at the first token
+where the two differ (prompt + common prefix, top-20 log-probabilities): ``margin`` is how much more
+likely its own token is than Medusa's there. A margin within the logits' bf16 spacing (1/16-1/8
+at typical logit sizes) is a near-tie that rounding decides — any different attention kernel flips
+such tokens; a large margin, or Medusa's token far down the list, points at a bug.
+Writes benchmarks/results/vllm_<dev>_equivalence[_<dtype>].json.
 """
 
 from __future__ import annotations
@@ -19,13 +26,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, device_tag, metric_values, run_isolated, write_envelope  # noqa: E402
 
 
-def generate(kw: dict, groups: list[list[str]], max_tokens: int) -> dict:
+def generate(kw: dict, groups: list[list[str]], max_tokens: int,
+             compare_to: list[list[list[int]]] | None = None) -> dict:
+    """One engine: greedy outputs per group; with ``compare_to`` (the other engine's outputs),
+    also a probe of every first divergence (see the module docstring)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    outs = [[list(o.outputs[0].token_ids) for o in llm.generate(g, sp, use_tqdm=False)] for g in groups]
-    return {"outputs": outs, "metrics": metric_values(llm)}
+    results = [llm.generate(g, sp, use_tqdm=False) for g in groups]
+    outs = [[list(o.outputs[0].token_ids) for o in res] for res in results]
+    probes = []
+    for g, (res, others) in enumerate(zip(results, compare_to or [])):
+        for o, theirs in zip(res, others):
+            probe = divergence_probe(llm, list(o.prompt_token_ids), list(o.outputs[0].token_ids), theirs)
+            if probe is not None:
+                probes.append({"group": g, **probe})
+    return {"outputs": outs, "metrics": metric_values(llm), "probes": probes}
+
+
+def divergence_probe(llm, prompt_ids: list[int], mine: list[int], theirs: list[int]) -> dict | None:
+    """Log-probabilities of both tokens at the first position where ``mine`` and ``theirs`` differ."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+    if k is None:
+        return None if len(mine) == len(theirs) else {"position": min(len(mine), len(theirs)),
+                                                      "kind": "length"}
+    out = llm.generate(TokensPrompt(prompt_token_ids=prompt_ids + mine[:k]),
+                       SamplingParams(temperature=0.0, max_tokens=1, logprobs=20), use_tqdm=False)
+    top = out[0].outputs[0].logprobs[0]  # {token id: Logprob}
+    ranked = sorted(top, key=lambda t: -top[t].logprob)
+    lp_mine = top[mine[k]].logprob if mine[k] in top else None
+    lp_theirs = top[theirs[k]].logprob if theirs[k] in top else None
+    return {
+        "position": k, "kind": "token", "token": mine[k], "other_token": theirs[k],
+        "rank_of_other": ranked.index(theirs[k]) if theirs[k] in top else None,
+        "margin": (lp_mine - lp_theirs) if lp_mine is not None and lp_theirs is not None else None,
+        "probe_argmax_is": "mine" if ranked[0] == mine[k] else
+                           "other" if ranked[0] == theirs[k] else "neither",
+    }
 
 
 def main(argv=None) -> None:
@@ -36,6 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -58,10 +100,11 @@ def main(argv=None) -> None:
               disable_log_stats=False, max_num_batched_tokens=2048,
               **(dict(dtype="bfloat16", gpu_memory_utilization=0.3) if gpu else
                  dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2)))
-    base = run_isolated(generate, dict(kw, **({"attention_backend": "TRITON_ATTN"} if gpu else {})),
-                        groups, args.max_tokens)
+    kw["dtype"] = args.dtype or kw["dtype"]
     spec = {"method": "medusa_vllm", "model": args.heads, "tree": args.tree}
     med = run_isolated(generate, dict(kw, speculative_config=spec), groups, args.max_tokens)
+    base = run_isolated(generate, dict(kw, **({"attention_backend": "TRITON_ATTN"} if gpu else {})),
+                        groups, args.max_tokens, med["outputs"])
     rows = []
     for b in args.batch_sizes:
         pairs = [(x, y) for s, gb, gm in zip(sizes, base["outputs"], med["outputs"]) if s == b
@@ -81,8 +124,21 @@ def main(argv=None) -> None:
         "batch_sizes": args.batch_sizes,
         "dtype": kw["dtype"],
     }
-    out = Path(args.out) if args.out else RESULTS / f"vllm_{device_tag()}_equivalence.json"
-    write_envelope(out, "vllm_equivalence", vars(args) | {"tree": args.tree}, rows, summary)
+    probes = base["probes"]
+    margins = sorted(p["margin"] for p in probes if p.get("margin") is not None)
+    summary |= {
+        "divergences": len(probes),
+        "divergence_margin_max": margins[-1] if margins else None,
+        "divergence_margin_median": margins[len(margins) // 2] if margins else None,
+        "divergences_other_not_in_top20": sum(p.get("kind") == "token" and p["margin"] is None
+                                              for p in probes),
+    }
+    for p in probes:
+        print("divergence:", p)
+    suffix = "" if args.dtype is None else f"_{args.dtype}"
+    out = Path(args.out) if args.out else RESULTS / f"vllm_{device_tag()}_equivalence{suffix}.json"
+    write_envelope(out, "vllm_equivalence", vars(args) | {"tree": args.tree, "probes": probes},
+                   rows, summary)
     print("summary:", summary, "->", out)
 
 

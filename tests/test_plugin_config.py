@@ -48,7 +48,11 @@ def test_medusa_config_becomes_vllm_custom_class(model, heads):
     ours = cfg.additional_config["medusa_vllm"]
     assert ours["acceptance"] == "typical" and len(ours["tree"]) == 15
     assert ours["heads"] == str(heads.resolve())
-    assert cfg.parallel_config.worker_cls.startswith("medusa_vllm.vllm_plugin.worker.")
+    from vllm.platforms import current_platform
+
+    expected = ("medusa_vllm.vllm_plugin.worker_cpu.MedusaCPUWorker" if current_platform.is_cpu()
+                else "medusa_vllm.vllm_plugin.worker.MedusaGPUWorker")
+    assert cfg.parallel_config.worker_cls == expected
 
 
 def test_cli_flag_speculative_model(model, heads):
