@@ -66,10 +66,12 @@ def _worker(conn, engine_kwargs: dict, jobs: list) -> None:
         conn.close()
 
 
-def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800) -> EngineResult:
+def run_engine(engine_kwargs: dict, jobs: list, timeout: float = 1800,
+               env: dict[str, str] | None = None) -> EngineResult:
+    """Runs ``jobs`` on a fresh engine in a spawned process (``env``: extra environment for it)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     proc = ctx.Process(target=_worker, args=(child, engine_kwargs, jobs))
