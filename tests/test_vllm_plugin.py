@@ -2,7 +2,8 @@
 heads, fp32, eager).
 
 Engines of this module (one process each, built once): no speculation; Medusa; Medusa with a
-KV cache so small that requests are preempted; Medusa with typical acceptance.
+KV cache so small that requests are preempted; Medusa with typical acceptance; Medusa with heads
+whose logits overflow to Inf/NaN.
 Greedy outputs must be token-identical to no speculation at batch sizes 1, 4 and 16, with stop
 strings, with a mixed greedy/sampled batch, with requests aborted mid-flight and under
 preemption; sampled outputs must follow the same distribution, and a lossy verifier (typical
@@ -112,6 +113,31 @@ def preempted(bundled_model_dir, prompts):
     kw["max_model_len"] = 512
     jobs = [(long_prompts[:16], dict(temperature=0.0, max_tokens=48))]
     return run_engine(kw, jobs), long_prompts
+
+
+@pytest.fixture(scope="module")
+def overflowing(bundled_model_dir, prompts, tmp_path_factory):
+    """Finite heads whose residual blocks overflow (W = 3e38): every head logit is Inf/NaN, so
+    the runner must turn speculation off for each request instead of drafting garbage."""
+    import torch
+
+    from medusa_vllm.bundled import bundled_heads_path
+    from medusa_vllm.checkpoint import load_heads, save_heads
+
+    heads = load_heads(bundled_heads_path())
+    with torch.no_grad():
+        for block in heads.blocks:
+            block[0].linear.weight.fill_(3e38)
+    path = tmp_path_factory.mktemp("overflowing_heads")
+    save_heads(heads, path)
+    kw = _medusa(str(bundled_model_dir))
+    kw["speculative_config"] = dict(kw["speculative_config"], model=str(path))
+    return run_engine(kw, [_jobs(*prompts)[1]])  # the batch of 4 greedy requests
+
+
+def test_non_finite_head_logits_turn_speculation_off(baseline, overflowing):
+    assert overflowing.outputs[0] == baseline.outputs[1]
+    assert overflowing.metrics.get("vllm:spec_decode_num_drafts", 0) == 0, overflowing.metrics
 
 
 def _greedy_jobs():
