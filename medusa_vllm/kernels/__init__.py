@@ -149,11 +149,15 @@ def tree_attention(
     num_splits: int = 0,
     *,
     validate: bool = False,
+    check: bool = True,
 ) -> torch.Tensor:
     """Tree-masked paged attention; writes and returns `out`. `validate=True` adds host-syncing
-    checks of the metadata values (debugging; never inside CUDA-graph capture)."""
-    _check_tree_attention(out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, tree_masks,
-                          req_tree_ids)
+    checks of the metadata values (debugging; never inside CUDA-graph capture). `check=False`
+    skips the metadata checks (shapes, dtypes, devices) for callers that made them once already
+    (the vLLM plugin, per layer per step, where they cost ~30 us of host time each)."""
+    if check:
+        _check_tree_attention(out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
+                              tree_masks, req_tree_ids)
     if validate:
         validate_tree_metadata(seq_lens, query_start_loc, tree_masks, req_tree_ids)
     if not have_extension():
@@ -169,9 +173,20 @@ def move_accepted_kv(
     slot_mapping: torch.Tensor,  # [N] int64
     query_start_loc: torch.Tensor,  # [B + 1] int32
     accepted: torch.Tensor,  # [B, A] int32 window indices, strictly increasing, -1 terminated
+    *,
+    check: bool = True,
 ) -> None:
-    """Copies, per request and in ascending k, window entry accepted[b, k] to entry k + 1."""
+    """Copies, per request and in ascending k, window entry accepted[b, k] to entry k + 1.
+    `check=False` skips the metadata checks (see :func:`tree_attention`)."""
     k_caches, v_caches = list(k_caches), list(v_caches)
+    if check:
+        _check_move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, accepted)
+    if not have_extension():
+        _warn_fallback_once()
+    torch.ops.medusa_vllm.move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, accepted)
+
+
+def _check_move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, accepted) -> None:
     _require(len(k_caches) > 0 and len(k_caches) == len(v_caches),
              f"k_caches and v_caches must be non-empty lists of equal length, got {len(k_caches)} and {len(v_caches)}")
     first = k_caches[0]
@@ -186,6 +201,3 @@ def move_accepted_kv(
     _check_index(accepted, "accepted", torch.int32, 2, first.device)
     _require(query_start_loc.shape[0] == accepted.shape[0] + 1,
              f"query_start_loc must have {accepted.shape[0] + 1} entries (accepted is [B, A])")
-    if not have_extension():
-        _warn_fallback_once()
-    torch.ops.medusa_vllm.move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, accepted)

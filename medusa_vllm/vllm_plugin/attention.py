@@ -89,10 +89,13 @@ def _split_forward(impl, parent_forward, layer, query, key, value, kv_cache, md:
                    output, k_cache, v_cache):
     t = md.tree
     n = t.num_tokens
+    # the metadata checks run on each layer's first tree step only (host time on every later one)
+    checked = getattr(impl, "_medusa_checked", False)
     kernels.tree_attention(
         output[:n], query[:n], k_cache, v_cache, t.block_table, t.seq_lens, t.query_start_loc,
-        t.masks, t.mask_ids, impl.scale, float(impl.logits_soft_cap or 0.0), 0,
+        t.masks, t.mask_ids, impl.scale, float(impl.logits_soft_cap or 0.0), 0, check=not checked,
     )
+    impl._medusa_checked = True
     if md.rest is not None:
         parent_forward(
             layer,

@@ -87,6 +87,7 @@ class MedusaRunnerMixin:
         self._medusa_finite: torch.Tensor | None = None
         self._medusa_proposed = False
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._medusa_kv_checked = False
         self.medusa_stats = MedusaStats(max(t.depth for t in trees))
 
     # ------------------------------------------------------------------ set-up hooks
@@ -213,7 +214,9 @@ class MedusaRunnerMixin:
             kernels.move_accepted_kv(
                 list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
                 self.query_start_loc.gpu[: num_reqs + 1], accepted.int(),
+                check=not self._medusa_kv_checked,  # first move only: same caches every step
             )
+            self._medusa_kv_checked = True
         self.medusa_stats.observe(step["num_drafts_np"], out.num_accepted, has)
         return SamplerOutput(
             sampled_token_ids=tokens.int(),

@@ -116,6 +116,17 @@ def test_cpu_kernel_checks_values():
         call(p)
 
 
+def test_unchecked_fast_path_matches_and_the_op_still_checks_dtypes():
+    """check=False (the vLLM plugin's per-layer path after its first call) skips only the Python
+    metadata checks: same output, and the C++ op still refuses wrong index dtypes."""
+    p = small_problem()
+    want = call(p).clone()
+    p.out.zero_()
+    torch.testing.assert_close(call(p, check=False), want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="must have dtype Int"):
+        call(p, block_table=p.block_table.long(), check=False)
+
+
 def test_op_level_checks_without_the_wrapper():
     p = small_problem()
     with pytest.raises(RuntimeError, match="must have dtype Int"):
