@@ -88,7 +88,7 @@ class MedusaRunnerMixin:
         self._medusa_proposed = False
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._medusa_kv_checked = False
-        self.medusa_stats = MedusaStats(max(t.depth for t in trees))
+        self.medusa_stats = MedusaStats(max(t.depth for t in trees), self.device)
 
     # ------------------------------------------------------------------ set-up hooks
     def initialize_metadata_builders(self, *args, **kwargs) -> None:
@@ -296,25 +296,26 @@ def _expand_logprobs(lt: LogprobsTensors | None, width: int) -> LogprobsTensors 
 
 
 class MedusaStats:
-    """Accepted length and per-depth acceptance, readable from Python (e.g. the benchmark)."""
+    """Accepted length and per-depth acceptance, readable from Python (e.g. through
+    ``collective_rpc``). Counted on the device, so a step adds no host sync; read by summary()."""
 
-    def __init__(self, max_depth: int) -> None:
-        self.steps = 0
-        self.emitted = 0
-        self.accepted_per_depth = np.zeros(max_depth, dtype=np.int64)
+    def __init__(self, max_depth: int, device: torch.device | str = "cpu") -> None:
+        self.depths = torch.arange(max_depth, device=device)  # [D]
+        self.counts = torch.zeros(2 + max_depth, dtype=torch.int64, device=device)  # steps, emitted, per depth
 
     def observe(self, num_drafts: np.ndarray, num_accepted: torch.Tensor, has: torch.Tensor) -> None:
-        acc = num_accepted[has].cpu().numpy()
-        self.steps += len(acc)
-        self.emitted += int(acc.sum()) + len(acc)
-        for d in range(len(self.accepted_per_depth)):
-            self.accepted_per_depth[d] += int((acc > d).sum())
+        acc = num_accepted.long()  # [B]
+        w = has.long()  # [B] 1 for requests verified with a tree this step
+        per_depth = ((acc[:, None] > self.depths[None, :]).long() * w[:, None]).sum(0)  # [D]
+        self.counts += torch.cat([w.sum()[None], ((acc + 1) * w).sum()[None], per_depth])
 
     def summary(self) -> dict:
+        c = self.counts.tolist()
+        steps, emitted, per_depth = c[0], c[1], c[2:]
         return {
-            "tree_steps": self.steps,
-            "mean_accepted_length": self.emitted / self.steps if self.steps else 0.0,
-            "acceptance_per_depth": (self.accepted_per_depth / max(self.steps, 1)).tolist(),
+            "tree_steps": steps,
+            "mean_accepted_length": emitted / steps if steps else 0.0,
+            "acceptance_per_depth": [a / max(steps, 1) for a in per_depth],
         }
 
 

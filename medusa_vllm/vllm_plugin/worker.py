@@ -25,7 +25,14 @@ def _swapped(module: object, name: str, replacement: type) -> Iterator[None]:
         setattr(module, name, original)
 
 
-class MedusaGPUWorker(Worker):
+class MedusaStatsMixin:
+    def medusa_stats(self) -> dict:
+        """Tree steps, mean accepted length and per-depth acceptance of this worker so far:
+        ``llm.collective_rpc("medusa_stats")`` (one dict per worker)."""
+        return self.model_runner.medusa_stats.summary()
+
+
+class MedusaGPUWorker(MedusaStatsMixin, Worker):
     def init_device(self) -> None:
         from medusa_vllm.vllm_plugin.runner import MedusaGPUModelRunner
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from medusa_vllm.vllm_plugin.worker import _swapped
+from medusa_vllm.vllm_plugin.worker import MedusaStatsMixin, _swapped
 
 
-class MedusaCPUWorker(CPUWorker):
+class MedusaCPUWorker(MedusaStatsMixin, CPUWorker):
     def init_device(self) -> None:
         from medusa_vllm.vllm_plugin.attention_cpu import use_cpu_tree_attention
         from medusa_vllm.vllm_plugin.runner_cpu import MedusaCPUModelRunner
