@@ -173,7 +173,6 @@ def test_worker_stats_agree_with_vllm_metrics(medusa):
     assert stats["tree_steps"] == pytest.approx(m["vllm:spec_decode_num_drafts"], rel=0.01)
     assert stats["tree_steps"] >= m["vllm:spec_decode_num_drafts"]
     assert stats["mean_accepted_length"] == pytest.approx(spec_tau(m), abs=0.05)
-    assert stats["mean_accepted_length"] >= spec_tau(m) - 1e-9
     depth0 = m["vllm:spec_decode_num_accepted_tokens_per_pos[0]"] / m["vllm:spec_decode_num_drafts"]
     assert stats["acceptance_per_depth"][0] == pytest.approx(depth0, abs=0.02)
 
