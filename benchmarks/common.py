@@ -3,34 +3,17 @@ and running one vLLM engine per configuration in its own spawned process."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import multiprocessing as mp
 import os
-import platform
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.report import device_name, envelope, write_json  # noqa: E402 (one envelope for all)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
 
 
 def device_tag() -> str:
@@ -42,40 +25,9 @@ def device_tag() -> str:
     return "cpu" if name.startswith("cpu") else name.split()[-1]
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MEDUSA_GIT_COMMIT")
-
-
-def software() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "vllm", "transformers", "medusa_vllm"):
-        try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception as e:  # noqa: BLE001 - record why
-            out[name] = f"unavailable: {type(e).__name__}"
-    return out
-
-
 def write_envelope(path: Path, benchmark: str, config: dict, rows: list, summary: dict) -> Path:
-    doc = {
-        "benchmark": benchmark,
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": git_commit(),
-        "device": device_name(),
-        "software": software(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": config,
-        "rows": rows,
-        "summary": summary,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return path
+    return write_json(path, envelope(benchmark, device=device_name(), config=config, rows=rows,
+                                     summary=summary))
 
 
 def _child(conn, fn: Callable, args: tuple) -> None:

@@ -14,6 +14,8 @@ import os
 import traceback
 from dataclasses import dataclass, field
 
+from benchmarks.common import metric_values
+
 CPU_ENGINE = dict(
     dtype="float32",  # fp32: multi-token verification queries and single-token decode agree
     max_model_len=1024,
@@ -33,17 +35,6 @@ class EngineResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _metrics(llm) -> dict[str, float]:
-    out = {}
-    for m in llm.get_metrics():
-        if hasattr(m, "values"):
-            for i, v in enumerate(m.values):
-                out[f"{m.name}[{i}]"] = float(v)
-        elif hasattr(m, "value"):
-            out[m.name] = float(m.value)
-    return out
-
-
 def _worker(conn, engine_kwargs: dict, jobs: list) -> None:
     try:
         from vllm import LLM, SamplingParams
@@ -59,7 +50,7 @@ def _worker(conn, engine_kwargs: dict, jobs: list) -> None:
             res = llm.generate(what, sp, use_tqdm=False)
             outputs.append([list(r.outputs[0].token_ids) for r in res])
             texts.append([r.outputs[0].text for r in res])
-        conn.send(("ok", EngineResult(outputs, texts, _metrics(llm))))
+        conn.send(("ok", EngineResult(outputs, texts, metric_values(llm))))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:

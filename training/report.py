@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 
-def device_name(device: torch.device | str) -> str:
-    """`torch.cuda.get_device_name()` on CUDA, else "cpu: <model name>"."""
-    device = torch.device(device)
+def device_name(device: torch.device | str | None = None) -> str:
+    """`torch.cuda.get_device_name()` on CUDA, else "cpu: <model name>" (default: the GPU when
+    there is one)."""
+    device = torch.device(device if device is not None else
+                          "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -95,5 +97,5 @@ def _command() -> str:
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path

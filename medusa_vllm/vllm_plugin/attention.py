@@ -85,6 +85,22 @@ def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttent
     return MedusaMetadata(tree, rest, cm.num_actual_tokens, cm.slot_mapping)
 
 
+class TreeImplMixin:
+    """``forward`` of the platform impls: tree decodes (a :class:`MedusaMetadata`) split between
+    our kernel and the parent impl; any other step goes to the parent unchanged. The backend
+    sets ``kv_views`` (its cache layout, see the module docstring)."""
+
+    kv_views = None  # staticmethod(kv_cache) -> (k_cache, v_cache)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        if not isinstance(attn_metadata, MedusaMetadata):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   *args, **kwargs)
+        k_cache, v_cache = self.kv_views(kv_cache)
+        return _split_forward(self, super().forward, layer, query, key, value, kv_cache,
+                              attn_metadata, output, k_cache, v_cache)
+
+
 def _split_forward(impl, parent_forward, layer, query, key, value, kv_cache, md: MedusaMetadata,
                    output, k_cache, v_cache):
     t = md.tree

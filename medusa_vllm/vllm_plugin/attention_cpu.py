@@ -12,9 +12,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from medusa_vllm.vllm_plugin.attention import (
     MedusaAttnContext,
-    MedusaMetadata,
+    TreeImplMixin,
     _split_build,
-    _split_forward,
 )
 
 
@@ -46,19 +45,12 @@ class MedusaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return _split_build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
 
 
-class MedusaCPUImpl(CPUAttentionBackendImpl):
+class MedusaCPUImpl(TreeImplMixin, CPUAttentionBackendImpl):
+    kv_views = staticmethod(cpu_kv_views)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.isa = _no_amx(self.isa)
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if not isinstance(attn_metadata, MedusaMetadata):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
-        k_cache, v_cache = cpu_kv_views(kv_cache)
-        return _split_forward(self, super().forward, layer, query, key, value, kv_cache,
-                              attn_metadata, output, k_cache, v_cache)
 
 
 class MedusaCPUBackend(CPUAttentionBackend):

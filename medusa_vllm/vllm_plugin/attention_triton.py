@@ -13,9 +13,8 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from medusa_vllm.vllm_plugin.attention import (
     MedusaAttnContext,
-    MedusaMetadata,
+    TreeImplMixin,
     _split_build,
-    _split_forward,
 )
 
 
@@ -39,15 +38,8 @@ class MedusaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         return _split_build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
 
 
-class MedusaTritonImpl(TritonAttentionImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None, *args, **kwargs):
-        if not isinstance(attn_metadata, MedusaMetadata):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale, *args, **kwargs)
-        k_cache, v_cache = triton_kv_views(kv_cache)
-        return _split_forward(self, super().forward, layer, query, key, value, kv_cache,
-                              attn_metadata, output, k_cache, v_cache)
+class MedusaTritonImpl(TreeImplMixin, TritonAttentionImpl):
+    kv_views = staticmethod(triton_kv_views)
 
 
 class MedusaTritonBackend(TritonAttentionBackend):

@@ -217,7 +217,7 @@ class MedusaRunnerMixin:
                 check=not self._medusa_kv_checked,  # first move only: same caches every step
             )
             self._medusa_kv_checked = True
-        self.medusa_stats.observe(step["num_drafts_np"], out.num_accepted, has)
+        self.medusa_stats.observe(out.num_accepted, has)
         return SamplerOutput(
             sampled_token_ids=tokens.int(),
             logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width),
@@ -303,7 +303,7 @@ class MedusaStats:
         self.depths = torch.arange(max_depth, device=device)  # [D]
         self.counts = torch.zeros(2 + max_depth, dtype=torch.int64, device=device)  # steps, emitted, per depth
 
-    def observe(self, num_drafts: np.ndarray, num_accepted: torch.Tensor, has: torch.Tensor) -> None:
+    def observe(self, num_accepted: torch.Tensor, has: torch.Tensor) -> None:
         acc = num_accepted.long()  # [B]
         w = has.long()  # [B] 1 for requests verified with a tree this step
         per_depth = ((acc[:, None] > self.depths[None, :]).long() * w[:, None]).sum(0)  # [D]
