@@ -7,7 +7,10 @@ the per-step overhead is exposed. ms/step = wall time of a round ÷ verification
 (tokens ÷ τ). Configurations run one engine each (``benchmarks/throughput.py`` machinery):
 plain decoding with vLLM's default runner and with the V1 runner + async scheduling (the fastest
 plain configuration on the H100), trees of 4 (chain), 16 and 64 nodes, built-in Medusa K=4.
-With ``--profile`` a torch-profiler trace summary of a few tree steps is written too.
+With ``--profile`` each engine also runs one profiled round per batch size (torch profiler in
+the worker, :mod:`medusa_vllm.profiling`): host time per step of vLLM's and medusa_vllm's step
+regions, device time of the top kernels, CUDA runtime calls per step; the summaries go into the
+JSON's ``profiles`` and the profiler tables next to it (``<out>.profile.txt``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="add a profiled round per batch size")
     args = ap.parse_args(argv)
     # fields engine_kwargs reads
     args.max_model_len, args.gpu_memory_utilization = 2048, 0.3
@@ -53,20 +57,28 @@ def main(argv=None) -> None:
     prompts = prompts_for(args)
     per_batch = {b: b * args.rounds for b in args.batch_sizes}
     builtin = builtin_layout(args.heads, args.model, out.parent / ".work")
-    rows = []
+    rows, profiles = [], {}
     for name in args.configs:
         config = CONFIGS[name]
         env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if name == "plain_v1_async" else {}
+        if args.profile:
+            env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CUSTOM_SCOPES_FOR_PROFILING="1")
         kw = engine_kwargs(args, config.replace("-v1async", ""), args.heads, builtin)
         if name == "plain_v1_async":
             kw["async_scheduling"] = True
         try:
             res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, 0.0,
-                               per_batch, env=env)
+                               per_batch, tuple(args.batch_sizes) if args.profile else (), env=env)
         except Exception as e:  # noqa: BLE001
             print(f"[{name}] failed: {e}", file=sys.stderr)
             rows.append({"config": name, "error": str(e)[-1500:]})
             continue
+        for b, p in res.get("profiles", {}).items():
+            profiles[f"{name}/bs{b}"] = p
+            print(f"{name:>18} bs={b:>3} profiled: {p['wall_ms_per_step']:.2f} ms/step wall, "
+                  f"device {p['device_ms_per_step']:.2f} ms/step, regions "
+                  + ", ".join(f"{k.split(': ')[1]} {v['host_ms_per_step']:.2f}"
+                              for k, v in p["regions"].items()))
         for r in res["rows"]:
             tau = r["tau"] or 1.0
             per_req = r["output_tokens"] / r["requests"]
@@ -94,9 +106,14 @@ def main(argv=None) -> None:
         "plain_ms_bs32_fastest": fastest32 if fastest32 != float("inf") else None,
         "tree64_ms_bs32": ms("tree64", 32),
         "tree64_vs_fastest_plain_bs32": ratio(ms("tree64", 32), fastest32),
-        "async": False, "cuda_graphs": "piecewise (tree steps), vLLM default (plain)",
+        "async": False,
+        "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs",
         "device": device_name(),
     }
+    if profiles:
+        out.with_suffix(".profile.txt").write_text(
+            "".join(f"===== {k}\n{p.pop('table')}\n" for k, p in profiles.items()))
+        rows.append({"profiles": profiles})
     write_envelope(out, "step_cost", vars(args), rows, summary)
     print("summary:", summary)
 

@@ -61,6 +61,13 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     if "speculative_config" in kw:
         n = 64 if config in ("adaptive", "medusa:default-63", "medusa:calibrated") else 32
         kw["max_num_batched_tokens"] = max(2048, max(args.batch_sizes) * (n + 1))
+    if gpu and "tree" in kw.get("speculative_config", {}):
+        # CUDA graphs for the measured batch sizes: vLLM's default stops at 512 tokens, i.e. at
+        # batch 8 for a 63-node tree (64 tokens per request); FULL graphs hold the tree step
+        from medusa_vllm.tree import get_tree
+
+        q = 1 + len(get_tree(kw["speculative_config"]["tree"]))
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted({q * b for b in args.batch_sizes})}
     return kw
 
 
@@ -71,8 +78,11 @@ def _spec_counts(m: dict) -> tuple[float, float, list[float]]:
 
 
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
-            temperature: float, prompts_per_batch: dict[int, int]) -> dict:
-    """Runs in its own process: one engine, every batch size."""
+            temperature: float, prompts_per_batch: dict[int, int],
+            profile_batch_sizes: tuple[int, ...] = ()) -> dict:
+    """Runs in its own process: one engine, every batch size. ``profile_batch_sizes``: after the
+    measurement, one profiled round (32 tokens) per size (medusa_vllm.profiling; needs
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 and VLLM_CUSTOM_SCOPES_FOR_PROFILING=1)."""
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -111,7 +121,16 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
             "acceptance_per_depth": [p / drafts for p in per_pos if p > 0] if drafts else None,
             "outputs": outputs,
         })
-    return {"engine_start_s": start_s, "rows": rows}
+    profiles = {}
+    for b in profile_batch_sizes:
+        from medusa_vllm.profiling import start_profile, stop_profile
+
+        llm.collective_rpc(start_profile)
+        llm.generate([prompts[i % len(prompts)] for i in range(b)],
+                     SamplingParams(temperature=temperature, max_tokens=32, ignore_eos=True, seed=0),
+                     use_tqdm=False)
+        profiles[b] = llm.collective_rpc(stop_profile)[0]
+    return {"engine_start_s": start_s, "rows": rows, "profiles": profiles}
 
 
 def prompts_for(args) -> list[str]:

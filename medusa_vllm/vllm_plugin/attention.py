@@ -1,12 +1,19 @@
 """Tree attention inside vLLM: backends that send tree-decode requests to our kernel and every
 other request (prefill chunks) to vLLM's own backend for the platform.
 
-The runner sorts decoding requests to the front of the batch (``reorder_batch_threshold`` =
-1 + max tree nodes) and, before vLLM builds the attention metadata of a step, hands the builders a
-:class:`TreeAttnStep`: how many leading requests/tokens are tree decodes and which mask each uses
-(0 = causal chain, k + 1 = tree k). The builder keeps vLLM's metadata for the rest of the batch;
-the impl runs ``medusa_vllm.kernels.tree_attention`` on the leading tokens and vLLM's kernel on the
-others. KV writes stay vLLM's (``do_kv_cache_update``, linear slots). The platform backends are
+The runner sorts short queries (decodes) to the front of the batch (``reorder_batch_threshold`` =
+1 + max tree nodes), writes each request's mask (0 = causal chain, k + 1 = tree k) into a
+persistent device buffer and, before vLLM builds the attention metadata of a step, hands the
+builders a :class:`TreeAttnStep`: how many leading requests/tokens go to our kernel. The builder
+keeps vLLM's metadata for the rest of the batch; the impl runs
+``medusa_vllm.kernels.tree_attention`` on the leading tokens and vLLM's kernel on the others.
+
+CUDA graphs: when every request of a step fits the kernel (``all_reqs``, always so in a uniform
+decode batch of 1 + max tree nodes tokens per request), the kernel takes the whole — padded —
+batch and reads only persistent buffers (vLLM's query_start_loc, seq_lens, block table; our mask
+ids), so vLLM captures it in its FULL graphs (the runner marks its uniform-decode dummy runs
+``all_reqs`` for the capture) and replays them with each step's values.
+KV writes stay vLLM's (``do_kv_cache_update``, linear slots). The platform backends are
 in :mod:`.attention_cpu` and :mod:`.attention_triton` (each imported only on its platform).
 
 Cache layouts (the kernel takes [num_blocks, block_size, kv_heads, head_dim] strided views):
@@ -27,17 +34,19 @@ from medusa_vllm import kernels
 
 @dataclass
 class TreeAttnStep:
-    num_reqs: int  # leading requests of the batch that are tree decodes
+    num_reqs: int  # leading requests of the batch that go to the tree kernel
     num_tokens: int  # their query tokens
-    mask_ids: torch.Tensor  # [num_reqs] int32 on device: row of `masks` each request uses
+    all_reqs: bool = False  # every request (incl. CUDA-graph padding) goes to the tree kernel
 
 
 class MedusaAttnContext:
-    """Shared by the runner (writes ``step``) and every builder (reads it)."""
+    """Shared by the runner (writes ``step`` and ``mask_ids``) and every builder (reads them)."""
 
-    def __init__(self, masks: torch.Tensor, max_query: int) -> None:
+    def __init__(self, masks: torch.Tensor, max_query: int, max_num_reqs: int) -> None:
         self.masks = masks  # [1 + NT, Q, W] int64 packed: 0 = causal chain, k + 1 = tree k
         self.max_query = max_query
+        # [max_num_reqs] int32, persistent (CUDA graphs read it): mask of each request, 0 beyond
+        self.mask_ids = torch.zeros(max_num_reqs, dtype=torch.int32, device=masks.device)
         self.step: TreeAttnStep | None = None
 
 
@@ -67,13 +76,16 @@ def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttent
     step = ctx.step if ctx is not None else None
     if step is None or step.num_reqs == 0:
         return parent_build(common_prefix_len, cm, fast_build)
-    nd, ndt = step.num_reqs, step.num_tokens
+    if step.all_reqs:  # cm.num_reqs includes the padding of a CUDA-graph batch
+        nd, ndt = cm.num_reqs, cm.num_actual_tokens
+    else:
+        nd, ndt = step.num_reqs, step.num_tokens
     tree = TreeAttnMetadata(
         num_tokens=ndt,
         query_start_loc=cm.query_start_loc[: nd + 1],
         seq_lens=cm.seq_lens[:nd],
         block_table=cm.block_table_tensor[:nd],
-        mask_ids=step.mask_ids,
+        mask_ids=ctx.mask_ids[:nd],
         masks=ctx.masks,
     )
     rest = None
@@ -104,7 +116,9 @@ class TreeImplMixin:
 def _split_forward(impl, parent_forward, layer, query, key, value, kv_cache, md: MedusaMetadata,
                    output, k_cache, v_cache):
     t = md.tree
-    n = t.num_tokens
+    # all requests in the kernel: the whole (maybe padded) query; rows past the last request's
+    # are padding, which the kernel leaves alone
+    n = t.num_tokens if md.rest is not None else query.shape[0]
     # the metadata checks run on each layer's first tree step only (host time on every later one)
     checked = getattr(impl, "_medusa_checked", False)
     kernels.tree_attention(

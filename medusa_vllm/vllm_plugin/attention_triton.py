@@ -25,9 +25,9 @@ def triton_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class MedusaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
-    # mixed batches split into two calls; uniform tree-decode batches run in FULL graphs
-    # only once the tree step is graph-safe (see runner); until then piecewise.
-    _cudagraph_support = AttentionCGSupport.NEVER
+    # uniform decode batches (every request 1 + max tree nodes tokens) run whole in the tree
+    # kernel and are captured in FULL graphs; mixed batches (split in two calls) run piecewise
+    _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -36,6 +36,14 @@ class MedusaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         return _split_build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        step = self.medusa.step if self.medusa is not None else None
+        if step is None or not step.all_reqs:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        # a tree-step graph: the dummy's seq_lens (= its query length) are valid tree-kernel
+        # inputs; vLLM's Triton override would set them to 1, below the query length
+        return self.build(0, common_attn_metadata)
 
 
 class MedusaTritonImpl(TreeImplMixin, TritonAttentionImpl):

@@ -21,10 +21,14 @@ ids, min_tokens, structured output) get no drafts and decode normally.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import DraftTokenIds, LogprobsTensors, SamplerOutput
+from vllm.v1.utils import record_function_or_nullcontext
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from medusa_vllm import kernels
@@ -37,6 +41,26 @@ from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets
 
 logger = init_logger(__name__)
+
+
+# MEDUSA_VLLM_SYNC_DEBUG=1: medusa_vllm's parts of a step (plan, verification, KV move, heads)
+# run under torch.cuda.set_sync_debug_mode("error"), so a host sync that sneaks in raises
+SYNC_DEBUG = os.environ.get("MEDUSA_VLLM_SYNC_DEBUG", "0") == "1"
+
+
+@contextlib.contextmanager
+def region(name: str):
+    """A profiler region of the step (vLLM's scopes) that, with SYNC_DEBUG, forbids host syncs."""
+    with record_function_or_nullcontext(name):
+        if not (SYNC_DEBUG and torch.cuda.is_available()):
+            yield
+            return
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
 
 
 def can_speculate(sp) -> bool:
@@ -71,8 +95,9 @@ class MedusaRunnerMixin:
         self.medusa_offsets = position_offsets(trees)
         masks = torch.cat([causal_masks(self.medusa_max_query), self.medusa_trees.masks.cpu()])
         self.medusa_attn = MedusaAttnContext(
-            kernels.pack_tree_masks(masks).to(self.device), self.medusa_max_query
+            kernels.pack_tree_masks(masks).to(self.device), self.medusa_max_query, self.max_num_reqs
         )
+        self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
         # which (head, rank) each node of each tree reads: [NT, Tmax]
         self.medusa_head_idx = (self.medusa_trees.depths[:, 1:] - 1).clamp_min(0)
         self.medusa_rank_idx = self.medusa_trees.ranks[:, 1:].clamp_min(0)
@@ -84,7 +109,6 @@ class MedusaRunnerMixin:
         self._medusa_nan_warned: set[str] = set()
         self._medusa_step: dict | None = None
         self._medusa_hidden_rows: torch.Tensor | None = None
-        self._medusa_finite: torch.Tensor | None = None
         self._medusa_proposed = False
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._medusa_kv_checked = False
@@ -122,8 +146,24 @@ class MedusaRunnerMixin:
         finally:
             self.medusa_attn.step = None
 
+    def _dummy_run(self, num_tokens, *args, uniform_decode: bool = False, **kwargs):
+        # A uniform-decode dummy batch (1 + max tree nodes tokens per request) stands for steps in
+        # which every request decodes a tree: the FULL CUDA graphs vLLM captures from it must hold
+        # the tree kernel (reading the persistent mask buffer), not vLLM's causal attention.
+        if uniform_decode:
+            self.medusa_attn.step = TreeAttnStep(0, 0, all_reqs=True)
+        try:
+            return super()._dummy_run(num_tokens, *args, uniform_decode=uniform_decode, **kwargs)
+        finally:
+            self.medusa_attn.step = None
+
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         logits_indices, spec_meta = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        with region("medusa: plan"):
+            self._medusa_plan(scheduler_output, num_scheduled_tokens)
+        return logits_indices, spec_meta
+
+    def _medusa_plan(self, scheduler_output, num_scheduled_tokens) -> None:
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         spec = scheduler_output.scheduled_spec_decode_tokens
@@ -135,23 +175,20 @@ class MedusaRunnerMixin:
             ],
             dtype=np.int64,
         )
-        done_prefill = (
-            self.input_batch.num_computed_tokens_cpu[:num_reqs]
-            >= self.input_batch.num_prompt_tokens[:num_reqs]
-        )
         plan = plan_step(
-            np.asarray(num_scheduled_tokens, dtype=np.int64), num_drafts, tree_ids, done_prefill,
+            np.asarray(num_scheduled_tokens, dtype=np.int64), num_drafts, tree_ids,
             self.medusa_offsets, self.medusa_max_query,
         )
         n_tok = len(plan.position_delta)
         if num_drafts.any():
             delta = torch.from_numpy(plan.position_delta).to(self.device, non_blocking=True)
             self.positions[:n_tok] += delta
-        self.medusa_attn.step = TreeAttnStep(
-            plan.num_tree_reqs,
-            plan.num_tree_tokens,
-            torch.from_numpy(plan.mask_ids).to(self.device, non_blocking=True),
-        )
+        # masks into the persistent buffer (zeros past the batch: CUDA-graph padding)
+        mask_np = self._medusa_mask_ids_np
+        mask_np[:num_reqs] = plan.mask_ids
+        mask_np[num_reqs:] = 0
+        self.medusa_attn.mask_ids.copy_(torch.from_numpy(mask_np), non_blocking=True)
+        self.medusa_attn.step = TreeAttnStep(plan.num_tree_reqs, plan.num_tree_tokens, plan.all_reqs)
         self._medusa_step = {
             "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
             "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
@@ -159,7 +196,6 @@ class MedusaRunnerMixin:
             "num_reqs": num_reqs,
             "num_tokens": n_tok,
         }
-        return logits_indices, spec_meta
 
     def sample_tokens(self, grammar_output):
         state = self.execute_model_state
@@ -172,12 +208,16 @@ class MedusaRunnerMixin:
         return super().sample_tokens(grammar_output)
 
     def _sample(self, logits, spec_decode_metadata):
+        if spec_decode_metadata is None or self._medusa_step is None:
+            out = super()._sample(logits, spec_decode_metadata)
+            self._medusa_hidden_rows = torch.arange(self.input_batch.num_reqs, device=logits.device)
+            return out
+        with region("medusa: verify"):
+            return self._medusa_sample(logits, spec_decode_metadata)
+
+    def _medusa_sample(self, logits, spec_decode_metadata):
         step = self._medusa_step
         num_reqs = self.input_batch.num_reqs
-        if spec_decode_metadata is None or step is None:
-            out = super()._sample(logits, spec_decode_metadata)
-            self._medusa_hidden_rows = torch.arange(num_reqs, device=logits.device)
-            return out
         sm = self.input_batch.sampling_metadata
         n = step["num_drafts"]  # [B]
         q = self.medusa_max_query
@@ -226,6 +266,10 @@ class MedusaRunnerMixin:
     # ------------------------------------------------------------------ drafting
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, *args, **kwargs):
+        with region("medusa: heads"):
+            return self._medusa_propose(sample_hidden_states)
+
+    def _medusa_propose(self, sample_hidden_states):
         rows = self._medusa_hidden_rows
         num_reqs = self.input_batch.num_reqs
         hidden = sample_hidden_states[rows[:num_reqs]]  # [B, H]
@@ -233,22 +277,27 @@ class MedusaRunnerMixin:
         k = self.medusa_policy.choose(num_reqs)
         size = self.medusa_tree_sizes[k]
         drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
-        self._medusa_finite = finite
+        # non-finite head logits: the row becomes -1s (no drafts), read with the drafts in one copy
+        drafts = torch.where(finite[:, None], drafts, -1)
         self._medusa_proposed = True
         for req_id in self.input_batch.req_ids[:num_reqs]:
             self._medusa_req_tree[req_id] = k
         return drafts  # [B, T_k] int64, BFS order
 
     def take_draft_token_ids(self):
+        # the drafts' hand-over to the scheduler: the one sync of drafting (no SYNC_DEBUG guard)
+        with record_function_or_nullcontext("medusa: take_drafts"):
+            return self._medusa_take_drafts()
+
+    def _medusa_take_drafts(self):
         out = super().take_draft_token_ids()
         if out is None:
             return None
         if not self._medusa_proposed:
             return DraftTokenIds(out.req_ids, [[] for _ in out.req_ids])
-        finite = self._medusa_finite.tolist() if self._medusa_finite is not None else None
         drafts = []
-        for i, (req_id, tokens) in enumerate(zip(out.req_ids, out.draft_token_ids)):
-            if finite is not None and i < len(finite) and not finite[i]:
+        for req_id, tokens in zip(out.req_ids, out.draft_token_ids):
+            if tokens and tokens[0] < 0:  # non-finite head logits (propose_draft_token_ids)
                 if req_id not in self._medusa_nan_warned:
                     self._medusa_nan_warned.add(req_id)
                     logger.warning(

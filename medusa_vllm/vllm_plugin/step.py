@@ -18,10 +18,15 @@ from medusa_vllm.tree import TokenTree
 @dataclass
 class StepPlan:
     position_delta: np.ndarray  # [num_tokens] int64: add to vLLM's linear positions
-    num_tree_reqs: int  # leading requests attended by the tree kernel (decodes, after reorder)
+    num_tree_reqs: int  # leading requests attended by the tree kernel (short queries, after reorder)
     num_tree_tokens: int  # their query tokens
-    mask_ids: np.ndarray  # [num_tree_reqs] int32: 0 = causal chain, k + 1 = tree k
+    mask_ids: np.ndarray  # [num_reqs] int32: 0 = causal chain, k + 1 = tree k
     tree_ids: np.ndarray  # [num_reqs] int64: tree of each request's drafts (0 if none)
+
+    @property
+    def all_reqs(self) -> bool:
+        """Every request goes to the tree kernel: the shape a CUDA graph of a uniform batch has."""
+        return self.num_tree_reqs == len(self.mask_ids)
 
 
 def position_offsets(trees: list[TokenTree]) -> list[np.ndarray]:
@@ -33,7 +38,6 @@ def plan_step(
     num_scheduled: np.ndarray,  # [B] query tokens per request (batch order)
     num_drafts: np.ndarray,  # [B] scheduled draft tokens per request
     tree_ids: np.ndarray,  # [B] tree each request's drafts follow
-    done_prefill: np.ndarray,  # [B] bool: num_computed >= num_prompt (a decode, not a chunk)
     offsets: list[np.ndarray],  # position_offsets(trees)
     max_query: int,  # 1 + the largest tree: longest query the tree kernel takes
 ) -> StepPlan:
@@ -44,10 +48,12 @@ def plan_step(
         n = int(num_drafts[r])
         # drafts sit after the root: slots 1..n of the request's query
         delta[starts[r] + 1 : starts[r] + 1 + n] = offsets[tree_ids[r]][1 : n + 1]
-    is_tree = done_prefill & (num_scheduled <= max_query)
-    # the runner sorts decodes first; the tree kernel takes that leading run
-    lead = int(np.argmin(is_tree)) if not is_tree.all() else b
-    mask_ids = np.where(num_drafts[:lead] > 0, tree_ids[:lead] + 1, 0).astype(np.int32)
+    # Any query of at most max_query tokens fits the tree kernel: mask 0 (causal chain) is plain
+    # causal attention, right for a short prefill chunk too. vLLM sorts short queries first
+    # (reorder_batch_threshold); the kernel takes that leading run, vLLM's backend the rest.
+    fits = num_scheduled <= max_query
+    lead = int(np.argmin(fits)) if not fits.all() else b
+    mask_ids = np.where(num_drafts > 0, tree_ids + 1, 0).astype(np.int32)
     return StepPlan(
         position_delta=delta,
         num_tree_reqs=lead,

@@ -1,5 +1,6 @@
 """GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
-settings (bf16, CUDA graphs), plus τ. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE"""
+settings (bf16, CUDA graphs), plus τ. The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
+inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE"""
 import json
 import sys
 import time
@@ -35,7 +36,8 @@ if __name__ == "__main__":
               seed=0, disable_log_stats=False, max_num_seqs=16, max_num_batched_tokens=2048)
     base = run_isolated(run, dict(kw, attention_backend="TRITON_ATTN"), prompts, 48)
     med = run_isolated(run, dict(kw, speculative_config={"method": "medusa_vllm", "model": heads,
-                                                          "tree": tree}), prompts, 48)
+                                                          "tree": tree}), prompts, 48,
+                       env={"MEDUSA_VLLM_SYNC_DEBUG": "1"})
     m = med["metrics"]
     d = m.get("vllm:spec_decode_num_drafts", 0)
     same = sum(a == b for a, b in zip(base["tokens"], med["tokens"]))

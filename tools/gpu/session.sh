@@ -3,8 +3,8 @@
 # medusa_vllm/_C.abi3.so and .carry/mt_bench_question.jsonl):
 #   bash tools/gpu/session.sh throughput  "<benchmarks/throughput.py args>"
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"
-#   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"
-# step_cost needs untrained heads in its args: python3 tools/gpu/make_zero_heads.py first.
+#   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
+#   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
 # Results (--out) and the log go to $OUT; TP_TIMEOUT (s) bounds the benchmark.
 bench=${1:-throughput}
 bash .carry/vk4/device_setup.sh | tail -2
@@ -12,9 +12,18 @@ source tools/gpu/env.sh
 export MEDUSA_VLLM_MTBENCH="$PWD/.carry/mt_bench_question.jsonl"
 nvidia-smi -L
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
-heads=()
-[ "$bench" != step_cost ] && heads=(--heads medusa_vllm/data/heads/smollm2-135m-instruct)
-timeout "${TP_TIMEOUT:-540}" python3 "benchmarks/$bench.py" --model "$MODEL" "${heads[@]}" \
+heads=medusa_vllm/data/heads/smollm2-135m-instruct
+if [ "$bench" = smoke ]; then
+    timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" "${2:-sparse-15}" \
+        > "$OUT/smoke.log" 2>&1
+    echo "smoke rc=$?"; grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/smoke.log" | tail -40
+    exit 0
+fi
+if [ "$bench" = step_cost ]; then
+    python3 tools/gpu/make_zero_heads.py "$MODEL" /tmp/zero_heads
+    heads=/tmp/zero_heads
+fi
+timeout "${TP_TIMEOUT:-540}" python3 "benchmarks/$bench.py" --model "$MODEL" --heads "$heads" \
     --out "$OUT/${bench}_h100.json" $2 > "$OUT/$bench.log" 2>&1
 echo "$bench rc=$?"
 grep -E "tok/s|failed|Error|error|summary|Traceback|identical|divergence|ms" "$OUT/$bench.log" \

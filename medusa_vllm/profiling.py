@@ -1,0 +1,73 @@
+"""Where an engine step's time goes: the torch profiler inside vLLM's worker process.
+
+    llm = LLM(...)  # with VLLM_ALLOW_INSECURE_SERIALIZATION=1 (callables over collective_rpc)
+                    # and VLLM_CUSTOM_SCOPES_FOR_PROFILING=1 (vLLM's own step regions)
+    llm.collective_rpc(start_profile)
+    llm.generate(...)
+    summary = llm.collective_rpc(stop_profile)[0]
+
+Works with any vLLM worker (plain or speculative). ``summary``: host (CPU) time per step of
+vLLM's runner regions ("gpu_model_runner: …") and medusa_vllm's ("medusa: …"), device time per
+step of the top kernels, CUDA runtime calls per step (graph launches, kernel launches, copies,
+synchronisations) and the profiler's own table as text. Per step = divided by the number of
+model forwards ("gpu_model_runner: forward"). Profiling inflates host times (each op is recorded);
+compare regions with each other, and take wall-clock step costs from an unprofiled run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+_RUNTIME_CALLS = ("cudaGraphLaunch", "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
+                  "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaEventSynchronize",
+                  "cudaDeviceSynchronize", "cudaStreamWaitEvent")
+_STEP_REGION = "gpu_model_runner: forward"
+
+
+def start_profile(worker) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities)
+    prof.start()
+    worker._medusa_profile = (prof, time.perf_counter())
+
+
+def stop_profile(worker, top: int = 25) -> dict:
+    prof, t0 = worker._medusa_profile
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.stop()
+    wall = time.perf_counter() - t0
+    del worker._medusa_profile
+    return summarize(prof.key_averages(), wall, top)
+
+
+def summarize(events, wall_s: float, top: int = 25) -> dict:
+    """``events``: ``profile.key_averages()``."""
+    by_key = {e.key: e for e in events}
+    steps = by_key[_STEP_REGION].count if _STEP_REGION in by_key else 0
+    per = max(steps, 1)
+    regions = {
+        k: {"calls_per_step": e.count / per, "host_ms_per_step": e.cpu_time_total / 1000 / per}
+        for k, e in sorted(by_key.items()) if k.startswith(("gpu_model_runner:", "medusa:"))
+    }
+    kernels = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0
+                      and not e.key.startswith(("gpu_model_runner:", "medusa:"))),
+                     key=lambda e: -e.self_device_time_total)
+    device_total = sum(e.self_device_time_total for e in kernels)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": 1000 * wall_s / per,
+        "regions": regions,
+        "runtime_calls_per_step": {k: by_key[k].count / per for k in _RUNTIME_CALLS if k in by_key},
+        "device_ms_per_step": device_total / 1000 / per,
+        "top_kernels": [
+            {"name": e.key[:120], "calls_per_step": e.count / per,
+             "device_ms_per_step": e.self_device_time_total / 1000 / per}
+            for e in kernels[:top]
+        ],
+        "table": events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60),
+    }
