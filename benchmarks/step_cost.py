@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     for name in args.configs:
         config = CONFIGS[name]
         env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if name == "plain_v1_async" else {}
+        if config.startswith("medusa"):
+            env["MEDUSA_VLLM_SYNC_DEBUG"] = "warn"  # a host sync inside medusa_vllm's step warns
         if args.profile:
             env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CUSTOM_SCOPES_FOR_PROFILING="1")
         kw = engine_kwargs(args, config.replace("-v1async", ""), args.heads, builtin)

@@ -43,9 +43,11 @@ from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, posi
 logger = init_logger(__name__)
 
 
-# MEDUSA_VLLM_SYNC_DEBUG=1: medusa_vllm's parts of a step (plan, verification, KV move, heads)
-# run under torch.cuda.set_sync_debug_mode("error"), so a host sync that sneaks in raises
-SYNC_DEBUG = os.environ.get("MEDUSA_VLLM_SYNC_DEBUG", "0") == "1"
+# MEDUSA_VLLM_SYNC_DEBUG=1 (or "warn"): medusa_vllm's parts of a step (plan, verification, KV
+# move, heads) run under torch.cuda.set_sync_debug_mode("error") (or "warn"), so a host sync that
+# sneaks in raises (or warns)
+SYNC_DEBUG = {"1": "error", "error": "error", "warn": "warn"}.get(
+    os.environ.get("MEDUSA_VLLM_SYNC_DEBUG", ""))
 
 
 @contextlib.contextmanager
@@ -56,7 +58,7 @@ def region(name: str):
             yield
             return
         before = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode(SYNC_DEBUG)
         try:
             yield
         finally:

@@ -14,5 +14,10 @@ printf 'Metadata-Version: 2.1\nName: medusa_vllm\nVersion: 0.1.0\n' > "$INFO/MET
 printf '[vllm.general_plugins]\nmedusa_vllm = medusa_vllm.vllm_plugin:register\n' > "$INFO/entry_points.txt"
 export MODEL="$VK_MODEL" HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 export MEDUSA_GIT_COMMIT="$(cat "$REPO/.git_commit" 2>/dev/null || echo unknown)"
-python3 -c "import medusa_vllm.kernels as k; print('medusa_vllm extension:', k.have_extension(), k.extension_error() or '')"
+python3 -c "
+import sys, torch, medusa_vllm.kernels as k
+cuda = k.have_extension() and torch._C._dispatch_has_kernel_for_dispatch_key('medusa_vllm::tree_attention', 'CUDA')
+print('medusa_vllm extension:', k.have_extension(), 'CUDA kernels:', cuda, k.extension_error() or '')
+sys.exit(0 if cuda else 'medusa_vllm/_C.abi3.so has no CUDA kernels: MEDUSA_VLLM_CUDA=1 python setup.py build_ext --inplace')
+" || exit 1
 set +e
