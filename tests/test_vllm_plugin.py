@@ -242,3 +242,17 @@ def test_sampling_matches_no_speculation_and_a_lossy_verifier_does_not(baseline,
     print(json.dumps(summary))
     assert p_ok > 0.01, summary
     assert p_bad < 0.01, summary
+
+
+def test_medusa_stats_histogram():
+    import torch
+
+    from medusa_vllm.vllm_plugin.runner import MedusaStats
+
+    stats = MedusaStats(max_depth=3)
+    # accepted lengths 0, 2, (3: no tree this step), 1
+    stats.observe(torch.tensor([0, 2, 3, 1]), torch.tensor([True, True, False, True]))
+    s = stats.summary()
+    assert s["tree_steps"] == 3
+    assert s["mean_accepted_length"] == pytest.approx(2.0)  # (1 + 3 + 2) / 3
+    assert s["acceptance_per_depth"] == pytest.approx([2 / 3, 1 / 3, 0.0])

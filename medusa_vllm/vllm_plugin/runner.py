@@ -110,7 +110,8 @@ class MedusaRunnerMixin:
         self._medusa_ok: dict[str, bool] = {}
         self._medusa_nan_warned: set[str] = set()
         self._medusa_step: dict | None = None
-        self._medusa_hidden_rows: torch.Tensor | None = None
+        self._medusa_hidden: torch.Tensor | None = None
+        self._medusa_drafts: torch.Tensor | None = None
         self._medusa_proposed = False
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._medusa_kv_checked = False
@@ -201,21 +202,31 @@ class MedusaRunnerMixin:
 
     def sample_tokens(self, grammar_output):
         state = self.execute_model_state
-        if state is not None and self._medusa_step is not None:
-            slots = state.slot_mappings
-            if isinstance(slots, list):
-                slots = slots[0]
-            self._medusa_step["slot_mapping"] = next(iter(slots.values())) if slots else None
+        self._medusa_hidden = None
+        if state is not None:
+            self._medusa_hidden = state.sample_hidden_states  # [R, H], rows of `logits`
+            if self._medusa_step is not None:
+                slots = state.slot_mappings
+                if isinstance(slots, list):
+                    slots = slots[0]
+                self._medusa_step["slot_mapping"] = next(iter(slots.values())) if slots else None
+        self._medusa_drafts = None
         self._medusa_proposed = False
         return super().sample_tokens(grammar_output)
 
     def _sample(self, logits, spec_decode_metadata):
         if spec_decode_metadata is None or self._medusa_step is None:
             out = super()._sample(logits, spec_decode_metadata)
-            self._medusa_hidden_rows = torch.arange(self.input_batch.num_reqs, device=logits.device)
-            return out
-        with region("medusa: verify"):
-            return self._medusa_sample(logits, spec_decode_metadata)
+            rows = torch.arange(self.input_batch.num_reqs, device=logits.device)
+        else:
+            with region("medusa: verify"):
+                out, rows = self._medusa_sample(logits, spec_decode_metadata)
+        # the next drafts right away (the hidden state of each request's last accepted token):
+        # the GPU computes them while the host does vLLM's bookkeeping
+        if self._medusa_hidden is not None and self.drafter.heads is not None:
+            with region("medusa: heads"):
+                self._medusa_drafts = self._medusa_propose(self._medusa_hidden, rows)
+        return out
 
     def _medusa_sample(self, logits, spec_decode_metadata):
         step = self._medusa_step
@@ -228,14 +239,17 @@ class MedusaRunnerMixin:
         slots = torch.arange(q, device=logits.device)
         row_of_node = torch.where(slots[None, :] <= n[:, None], first[:, None] + slots[None, :], -1)
         # plain sampling (all of vLLM's options) of each root: the token of requests w/o drafts
-        self.input_batch.update_async_output_token_ids()
-        base = self.sampler(logits=logits[first], sampling_metadata=sm)
+        all_drafted = bool(step["num_drafts_np"].all())
+        base = None
+        if not all_drafted:
+            self.input_batch.update_async_output_token_ids()
+            base = self.sampler(logits=logits[first], sampling_metadata=sm)
         # drafts as scheduled (flat, per request in batch order) -> [B, Q-1]
         flat = spec_decode_metadata.draft_token_ids
         starts = (spec_decode_metadata.cu_num_draft_tokens - n).long()
         pos = (starts[:, None] + slots[None, : q - 1]).clamp(0, max(flat.shape[0] - 1, 0))
         drafts = flat[pos].long() if flat.numel() else torch.zeros_like(pos)
-        sampling = _sampling_batch(sm, num_reqs, logits.device)
+        sampling = None if sm.all_greedy else _sampling_batch(sm, num_reqs, logits.device)
         out = verify(
             self.medusa_cfg.acceptance, logits, row_of_node, drafts, n, step["tree_ids"],
             self.medusa_trees, sampling, all_greedy=sm.all_greedy,
@@ -243,13 +257,14 @@ class MedusaRunnerMixin:
         )
         has = n > 0
         width = out.tokens.shape[1]
-        plain = torch.full_like(out.tokens, -1)
-        plain[:, 0] = base.sampled_token_ids[:, 0].long()
-        tokens = torch.where(has[:, None], out.tokens, plain)
-        accepted = torch.where(has[:, None], out.accepted, torch.full_like(out.accepted, -1))
-        self._medusa_hidden_rows = torch.where(
-            has, row_of_node.gather(1, out.last_node[:, None]).squeeze(1), first
-        )
+        hidden_rows = row_of_node.gather(1, out.last_node[:, None]).squeeze(1)  # [B]
+        tokens, accepted = out.tokens, out.accepted
+        if base is not None:
+            plain = torch.full_like(out.tokens, -1)
+            plain[:, 0] = base.sampled_token_ids[:, 0].long()
+            tokens = torch.where(has[:, None], out.tokens, plain)
+            accepted = torch.where(has[:, None], out.accepted, torch.full_like(out.accepted, -1))
+            hidden_rows = torch.where(has, hidden_rows, first)
         if step.get("slot_mapping") is not None and bool(step["num_drafts_np"].any()):
             # accepted node ids are window offsets of the request's query (root = 0)
             k_caches, v_caches = zip(*self._medusa_views())
@@ -262,17 +277,18 @@ class MedusaRunnerMixin:
         self.medusa_stats.observe(out.num_accepted, has)
         return SamplerOutput(
             sampled_token_ids=tokens.int(),
-            logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width),
-        )
+            logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width) if base is not None else None,
+        ), hidden_rows
 
     # ------------------------------------------------------------------ drafting
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
-                                hidden_states, sample_hidden_states, *args, **kwargs):
-        with region("medusa: heads"):
-            return self._medusa_propose(sample_hidden_states)
+    def propose_draft_token_ids(self, *args, **kwargs):
+        # computed in _sample, right after verification
+        if self._medusa_drafts is None:
+            raise RuntimeError("medusa_vllm: no drafts were computed in this step's sampling")
+        self._medusa_proposed = True
+        return self._medusa_drafts
 
-    def _medusa_propose(self, sample_hidden_states):
-        rows = self._medusa_hidden_rows
+    def _medusa_propose(self, sample_hidden_states, rows):
         num_reqs = self.input_batch.num_reqs
         hidden = sample_hidden_states[rows[:num_reqs]]  # [B, H]
         topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
@@ -281,7 +297,6 @@ class MedusaRunnerMixin:
         drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
         # non-finite head logits: the row becomes -1s (no drafts), read with the drafts in one copy
         drafts = torch.where(finite[:, None], drafts, -1)
-        self._medusa_proposed = True
         for req_id in self.input_batch.req_ids[:num_reqs]:
             self._medusa_req_tree[req_id] = k
         return drafts  # [B, T_k] int64, BFS order
@@ -348,21 +363,22 @@ def _expand_logprobs(lt: LogprobsTensors | None, width: int) -> LogprobsTensors 
 
 class MedusaStats:
     """Accepted length and per-depth acceptance, readable from Python (e.g. through
-    ``collective_rpc``). Counted on the device, so a step adds no host sync; read by summary()."""
+    ``collective_rpc``). Counted on the device (a histogram of accepted lengths: two kernels a
+    step, no host sync); read by summary()."""
 
     def __init__(self, max_depth: int, device: torch.device | str = "cpu") -> None:
-        self.depths = torch.arange(max_depth, device=device)  # [D]
-        self.counts = torch.zeros(2 + max_depth, dtype=torch.int64, device=device)  # steps, emitted, per depth
+        self.hist = torch.zeros(max_depth + 1, dtype=torch.int64, device=device)  # [D + 1]
 
     def observe(self, num_accepted: torch.Tensor, has: torch.Tensor) -> None:
-        acc = num_accepted.long()  # [B]
-        w = has.long()  # [B] 1 for requests verified with a tree this step
-        per_depth = ((acc[:, None] > self.depths[None, :]).long() * w[:, None]).sum(0)  # [D]
-        self.counts += torch.cat([w.sum()[None], ((acc + 1) * w).sum()[None], per_depth])
+        # [B] accepted lengths, [B] 1 for requests verified with a tree this step
+        self.hist.index_add_(0, num_accepted.long(), has.long())
 
     def summary(self) -> dict:
-        c = self.counts.tolist()
-        steps, emitted, per_depth = c[0], c[1], c[2:]
+        h = self.hist.tolist()
+        steps = sum(h)
+        emitted = sum((a + 1) * c for a, c in enumerate(h))
+        # depth d accepted when the accepted length exceeds d
+        per_depth = [sum(h[d + 1 :]) for d in range(len(h) - 1)]
         return {
             "tree_steps": steps,
             "mean_accepted_length": emitted / steps if steps else 0.0,
