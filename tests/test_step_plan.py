@@ -12,8 +12,9 @@ OFFSETS = position_offsets(TREES)
 MAX_Q = 1 + max(len(t) for t in TREES)  # 6
 
 
-def _plan(num_scheduled, num_drafts, tree_ids):
-    return plan_step(np.array(num_scheduled), np.array(num_drafts), np.array(tree_ids), OFFSETS, MAX_Q)
+def _plan(num_scheduled, num_drafts, tree_ids, done_prefill=None):
+    done = np.ones(len(num_scheduled), bool) if done_prefill is None else np.array(done_prefill)
+    return plan_step(np.array(num_scheduled), np.array(num_drafts), np.array(tree_ids), done, OFFSETS, MAX_Q)
 
 
 def test_position_offsets_are_depth_minus_slot():
@@ -29,13 +30,18 @@ def test_uniform_tree_batch_is_all_requests():
     np.testing.assert_array_equal(plan.position_delta, np.tile(OFFSETS[1], 2))
 
 
-def test_mixed_batch_leading_run_goes_to_the_kernel():
-    # decode with a chain, decode without drafts, short chunk, long prefill (> MAX_Q) last
-    plan = _plan([4, 1, 3, 50], [3, 0, 0, 0], [0, 0, 0, 0])
+def test_mixed_batch_leading_decodes_go_to_the_kernel():
+    # decode with a chain, decode without drafts, short prefill chunk, long prefill (> MAX_Q)
+    plan = _plan([4, 1, 3, 50], [3, 0, 0, 0], [0, 0, 0, 0], [True, True, False, False])
     assert not plan.all_reqs
-    assert plan.num_tree_reqs == 3 and plan.num_tree_tokens == 8
+    assert plan.num_tree_reqs == 2 and plan.num_tree_tokens == 5  # chunks: vLLM's backend
     np.testing.assert_array_equal(plan.mask_ids, [1, 0, 0, 0])  # no drafts -> causal chain
     assert len(plan.position_delta) == 58 and not plan.position_delta.any()
+
+
+def test_prefill_only_batch_stays_with_vllm():
+    plan = _plan([30], [0], [0], [False])
+    assert plan.num_tree_reqs == 0 and not plan.all_reqs
 
 
 def test_partial_drafts_use_the_tree_prefix():

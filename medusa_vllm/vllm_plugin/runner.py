@@ -178,8 +178,12 @@ class MedusaRunnerMixin:
             ],
             dtype=np.int64,
         )
+        done_prefill = (
+            self.input_batch.num_computed_tokens_cpu[:num_reqs]
+            >= self.input_batch.num_prompt_tokens[:num_reqs]
+        )
         plan = plan_step(
-            np.asarray(num_scheduled_tokens, dtype=np.int64), num_drafts, tree_ids,
+            np.asarray(num_scheduled_tokens, dtype=np.int64), num_drafts, tree_ids, done_prefill,
             self.medusa_offsets, self.medusa_max_query,
         )
         n_tok = len(plan.position_delta)

@@ -38,6 +38,7 @@ def plan_step(
     num_scheduled: np.ndarray,  # [B] query tokens per request (batch order)
     num_drafts: np.ndarray,  # [B] scheduled draft tokens per request
     tree_ids: np.ndarray,  # [B] tree each request's drafts follow
+    done_prefill: np.ndarray,  # [B] bool: num_computed >= num_prompt (a decode, not a chunk)
     offsets: list[np.ndarray],  # position_offsets(trees)
     max_query: int,  # 1 + the largest tree: longest query the tree kernel takes
 ) -> StepPlan:
@@ -48,10 +49,12 @@ def plan_step(
         n = int(num_drafts[r])
         # drafts sit after the root: slots 1..n of the request's query
         delta[starts[r] + 1 : starts[r] + 1 + n] = offsets[tree_ids[r]][1 : n + 1]
-    # Any query of at most max_query tokens fits the tree kernel: mask 0 (causal chain) is plain
-    # causal attention, right for a short prefill chunk too. vLLM sorts short queries first
-    # (reorder_batch_threshold); the kernel takes that leading run, vLLM's backend the rest.
-    fits = num_scheduled <= max_query
+    # Decodes go to the tree kernel: vLLM sorts them first (reorder_batch_threshold) and the
+    # kernel takes that leading run; prefill chunks go to vLLM's backend, so a prompt's KV is
+    # computed exactly as without speculation. (Mask 0, the causal chain, would be right for a
+    # chunk of <= max_query tokens too: a FULL CUDA graph of a uniform batch that holds one
+    # runs it through the kernel.)
+    fits = done_prefill & (num_scheduled <= max_query)
     lead = int(np.argmin(fits)) if not fits.all() else b
     mask_ids = np.where(num_drafts > 0, tree_ids + 1, 0).astype(np.int32)
     return StepPlan(
