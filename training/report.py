@@ -32,8 +32,10 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository (short sha); where there is no .git (the device machine gets a copy
-    of the work tree), $MEDUSA_GIT_COMMIT or the repository's .git_commit file (tools/gpu/env.sh)."""
+    """$MEDUSA_GIT_COMMIT when set (tools/gpu/env.sh: the device machine's copy of the work tree
+    may carry a stale .git), else HEAD of the repository (short sha), else the .git_commit file."""
+    if os.environ.get("MEDUSA_GIT_COMMIT") and os.environ["MEDUSA_GIT_COMMIT"] != "unknown":
+        return os.environ["MEDUSA_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -42,8 +44,6 @@ def git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    if os.environ.get("MEDUSA_GIT_COMMIT"):
-        return os.environ["MEDUSA_GIT_COMMIT"]
     file = root / ".git_commit"
     return file.read_text().strip() if file.exists() else "unknown"
 
