@@ -121,10 +121,10 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
             "acceptance_per_depth": [p / drafts for p in per_pos if p > 0] if drafts else None,
             "outputs": outputs,
         })
+    from medusa_vllm.profiling import start_profile, stop_profile
+
     profiles = {}
     for b in profile_batch_sizes:
-        from medusa_vllm.profiling import start_profile, stop_profile
-
         llm.collective_rpc(start_profile)
         llm.generate([prompts[i % len(prompts)] for i in range(b)],
                      SamplingParams(temperature=temperature, max_tokens=32, ignore_eos=True, seed=0),

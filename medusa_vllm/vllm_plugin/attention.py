@@ -8,11 +8,12 @@ builders a :class:`TreeAttnStep`: how many leading requests/tokens go to our ker
 keeps vLLM's metadata for the rest of the batch; the impl runs
 ``medusa_vllm.kernels.tree_attention`` on the leading tokens and vLLM's kernel on the others.
 
-CUDA graphs: when every request of a step fits the kernel (``all_reqs``, always so in a uniform
-decode batch of 1 + max tree nodes tokens per request), the kernel takes the whole — padded —
-batch and reads only persistent buffers (vLLM's query_start_loc, seq_lens, block table; our mask
-ids), so vLLM captures it in its FULL graphs (the runner marks its uniform-decode dummy runs
-``all_reqs`` for the capture) and replays them with each step's values.
+CUDA graphs: when every request of a step is a decode (``all_reqs``), the kernel takes the whole
+— padded — batch and reads only persistent buffers (vLLM's query_start_loc, seq_lens, block
+table; our mask ids), so vLLM captures it in its FULL graphs of uniform batches (1 + max tree
+nodes tokens per request; the runner marks its uniform-decode dummy runs ``all_reqs`` for the
+capture) and replays them with each step's values; a prefill chunk of exactly that length in
+such a batch gets mask 0, plain causal attention.
 KV writes stay vLLM's (``do_kv_cache_update``, linear slots). The platform backends are
 in :mod:`.attention_cpu` and :mod:`.attention_triton` (each imported only on its platform).
 
@@ -42,9 +43,8 @@ class TreeAttnStep:
 class MedusaAttnContext:
     """Shared by the runner (writes ``step`` and ``mask_ids``) and every builder (reads them)."""
 
-    def __init__(self, masks: torch.Tensor, max_query: int, max_num_reqs: int) -> None:
+    def __init__(self, masks: torch.Tensor, max_num_reqs: int) -> None:
         self.masks = masks  # [1 + NT, Q, W] int64 packed: 0 = causal chain, k + 1 = tree k
-        self.max_query = max_query
         # [max_num_reqs] int32, persistent (CUDA graphs read it): mask of each request, 0 beyond
         self.mask_ids = torch.zeros(max_num_reqs, dtype=torch.int32, device=masks.device)
         self.step: TreeAttnStep | None = None

@@ -97,7 +97,7 @@ class MedusaRunnerMixin:
         self.medusa_offsets = position_offsets(trees)
         masks = torch.cat([causal_masks(self.medusa_max_query), self.medusa_trees.masks.cpu()])
         self.medusa_attn = MedusaAttnContext(
-            kernels.pack_tree_masks(masks).to(self.device), self.medusa_max_query, self.max_num_reqs
+            kernels.pack_tree_masks(masks).to(self.device), self.max_num_reqs
         )
         self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
         # which (head, rank) each node of each tree reads: [NT, Tmax]
@@ -200,7 +200,6 @@ class MedusaRunnerMixin:
             "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
             "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
             "num_drafts_np": num_drafts,
-            "num_reqs": num_reqs,
             "num_tokens": n_tok,
         }
 
@@ -318,7 +317,7 @@ class MedusaRunnerMixin:
             return DraftTokenIds(out.req_ids, [[] for _ in out.req_ids])
         drafts = []
         for req_id, tokens in zip(out.req_ids, out.draft_token_ids):
-            if tokens and tokens[0] < 0:  # non-finite head logits (propose_draft_token_ids)
+            if tokens and tokens[0] < 0:  # non-finite head logits (_medusa_propose)
                 if req_id not in self._medusa_nan_warned:
                     self._medusa_nan_warned.add(req_id)
                     logger.warning(
