@@ -24,6 +24,7 @@ Writes benchmarks/results/vllm_<dev>_equivalence[_<dtype>].json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -143,6 +144,8 @@ def main(argv=None) -> None:
         try:
             med[v] = run_isolated(generate, dict(kw, speculative_config=spec, **VARIANTS[v]),
                                   groups, args.max_tokens, env=env)
+            if args.out:  # what each engine produced survives a run that is cut short
+                Path(args.out).with_suffix(f".{v}.partial.json").write_text(json.dumps(med[v]))
         except Exception as exc:  # noqa: BLE001 - reported in the summary
             failed[v] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
             print(f"variant {v} failed:", failed[v])
