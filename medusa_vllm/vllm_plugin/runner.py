@@ -48,6 +48,10 @@ logger = init_logger(__name__)
 # sneaks in raises (or warns)
 SYNC_DEBUG = {"1": "error", "error": "error", "warn": "warn"}.get(
     os.environ.get("MEDUSA_VLLM_SYNC_DEBUG", ""))
+# MEDUSA_VLLM_GRAPH_CHECK=N: the first N tree steps that replay a FULL CUDA graph run the model a
+# second time eagerly on the same inputs and log the largest difference of the hidden states
+# (root rows and tree rows apart): a graph that reads a stale buffer shows up here
+GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
 
 
 @contextlib.contextmanager
@@ -159,6 +163,41 @@ class MedusaRunnerMixin:
             return super()._dummy_run(num_tokens, *args, uniform_decode=uniform_decode, **kwargs)
         finally:
             self.medusa_attn.step = None
+
+    def _model_forward(self, *args, **kwargs):
+        out = super()._model_forward(*args, **kwargs)
+        if GRAPH_CHECK and getattr(self, "_medusa_graph_checks", 0) < GRAPH_CHECK:
+            self._medusa_graph_check(out, args, kwargs)
+        return out
+
+    def _medusa_graph_check(self, out, args, kwargs) -> None:
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import get_forward_context
+
+        fc = get_forward_context()
+        step = self.medusa_attn.step
+        if fc.cudagraph_runtime_mode != CUDAGraphMode.FULL or step is None or not step.all_reqs:
+            return
+        self._medusa_graph_checks = getattr(self, "_medusa_graph_checks", 0) + 1
+        n = self._medusa_step["num_tokens"]
+        q = self.medusa_max_query
+        full = (out[0] if isinstance(out, tuple) else out)[:n].float().clone()
+        fc.cudagraph_runtime_mode = CUDAGraphMode.NONE
+        try:
+            again = super()._model_forward(*args, **kwargs)
+        finally:
+            fc.cudagraph_runtime_mode = CUDAGraphMode.FULL
+        eager = (again[0] if isinstance(again, tuple) else again)[:n].float()
+        diff = (full - eager).abs().amax(dim=-1)  # [n]
+        root = diff.view(-1, q)[:, 0] if n % q == 0 else diff[:1]
+        logger.warning(
+            "medusa_vllm graph check %d: %d tokens, FULL vs eager hidden max |diff| all %.4g, "
+            "roots %.4g, tree rows %.4g; seq_lens %s mask_ids %s qsl %s",
+            self._medusa_graph_checks, n, diff.max().item(), root.max().item(),
+            diff.view(-1, q)[:, 1:].max().item() if n % q == 0 else float("nan"),
+            self.seq_lens[: n // q].tolist(), self.medusa_attn.mask_ids[: n // q].tolist(),
+            self.query_start_loc.gpu[: n // q + 1].tolist(),
+        )
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         logits_indices, spec_meta = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
