@@ -171,6 +171,9 @@ class MedusaRunnerMixin:
         return out
 
     def _medusa_graph_check(self, out, args, kwargs) -> None:
+        """Re-runs a FULL-graph tree step eagerly: as is, with every mask id 0 (causal) and with
+        the tree positions undone, and logs how far the graph's hidden states are from each
+        (the last re-run is the correct one, so the KV cache ends as the step wrote it)."""
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import get_forward_context
 
@@ -181,22 +184,37 @@ class MedusaRunnerMixin:
         self._medusa_graph_checks = getattr(self, "_medusa_graph_checks", 0) + 1
         n = self._medusa_step["num_tokens"]
         q = self.medusa_max_query
-        full = (out[0] if isinstance(out, tuple) else out)[:n].float().clone()
-        fc.cudagraph_runtime_mode = CUDAGraphMode.NONE
-        try:
-            again = super()._model_forward(*args, **kwargs)
-        finally:
-            fc.cudagraph_runtime_mode = CUDAGraphMode.FULL
-        eager = (again[0] if isinstance(again, tuple) else again)[:n].float()
-        diff = (full - eager).abs().amax(dim=-1)  # [n]
-        root = diff.view(-1, q)[:, 0] if n % q == 0 else diff[:1]
+        b = n // q
+
+        def hidden(o):
+            return (o[0] if isinstance(o, tuple) else o)[:n].float().clone()
+
+        def eager():
+            fc.cudagraph_runtime_mode = CUDAGraphMode.NONE
+            try:
+                return hidden(super(MedusaRunnerMixin, self)._model_forward(*args, **kwargs))
+            finally:
+                fc.cudagraph_runtime_mode = CUDAGraphMode.FULL
+
+        def gap(a, c):
+            d = (a - c).abs().amax(dim=-1).view(b, q)
+            return f"roots {d[:, 0].max().item():.3g} tree {d[:, 1:].max().item():.3g}"
+
+        full = hidden(out)
+        mask_ids = self.medusa_attn.mask_ids.clone()
+        self.medusa_attn.mask_ids.zero_()
+        causal = eager()
+        self.medusa_attn.mask_ids.copy_(mask_ids)
+        delta = torch.from_numpy(self._medusa_plan_delta).to(self.device)
+        self.positions[:n] -= delta
+        linear = eager()
+        self.positions[:n] += delta
+        ok = eager()
         logger.warning(
-            "medusa_vllm graph check %d: %d tokens, FULL vs eager hidden max |diff| all %.4g, "
-            "roots %.4g, tree rows %.4g; seq_lens %s mask_ids %s qsl %s",
-            self._medusa_graph_checks, n, diff.max().item(), root.max().item(),
-            diff.view(-1, q)[:, 1:].max().item() if n % q == 0 else float("nan"),
-            self.seq_lens[: n // q].tolist(), self.medusa_attn.mask_ids[: n // q].tolist(),
-            self.query_start_loc.gpu[: n // q + 1].tolist(),
+            "medusa_vllm graph check %d (%d tokens): FULL vs eager: %s | vs eager, causal masks: "
+            "%s | vs eager, linear positions: %s; seq_lens %s mask_ids %s",
+            self._medusa_graph_checks, n, gap(full, ok), gap(full, causal), gap(full, linear),
+            self.seq_lens[:b].tolist(), mask_ids[:b].tolist(),
         )
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -226,6 +244,7 @@ class MedusaRunnerMixin:
             self.medusa_offsets, self.medusa_max_query,
         )
         n_tok = len(plan.position_delta)
+        self._medusa_plan_delta = plan.position_delta
         if num_drafts.any():
             delta = torch.from_numpy(plan.position_delta).to(self.device, non_blocking=True)
             self.positions[:n_tok] += delta
