@@ -39,6 +39,12 @@ class TreeAttnStep:
     num_tokens: int  # their query tokens
     all_reqs: bool = False  # every request (incl. CUDA-graph padding) goes to the tree kernel
 
+    @classmethod
+    def for_capture(cls) -> TreeAttnStep:
+        """The step of vLLM's uniform-decode dummy runs, from which it captures FULL graphs:
+        the whole (dummy) batch in the tree kernel."""
+        return cls(0, 0, all_reqs=True)
+
 
 class MedusaAttnContext:
     """Shared by the runner (writes ``step`` and ``mask_ids``) and every builder (reads them)."""
@@ -74,7 +80,7 @@ def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttent
                  fast_build: bool):
     ctx: MedusaAttnContext | None = getattr(builder, "medusa", None)
     step = ctx.step if ctx is not None else None
-    if step is None or step.num_reqs == 0:
+    if step is None or (step.num_reqs == 0 and not step.all_reqs):
         return parent_build(common_prefix_len, cm, fast_build)
     if step.all_reqs:  # cm.num_reqs includes the padding of a CUDA-graph batch
         nd, ndt = cm.num_reqs, cm.num_actual_tokens

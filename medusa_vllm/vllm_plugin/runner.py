@@ -158,7 +158,7 @@ class MedusaRunnerMixin:
         # which every request decodes a tree: the FULL CUDA graphs vLLM captures from it must hold
         # the tree kernel (reading the persistent mask buffer), not vLLM's causal attention.
         if uniform_decode:
-            self.medusa_attn.step = TreeAttnStep(0, 0, all_reqs=True)
+            self.medusa_attn.step = TreeAttnStep.for_capture()
         try:
             return super()._dummy_run(num_tokens, *args, uniform_decode=uniform_decode, **kwargs)
         finally:

@@ -1,0 +1,62 @@
+"""How the attention builders split a step between the tree kernel and vLLM's backend
+(medusa_vllm.vllm_plugin.attention._split_build), with the builder and vLLM's metadata stubbed:
+only the split decision and the buffers handed to the kernel are under test."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, MedusaMetadata, TreeAttnStep, _split_build
+
+Q = 6
+
+
+def _ctx(step):
+    ctx = MedusaAttnContext(torch.zeros(2, Q, 1, dtype=torch.int64), max_num_reqs=4)
+    ctx.step = step
+    return ctx
+
+
+def _cm(num_reqs=2):
+    n = num_reqs * Q
+    return SimpleNamespace(
+        num_reqs=num_reqs, num_actual_tokens=n,
+        query_start_loc=torch.arange(0, n + 1, Q, dtype=torch.int32),
+        seq_lens=torch.full((num_reqs,), 40, dtype=torch.int32),
+        block_table_tensor=torch.zeros(num_reqs, 8, dtype=torch.int32),
+        slot_mapping=torch.arange(n),
+    )
+
+
+def _vllm_build(*args):
+    return "vllm"
+
+
+def test_graph_capture_step_builds_tree_metadata_over_persistent_buffers():
+    # vLLM captures its FULL graphs from uniform dummy runs; the runner marks them with
+    # TreeAttnStep.for_capture() (no real requests, all_reqs). The captured attention must be
+    # the tree kernel reading the persistent mask-id buffer, not vLLM's causal attention.
+    ctx = _ctx(TreeAttnStep.for_capture())
+    cm = _cm()
+    md = _split_build(SimpleNamespace(medusa=ctx), _vllm_build, 0, cm, False)
+    assert isinstance(md, MedusaMetadata), "the FULL graph would hold vLLM's causal attention"
+    assert md.rest is None and md.tree.num_tokens == 2 * Q
+    assert md.tree.mask_ids.data_ptr() == ctx.mask_ids.data_ptr()  # the buffer the runner fills
+    assert md.tree.seq_lens.data_ptr() == cm.seq_lens.data_ptr()
+    assert md.tree.query_start_loc.data_ptr() == cm.query_start_loc.data_ptr()
+    assert md.tree.block_table.data_ptr() == cm.block_table_tensor.data_ptr()
+
+
+@pytest.mark.parametrize("step", [None, TreeAttnStep(0, 0)])
+def test_steps_without_tree_decodes_stay_with_vllm(step):
+    assert _split_build(SimpleNamespace(medusa=_ctx(step)), _vllm_build, 0, _cm(), False) == "vllm"
+    assert _split_build(SimpleNamespace(), _vllm_build, 0, _cm(), False) == "vllm"  # no context
+
+
+def test_uniform_tree_step_goes_whole_to_the_kernel():
+    md = _split_build(SimpleNamespace(medusa=_ctx(TreeAttnStep(2, 2 * Q, all_reqs=True))),
+                      _vllm_build, 0, _cm(), False)
+    assert isinstance(md, MedusaMetadata) and md.rest is None and md.num_actual_tokens == 2 * Q
