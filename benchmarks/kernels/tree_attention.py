@@ -1,8 +1,9 @@
 """Tree attention over vLLM's paged KV cache on one GPU: medusa_vllm's kernel against
 (a) FlexAttention (compiled, block mask over the gathered KV), (b) SDPA with a dense boolean
 mask over the gathered KV, (c) FlashInfer paged prefill with a custom mask, (d) xformers'
-tree_attention (prefix + tree suffix, merged). (c) and (d) are optional: when they cannot be
-imported their columns are null and the exact import error is recorded.
+tree_attention (paged prefix over the same cache + tree suffix, merged; Triton split-K ops).
+(c) and (d) are optional: when they cannot be imported or run, their columns are null and the
+exact error is recorded.
 
 Every request has `context` cached tokens plus a Medusa tree window of q_len = nodes + 1 tokens
 (root + the first nodes of mc_sim_7b_63). Times are GPU medians of triton.testing.do_bench (L2
@@ -117,7 +118,7 @@ def measure(point: Point, cfg: Config, peak: float | None) -> dict:
             if info:
                 row[f"{name}_info"] = info
         except Exception as exc:  # noqa: BLE001 - an alternative that fails is recorded, not fatal
-            row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:1500]}"
         torch.cuda.empty_cache()
     del problem
     torch.cuda.empty_cache()

@@ -144,33 +144,63 @@ def flashinfer(problem: Problem):
     return fn, fn(), {"version": fi.__version__}
 
 
+def _xformers_splitk(block_n: int):
+    """xformers' Triton split-K op with key tiles of `block_n` (its paged path needs the page
+    size to be a multiple of the tile: 64 by default, vLLM's pages hold 16 tokens)."""
+    from xformers.ops.fmha import triton_splitk
+
+    if triton_splitk.FwOp.BLOCK_N <= block_n and block_n % triton_splitk.FwOp.BLOCK_N == 0:
+        return triton_splitk.FwOp
+    return type(f"FwOp_bn{block_n}", (triton_splitk.FwOp,),
+                {"BLOCK_N": block_n, "NAME": f"{triton_splitk.FwOp.NAME}_bn{block_n}"})
+
+
 def xformers(problem: Problem):
+    """xformers.ops.tree_attention: prefix (context) attention read straight from the same paged
+    cache (PagedBlockDiagonalPaddedKeysMask, Triton split-K with tiles of one page), tree part
+    on the window's K/V with the tree as an explicit bias, merged by log-sum-exp. If the paged
+    prefix cannot run, the context is gathered (BlockDiagonalPaddedKeysMask) and info says why.
+    xformers' own dispatch picks CUDA/FA3 ops, which its torch-2.10 wheel cannot load on torch
+    2.11; the Triton split-K op is pure Triton and is passed explicitly."""
     import xformers as xf
     import xformers.ops.tree_attention as xt
-    from xformers.ops.fmha import triton_splitk
-    from xformers.ops.fmha.attn_bias import BlockDiagonalPaddedKeysMask
+    from xformers.ops.fmha.attn_bias import BlockDiagonalPaddedKeysMask, PagedBlockDiagonalPaddedKeysMask
 
     p, b, q_len, ctx = problem.p, problem.batch, problem.q_len, problem.ctx
     n, hq, d = p.q.shape
-    hkv = p.cache.k.shape[2]
-    q5 = p.q.view(b, q_len, hkv, hq // hkv, d)  # BMGHK: G = kv heads, H = q heads per kv head
-    def split(t):  # [B, L, Hkv, D] -> context and window parts, each [B, M, Hkv, G, D] (G expanded)
-        return [part.contiguous().unsqueeze(3).expand(b, part.shape[1], hkv, hq // hkv, d)
-                for part in (t[:, :ctx], t[:, ctx:])]
+    nb, bs, hkv, _ = p.cache.k.shape
+    g = hq // hkv
+    q5 = p.q.view(b, q_len, hkv, g, d)  # BMGHK: G = kv heads, H = q heads per kv head
 
-    (k_ctx, k_tree), (v_ctx, v_tree) = (split(t) for t in problem.gathered_bl)
-    prefix_bias = BlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen=[q_len] * b, kv_padding=ctx, kv_seqlen=[ctx] * b,
-                                                          device=p.q.device)
+    def grouped(t):  # [..., M, Hkv, D] -> [..., M, Hkv, G, D] (G expanded, no copy)
+        return t.unsqueeze(-2).expand(*t.shape[:-1], g, d)
+
+    k_all, v_all = problem.gathered_bl  # [B, L, Hkv, D]: the window's K/V (fresh keys in a real step)
+    k_tree, v_tree = grouped(k_all[:, ctx:].contiguous()), grouped(v_all[:, ctx:].contiguous())
     spec_bias = torch.zeros(q_len, q_len, dtype=p.q.dtype, device=p.q.device).masked_fill(~problem.tree, float("-inf"))
-    try:  # what tree_attention's own heuristic picks for the prefix (context) part
-        prefix_op = xt.select_prefix_op(b, hkv, q_len, False, prefix_bias, p.q.dtype)
-        prefix_name = prefix_op.NAME if prefix_op is not None else "xformers default dispatch"
-    except Exception as exc:  # noqa: BLE001 - e.g. no FA3 build: fall back to its split-K op
-        prefix_op, prefix_name = triton_splitk.FwOp, f"{triton_splitk.FwOp.NAME} (select_prefix_op: {exc})"
-    fn = functools.partial(xt.tree_attention, q5, k_tree, v_tree, k_ctx, v_ctx, spec_bias, prefix_bias,
-                           prefix_op=prefix_op, suffix_op=triton_splitk.FwOp)
-    info = {"version": xf.__version__, "suffix_op": triton_splitk.FwOp.NAME, "prefix_op": prefix_name}
-    return fn, fn().reshape(n, hq, d), info
+    suffix_op = _xformers_splitk(16)
+    info = {"version": xf.__version__, "suffix_op": suffix_op.NAME}
+    try:
+        prefix_op = _xformers_splitk(bs)
+        block_table = p.block_table[:, : -(-ctx // bs)].contiguous()
+        bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
+            q_seqlen=[q_len] * b, kv_seqlen=[ctx] * b, block_tables=block_table, page_size=bs, device=p.q.device)
+        k_ctx, v_ctx = (grouped(t.reshape(1, nb * bs, hkv, d)) for t in (p.cache.k, p.cache.v))
+        fn = functools.partial(xt.tree_attention, q5, k_tree, v_tree, k_ctx, v_ctx, spec_bias, bias,
+                               prefix_op=prefix_op, suffix_op=suffix_op)
+        out = fn()
+        info |= {"prefix_op": prefix_op.NAME, "prefix_kv": f"paged, {bs}-token pages (the same cache)"}
+    except Exception as exc:  # noqa: BLE001 - recorded; the gathered prefix below still runs
+        info["paged_prefix_error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+        prefix_op = _xformers_splitk(64)
+        k_ctx, v_ctx = (grouped(t[:, :ctx].contiguous()) for t in (k_all, v_all))
+        bias = BlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen=[q_len] * b, kv_padding=ctx, kv_seqlen=[ctx] * b,
+                                                        device=p.q.device)
+        fn = functools.partial(xt.tree_attention, q5, k_tree, v_tree, k_ctx, v_ctx, spec_bias, bias,
+                               prefix_op=prefix_op, suffix_op=suffix_op)
+        out = fn()
+        info |= {"prefix_op": prefix_op.NAME, "prefix_kv": "gathered, contiguous (not timed)"}
+    return fn, out.reshape(n, hq, d), info
 
 
 def software_versions() -> dict:
