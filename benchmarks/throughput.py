@@ -121,6 +121,9 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
             "acceptance_per_depth": [p / drafts for p in per_pos if p > 0] if drafts else None,
             "outputs": outputs,
         })
+    # medusa_vllm engines: did uniform greedy steps replay the verify+heads CUDA graphs?
+    medusa = (llm.collective_rpc("medusa_stats")[0]
+              if (kw.get("speculative_config") or {}).get("method") == "medusa_vllm" else None)
     from medusa_vllm.profiling import start_profile, stop_profile
 
     profiles = {}
@@ -130,7 +133,7 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
                      SamplingParams(temperature=temperature, max_tokens=32, ignore_eos=True, seed=0),
                      use_tqdm=False)
         profiles[b] = llm.collective_rpc(stop_profile)[0]
-    return {"engine_start_s": start_s, "rows": rows, "profiles": profiles}
+    return {"engine_start_s": start_s, "rows": rows, "profiles": profiles, "medusa_stats": medusa}
 
 
 def prompts_for(args) -> list[str]:
@@ -183,6 +186,9 @@ def summarize(results: dict, args) -> tuple[list, dict]:
         "tau_bs1": max(tau1) if tau1 else None,
         "greedy_identical": all(identical) if identical else None,
         "device": None,
+        # per medusa_vllm config: tree steps, τ, and how many uniform greedy steps replayed the
+        # verify+heads CUDA graphs (graph_batch_sizes: the sizes captured)
+        "medusa_stats": {c: r["medusa_stats"] for c, r in results.items() if r.get("medusa_stats")},
     }
     return rows, summary
 

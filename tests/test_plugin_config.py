@@ -84,6 +84,8 @@ def test_cli_flag_speculative_model(model, heads):
         ({"method": "medusa_vllm", "treee": "sparse-7"}, "unknown speculative config key(s) ['treee']"),
         ({"method": "medusa_vllm", "tree": "sparse-7", "num_speculative_tokens": 4},
          "num_speculative_tokens=4 but the tree has 7 nodes"),
+        ({"method": "medusa_vllm", "attention": "xformers"}, "attention 'xformers' is not available"),
+        ({"method": "medusa_vllm", "attention": "flash"}, "attention 'flash' is not one of"),
     ],
 )
 def test_bad_settings_refuse_to_start_with_one_clear_line(model, heads, spec, message):

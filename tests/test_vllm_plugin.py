@@ -173,6 +173,10 @@ def test_worker_stats_agree_with_vllm_metrics(medusa):
     assert stats["tree_steps"] == pytest.approx(m["vllm:spec_decode_num_drafts"], rel=0.01)
     assert stats["tree_steps"] >= m["vllm:spec_decode_num_drafts"]
     assert stats["mean_accepted_length"] == pytest.approx(spec_tau(m), abs=0.05)
+    # the greedy jobs' uniform steps took the fixed-shape verify+heads path (plain code on the
+    # CPU: no CUDA graphs), so the greedy-identity test above covers it
+    uniform = stats["uniform_greedy"]
+    assert uniform["steps"] > 0 and uniform["graph_replays"] == 0, uniform
     depth0 = m["vllm:spec_decode_num_accepted_tokens_per_pos[0]"] / m["vllm:spec_decode_num_drafts"]
     assert stats["acceptance_per_depth"][0] == pytest.approx(depth0, abs=0.02)
 
@@ -256,3 +260,18 @@ def test_medusa_stats_histogram():
     assert s["tree_steps"] == 3
     assert s["mean_accepted_length"] == pytest.approx(2.0)  # (1 + 3 + 2) / 3
     assert s["acceptance_per_depth"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+
+
+@pytest.fixture(scope="module")
+def reference_attention(bundled_model_dir, prompts):
+    """The speculative config's ``attention: reference``: the PyTorch reference instead of the
+    compiled kernel (a debugging aid), on the batch-4 greedy job."""
+    kw = _medusa(str(bundled_model_dir))
+    kw["speculative_config"] = dict(kw["speculative_config"], attention="reference")
+    return run_engine(kw, [_jobs(*prompts)[1], (medusa_stats, ())])
+
+
+def test_reference_attention_is_used_and_identical(baseline, reference_attention):
+    assert reference_attention.outputs[0] == baseline.outputs[1]
+    (stats,) = reference_attention.outputs[1]
+    assert stats["attention"] == "reference" and stats["tree_steps"] > 0

@@ -21,7 +21,10 @@ from medusa_vllm.tree import TokenTree, get_tree
 METHOD = "medusa_vllm"
 PROPOSER_CLASS = "medusa_vllm.vllm_plugin.proposer.MedusaTreeProposer"
 ACCEPTANCE_RULES = ("rejection", "typical")
-ATTENTION_CHOICES = ("auto", "kernel", "reference", "xformers")
+# tree attention: "auto" = the compiled csrc kernel (the PyTorch reference ops if the extension is
+# not built), "kernel" = the compiled kernel or an error, "reference" = the PyTorch reference
+# (debugging: it syncs the host, so eager mode only)
+ATTENTION_CHOICES = ("auto", "kernel", "reference")
 # keys of our speculative config; vLLM's own keys we accept alongside them
 _VLLM_KEYS = ("method", "model", "num_speculative_tokens")
 
@@ -42,13 +45,21 @@ class MedusaSpecConfig:
     adaptive: bool = False  # shrink the tree as the batch grows (load-adaptive)
     adaptive_trees: list[list[list[int]]] = field(default_factory=list)  # smaller trees to pick from
     adaptive_max_tokens: int = 0  # token budget per step the adaptive policy aims for (0 = auto)
-    attention: str = "auto"  # tree attention: csrc kernel, PyTorch reference, or xformers
+    attention: str = "auto"  # tree attention: ATTENTION_CHOICES
     topk: int = 10  # candidates taken per head
+    # GPU: verification + next drafts of uniform greedy steps replayed as one CUDA graph per batch
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.acceptance not in ACCEPTANCE_RULES:
             raise MedusaConfigError(
                 f"medusa_vllm: acceptance {self.acceptance!r} is not one of {ACCEPTANCE_RULES}"
+            )
+        if self.attention == "xformers":
+            raise MedusaConfigError(
+                "medusa_vllm: attention 'xformers' is not available: xformers' tree attention has "
+                "not yet run correctly on this stack (its wheel targets torch 2.10; see "
+                "benchmarks/kernels/tree_attention.py and the README); use 'auto'"
             )
         if self.attention not in ATTENTION_CHOICES:
             raise MedusaConfigError(
@@ -96,6 +107,7 @@ _USER_KEYS = {
     "adaptive_trees",
     "adaptive_max_tokens",
     "attention",
+    "cuda_graphs",
 }
 
 
@@ -153,6 +165,7 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         adaptive_trees=trees,
         adaptive_max_tokens=int(spec.get("adaptive_max_tokens", 0)),
         attention=spec.get("attention", "auto"),
+        cuda_graphs=bool(spec.get("cuda_graphs", True)),
     )
 
 

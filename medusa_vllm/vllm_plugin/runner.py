@@ -33,6 +33,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from medusa_vllm import kernels
 from medusa_vllm.adaptive import AdaptiveTreePolicy
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
 from medusa_vllm.sampling import SamplingBatch
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
@@ -88,6 +89,24 @@ def can_speculate(sp) -> bool:
     )
 
 
+def _attention_is_reference(choice: str, vllm_config) -> bool:
+    """The speculative config's ``attention``: True for the PyTorch reference; errors for a
+    choice this engine cannot honour."""
+    from medusa_vllm.vllm_plugin.config import MedusaConfigError
+
+    if choice == "kernel" and not kernels.have_extension():
+        raise MedusaConfigError(
+            f"medusa_vllm: attention 'kernel' needs the compiled extension, which did not load "
+            f"({kernels.extension_error()}); build it or use attention 'auto'"
+        )
+    if choice == "reference" and not vllm_config.model_config.enforce_eager:
+        raise MedusaConfigError(
+            "medusa_vllm: attention 'reference' syncs the host in every layer and cannot run in "
+            "CUDA graphs or torch.compile; pass enforce_eager=True (--enforce-eager) with it"
+        )
+    return choice == "reference"
+
+
 class MedusaRunnerMixin:
     """Overrides on top of vLLM 0.26's V1 ``GPUModelRunner`` (shared by its CPU subclass)."""
 
@@ -101,7 +120,8 @@ class MedusaRunnerMixin:
         self.medusa_offsets = position_offsets(trees)
         masks = torch.cat([causal_masks(self.medusa_max_query), self.medusa_trees.masks.cpu()])
         self.medusa_attn = MedusaAttnContext(
-            kernels.pack_tree_masks(masks).to(self.device), self.max_num_reqs
+            kernels.pack_tree_masks(masks).to(self.device), self.max_num_reqs,
+            reference=_attention_is_reference(self.medusa_cfg.attention, vllm_config),
         )
         self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
         # which (head, rank) each node of each tree reads: [NT, Tmax]
@@ -120,6 +140,18 @@ class MedusaRunnerMixin:
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._medusa_kv_checked = False
         self.medusa_stats = MedusaStats(max(t.depth for t in trees), self.device)
+        # uniform greedy steps: verification + next drafts as one function of fixed shapes,
+        # replayed from a CUDA graph per batch size on the GPU (captured in capture_model; single
+        # rank: the heads' logits gather is a collective under TP); plain code on the CPU
+        q = self.medusa_max_query
+        self._medusa_graphs = BatchGraphs(
+            self._medusa_uniform_step, rows_per_req=[q, q - 1, q, 1], max_batch=self.max_num_reqs,
+            exact=3, name="verify+heads",
+        )
+        self._medusa_graphs.enabled = (
+            self.device.type == "cuda" and self.medusa_cfg.cuda_graphs
+            and vllm_config.parallel_config.world_size == 1
+        )
 
     # ------------------------------------------------------------------ set-up hooks
     def initialize_metadata_builders(self, *args, **kwargs) -> None:
@@ -132,6 +164,37 @@ class MedusaRunnerMixin:
                     f"{group.backend.get_name()}; do not pass --attention-backend with medusa_vllm"
                 )
             builder.medusa = self.medusa_attn
+
+    def capture_model(self) -> int:
+        size = super().capture_model()
+        if self._medusa_graphs.enabled:
+            self._medusa_capture_step_graphs()
+        return size
+
+    def _medusa_capture_step_graphs(self) -> None:
+        """After vLLM's graphs: one verify+heads graph per batch size B whose uniform step
+        (B * (1 + nodes) tokens) vLLM captures too, on example inputs."""
+        from vllm.config import CUDAGraphMode
+
+        if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
+            return
+        q = self.medusa_max_query
+        capture_sizes = self.compilation_config.cudagraph_capture_sizes or []
+        sizes = sorted({n // q for n in capture_sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs},
+                       reverse=True)  # largest first: the smaller graphs reuse its pool
+        g = torch.Generator(device=self.device).manual_seed(0)
+        hidden_size = self.model_config.get_hidden_size()
+        captured = []
+        for b in sizes:
+            example = (
+                torch.randint(0, 8, (b * q,), device=self.device, generator=g),
+                torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
+                torch.randn(b * q, hidden_size, device=self.device, generator=g, dtype=self.dtype),
+                torch.zeros(b, dtype=torch.int64, device=self.device),
+            )
+            if self._medusa_graphs.capture(*example):
+                captured.append(b)
+        logger.info("medusa_vllm: verify+heads CUDA graphs captured for batch sizes %s", captured)
 
     def _medusa_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._medusa_kv_views is None:
@@ -255,6 +318,8 @@ class MedusaRunnerMixin:
         self.medusa_attn.mask_ids.copy_(torch.from_numpy(mask_np), non_blocking=True)
         self.medusa_attn.step = TreeAttnStep(plan.num_tree_reqs, plan.num_tree_tokens, plan.all_reqs)
         self._medusa_step = {
+            # every request verifies its full (largest) tree: the fixed-shape step applies
+            "uniform": plan.all_reqs and bool((num_drafts == self.medusa_max_query - 1).all()),
             "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
             "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
             "num_drafts_np": num_drafts,
@@ -279,6 +344,9 @@ class MedusaRunnerMixin:
         if spec_decode_metadata is None or self._medusa_step is None:
             out = super()._sample(logits, spec_decode_metadata)
             rows = torch.arange(self.input_batch.num_reqs, device=logits.device)
+        elif self._medusa_uniform_greedy(logits):
+            with region("medusa: verify+heads"):
+                return self._medusa_uniform_sample(logits, spec_decode_metadata)
         else:
             with region("medusa: verify"):
                 out, rows = self._medusa_sample(logits, spec_decode_metadata)
@@ -288,6 +356,50 @@ class MedusaRunnerMixin:
             with region("medusa: heads"):
                 self._medusa_drafts = self._medusa_propose(self._medusa_hidden, rows)
         return out
+
+    def _medusa_uniform_greedy(self, logits) -> bool:
+        step = self._medusa_step
+        return (
+            step["uniform"]
+            and self.input_batch.sampling_metadata.all_greedy
+            and self._medusa_hidden is not None
+            and self.drafter.heads is not None
+            and logits.shape[0] == self.input_batch.num_reqs * self.medusa_max_query
+        )
+
+    def _medusa_uniform_sample(self, logits, spec_decode_metadata):
+        """Greedy step in which every request verified its full tree: one fixed-shape function
+        (a CUDA graph replay on the GPU) verifies, picks the accepted path and drafts the next
+        tree; then the accepted KV moves and the stats count."""
+        num_reqs = self.input_batch.num_reqs
+        step = self._medusa_step
+        tokens, accepted, num_accepted, drafts = self._medusa_graphs(
+            logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
+            step["tree_ids"],
+        )
+        if step.get("slot_mapping") is not None:
+            k_caches, v_caches = zip(*self._medusa_views())
+            kernels.move_accepted_kv(
+                list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
+                self.query_start_loc.gpu[: num_reqs + 1], accepted,
+                check=not self._medusa_kv_checked,
+            )
+            self._medusa_kv_checked = True
+        self.medusa_stats.observe(num_accepted, torch.ones_like(num_accepted))
+        k = self.medusa_policy.choose(num_reqs)
+        for req_id in self.input_batch.req_ids[:num_reqs]:
+            self._medusa_req_tree[req_id] = k
+        self._medusa_drafts = drafts  # the graph's output: read by take_draft_token_ids this step
+        # a copy: vLLM may hold the sampled ids past the next replay
+        return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=None)
+
+    def _medusa_uniform_step(self, argmax, drafts, hidden, tree_ids):
+        """The fixed-shape function the CUDA graphs hold (no side effects, no host syncs)."""
+        k = self.medusa_policy.choose(tree_ids.shape[0])
+        return greedy_tree_step(
+            argmax, drafts, hidden, tree_ids, self.medusa_trees,
+            lambda h: self._medusa_head_drafts(h, k),
+        ).as_tuple()
 
     def _medusa_sample(self, logits, spec_decode_metadata):
         step = self._medusa_step
@@ -351,16 +463,20 @@ class MedusaRunnerMixin:
 
     def _medusa_propose(self, sample_hidden_states, rows):
         num_reqs = self.input_batch.num_reqs
-        hidden = sample_hidden_states[rows[:num_reqs]]  # [B, H]
-        topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
         k = self.medusa_policy.choose(num_reqs)
-        size = self.medusa_tree_sizes[k]
-        drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
-        # non-finite head logits: the row becomes -1s (no drafts), read with the drafts in one copy
-        drafts = torch.where(finite[:, None], drafts, -1)
+        drafts = self._medusa_head_drafts(sample_hidden_states[rows[:num_reqs]], k)
         for req_id in self.input_batch.req_ids[:num_reqs]:
             self._medusa_req_tree[req_id] = k
-        return drafts  # [B, T_k] int64, BFS order
+        return drafts
+
+    def _medusa_head_drafts(self, hidden, k: int):
+        """hidden [B, H] of each request's last accepted token -> drafts [B, T_k] int64 of tree
+        k, BFS order; a request whose head logits are not finite gets a row of -1s (no drafts,
+        read with the drafts in one copy)."""
+        topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
+        size = self.medusa_tree_sizes[k]
+        drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
+        return torch.where(finite[:, None], drafts, -1)
 
     def take_draft_token_ids(self):
         # the drafts' hand-over to the scheduler: the one sync of drafting (no SYNC_DEBUG guard)

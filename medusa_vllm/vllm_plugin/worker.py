@@ -27,9 +27,16 @@ def _swapped(module: object, name: str, replacement: type) -> Iterator[None]:
 
 class MedusaStatsMixin:
     def medusa_stats(self) -> dict:
-        """Tree steps, mean accepted length and per-depth acceptance of this worker so far:
+        """Tree steps, mean accepted length and per-depth acceptance of this worker so far, and
+        how many uniform greedy steps replayed a verify+heads CUDA graph:
         ``llm.collective_rpc("medusa_stats")`` (one dict per worker)."""
-        return self.model_runner.medusa_stats.summary()
+        from medusa_vllm import kernels
+
+        runner = self.model_runner
+        attention = ("reference" if runner.medusa_attn.reference else
+                     "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
+        return runner.medusa_stats.summary() | {
+            "attention": attention, "uniform_greedy": runner._medusa_graphs.summary()}
 
 
 class MedusaGPUWorker(MedusaStatsMixin, Worker):

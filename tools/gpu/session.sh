@@ -5,6 +5,7 @@
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
 #   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
+#   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
 # Results (--out) and the log go to $OUT; TP_TIMEOUT (s) bounds the benchmark.
 bench=${1:-throughput}
 bash .carry/vk4/device_setup.sh | tail -2
@@ -17,6 +18,13 @@ if [ "$bench" = smoke ]; then
     timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" "${2:-sparse-15}" \
         > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/smoke.log" | tail -40
+    exit 0
+fi
+if [ "$bench" = graph_check ]; then
+    # shellcheck disable=SC2086
+    timeout "${TP_TIMEOUT:-240}" python3 tools/gpu/graph_check.py "$MODEL" "$heads" ${2:-default-63 4} \
+        > "$OUT/graph_check.log" 2>&1
+    echo "graph_check rc=$?"; grep -a "graph check\|CUDA graph\|Error\|Traceback" "$OUT/graph_check.log" | cut -c1-400 | tail -20
     exit 0
 fi
 if [ "$bench" = step_cost ]; then

@@ -1,0 +1,153 @@
+"""The greedy tree step after the forward pass as one fixed-shape function, and CUDA graphs of it.
+
+In a *uniform* greedy step every request verifies its full tree: Q = 1 + nodes logits rows per
+request, in request order, so each row's place is known without any index bookkeeping. Then
+verification (greedy rule), the hidden state of the last accepted node and the next drafts (the
+heads, top-k, tree gather) are a pure function of four tensors whose shapes depend only on the
+batch size B — :func:`greedy_tree_step`. :class:`BatchGraphs` captures such a function once per
+B in a CUDA graph (static input buffers, one shared memory pool) and replays it: ~60 kernel
+launches from Python become one graph launch plus four input copies.
+
+Nothing here knows vLLM; the runner decides when a step is uniform and greedy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from medusa_vllm.tree_tensors import TreeTensors
+from medusa_vllm.verify import TreeBatch, greedy_from_argmax
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GreedyStepOutput:
+    tokens: torch.Tensor  # [B, D+1] int32 emitted tokens, -1 pad
+    accepted: torch.Tensor  # [B, D] int32 accepted window offsets, -1 pad (move_accepted_kv)
+    num_accepted: torch.Tensor  # [B] int64
+    drafts: torch.Tensor  # [B, T] int64 next drafts, BFS order (-1 row: no drafts)
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return self.tokens, self.accepted, self.num_accepted, self.drafts
+
+
+def greedy_tree_step(
+    argmax: torch.Tensor,  # [B*Q] int64 target argmax of every row (request-major)
+    drafts: torch.Tensor,  # [B*(Q-1)] draft token of every tree node (request-major, BFS)
+    hidden: torch.Tensor,  # [B*Q, H] hidden state of every row
+    tree_ids: torch.Tensor,  # [B] int64 tree each request's drafts follow
+    trees: TreeTensors,
+    propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
+) -> GreedyStepOutput:
+    b = tree_ids.shape[0]
+    q = argmax.shape[0] // b
+    num_nodes = torch.full_like(tree_ids, q - 1)
+    out = greedy_from_argmax(argmax.view(b, q), drafts.view(b, q - 1), TreeBatch.gather(trees, tree_ids, num_nodes))
+    rows = torch.arange(b, device=argmax.device) * q + out.last_node  # [B] row of each last accepted node
+    return GreedyStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
+
+
+class BatchGraphs:
+    """CUDA graphs of ``fn(*inputs) -> tuple of tensors``, one per batch size B, captured up
+    front by :meth:`capture` (vLLM's start-up, beside its own graphs: capturing while serving
+    would stall steps). Each input's leading dimension is ``rows_per_req[i] * B``; inputs are
+    copied into static buffers sized for ``max_batch``; the outputs are the graph's own tensors,
+    valid until the next call. ``fn`` must be free of side effects and host syncs. A call with a
+    B that has no graph (or with graphs disabled) runs ``fn`` eagerly.
+
+    :meth:`capture` checks each graph against an eager run on the same inputs: a difference in
+    the first ``exact`` outputs (or a capture that fails) disables the graphs, loudly, so callers
+    get eager results, never wrong ones; later outputs may differ by rounding (logged).
+    """
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], rows_per_req: list[int],
+                 max_batch: int, exact: int, name: str) -> None:
+        self.fn = fn
+        self.rows_per_req = rows_per_req
+        self.max_batch = max_batch
+        self.exact = exact
+        self.name = name
+        self.enabled = True
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.static: list[torch.Tensor] | None = None
+        self.pool = None
+        self.calls = self.replays = 0  # host counters: how many calls took a graph
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.calls += 1
+        entry = self.graphs.get(inputs[0].shape[0] // self.rows_per_req[0]) if self.enabled else None
+        if entry is None:
+            return self.fn(*inputs)
+        self._load(inputs)
+        graph, outputs = entry
+        graph.replay()
+        self.replays += 1
+        return outputs
+
+    def _load(self, inputs) -> list[torch.Tensor]:
+        b = inputs[0].shape[0] // self.rows_per_req[0]
+        if self.static is None:
+            self.static = [torch.empty((r * self.max_batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+                           for r, x in zip(self.rows_per_req, inputs)]
+        views = []
+        for buf, r, x in zip(self.static, self.rows_per_req, inputs):
+            v = buf[: r * b]
+            v.copy_(x)
+            views.append(v)
+        return views
+
+    def summary(self) -> dict:
+        return {"graph_batch_sizes": sorted(self.graphs) if self.enabled else [],
+                "steps": self.calls, "graph_replays": self.replays}
+
+    def capture(self, *inputs: torch.Tensor) -> bool:
+        """Capture the graph of the batch size of ``inputs`` (example values); True if it is
+        in use. Host syncs are fine here (start-up)."""
+        b = inputs[0].shape[0] // self.rows_per_req[0]
+        if not self.enabled or b > self.max_batch or b in self.graphs:
+            return b in self.graphs
+        with _sync_debug_off():
+            views = self._load(inputs)
+            reference = [t.clone() for t in self.fn(*views)]
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, …)
+                    self.fn(*views)
+                torch.cuda.current_stream().wait_stream(side)
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    outputs = self.fn(*views)
+                graph.replay()
+            except Exception as exc:  # noqa: BLE001 - eager from now on, loudly
+                self.enabled = False
+                logger.warning("medusa_vllm: %s CUDA graph capture failed for batch %d (%s: %s); "
+                               "running it eagerly", self.name, b, type(exc).__name__, exc)
+                return False
+            diffs = [i for i, (o, r) in enumerate(zip(outputs, reference)) if not torch.equal(o, r)]
+            if any(i < self.exact for i in diffs):
+                self.enabled = False
+                logger.error("medusa_vllm: %s CUDA graph for batch %d disagrees with the eager "
+                             "function (outputs %s); running it eagerly", self.name, b, diffs)
+                return False
+            if diffs:
+                logger.warning("medusa_vllm: %s CUDA graph for batch %d: outputs %s differ from "
+                               "the eager run by rounding", self.name, b, diffs)
+        self.graphs[b] = (graph, outputs)
+        return True
+
+
+class _sync_debug_off:
+    def __enter__(self):
+        self.mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.mode)

@@ -1,0 +1,75 @@
+"""BatchGraphs on a GPU: the captured greedy step replays with each call's inputs and equals the
+eager function, per batch size; batch sizes without a graph run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
+from medusa_vllm.tree import TokenTree
+from medusa_vllm.tree_tensors import TreeTensors
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TREE = TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+Q = 7
+H, V = 16, 50
+
+
+def _step_fn(trees, w):
+    def propose(h):  # a small "head": logits -> top-1 per tree node
+        return (h @ w).topk(Q - 1, dim=-1).indices
+
+    def fn(argmax, drafts, hidden, tree_ids):
+        return greedy_tree_step(argmax, drafts, hidden, tree_ids, trees, propose).as_tuple()
+
+    return fn
+
+
+def _inputs(b, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    argmax = torch.randint(0, 4, (b * Q,), device="cuda", generator=g)
+    drafts = torch.randint(0, 4, (b * (Q - 1),), device="cuda", generator=g, dtype=torch.int64).int()
+    hidden = torch.randn(b * Q, H, device="cuda", generator=g)
+    return argmax, drafts, hidden, torch.zeros(b, dtype=torch.int64, device="cuda")
+
+
+def test_replays_match_eager_for_every_batch_size_and_call():
+    trees = TreeTensors.build([TREE], "cuda")
+    fn = _step_fn(trees, torch.randn(H, V, device="cuda"))
+    graphs = BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1], max_batch=8, exact=3, name="test")
+    for b in (8, 3, 1):
+        assert graphs.capture(*_inputs(b, 100 + b))
+    for seed, b in enumerate([3, 1, 3, 8, 2, 1, 3]):  # 2: no graph, eager
+        inputs = _inputs(b, seed)
+        got = [t.clone() for t in graphs(*inputs)]
+        want = fn(*inputs)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y), (b, seed)
+    assert graphs.enabled and sorted(graphs.graphs) == [1, 3, 8]
+
+
+def test_replay_reads_the_live_contents_of_captured_buffers():
+    stale = torch.zeros(1, device="cuda", dtype=torch.int64)
+
+    def fn(x):  # reads a tensor outside the static inputs, by pointer
+        return (x + stale,)
+
+    graphs = BatchGraphs(fn, rows_per_req=[1], max_batch=4, exact=1, name="test")
+    assert graphs.capture(torch.ones(2, device="cuda", dtype=torch.int64))
+    stale.fill_(5)  # the graph sees this (same storage): still equal to eager
+    out = graphs(torch.ones(2, device="cuda", dtype=torch.int64))
+    assert torch.equal(out[0], torch.full((2,), 6, device="cuda"))
+
+
+def test_a_graph_that_differs_from_eager_disables_the_graphs():
+    calls = []
+
+    def fn(x):  # host state baked into the capture: the replay repeats the captured constant
+        calls.append(1)
+        return (x + len(calls),)
+
+    graphs = BatchGraphs(fn, rows_per_req=[1], max_batch=4, exact=1, name="test")
+    assert not graphs.capture(torch.ones(2, device="cuda", dtype=torch.int64))
+    assert not graphs.enabled and graphs(torch.ones(2, device="cuda"))[0].shape == (2,)
