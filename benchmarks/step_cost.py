@@ -6,7 +6,8 @@ Untrained (zero-initialised) heads make acceptance ≈ 0, so every step emits ab
 the per-step overhead is exposed. ms/step = wall time of a round ÷ verification steps per request
 (tokens ÷ τ). Configurations run one engine each (``benchmarks/throughput.py`` machinery):
 plain decoding with vLLM's default runner and with the V1 runner + async scheduling (the fastest
-plain configuration on the H100), trees of 4 (chain), 16 and 64 nodes, built-in Medusa K=4.
+plain configuration on the H100), trees of 4 (chain), 16 and 64 nodes (64 also with
+asynchronous scheduling), built-in Medusa K=4.
 With ``--profile`` each engine also runs one profiled round per batch size (torch profiler in
 the worker, :mod:`medusa_vllm.profiling`): host time per step of vLLM's and medusa_vllm's step
 regions, device time of the top kernels, CUDA runtime calls per step; the summaries go into the
@@ -30,8 +31,10 @@ CONFIGS = {
     "tree4_chain": "medusa:chain-4",
     "tree16": "medusa:sparse-15",
     "tree64": "medusa:default-63",
+    "tree64_async": "medusa:default-63",  # + vLLM's asynchronous scheduler
     "builtin_medusa_k4": "builtin",
 }
+ASYNC = {"plain_v1_async", "tree64_async"}
 
 
 def main(argv=None) -> None:
@@ -66,7 +69,7 @@ def main(argv=None) -> None:
         if args.profile:
             env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CUSTOM_SCOPES_FOR_PROFILING="1")
         kw = engine_kwargs(args, config.replace("-v1async", ""), args.heads, builtin)
-        if name == "plain_v1_async":
+        if name in ASYNC:
             kw["async_scheduling"] = True
         try:
             res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, 0.0,
@@ -108,8 +111,12 @@ def main(argv=None) -> None:
         "plain_ms_bs32_fastest": fastest32 if fastest32 != float("inf") else None,
         "tree64_ms_bs32": ms("tree64", 32),
         "tree64_vs_fastest_plain_bs32": ratio(ms("tree64", 32), fastest32),
-        "async": False,
-        "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs",
+        "tree64_async_ms_bs1": ms("tree64_async", 1), "tree64_async_ms_bs32": ms("tree64_async", 32),
+        "tree64_async_vs_fastest_plain_bs1": ratio(ms("tree64_async", 1), fastest1),
+        "tree64_async_vs_fastest_plain_bs32": ratio(ms("tree64_async", 32), fastest32),
+        "async": any(r.get("config") == "tree64_async" and "ms_per_step" in r for r in rows),
+        "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; greedy "
+                       "verification + heads in medusa_vllm's per-batch-size graphs",
         "device": device_name(),
     }
     if profiles:

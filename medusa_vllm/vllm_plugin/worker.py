@@ -36,7 +36,8 @@ class MedusaStatsMixin:
         attention = ("reference" if runner.medusa_attn.reference else
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
         return runner.medusa_stats.summary() | {
-            "attention": attention, "uniform_greedy": runner._medusa_graphs.summary()}
+            "attention": attention, "uniform_greedy": runner._medusa_graphs.summary(),
+            "async_scheduling": bool(runner.use_async_scheduling)}
 
 
 class MedusaGPUWorker(MedusaStatsMixin, Worker):
