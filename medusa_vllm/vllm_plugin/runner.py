@@ -10,13 +10,17 @@ One step, as vLLM drives it (``execute_model`` then ``sample_tokens``):
    rejection / typical, :mod:`medusa_vllm.verify`), emit accepted path + one token, then move the
    accepted nodes' KV into the consecutive slots vLLM's bookkeeping expects — so vLLM's own
    rollback of ``n - accepted`` tokens stays correct. Requests without drafts are sampled by
-   vLLM's sampler (all its features: penalties, logprobs, …).
-4. ``propose_draft_token_ids``: the heads read the hidden state of each request's last accepted
-   token; top-k per head; the tree's tokens are gathered by (head, rank) — all on the device.
-   vLLM then hands them to the scheduler as each request's speculative tokens (BFS order).
+   vLLM's sampler (all its features: penalties, logprobs, …). Right after, the next drafts: the
+   heads read the hidden state of each request's last accepted token; top-k per head; the tree's
+   tokens are gathered by (head, rank) — all on the device. A uniform greedy step does both in
+   one fixed-shape function (:mod:`medusa_vllm.graphed_step`, a CUDA graph on one GPU).
+4. ``propose_draft_token_ids`` returns those drafts; vLLM hands them to the scheduler as each
+   request's speculative tokens (BFS order) or, under asynchronous scheduling, copies them into
+   the next step's inputs on the device.
 
 Requests that speculation cannot serve exactly (logprobs, penalties, bad words, allowed token
-ids, min_tokens, structured output) get no drafts and decode normally.
+ids, min_tokens, structured output) get no drafts and decode normally; under asynchronous
+scheduling they get draft slots, but vLLM's sampler gives their token and their drafts are dropped.
 """
 
 from __future__ import annotations
@@ -335,7 +339,6 @@ class MedusaRunnerMixin:
             "spec_ok_np": spec_ok,
             "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
             "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
-            "num_drafts_np": num_drafts,
             "num_tokens": n_tok,
         }
 
@@ -410,18 +413,9 @@ class MedusaRunnerMixin:
             logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
             step["tree_ids"],
         )
-        if step.get("slot_mapping") is not None:
-            k_caches, v_caches = zip(*self._medusa_views())
-            kernels.move_accepted_kv(
-                list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
-                self.query_start_loc.gpu[: num_reqs + 1], accepted,
-                check=not self._medusa_kv_checked,
-            )
-            self._medusa_kv_checked = True
+        self._medusa_move_kv(accepted)
         self.medusa_stats.observe(num_accepted, torch.ones_like(num_accepted))
-        k = self.medusa_policy.choose(num_reqs)
-        for req_id in self.input_batch.req_ids[:num_reqs]:
-            self._medusa_req_tree[req_id] = k
+        self._medusa_next_tree(num_reqs)
         # the graph's output, read by take_draft_token_ids this step; under async scheduling
         # vLLM also copies it on a side stream that the next replay does not wait for: a copy
         self._medusa_drafts = drafts.clone() if self.use_async_scheduling else drafts
@@ -473,20 +467,27 @@ class MedusaRunnerMixin:
             tokens = torch.where(has[:, None], out.tokens, plain)
             accepted = torch.where(has[:, None], out.accepted, torch.full_like(out.accepted, -1))
             hidden_rows = torch.where(has, hidden_rows, first)
-        if step.get("slot_mapping") is not None and bool(step["spec_ok_np"].any()):
-            # accepted node ids are window offsets of the request's query (root = 0)
-            k_caches, v_caches = zip(*self._medusa_views())
-            kernels.move_accepted_kv(
-                list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
-                self.query_start_loc.gpu[: num_reqs + 1], accepted.int(),
-                check=not self._medusa_kv_checked,  # first move only: same caches every step
-            )
-            self._medusa_kv_checked = True
+        if bool(step["spec_ok_np"].any()):
+            self._medusa_move_kv(accepted)
         self.medusa_stats.observe(out.num_accepted, has)
         return SamplerOutput(
             sampled_token_ids=tokens.int(),
             logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width) if base is not None else None,
         ), hidden_rows
+
+    def _medusa_move_kv(self, accepted) -> None:
+        """Moves each request's accepted nodes' KV (``accepted`` [B, D]: window offsets of the
+        request's query, root = 0, -1 pad) into the consecutive slots after its root."""
+        step = self._medusa_step
+        if step.get("slot_mapping") is None:
+            return
+        k_caches, v_caches = zip(*self._medusa_views())
+        kernels.move_accepted_kv(
+            list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
+            self.query_start_loc.gpu[: self.input_batch.num_reqs + 1], accepted.int(),
+            check=not self._medusa_kv_checked,  # first move only: same caches every step
+        )
+        self._medusa_kv_checked = True
 
     # ------------------------------------------------------------------ drafting
     def propose_draft_token_ids(self, *args, **kwargs):
@@ -498,11 +499,16 @@ class MedusaRunnerMixin:
 
     def _medusa_propose(self, sample_hidden_states, rows):
         num_reqs = self.input_batch.num_reqs
+        k = self._medusa_next_tree(num_reqs)
+        return self._medusa_head_drafts(sample_hidden_states[rows[:num_reqs]], k)
+
+    def _medusa_next_tree(self, num_reqs: int) -> int:
+        """The tree the next drafts follow (load-adaptive policy), recorded per request so the
+        next step reads its scheduled drafts with it."""
         k = self.medusa_policy.choose(num_reqs)
-        drafts = self._medusa_head_drafts(sample_hidden_states[rows[:num_reqs]], k)
         for req_id in self.input_batch.req_ids[:num_reqs]:
             self._medusa_req_tree[req_id] = k
-        return drafts
+        return k
 
     def _medusa_head_drafts(self, hidden, k: int):
         """hidden [B, H] of each request's last accepted token -> drafts [B, T_k] int64 of tree
