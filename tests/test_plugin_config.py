@@ -86,6 +86,7 @@ def test_cli_flag_speculative_model(model, heads):
          "num_speculative_tokens=4 but the tree has 7 nodes"),
         ({"method": "medusa_vllm", "attention": "xformers"}, "attention 'xformers' is not available"),
         ({"method": "medusa_vllm", "attention": "flash"}, "attention 'flash' is not one of"),
+        ({"method": "medusa_vllm", "cuda_graphs": "false"}, "cuda_graphs must be true or false"),
     ],
 )
 def test_bad_settings_refuse_to_start_with_one_clear_line(model, heads, spec, message):

@@ -155,6 +155,11 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
             f"medusa_vllm: num_speculative_tokens={n} but the tree has {max_nodes} nodes; leave "
             "num_speculative_tokens out (it is the tree size) or pick a tree of that size"
         )
+    cuda_graphs = spec.get("cuda_graphs", True)
+    if not isinstance(cuda_graphs, bool):
+        raise MedusaConfigError(
+            f"medusa_vllm: cuda_graphs must be true or false (JSON booleans), got {cuda_graphs!r}"
+        )
     return MedusaSpecConfig(
         heads=str(heads),
         tree=tree.choices(),
@@ -165,7 +170,7 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         adaptive_trees=trees,
         adaptive_max_tokens=int(spec.get("adaptive_max_tokens", 0)),
         attention=spec.get("attention", "auto"),
-        cuda_graphs=bool(spec.get("cuda_graphs", True)),
+        cuda_graphs=cuda_graphs,
     )
 
 
