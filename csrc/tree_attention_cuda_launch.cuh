@@ -103,7 +103,8 @@ void launch_for_head_dim(const TreeAttentionParams<T>& p, int q_max, int64_t max
                          int64_t num_splits, const at::Tensor& like) {
   using Small = typename Configs<kHeadDim>::Small;
   using Large = typename Configs<kHeadDim>::Large;
-  if (use_tile_config<Large>(max_query_rows(p, q_max))) {
+  if (use_large_tiles<kHeadDim>(max_query_rows(p, q_max), p.num_requests, p.num_kv_heads,
+                                sm_count(like.get_device()))) {
     launch_tree_attention<T, Large>(p, q_max, max_context, num_splits, like);
   } else {
     launch_tree_attention<T, Small>(p, q_max, max_context, num_splits, like);

@@ -68,7 +68,10 @@ struct Configs<128> {
   using Large = TileConfig<128, 2, 32, 3>;  // 32-key tiles keep O + S within the register file
 };
 
-constexpr int kMinKeysPerSplit = 256;  // a split shorter than this costs more than it saves
+// One 64-key tile per split at least. Small batches give the grid a handful of CTAs, each
+// walking its keys tile after tile: in vLLM on the H100 (batch 1, ~170 keys, 64-node tree,
+// 9 q / 3 kv heads) a 256-key minimum put every key in one split, 27 us per layer call.
+constexpr int kMinKeysPerSplit = 64;
 
 // Query rows per (request, kv head) the grid must cover: Q_MAX (or N) tokens x group.
 template <typename T>
@@ -76,10 +79,15 @@ inline int max_query_rows(const TreeAttentionParams<T>& p, int q_max) {
   return (q_max < p.num_tokens ? q_max : p.num_tokens) * (p.num_q_heads / p.num_kv_heads);
 }
 
-template <typename Cfg>
-inline bool use_tile_config(int max_rows) {
-  using Small = typename Configs<Cfg::kHeadDim>::Small;
-  return (max_rows > Small::kBlockM) == (Cfg::kMTiles > Small::kMTiles);
+// Large tiles (half the shared-memory traffic per MMA) when a tile row count over 64 would
+// still give every SM a CTA; otherwise Small: more, shorter CTAs for the latency-bound case.
+template <int kHeadDim>
+inline bool use_large_tiles(int max_rows, int64_t num_requests, int num_kv_heads, int sms) {
+  using Small = typename Configs<kHeadDim>::Small;
+  using Large = typename Configs<kHeadDim>::Large;
+  if (max_rows <= Small::kBlockM) return false;
+  const int64_t ctas = num_requests * num_kv_heads * ((max_rows + Large::kBlockM - 1) / Large::kBlockM);
+  return ctas >= sms;
 }
 
 // Grid-shape parameters of a launch with `num_splits` splits (workspace pointers left null).

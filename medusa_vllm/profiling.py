@@ -12,10 +12,13 @@ step of the top kernels, CUDA runtime calls per step (graph launches, kernel lau
 synchronisations) and the profiler's own table as text. Per step = divided by the number of
 model forwards ("gpu_model_runner: forward"). Profiling inflates host times (each op is recorded);
 compare regions with each other, and take wall-clock step costs from an unprofiled run.
+With ``MEDUSA_VLLM_PROFILE_TRACE=DIR`` each profile is also written as a Chrome trace
+(``DIR/trace_<pid>_<n>.json.gz``, open in Perfetto) to see the host/device timeline.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -42,7 +45,14 @@ def stop_profile(worker, top: int = 25) -> dict:
     prof.stop()
     wall = time.perf_counter() - t0
     del worker._medusa_profile
-    return summarize(prof.key_averages(), wall, top)
+    summary = summarize(prof.key_averages(), wall, top)
+    trace_dir = os.environ.get("MEDUSA_VLLM_PROFILE_TRACE")
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        n = getattr(worker, "_medusa_traces", 0)
+        worker._medusa_traces = n + 1
+        prof.export_chrome_trace(os.path.join(trace_dir, f"trace_{os.getpid()}_{n}.json.gz"))
+    return summary
 
 
 def summarize(events, wall_s: float, top: int = 25) -> dict:

@@ -81,7 +81,8 @@ def test_trees_tiles_block_sizes(emu, tree, block_size, tile, head_dim):
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_kv_merge(emu, splits, dtype):
-    # Context 1500 = 24 tiles of 64: the min-keys-per-split rule leaves some splits empty.
+    # 305 keys = 5 tiles of 64 for the second request: with 7 splits of at least one tile each,
+    # two of its splits are empty (log2-sum-exp -inf, skipped by the merge).
     p = kt.make_tree_attention_problem(
         q_lens=[17, 5, 0], ctx_lens=[1500, 300, 8], tree_ids=[0, 1, 0], masks=[kt.medusa_mask(16), kt.chain_mask(5)],
         num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=32, dtype=dtype, device="cpu", seed=splits,
