@@ -47,7 +47,9 @@ int blocks_per_sm() {
   return n;
 }
 
-// Splits so that about one full wave of CTAs runs, never more than the longest possible
+// No split once the grid gives every SM a CTA (a split costs fp32 partials and the merge: in
+// vLLM on the H100, batch 32 x 64-node trees, two splits made the step's attention 25% slower);
+// below that, splits up to about one full wave of CTAs, never more than the longest possible
 // context (block_table width) can feed with kMinKeysPerSplit keys each.
 template <typename T, typename Cfg>
 int choose_splits(const TreeAttentionParams<T>& p, int row_tiles, int64_t requested,
@@ -57,7 +59,7 @@ int choose_splits(const TreeAttentionParams<T>& p, int row_tiles, int64_t reques
     const int64_t ctas = int64_t{p.num_requests} * p.num_kv_heads * row_tiles;
     const int64_t target = int64_t{sm_count(device)} * blocks_per_sm<T, Cfg>();
     const int64_t useful = std::max<int64_t>(1, (max_context + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
-    splits = ctas >= target ? 1 : std::min((target + ctas - 1) / ctas, useful);
+    splits = ctas >= sm_count(device) ? 1 : std::min((target + ctas - 1) / ctas, useful);
   }
   splits = std::clamp<int64_t>(splits, 1, kMaxSplits);
   const int64_t bytes_per_split = int64_t{p.num_tokens} * p.num_q_heads * (p.head_dim + 1) * 4;

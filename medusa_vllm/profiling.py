@@ -62,9 +62,12 @@ def summarize(events, wall_s: float, top: int = 25) -> dict:
         if e.key not in by_key or e.cpu_time_total > by_key[e.key].cpu_time_total:
             by_key[e.key] = e
     steps = by_key[_STEP_REGION].count if _STEP_REGION in by_key else 0
-    per = max(steps, 1)
+    if not steps:  # vLLM's V2 runner (plain decoding) has no step regions: no per-step figures
+        per_step = lambda x: None  # noqa: E731
+    else:
+        per_step = lambda x: x / steps  # noqa: E731
     regions = {
-        k: {"calls_per_step": e.count / per, "host_ms_per_step": e.cpu_time_total / 1000 / per}
+        k: {"calls_per_step": per_step(e.count), "host_ms_per_step": per_step(e.cpu_time_total / 1000)}
         for k, e in sorted(by_key.items()) if k.startswith(("gpu_model_runner:", "medusa:"))
     }
     kernels = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0
@@ -73,13 +76,15 @@ def summarize(events, wall_s: float, top: int = 25) -> dict:
     device_total = sum(e.self_device_time_total for e in kernels)
     return {
         "steps": steps,
-        "wall_ms_per_step": 1000 * wall_s / per,
+        "wall_ms": 1000 * wall_s,
+        "device_ms": device_total / 1000,
+        "wall_ms_per_step": per_step(1000 * wall_s),
         "regions": regions,
-        "runtime_calls_per_step": {k: by_key[k].count / per for k in _RUNTIME_CALLS if k in by_key},
-        "device_ms_per_step": device_total / 1000 / per,
+        "runtime_calls_per_step": {k: per_step(by_key[k].count) for k in _RUNTIME_CALLS if k in by_key},
+        "device_ms_per_step": per_step(device_total / 1000),
         "top_kernels": [
-            {"name": e.key[:120], "calls_per_step": e.count / per,
-             "device_ms_per_step": e.self_device_time_total / 1000 / per}
+            {"name": e.key[:120], "calls": e.count, "calls_per_step": per_step(e.count),
+             "device_ms_per_step": per_step(e.self_device_time_total / 1000)}
             for e in kernels[:top]
         ],
         "table": events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60),

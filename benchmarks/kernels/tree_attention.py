@@ -75,6 +75,9 @@ def gpu_short_name(device_name: str) -> str:
 
 
 def git_commit() -> str | None:
+    """$MEDUSA_GIT_COMMIT first (GPU machines get a copy of the tree whose .git can be stale)."""
+    if os.environ.get("MEDUSA_GIT_COMMIT", "unknown") != "unknown":
+        return os.environ["MEDUSA_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip() or None

@@ -163,9 +163,18 @@ def xformers(problem: Problem):
     xformers' own dispatch picks CUDA/FA3 ops, which its torch-2.10 wheel cannot load on torch
     2.11; the Triton split-K op is pure Triton and is passed explicitly."""
     import xformers as xf
+    import xformers.ops.fmha.common as xf_common
     import xformers.ops.tree_attention as xt
     from xformers.ops.fmha.attn_bias import BlockDiagonalPaddedKeysMask, PagedBlockDiagonalPaddedKeysMask
 
+    info = {"version": xf.__version__}
+    if not xf_common._built_with_cuda:
+        # Every op's support check refuses CUDA inputs when xformers' C++ library did not load
+        # (no build metadata), even the pure-Triton split-K op: H100 run of 2026-11-23,
+        # "`triton_splitKF` is not supported because: xFormers wasn't build with CUDA support".
+        # The flag only gates; the Triton kernels need nothing from the C++ library.
+        xf_common._built_with_cuda = True
+        info["gate_bypassed"] = "xformers.ops.fmha.common._built_with_cuda (C++ library not loaded)"
     p, b, q_len, ctx = problem.p, problem.batch, problem.q_len, problem.ctx
     n, hq, d = p.q.shape
     nb, bs, hkv, _ = p.cache.k.shape
@@ -179,7 +188,7 @@ def xformers(problem: Problem):
     k_tree, v_tree = grouped(k_all[:, ctx:].contiguous()), grouped(v_all[:, ctx:].contiguous())
     spec_bias = torch.zeros(q_len, q_len, dtype=p.q.dtype, device=p.q.device).masked_fill(~problem.tree, float("-inf"))
     suffix_op = _xformers_splitk(16)
-    info = {"version": xf.__version__, "suffix_op": suffix_op.NAME}
+    info["suffix_op"] = suffix_op.NAME
     try:
         prefix_op = _xformers_splitk(bs)
         block_table = p.block_table[:, : -(-ctx // bs)].contiguous()
@@ -194,11 +203,17 @@ def xformers(problem: Problem):
         info["paged_prefix_error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
         prefix_op = _xformers_splitk(64)
         k_ctx, v_ctx = (grouped(t[:, :ctx].contiguous()) for t in (k_all, v_all))
+        # if the gathered prefix fails too, the row's error says both
+        exc_note = info["paged_prefix_error"]
         bias = BlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen=[q_len] * b, kv_padding=ctx, kv_seqlen=[ctx] * b,
                                                         device=p.q.device)
         fn = functools.partial(xt.tree_attention, q5, k_tree, v_tree, k_ctx, v_ctx, spec_bias, bias,
                                prefix_op=prefix_op, suffix_op=suffix_op)
-        out = fn()
+        try:
+            out = fn()
+        except Exception as exc2:
+            raise RuntimeError(f"gathered prefix: {type(exc2).__name__}: {exc2}; "
+                               f"paged prefix before it: {exc_note}") from exc2
         info |= {"prefix_op": prefix_op.NAME, "prefix_kv": "gathered, contiguous (not timed)"}
     return fn, out.reshape(n, hq, d), info
 
