@@ -90,8 +90,9 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
-    for b in sorted(set(batch_sizes)):  # warm-up at every measured size (JIT kernels, graphs,
-        llm.generate([prompts[i % len(prompts)] for i in range(b)],  # first-use allocations)
+    # warm-up at every measured batch size (JIT kernels, graphs, first-use allocations)
+    for b in sorted(set(batch_sizes)):
+        llm.generate([prompts[i % len(prompts)] for i in range(b)],
                      SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
     rows = []
     for b in batch_sizes:

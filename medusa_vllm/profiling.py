@@ -62,10 +62,10 @@ def summarize(events, wall_s: float, top: int = 25) -> dict:
         if e.key not in by_key or e.cpu_time_total > by_key[e.key].cpu_time_total:
             by_key[e.key] = e
     steps = by_key[_STEP_REGION].count if _STEP_REGION in by_key else 0
-    if not steps:  # vLLM's V2 runner (plain decoding) has no step regions: no per-step figures
-        per_step = lambda x: None  # noqa: E731
-    else:
-        per_step = lambda x: x / steps  # noqa: E731
+
+    def per_step(x):  # vLLM's V2 runner (plain decoding) has no step regions: no per-step figures
+        return x / steps if steps else None
+
     regions = {
         k: {"calls_per_step": per_step(e.count), "host_ms_per_step": per_step(e.cpu_time_total / 1000)}
         for k, e in sorted(by_key.items()) if k.startswith(("gpu_model_runner:", "medusa:"))

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),  # tree_attention_ba
 import tree_attention_baselines as baselines  # noqa: E402
 from medusa_vllm import kernels  # noqa: E402
 from medusa_vllm.kernels import testing as kt  # noqa: E402
+from training.report import git_commit  # noqa: E402 ($MEDUSA_GIT_COMMIT first: stale .git on GPU copies)
 
 PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
                   "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12}
@@ -72,17 +72,6 @@ def peak_bandwidth(device_name: str) -> float | None:
 def gpu_short_name(device_name: str) -> str:
     match = re.search(r"(GH200|H200|H100|B200|A100|L40S|L4|A10G)", device_name)
     return match.group(1).lower() if match else re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
-
-
-def git_commit() -> str | None:
-    """$MEDUSA_GIT_COMMIT first (GPU machines get a copy of the tree whose .git can be stale)."""
-    if os.environ.get("MEDUSA_GIT_COMMIT", "unknown") != "unknown":
-        return os.environ["MEDUSA_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def time_us(fn) -> float:

@@ -203,17 +203,15 @@ def xformers(problem: Problem):
         info["paged_prefix_error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
         prefix_op = _xformers_splitk(64)
         k_ctx, v_ctx = (grouped(t[:, :ctx].contiguous()) for t in (k_all, v_all))
-        # if the gathered prefix fails too, the row's error says both
-        exc_note = info["paged_prefix_error"]
         bias = BlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen=[q_len] * b, kv_padding=ctx, kv_seqlen=[ctx] * b,
                                                         device=p.q.device)
         fn = functools.partial(xt.tree_attention, q5, k_tree, v_tree, k_ctx, v_ctx, spec_bias, bias,
                                prefix_op=prefix_op, suffix_op=suffix_op)
         try:
             out = fn()
-        except Exception as exc2:
+        except Exception as exc2:  # the row's error then names both failures
             raise RuntimeError(f"gathered prefix: {type(exc2).__name__}: {exc2}; "
-                               f"paged prefix before it: {exc_note}") from exc2
+                               f"paged prefix before it: {info['paged_prefix_error']}") from exc2
         info |= {"prefix_op": prefix_op.NAME, "prefix_kv": "gathered, contiguous (not timed)"}
     return fn, out.reshape(n, hq, d), info
 

@@ -138,6 +138,7 @@ class MedusaRunnerMixin:
             # vLLM schedules num_speculative_tokens draft slots for every decode: the full tree
             self.medusa_policy.enabled = False
         self._medusa_emitted: torch.Tensor | None = None  # this step's tokens (async hand-over)
+        self._medusa_graph_checks = 0  # FULL-graph steps re-run eagerly so far (GRAPH_CHECK)
         self._medusa_req_tree: dict[str, int] = {}
         self._medusa_ok: dict[str, bool] = {}
         self._medusa_nan_warned: set[str] = set()
@@ -237,7 +238,7 @@ class MedusaRunnerMixin:
 
     def _model_forward(self, *args, **kwargs):
         out = super()._model_forward(*args, **kwargs)
-        if GRAPH_CHECK and getattr(self, "_medusa_graph_checks", 0) < GRAPH_CHECK:
+        if self._medusa_graph_checks < GRAPH_CHECK:
             self._medusa_graph_check(out, args, kwargs)
         return out
 
@@ -252,7 +253,7 @@ class MedusaRunnerMixin:
         step = self.medusa_attn.step
         if fc.cudagraph_runtime_mode != CUDAGraphMode.FULL or step is None or not step.all_reqs:
             return
-        self._medusa_graph_checks = getattr(self, "_medusa_graph_checks", 0) + 1
+        self._medusa_graph_checks += 1
         n = self._medusa_step["num_tokens"]
         q = self.medusa_max_query
         b = n // q

@@ -225,7 +225,8 @@ template <typename T, int kHeadDim>
 void emulate_head_dim(const TreeAttentionParams<T>& p, int q_max, int num_splits, const std::string& tile) {
   using Small = typename Configs<kHeadDim>::Small;
   using Large = typename Configs<kHeadDim>::Large;
-  const bool large = tile == "auto" ? use_large_tiles<kHeadDim>(max_query_rows(p, q_max), p.num_requests, p.num_kv_heads, kEmulatedSms)
+  const bool large = tile == "auto" ? use_large_tiles<kHeadDim>(max_query_rows(p, q_max), p.num_requests,
+                                                                p.num_kv_heads, kEmulatedSms)
                                     : tile == "large";
   if (large) emulate_tree_attention<T, Large>(p, q_max, num_splits);
   else emulate_tree_attention<T, Small>(p, q_max, num_splits);
