@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, device_name, device_tag, run_isolated, write_envelope  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS, device_name, device_tag, envelope, run_isolated, write_envelope, write_json,
+)
 from benchmarks.throughput import builtin_layout, engine_kwargs, measure, prompts_for  # noqa: E402
 
 CONFIGS = {
@@ -37,10 +39,63 @@ CONFIGS = {
 ASYNC = {"plain_v1_async", "tree64_async"}
 
 
+def summarize(rows: list[dict]) -> dict:
+    """The issue's headline figures from the rows of one or several runs."""
+
+    def ms(name, b):
+        return next((r["ms_per_step"] for r in rows if r.get("config") == name and r.get("batch_size") == b), None)
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    fastest1 = min((x for x in (ms("plain_default", 1), ms("plain_v1_async", 1)) if x), default=None)
+    fastest32 = min((x for x in (ms("plain_default", 32), ms("plain_v1_async", 32)) if x), default=None)
+    return {
+        "plain_ms_bs1_default": ms("plain_default", 1),
+        "plain_ms_bs1_fastest": fastest1,
+        "tree64_ms_bs1": ms("tree64", 1), "tree16_ms_bs1": ms("tree16", 1),
+        "tree4_chain_ms_bs1": ms("tree4_chain", 1),
+        "builtin_medusa_k4_ms_bs1": ms("builtin_medusa_k4", 1),
+        "tree64_vs_fastest_plain_bs1": ratio(ms("tree64", 1), fastest1),
+        "plain_ms_bs32_fastest": fastest32,
+        "tree64_ms_bs32": ms("tree64", 32), "tree16_ms_bs32": ms("tree16", 32),
+        "builtin_medusa_k4_ms_bs32": ms("builtin_medusa_k4", 32),
+        "tree64_vs_fastest_plain_bs32": ratio(ms("tree64", 32), fastest32),
+        "tree64_async_ms_bs1": ms("tree64_async", 1), "tree64_async_ms_bs32": ms("tree64_async", 32),
+        "tree64_async_vs_fastest_plain_bs1": ratio(ms("tree64_async", 1), fastest1),
+        "tree64_async_vs_fastest_plain_bs32": ratio(ms("tree64_async", 32), fastest32),
+        "async": any(r.get("config") == "tree64_async" and "ms_per_step" in r for r in rows),
+        "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; greedy "
+                       "verification + heads in medusa_vllm's per-batch-size graphs",
+        "device": device_name(),
+    }
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One envelope from several runs of this script on the same machine (a GPU call holds
+    about four engines): their rows together, the summary recomputed, each run's config kept."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {r["device"] for r in runs}
+    if len(devices) != 1:
+        raise SystemExit(f"step_cost --merge: runs from different devices {sorted(devices)}")
+    rows = [row for r in runs for row in r["rows"] if "config" in row]
+    profiles = {k: v for r in runs for row in r["rows"] for k, v in row.get("profiles", {}).items()}
+    device = devices.pop()
+    summary = dict(summarize(rows), device=device)
+    if profiles:
+        rows.append({"profiles": profiles})
+    config = {"merged_from": [{"command": r["command"], "git_commit": r["git_commit"],
+                               "created": r["created"]} for r in runs]}
+    write_json(out, envelope("step_cost", device=device, config=config, rows=rows, summary=summary))
+    print("summary:", summary)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--heads", required=True, help="untrained heads (acceptance ~ 0)")
+    ap.add_argument("--heads", default=None, help="untrained heads (acceptance ~ 0); required to measure")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--max-tokens", type=int, default=96)
@@ -48,7 +103,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="add a profiled round per batch size")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="write one envelope (--out) from the rows of these earlier runs")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out) if args.out else RESULTS / f"step_cost_{device_tag()}.json")
+    if not args.heads:
+        ap.error("--heads (untrained heads) is required to measure")
     # fields engine_kwargs reads
     args.max_model_len, args.gpu_memory_utilization = 2048, 0.3
     args.acceptance, args.adaptive_tree, args.builtin_k, args.temperature = "rejection", "default-63", 4, 0.0
@@ -98,31 +159,7 @@ def main(argv=None) -> None:
                          "engine_start_s": res["engine_start_s"]})
             print(f"{name:>18} bs={r['batch_size']:>3} {ms:7.2f} ms/step tau={tau:.2f}")
 
-    def ms(name, b):
-        return next((r["ms_per_step"] for r in rows if r.get("config") == name and r.get("batch_size") == b), None)
-
-    def ratio(a, b):
-        return a / b if a and b else None
-
-    fastest1 = min((x for x in (ms("plain_default", 1), ms("plain_v1_async", 1)) if x), default=None)
-    fastest32 = min((x for x in (ms("plain_default", 32), ms("plain_v1_async", 32)) if x), default=None)
-    summary = {
-        "plain_ms_bs1_default": ms("plain_default", 1),
-        "plain_ms_bs1_fastest": fastest1,
-        "tree64_ms_bs1": ms("tree64", 1), "tree16_ms_bs1": ms("tree16", 1),
-        "builtin_medusa_k4_ms_bs1": ms("builtin_medusa_k4", 1),
-        "tree64_vs_fastest_plain_bs1": ratio(ms("tree64", 1), fastest1),
-        "plain_ms_bs32_fastest": fastest32,
-        "tree64_ms_bs32": ms("tree64", 32),
-        "tree64_vs_fastest_plain_bs32": ratio(ms("tree64", 32), fastest32),
-        "tree64_async_ms_bs1": ms("tree64_async", 1), "tree64_async_ms_bs32": ms("tree64_async", 32),
-        "tree64_async_vs_fastest_plain_bs1": ratio(ms("tree64_async", 1), fastest1),
-        "tree64_async_vs_fastest_plain_bs32": ratio(ms("tree64_async", 32), fastest32),
-        "async": any(r.get("config") == "tree64_async" and "ms_per_step" in r for r in rows),
-        "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; greedy "
-                       "verification + heads in medusa_vllm's per-batch-size graphs",
-        "device": device_name(),
-    }
+    summary = summarize(rows)
     if profiles:
         out.with_suffix(".profile.txt").write_text(
             "".join(f"===== {k}\n{p.pop('table')}\n" for k, p in profiles.items()))

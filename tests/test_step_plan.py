@@ -57,3 +57,47 @@ def test_choose_tree_for_drafts():
     assert choose_tree_for_drafts(0, 3, sizes) == 0
     assert choose_tree_for_drafts(0, 5, sizes) == 1  # more drafts than its tree: placeholders
     assert choose_tree_for_drafts(None, 2, sizes) == 1
+
+
+def test_uniform_step_cache_equals_the_plan_of_a_uniform_batch():
+    import torch
+
+    from medusa_vllm.vllm_plugin.step_cache import UniformStepCache
+
+    cache = UniformStepCache(1, OFFSETS[1], max_num_reqs=4, device=torch.device("cpu"))
+    for b in (1, 3):
+        plan = _plan([MAX_Q] * b, [MAX_Q - 1] * b, [1] * b)
+        u = cache.get(b)
+        assert cache.get(b) is u  # made once per batch size
+        np.testing.assert_array_equal(u.position_delta.numpy(), plan.position_delta)
+        np.testing.assert_array_equal(u.mask_ids.numpy()[:b], plan.mask_ids)
+        assert not u.mask_ids[b:].any()  # CUDA-graph padding rows: causal
+        np.testing.assert_array_equal(u.tree_ids.numpy(), plan.tree_ids)
+        assert u.num_drafts.tolist() == [MAX_Q - 1] * b and bool(u.spec_ok.all())
+
+
+def test_pinned_upload_round_trips_and_refuses_overflow():
+    import pytest
+    import torch
+
+    from medusa_vllm.vllm_plugin.step_cache import PinnedUpload
+
+    up = PinnedUpload(8, torch.device("cpu"))
+    a, b, c = up(np.array([3, -1]), np.array([True, False]), np.array([7, 8, 9], dtype=np.int32))
+    assert a.tolist() == [3, -1] and b.tolist() == [1, 0] and c.tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="do not fit"):
+        up(np.zeros(9))
+
+
+def test_uniform_drafts_match_vllm_spec_decode_indices():
+    import torch
+
+    from medusa_vllm.vllm_plugin.step_cache import uniform_drafts
+
+    b, q = 3, 4
+    input_ids = torch.arange(100, 100 + b * q + 5, dtype=torch.int32)  # + CUDA-graph padding
+    # vLLM 0.26 (_calc_spec_decode_metadata): input_ids[logits_indices][target_logits_indices + 1]
+    logits_indices = torch.arange(b * q)
+    target = torch.tensor([r * q + i for r in range(b) for i in range(q - 1)])
+    expected = input_ids[logits_indices][target + 1]
+    assert torch.equal(uniform_drafts(input_ids, b, q), expected)

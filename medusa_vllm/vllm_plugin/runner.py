@@ -26,6 +26,7 @@ scheduling they get draft slots, but vLLM's sampler gives their token and their 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import numpy as np
@@ -44,6 +45,7 @@ from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets
+from medusa_vllm.vllm_plugin.step_cache import PinnedUpload, UniformStepCache, uniform_drafts
 
 logger = init_logger(__name__)
 
@@ -128,6 +130,15 @@ class MedusaRunnerMixin:
             reference=_attention_is_reference(self.medusa_cfg.attention, vllm_config),
         )
         self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
+        # the plan of a step: one pinned copy (positions, masks, 3 per-request arrays); a uniform
+        # step (every request verifies the largest tree) reads per-batch-size device tensors
+        self._medusa_upload = PinnedUpload(self.max_num_tokens + 4 * self.max_num_reqs, self.device)
+        sizes = self.medusa_tree_sizes
+        kmax = int(np.argmax(sizes))
+        self._medusa_uniform = (
+            UniformStepCache(kmax, self.medusa_offsets[kmax], self.max_num_reqs, self.device)
+            if sizes.count(sizes[kmax]) == 1 else None  # two largest trees: a step may mix them
+        )
         # which (head, rank) each node of each tree reads: [NT, Tmax]
         self.medusa_head_idx = (self.medusa_trees.depths[:, 1:] - 1).clamp_min(0)
         self.medusa_rank_idx = self.medusa_trees.ranks[:, 1:].clamp_min(0)
@@ -295,7 +306,50 @@ class MedusaRunnerMixin:
             self._medusa_plan(scheduler_output, num_scheduled_tokens)
         return logits_indices, spec_meta
 
+    def _calc_spec_decode_metadata(self, num_draft_tokens, cu_num_scheduled_tokens):
+        # a uniform step: vLLM's index tensors of that batch size from the cache (it pins and
+        # copies five fresh ones a step otherwise); only the drafts are read anew
+        b, q = len(num_draft_tokens), self.medusa_max_query
+        if (self._medusa_uniform is None or b == 0 or cu_num_scheduled_tokens[-1] != b * q
+                or not (num_draft_tokens == q - 1).all()):
+            return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
+        u = self._medusa_uniform.get(b)
+        if u.spec_meta is None:
+            u.spec_meta = super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
+        return dataclasses.replace(
+            u.spec_meta, num_draft_tokens=list(u.spec_meta.num_draft_tokens),
+            draft_token_ids=uniform_drafts(self.input_ids.gpu, b, q),
+        )
+
+    def _medusa_uniform_plan(self, scheduler_output, num_scheduled_tokens) -> bool:
+        """The plan of a step in which every request decodes the full largest tree, from the
+        per-batch-size cache (no host-to-device copy); False if the step is not uniform."""
+        num_reqs = self.input_batch.num_reqs
+        q = self.medusa_max_query
+        if (self._medusa_uniform is None
+                or len(scheduler_output.scheduled_spec_decode_tokens) != num_reqs
+                or not (num_scheduled_tokens == q).all()
+                or not (self.input_batch.num_computed_tokens_cpu[:num_reqs]
+                        >= self.input_batch.num_prompt_tokens[:num_reqs]).all()):
+            return False
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        if self.use_async_scheduling and not all(self._medusa_can_speculate(r) for r in req_ids):
+            return False
+        u = self._medusa_uniform.get(num_reqs)
+        n_tok = num_reqs * q
+        self.positions[:n_tok] += u.position_delta
+        self.medusa_attn.mask_ids.copy_(u.mask_ids)
+        self.medusa_attn.step = TreeAttnStep(num_reqs, n_tok, all_reqs=True)
+        self._medusa_plan_delta = u.position_delta_np
+        self._medusa_step = {
+            "uniform": True, "spec_ok": u.spec_ok, "spec_ok_np": u.spec_ok_np,
+            "num_drafts": u.num_drafts, "tree_ids": u.tree_ids, "num_tokens": n_tok,
+        }
+        return True
+
     def _medusa_plan(self, scheduler_output, num_scheduled_tokens) -> None:
+        if self._medusa_uniform_plan(scheduler_output, num_scheduled_tokens):
+            return
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         spec = scheduler_output.scheduled_spec_decode_tokens
@@ -317,29 +371,30 @@ class MedusaRunnerMixin:
         )
         n_tok = len(plan.position_delta)
         self._medusa_plan_delta = plan.position_delta
-        if num_drafts.any():
-            delta = torch.from_numpy(plan.position_delta).to(self.device, non_blocking=True)
-            self.positions[:n_tok] += delta
         # masks into the persistent buffer (zeros past the batch: CUDA-graph padding)
         mask_np = self._medusa_mask_ids_np
         mask_np[:num_reqs] = plan.mask_ids
         mask_np[num_reqs:] = 0
-        self.medusa_attn.mask_ids.copy_(torch.from_numpy(mask_np), non_blocking=True)
-        self.medusa_attn.step = TreeAttnStep(plan.num_tree_reqs, plan.num_tree_tokens, plan.all_reqs)
         # which requests' drafts are verified: all that have drafts, except (async scheduling,
         # where vLLM schedules draft slots for every decode) those whose sampling options
         # speculation cannot reproduce: their token comes from vLLM's sampler
         spec_ok = num_drafts > 0
         if self.use_async_scheduling:
             spec_ok &= np.array([self._medusa_can_speculate(r) for r in req_ids], dtype=bool)
+        delta, masks, ok, drafts, trees = self._medusa_upload(
+            plan.position_delta, mask_np, spec_ok, num_drafts, plan.tree_ids)
+        if num_drafts.any():
+            self.positions[:n_tok] += delta
+        self.medusa_attn.mask_ids.copy_(masks)
+        self.medusa_attn.step = TreeAttnStep(plan.num_tree_reqs, plan.num_tree_tokens, plan.all_reqs)
         self._medusa_step = {
             # every request verifies its full (largest) tree: the fixed-shape step applies
             "uniform": plan.all_reqs and bool(spec_ok.all())
             and bool((num_drafts == self.medusa_max_query - 1).all()),
-            "spec_ok": torch.from_numpy(spec_ok).to(self.device, non_blocking=True),
+            "spec_ok": ok != 0,
             "spec_ok_np": spec_ok,
-            "num_drafts": torch.from_numpy(num_drafts).to(self.device, non_blocking=True),
-            "tree_ids": torch.from_numpy(plan.tree_ids).to(self.device, non_blocking=True),
+            "num_drafts": drafts,
+            "tree_ids": trees,
             "num_tokens": n_tok,
         }
 
@@ -415,7 +470,7 @@ class MedusaRunnerMixin:
             step["tree_ids"],
         )
         self._medusa_move_kv(accepted)
-        self.medusa_stats.observe(num_accepted, torch.ones_like(num_accepted))
+        self.medusa_stats.observe(num_accepted, step["spec_ok"])
         self._medusa_next_tree(num_reqs)
         # the graph's output, read by take_draft_token_ids this step; under async scheduling
         # vLLM also copies it on a side stream that the next replay does not wait for: a copy
