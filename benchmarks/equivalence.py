@@ -16,8 +16,9 @@ such tokens; a large margin, or Medusa's token far down the list, points at a bu
 ``--variants`` runs the medusa_vllm engine in several execution modes against the one engine
 without speculation: ``default`` (vLLM's default graphs: FULL for uniform tree steps, piecewise
 otherwise), ``piecewise`` (``cudagraph_mode=PIECEWISE``: attention outside the graphs) and
-``eager`` (``enforce_eager``). A divergence count that moves with the mode points at graph
-capture/replay; one that does not, at numerics or the step itself.
+``eager`` (``enforce_eager``), ``eager-xformers`` (eager, xformers' tree attention). A
+divergence count that moves with the mode points at graph capture/replay; one that does not, at
+numerics or the step itself.
 Writes benchmarks/results/vllm_<dev>_equivalence[_<dtype>].json.
 """
 
@@ -82,6 +83,8 @@ VARIANTS = {
     "default": {},
     "piecewise": {"compilation_config": {"cudagraph_mode": "PIECEWISE"}},
     "eager": {"enforce_eager": True},
+    # the optional xformers tree-attention backend (GPU, eager only)
+    "eager-xformers": {"enforce_eager": True, "spec": {"attention": "xformers"}},
 }
 
 
@@ -142,8 +145,9 @@ def main(argv=None) -> None:
     med, failed = {}, {}
     for v in variants:  # a variant that fails is recorded, the others still run
         try:
-            med[v] = run_isolated(generate, dict(kw, speculative_config=spec, **VARIANTS[v]),
-                                  groups, args.max_tokens, env=env)
+            extra = dict(VARIANTS[v])
+            engine = dict(kw, speculative_config={**spec, **extra.pop("spec", {})}, **extra)
+            med[v] = run_isolated(generate, engine, groups, args.max_tokens, env=env)
             if args.out:  # what each engine produced survives a run that is cut short
                 Path(args.out).with_suffix(f".{v}.partial.json").write_text(json.dumps(med[v]))
         except Exception as exc:  # noqa: BLE001 - reported in the summary

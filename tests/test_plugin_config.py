@@ -84,7 +84,6 @@ def test_cli_flag_speculative_model(model, heads):
         ({"method": "medusa_vllm", "treee": "sparse-7"}, "unknown speculative config key(s) ['treee']"),
         ({"method": "medusa_vllm", "tree": "sparse-7", "num_speculative_tokens": 4},
          "num_speculative_tokens=4 but the tree has 7 nodes"),
-        ({"method": "medusa_vllm", "attention": "xformers"}, "attention 'xformers' is not available"),
         ({"method": "medusa_vllm", "attention": "flash"}, "attention 'flash' is not one of"),
         ({"method": "medusa_vllm", "cuda_graphs": "false"}, "cuda_graphs must be true or false"),
     ],
@@ -128,3 +127,36 @@ def test_no_heads_for_an_unknown_model(tmp_path, model):
     shutil.copytree(model, other)
     with pytest.raises(ValueError, match="no Medusa heads for model"):
         _config(str(other), {"method": "medusa_vllm"})
+
+
+def _engine_config(eager: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model_config=SimpleNamespace(enforce_eager=eager))
+
+
+@pytest.mark.parametrize(
+    "choice,eager,device,message",
+    [
+        ("reference", False, "cpu", "attention 'reference' syncs the host in every layer"),
+        ("xformers", False, "cuda", "pass enforce_eager=True (--enforce-eager) with it"),
+        ("xformers", True, "cpu", "attention 'xformers' runs xformers' Triton kernels, GPU only"),
+    ],
+)
+def test_attention_backends_that_cannot_run_refuse_to_start(choice, eager, device, message):
+    from medusa_vllm.vllm_plugin.config import MedusaConfigError
+    from medusa_vllm.vllm_plugin.runner import _attention_backend
+
+    with pytest.raises(MedusaConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _attention_backend(choice, _engine_config(eager), torch.device(device))
+
+
+def test_attention_backend_choices():
+    from medusa_vllm import kernels
+    from medusa_vllm.vllm_plugin.runner import _attention_backend
+
+    cpu = torch.device("cpu")
+    assert _attention_backend("auto", _engine_config(False), cpu) == "kernel"
+    assert _attention_backend("reference", _engine_config(True), cpu) == "reference"
+    if kernels.have_extension():
+        assert _attention_backend("kernel", _engine_config(False), cpu) == "kernel"

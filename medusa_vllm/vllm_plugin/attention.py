@@ -49,9 +49,9 @@ class TreeAttnStep:
 class MedusaAttnContext:
     """Shared by the runner (writes ``step`` and ``mask_ids``) and every builder (reads them)."""
 
-    def __init__(self, masks: torch.Tensor, max_num_reqs: int, reference: bool = False) -> None:
+    def __init__(self, masks: torch.Tensor, max_num_reqs: int, backend: str = "kernel") -> None:
         self.masks = masks  # [1 + NT, Q, W] int64 packed: 0 = causal chain, k + 1 = tree k
-        self.reference = reference  # the PyTorch reference instead of the kernel (debugging)
+        self.backend = backend  # "kernel", "reference" (debugging) or "xformers" (eager only)
         # [max_num_reqs] int32, persistent (CUDA graphs read it): mask of each request, 0 beyond
         self.mask_ids = torch.zeros(max_num_reqs, dtype=torch.int32, device=masks.device)
         self.step: TreeAttnStep | None = None
@@ -65,7 +65,7 @@ class TreeAttnMetadata:
     block_table: torch.Tensor  # [R, max_blocks] int32
     mask_ids: torch.Tensor  # [R] int32
     masks: torch.Tensor  # [1 + NT, Q, W] int64
-    reference: bool = False  # run the PyTorch reference (host syncs: eager mode only)
+    backend: str = "kernel"  # "reference" / "xformers": host syncs, eager mode only
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttent
         block_table=cm.block_table_tensor[:nd],
         mask_ids=ctx.mask_ids[:nd],
         masks=ctx.masks,
-        reference=ctx.reference,
+        backend=ctx.backend,
     )
     rest = None
     if nd < cm.num_reqs:
@@ -132,8 +132,12 @@ def _split_forward(impl, parent_forward, layer, query, key, value, kv_cache, md:
     checked = getattr(impl, "_medusa_checked", False)
     args = (output[:n], query[:n], k_cache, v_cache, t.block_table, t.seq_lens, t.query_start_loc,
             t.masks, t.mask_ids, impl.scale, float(impl.logits_soft_cap or 0.0), 0)
-    if t.reference:
+    if t.backend == "reference":
         kernels.tree_attention_ref(*args)
+    elif t.backend == "xformers":
+        from medusa_vllm.kernels.xformers_tree import tree_attention_xformers
+
+        tree_attention_xformers(*args)
     else:
         kernels.tree_attention(*args, check=not checked)
     impl._medusa_checked = True

@@ -23,8 +23,9 @@ PROPOSER_CLASS = "medusa_vllm.vllm_plugin.proposer.MedusaTreeProposer"
 ACCEPTANCE_RULES = ("rejection", "typical")
 # tree attention: "auto" = the compiled csrc kernel (the PyTorch reference ops if the extension is
 # not built), "kernel" = the compiled kernel or an error, "reference" = the PyTorch reference
-# (debugging: it syncs the host, so eager mode only)
-ATTENTION_CHOICES = ("auto", "kernel", "reference")
+# (debugging: it syncs the host, so eager mode only), "xformers" = xformers' tree attention
+# (xformers 0.0.35, GPU, eager mode only; 6.4x slower than ours on the H100)
+ATTENTION_CHOICES = ("auto", "kernel", "reference", "xformers")
 # keys of our speculative config; vLLM's own keys we accept alongside them
 _VLLM_KEYS = ("method", "model", "num_speculative_tokens")
 
@@ -54,12 +55,6 @@ class MedusaSpecConfig:
         if self.acceptance not in ACCEPTANCE_RULES:
             raise MedusaConfigError(
                 f"medusa_vllm: acceptance {self.acceptance!r} is not one of {ACCEPTANCE_RULES}"
-            )
-        if self.attention == "xformers":
-            raise MedusaConfigError(
-                "medusa_vllm: attention 'xformers' is not available: xformers' tree attention has "
-                "not yet run correctly on this stack (its wheel targets torch 2.10; see "
-                "benchmarks/kernels/tree_attention.py and the README); use 'auto'"
             )
         if self.attention not in ATTENTION_CHOICES:
             raise MedusaConfigError(

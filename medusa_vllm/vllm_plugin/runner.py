@@ -43,7 +43,7 @@ from medusa_vllm.sampling import SamplingBatch
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
-from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
+from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets
 from medusa_vllm.vllm_plugin.step_cache import PinnedUpload, UniformStepCache, uniform_drafts
 
@@ -95,22 +95,33 @@ def can_speculate(sp) -> bool:
     )
 
 
-def _attention_is_reference(choice: str, vllm_config) -> bool:
-    """The speculative config's ``attention``: True for the PyTorch reference; errors for a
-    choice this engine cannot honour."""
-    from medusa_vllm.vllm_plugin.config import MedusaConfigError
-
+def _attention_backend(choice: str, vllm_config, device) -> str:
+    """The speculative config's ``attention`` -> the backend the attention impls run: "kernel"
+    (``kernels.tree_attention``: the compiled kernel, or the reference ops without the
+    extension), "reference" or "xformers"; errors for a choice that cannot run here."""
     if choice == "kernel" and not kernels.have_extension():
         raise MedusaConfigError(
             f"medusa_vllm: attention 'kernel' needs the compiled extension, which did not load "
             f"({kernels.extension_error()}); build it or use attention 'auto'"
         )
-    if choice == "reference" and not vllm_config.model_config.enforce_eager:
+    if choice in ("reference", "xformers") and not vllm_config.model_config.enforce_eager:
         raise MedusaConfigError(
-            "medusa_vllm: attention 'reference' syncs the host in every layer and cannot run in "
-            "CUDA graphs or torch.compile; pass enforce_eager=True (--enforce-eager) with it"
+            f"medusa_vllm: attention {choice!r} syncs the host in every layer and cannot run in "
+            f"CUDA graphs or torch.compile; pass enforce_eager=True (--enforce-eager) with it"
         )
-    return choice == "reference"
+    if choice == "xformers":
+        from medusa_vllm.kernels.xformers_tree import XformersUnavailable, load
+
+        if device.type != "cuda":
+            raise MedusaConfigError(
+                f"medusa_vllm: attention 'xformers' runs xformers' Triton kernels, GPU only "
+                f"(this engine runs on {device.type}); use 'auto'"
+            )
+        try:
+            load()
+        except XformersUnavailable as exc:
+            raise MedusaConfigError(str(exc)) from exc
+    return choice if choice in ("reference", "xformers") else "kernel"
 
 
 class MedusaRunnerMixin:
@@ -127,7 +138,7 @@ class MedusaRunnerMixin:
         masks = torch.cat([causal_masks(self.medusa_max_query), self.medusa_trees.masks.cpu()])
         self.medusa_attn = MedusaAttnContext(
             kernels.pack_tree_masks(masks).to(self.device), self.max_num_reqs,
-            reference=_attention_is_reference(self.medusa_cfg.attention, vllm_config),
+            backend=_attention_backend(self.medusa_cfg.attention, vllm_config, self.device),
         )
         self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
         # the plan of a step: one pinned copy (positions, masks, 3 per-request arrays); a uniform

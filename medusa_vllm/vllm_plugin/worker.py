@@ -33,7 +33,7 @@ class MedusaStatsMixin:
         from medusa_vllm import kernels
 
         runner = self.model_runner
-        attention = ("reference" if runner.medusa_attn.reference else
+        attention = (runner.medusa_attn.backend if runner.medusa_attn.backend != "kernel" else
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
         return runner.medusa_stats.summary() | {
             "attention": attention, "uniform_greedy": runner._medusa_graphs.summary(),
