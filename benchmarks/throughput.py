@@ -62,14 +62,24 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     if "speculative_config" in kw:
         n = 64 if config in ("adaptive", "medusa:default-63", "medusa:calibrated") else 32
         kw["max_num_batched_tokens"] = max(2048, max(args.batch_sizes) * (n + 1))
-    if gpu and "tree" in kw.get("speculative_config", {}):
+    spec = kw.get("speculative_config", {})
+    if gpu and spec.get("method") == "medusa_vllm":
         # CUDA graphs for the measured batch sizes: vLLM's default stops at 512 tokens, i.e. at
         # batch 8 for a 63-node tree (64 tokens per request); FULL graphs hold the tree step
-        from medusa_vllm.tree import get_tree
-
-        q = 1 + len(get_tree(kw["speculative_config"]["tree"]))
+        q = 1 + _tree_nodes(spec.get("tree"), heads)
         kw["compilation_config"] = {"cudagraph_capture_sizes": sorted({q * b for b in args.batch_sizes})}
     return kw
+
+
+def _tree_nodes(tree: str | None, heads: str) -> int:
+    """Nodes of a preset tree, or (None) of the calibrated tree stored with the heads."""
+    if tree is None:
+        import json
+
+        return len(json.loads((Path(heads) / "medusa_config.json").read_text())["tree"])
+    from medusa_vllm.tree import get_tree
+
+    return len(get_tree(tree))
 
 
 def _spec_counts(m: dict) -> tuple[float, float, list[float]]:

@@ -23,7 +23,11 @@
 # Knobs (environment): PROMPTS, NUM_PROMPTS (5000), MAX_TOKENS (384), TEMPERATURE (0 = greedy),
 # EPOCHS (4), BATCH_TOKENS (8192 rows/step), LR (1e-3), TAU_PROMPTS (20), TAU_NEW_TOKENS (128),
 # EAGER (0; 1 = vLLM without CUDA graphs: starts faster, generates slower), ATTENTION, GPU_MEM,
-# TRAIN_DTYPE, PY (python3). A CPU dry run of the whole script (minutes):
+# TRAIN_DTYPE, PY (python3), BASE_NAME (SmolLM2-135M-Instruct: written into the heads' config),
+# STAGES ("1 2 3": which of steps 1-3 run; "3" retrains on the data a warm machine still holds in
+# $WORK, "2" only generates). Another model, e.g. Qwen2.5-Coder-0.5B (tools/gpu/stage_qwen.sh):
+#   VK_MODEL=/tmp/qwen_hf BASE_NAME=Qwen2.5-Coder-0.5B-Instruct bash training/gpu_recipe.sh
+# A CPU dry run of the whole script (minutes):
 #   ALLOW_CPU=1 ATTENTION= EAGER=1 GPU_MEM=0.15 TRAIN_DTYPE=fp32 NUM_PROMPTS=6 MAX_TOKENS=16 \
 #   EPOCHS=1 BATCH_TOKENS=64 TAU_PROMPTS=1 TAU_NEW_TOKENS=8 VK_MODEL=$(python -m medusa_vllm.bundled) \
 #   OUT=/tmp/recipe_out bash training/gpu_recipe.sh
@@ -49,6 +53,8 @@ TRAIN_DTYPE=${TRAIN_DTYPE:-bf16}
 ALLOW_CPU=${ALLOW_CPU:-0}             # 1: a CPU dry run of this script (tiny knobs, see below)
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/medusa_train}
+BASE_NAME=${BASE_NAME:-SmolLM2-135M-Instruct}
+STAGES=${STAGES:-1 2 3}
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
@@ -70,9 +76,15 @@ fi
   || { echo "error: vllm not importable or no GPU (source /tmp/vk_env.sh)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
+run_stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
+CE_JSON=()
+if run_stage 1; then
 stage "1/4 fused CE memory benchmark"
 "$PY" benchmarks/fused_ce_memory.py --out "$OUT/fused_ce_memory.json" 2>&1 | tee "$OUT/logs/fused_ce_memory.log"
+CE_JSON=(--fused-ce-memory-json "$OUT/fused_ce_memory.json")
+fi
 
+if run_stage 2; then
 stage "2/4 self-distillation data: vLLM answers ${NUM_PROMPTS} prompts (max ${MAX_TOKENS} tokens, T=${TEMPERATURE})"
 ENGINE_ARGS=(--gpu-memory-utilization "$GPU_MEM")
 [ "$EAGER" = 1 ] && ENGINE_ARGS+=(--enforce-eager)
@@ -84,6 +96,8 @@ ENGINE_ARGS=(--gpu-memory-utilization "$GPU_MEM")
   || { tail -40 "$OUT/logs/data.log"; exit 1; }
 grep "^{\"source\"" "$OUT/logs/data.log" || true
 cp "$WORK/selfdistill.jsonl.meta.json" "$OUT/data.meta.json"
+fi
+run_stage 3 || exit 0
 
 stage "3/4 train Medusa-1 heads (${EPOCHS} epochs, ${BATCH_TOKENS} rows/step, lr ${LR}) + evaluation"
 rm -rf "$OUT/heads" "$OUT/checkpoint" "$OUT/train_log.jsonl"
@@ -92,7 +106,7 @@ rm -rf "$OUT/heads" "$OUT/checkpoint" "$OUT/train_log.jsonl"
   --epochs "$EPOCHS" --batch-tokens "$BATCH_TOKENS" --lr "$LR" --log-every 50 --eval-every 200 \
   --save-every 1000000 --eval-max-examples 1000 --tree-nodes 63 \
   --eval-tau-prompts "$TAU_PROMPTS" --eval-tau-max-new-tokens "$TAU_NEW_TOKENS" \
-  --base-model-name SmolLM2-135M-Instruct --fused-ce-memory-json "$OUT/fused_ce_memory.json" \
+  --base-model-name "$BASE_NAME" "${CE_JSON[@]}" \
   2>&1 | tee "$OUT/logs/train.log"
 
 stage "4/4 results"

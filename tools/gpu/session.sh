@@ -6,14 +6,18 @@
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
 #   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
-# Results (--out) and the log go to $OUT; TP_TIMEOUT (s) bounds the benchmark.
+# Results (--out, default <bench>_<gpu>.json) and the log go to $OUT; TP_TIMEOUT (s) bounds the
+# benchmark; SESSION_MODEL / SESSION_HEADS replace the bundled model and heads (e.g. /tmp/qwen_hf
+# from tools/gpu/stage_qwen.sh and heads trained by training/gpu_recipe.sh).
 bench=${1:-throughput}
 bash .carry/vk4/device_setup.sh | tail -2
 source tools/gpu/env.sh
 export MEDUSA_VLLM_MTBENCH="$PWD/.carry/mt_bench_question.jsonl"
 nvidia-smi -L
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
-heads=medusa_vllm/data/heads/smollm2-135m-instruct
+heads=${SESSION_HEADS:-medusa_vllm/data/heads/smollm2-135m-instruct}
+MODEL=${SESSION_MODEL:-$MODEL}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i "[ABHL][0-9]\{2,3\}" | head -1 | tr A-Z a-z)
 if [ "$bench" = smoke ]; then
     timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" "${2:-sparse-15}" \
         > "$OUT/smoke.log" 2>&1
@@ -32,7 +36,7 @@ if [ "$bench" = step_cost ]; then
     heads=/tmp/zero_heads
 fi
 timeout "${TP_TIMEOUT:-540}" python3 "benchmarks/$bench.py" --model "$MODEL" --heads "$heads" \
-    --out "$OUT/${bench}_h100.json" $2 > "$OUT/$bench.log" 2>&1
+    --out "$OUT/${bench}_${gpu:-gpu}.json" $2 > "$OUT/$bench.log" 2>&1
 echo "$bench rc=$?"
 grep -E "tok/s|failed|Error|error|summary|Traceback|identical|divergence|ms" "$OUT/$bench.log" \
     | grep -v "^INFO\|^(EngineCore" | tail -60
