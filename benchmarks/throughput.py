@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                       # bundled model + heads, MT-Bench, this device
     python benchmarks/throughput.py --configs baseline medusa:default-63 --batch-sizes 1 8
+    python benchmarks/throughput.py --tensor-parallel-size 2 --distributed-executor-backend ray
 
 Configurations (each its own engine, one after the other, same machine):
   baseline          vLLM 0.26 without speculation (its default runner)
@@ -11,7 +12,9 @@ Configurations (each its own engine, one after the other, same machine):
   medusa-async:<tree>  the same under vLLM's asynchronous scheduler
   adaptive          medusa_vllm with the load-adaptive tree
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
-decode together; greedy outputs are compared token by token with ``baseline``.
+decode together; greedy outputs are compared token by token with ``baseline``, and each row keeps
+a 12-digit digest per request (``output_digests``) to compare outputs across runs and files
+(benchmarks/tp_check.py: TP=1 against TP=2).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS,
+    cpu_tp_env,
     device_tag,
     metric_values,
+    output_digest,
     run_isolated,
     write_envelope,
 )
@@ -42,7 +47,7 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
 
     gpu = torch.cuda.is_available()
     kw = dict(model=args.model, max_model_len=args.max_model_len, seed=0, disable_log_stats=False,
-              max_num_seqs=max(args.batch_sizes))
+              max_num_seqs=max(args.batch_sizes), **parallel_kwargs(args))
     if gpu:
         kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
         if not config.startswith(("medusa", "adaptive")):
@@ -68,6 +73,17 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
         # batch 8 for a 63-node tree (64 tokens per request); FULL graphs hold the tree step
         q = 1 + _tree_nodes(spec.get("tree"), heads)
         kw["compilation_config"] = {"cudagraph_capture_sizes": sorted({q * b for b in args.batch_sizes})}
+    return kw
+
+
+def parallel_kwargs(args) -> dict:
+    """--tensor-parallel-size and --distributed-executor-backend as engine arguments (none when
+    left at their defaults: vLLM's own choice; step_cost.py's args have neither)."""
+    kw = {}
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
+    if getattr(args, "distributed_executor_backend", None):
+        kw["distributed_executor_backend"] = args.distributed_executor_backend
     return kw
 
 
@@ -185,6 +201,7 @@ def summarize(results: dict, args) -> tuple[list, dict]:
                 "speedup": r["tokens_per_s"] / b0["tokens_per_s"] if b0 else None,
                 "greedy_identical_requests": same,
                 "engine_start_s": res["engine_start_s"],
+                "output_digests": [output_digest(o) for o in r["outputs"]],  # compare across runs
             })
 
     def best(b: int, pick=lambda c: c.startswith(("medusa:", "medusa-async:"))) -> float | None:
@@ -248,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of b requests per batch size b")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="vLLM tensor parallelism (every configuration; medusa_vllm replicates its heads)")
+    ap.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                    help="vLLM's executor for TP > 1 (default: vLLM's choice, mp on one machine)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<dev>.json)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -276,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for config in tqdm(args.configs, desc="configurations"):
         env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {}
+        if not gpu:
+            env.update(cpu_tp_env(args.tensor_parallel_size))
         kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:"),
                            heads, builtin)
         if config in ("baseline-v1async",) or config.startswith("medusa-async:"):

@@ -11,10 +11,9 @@ show up as outputs that differ from no speculation at the same TP size.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from benchmarks.common import cpu_tp_env
 from medusa_vllm.prompts import chat, mt_bench_questions
 from tests.vllm_engine import CPU_ENGINE, run_engine, spec_tau
 
@@ -27,12 +26,6 @@ MAX_TOKENS = 24
 TP = 3
 
 
-def _tp_env() -> dict[str, str]:
-    """One core per rank, round robin over this process's cores (ranks may share a core)."""
-    cores = sorted(os.sched_getaffinity(0))
-    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(cores[r % len(cores)]) for r in range(TP))}
-
-
 @pytest.fixture(scope="module")
 def outputs(bundled_model_dir):
     from transformers import AutoTokenizer
@@ -42,7 +35,7 @@ def outputs(bundled_model_dir):
               distributed_executor_backend="mp", max_num_seqs=NUM_PROMPTS)
     greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS)
     jobs = [(prompts, greedy), (prompts[:1], greedy)]
-    env = _tp_env()
+    env = cpu_tp_env(TP)
     base = run_engine(kw, jobs, env=env)
     spec = {"method": "medusa_vllm", "model": "medusa_vllm", "tree": "sparse-15"}
     medusa = run_engine(dict(kw, speculative_config=spec), jobs, env=env)

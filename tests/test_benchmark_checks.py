@@ -1,0 +1,62 @@
+"""The comparisons behind benchmarks/tp_check.py and benchmarks/training_distributed.py (their
+engines and trainings run on GPUs; here only the bookkeeping that turns runs into figures)."""
+import pytest
+
+from benchmarks.common import output_digest
+from benchmarks.tp_check import Variant, default_variants, requests_per_batch, summarize
+from benchmarks.training_distributed import compare, rel_diff
+
+
+def test_variant_names():
+    assert Variant.parse("tp2-medusa-ray") == Variant("tp2-medusa-ray", 2, True, "ray")
+    assert Variant.parse("tp1-medusa") == Variant("tp1-medusa", 1, True, None)
+    assert [Variant.parse(n).backend for n in default_variants(2)] == [None, None, "mp", "ray"]
+    for bad in ("tp2-medusa-uni", "tp0-baseline", "medusa-mp", "tp2-eagle"):
+        with pytest.raises(ValueError, match="expected tp<N>"):
+            Variant.parse(bad)
+
+
+def test_requests_cover_every_prompt_in_whole_batches():
+    assert requests_per_batch([1, 32, 5], num_prompts=16, rounds=2) == {1: 16, 32: 64, 5: 20}
+
+
+def _row(variant: str, tp: int, medusa: bool, bs: int, tps: float, outputs: list[list[int]]) -> dict:
+    return {"variant": variant, "tensor_parallel_size": tp, "medusa": medusa, "batch_size": bs,
+            "requests": len(outputs), "tokens_per_s": tps, "tau": 1.5 if medusa else None,
+            "output_digests": [output_digest(o) for o in outputs]}
+
+
+def test_tp_summary_counts_identical_outputs_and_speedups():
+    same, other = [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]]
+    rows = [_row("tp1-medusa", 1, True, 1, 50.0, same), _row("tp2-baseline", 2, False, 1, 100.0, same),
+            _row("tp2-medusa-mp", 2, True, 1, 150.0, same), _row("tp2-medusa-ray", 2, True, 1, 120.0, other)]
+    rows, summary = summarize(rows, tp=2, errors={})
+    mp, ray = rows[2], rows[3]
+    assert (mp["identical_to_baseline"], mp["identical_to_tp1_medusa"]) == (2, 2)
+    assert (ray["identical_to_baseline"], ray["identical_to_tp1_medusa"]) == (1, 1)
+    assert rows[1]["identical_to_baseline"] is None  # the reference itself
+    assert summary["speedup_bs1_mp"] == pytest.approx(1.5) and summary["speedup_bs1_ray"] == pytest.approx(1.2)
+    assert summary["speedup_bs32_mp"] is None
+    assert summary["greedy_identical"] is False  # one ray request differs
+    _, summary = summarize(rows[:3], tp=2, errors={})
+    assert summary["greedy_identical"] is True
+
+
+def _run(losses: dict[int, list[float]], tps: float) -> dict:
+    return {"curve": losses, "top1_curve": {s: [0.1] * len(v) for s, v in losses.items()},
+            "train_tokens_per_s": tps, "steady_tokens_per_s": tps, "head_top1_acc": [0.3, 0.2],
+            "wall_s": 1.0}
+
+
+def test_training_comparison_against_single_and_noise():
+    single = _run({10: [4.0, 5.0], 20: [2.0, 3.0]}, 100.0)
+    ddp = _run({10: [4.04, 5.0], 20: [2.0, 3.0]}, 190.0)  # 1% off at one point
+    fsdp = _run({10: [4.0, 5.0], 20: [2.2, 3.0]}, 150.0)  # 10% off
+    reseed = _run({10: [4.0, 5.1], 20: [2.0, 3.0]}, 100.0)  # 2% off: the noise
+    assert rel_diff(ddp["curve"], single["curve"]) == pytest.approx((0.01, 0.0025))
+    rows, summary = compare({"single": single, "ddp": ddp, "fsdp": fsdp, "reseed": reseed}, 1.5)
+    assert [r["step"] for r in rows] == [10, 20] and rows[1]["loss_fsdp"] == [2.2, 3.0]
+    assert summary["loss_within_noise"] == {"ddp": True, "fsdp": False}
+    assert summary["scaling_vs_single"] == pytest.approx({"ddp": 1.9, "fsdp": 1.5})
+    with pytest.raises(ValueError, match="no logged step in common"):
+        rel_diff({5: [1.0]}, {10: [1.0]})
