@@ -12,7 +12,8 @@ Configurations (each its own engine, one after the other, same machine):
   medusa-async:<tree>  the same under vLLM's asynchronous scheduler
   adaptive          medusa_vllm with the load-adaptive tree
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
-decode together; greedy outputs are compared token by token with ``baseline``, and each row keeps
+decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
+baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
 a 12-digit digest per request (``output_digests``) to compare outputs across runs and files
 (benchmarks/tp_check.py: TP=1 against TP=2).
 """
@@ -125,25 +126,31 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
         n = prompts_per_batch[b]
         todo = [prompts[i % len(prompts)] for i in range(n)]
         before = _spec_counts(metric_values(llm))
-        tokens, tpot, elapsed, outputs = 0, [], 0.0, []
+        tokens, tpot, elapsed, outputs, round_rates = 0, [], 0.0, [], []
         for r in range(0, n, b):
             chunk = todo[r : r + b]
             s = time.perf_counter()
             res = llm.generate(chunk, sp, use_tqdm=False)
             dt = time.perf_counter() - s
             elapsed += dt
+            round_tokens = 0
             for o in res:
                 k = len(o.outputs[0].token_ids)
-                tokens += k
+                round_tokens += k
                 tpot.append(dt / max(k, 1))
                 outputs.append(list(o.outputs[0].token_ids))
+            tokens += round_tokens
+            round_rates.append(round_tokens / dt)
         after = _spec_counts(metric_values(llm))
         drafts, accepted = after[0] - before[0], after[1] - before[1]
         per_pos = [a - (before[2][i] if i < len(before[2]) else 0) for i, a in enumerate(after[2])]
         tpot.sort()
         rows.append({
             "batch_size": b, "requests": n, "output_tokens": tokens, "seconds": elapsed,
-            "tokens_per_s": tokens / elapsed,
+            # the median round: one stalled round (seen on shared GPU machines) does not set it
+            "tokens_per_s": statistics.median(round_rates),
+            "tokens_per_s_overall": tokens / elapsed,
+            "round_tokens_per_s": round_rates,
             "tpot_ms_median": 1000 * statistics.median(tpot),
             "tpot_ms_p90": 1000 * tpot[min(len(tpot) - 1, int(0.9 * len(tpot)))],
             "tau": (1 + accepted / drafts) if drafts else None,
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--acceptance", default="rejection", choices=["rejection", "typical"])
     ap.add_argument("--adaptive-tree", default="default-63")
     ap.add_argument("--builtin-k", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of b requests per batch size b")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of b requests per batch size b (tokens/s: the median round)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
