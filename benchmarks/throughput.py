@@ -10,7 +10,9 @@ Configurations (each its own engine, one after the other, same machine):
   builtin           vLLM's built-in Medusa (top-1 chain of K heads), the same heads in its layout
   medusa:<tree>     medusa_vllm with a tree (preset, chain-N, or the heads' calibrated "calibrated")
   medusa-async:<tree>  the same under vLLM's asynchronous scheduler
-  adaptive          medusa_vllm with the load-adaptive tree
+  adaptive          medusa_vllm with the load-adaptive tree (synchronous scheduling)
+  adaptive-async    the same under the asynchronous scheduler (vLLM's dynamic speculative
+                    decoding reserves the policy's draft count per batch size; PIECEWISE graphs)
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
 decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
 baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
@@ -40,7 +42,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 DEFAULT_CONFIGS = ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15",
-                   "medusa:sparse-31", "medusa:default-63", "adaptive"]
+                   "medusa:sparse-31", "medusa:default-63", "adaptive", "adaptive-async"]
 
 
 def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> dict:
@@ -72,8 +74,14 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     if gpu and spec.get("method") == "medusa_vllm":
         # CUDA graphs for the measured batch sizes: vLLM's default stops at 512 tokens, i.e. at
         # batch 8 for a 63-node tree (64 tokens per request); FULL graphs hold the tree step
-        q = 1 + _tree_nodes(spec.get("tree"), heads)
-        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted({q * b for b in args.batch_sizes})}
+        nodes = [_tree_nodes(spec.get("tree"), heads)]
+        if spec.get("adaptive"):  # every tree the policy may pick, and no drafts at all
+            from medusa_vllm.tree import get_tree
+            from medusa_vllm.vllm_plugin.config import default_adaptive_trees
+
+            nodes += [len(t) for t in default_adaptive_trees(get_tree(spec["tree"]), 4)] + [0]
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(
+            {(1 + n) * b for n in nodes for b in args.batch_sizes})}
     return kw
 
 
@@ -219,7 +227,7 @@ def summarize(results: dict, args) -> tuple[list, dict]:
             if r["batch_size"] == 1 and r["config"].startswith(("medusa:", "medusa-async:")) and r["tau"]]
     summary = {
         "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
-        "speedup_bs64": best(64, lambda c: c == "adaptive"),
+        "speedup_bs64": best(64, lambda c: c.startswith("adaptive")),
         "speedup_builtin_medusa_bs1": best(1, lambda c: c == "builtin"),
         "tau_bs1": max(tau1) if tau1 else None,
         "greedy_identical": all(identical) if identical else None,
@@ -307,9 +315,9 @@ def main(argv: list[str] | None = None) -> None:
         env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {}
         if not gpu:
             env.update(cpu_tp_env(args.tensor_parallel_size))
-        kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:"),
-                           heads, builtin)
-        if config in ("baseline-v1async",) or config.startswith("medusa-async:"):
+        kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
+                           .replace("adaptive-async", "adaptive"), heads, builtin)
+        if config in ("baseline-v1async", "adaptive-async") or config.startswith("medusa-async:"):
             kw["async_scheduling"] = True
         try:
             results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,

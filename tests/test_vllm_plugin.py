@@ -243,6 +243,33 @@ def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
         assert k % 2 or b == a, f"greedy request {k} of the mixed batch differs"
 
 
+ADAPTIVE_BUDGET = 40  # tokens per step: sparse-15 up to 2 requests, sparse-7 to 5, chain-3 to 10, none past
+
+
+@pytest.fixture(scope="module", params=["async", "sync"])
+def adaptive(request, bundled_model_dir, prompts):
+    """The load-adaptive tree with a small token budget, so the greedy batches (1, 4, 16, 11
+    requests, shrinking as requests end) cross every tree size and no speculation at all. Under
+    asynchronous scheduling the plugin hands the policy to vLLM as a dynamic speculative decoding
+    schedule; the scheduler reserves that many draft slots per step."""
+    kw = _medusa(str(bundled_model_dir), async_scheduling=request.param == "async")
+    kw["speculative_config"] = dict(kw["speculative_config"], adaptive=True,
+                                    adaptive_max_tokens=ADAPTIVE_BUDGET)
+    jobs = [_jobs(*prompts)[j] for j in _greedy_jobs()]
+    return request.param, run_engine(kw, jobs + [(medusa_stats, ())])
+
+
+def test_adaptive_tree_identical_to_no_speculation(baseline, adaptive):
+    mode, result = adaptive
+    (stats,) = result.outputs[-1]
+    assert stats["async_scheduling"] == (mode == "async")
+    if mode == "async":
+        assert [tuple(r) for r in stats["draft_schedule"]][:4] == [(1, 2, 15), (3, 5, 7), (6, 10, 3), (11, 1 << 20, 0)]
+    assert stats["tree_steps"] > 0 and stats["mean_accepted_length"] > 1.1, stats
+    for j in _greedy_jobs():
+        assert result.outputs[j] == baseline.outputs[j], f"{mode}: job {j}"
+
+
 def test_preemption_under_kv_pressure(baseline, bundled_model_dir, preempted):
     result, long_prompts = preempted
     assert result.metrics.get("vllm:num_preemptions", 0) > 0, "the small KV cache did not preempt"

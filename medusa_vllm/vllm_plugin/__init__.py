@@ -153,6 +153,10 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
         "model": PROPOSER_CLASS,
         "num_speculative_tokens": cfg.max_nodes,
     }
+    if cfg.adaptive and engine_args.async_scheduling:
+        # the scheduler reserves the adaptive policy's draft count per batch size
+        engine_args.speculative_config["num_speculative_tokens_per_batch_size"] = _adaptive_schedule(
+            cfg, engine_args.max_num_seqs, "cpu" if current_platform.is_cpu() else "cuda")
     extra = dict(engine_args.additional_config or {})
     extra["medusa_vllm"] = cfg.to_dict()
     engine_args.additional_config = extra
@@ -166,6 +170,13 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
         engine_args.attention_backend = AttentionBackendEnum.CUSTOM
+
+
+def _adaptive_schedule(cfg: Any, max_num_seqs: int | None, device: str) -> list[tuple[int, int, int]]:
+    from medusa_vllm.adaptive import AdaptiveTreePolicy
+
+    policy = AdaptiveTreePolicy(cfg.trees, True, cfg.adaptive_max_tokens, device)
+    return policy.schedule(max(max_num_seqs or 0, 1024))
 
 
 def _target_sizes(engine_args: Any) -> tuple[int, int]:

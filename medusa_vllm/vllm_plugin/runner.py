@@ -37,7 +37,7 @@ from vllm.v1.utils import record_function_or_nullcontext
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from medusa_vllm import kernels
-from medusa_vllm.adaptive import AdaptiveTreePolicy
+from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
 from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
 from medusa_vllm.sampling import SamplingBatch
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
@@ -156,9 +156,15 @@ class MedusaRunnerMixin:
         self.medusa_policy = AdaptiveTreePolicy(
             trees, self.medusa_cfg.adaptive, self.medusa_cfg.adaptive_max_tokens, self.device.type
         )
-        if self.use_async_scheduling:
+        # adaptive + async scheduling: vLLM's dynamic speculative decoding reserves the policy's
+        # draft count per batch size (its schedule, set by the plugin's config rewrite); the
+        # runner proposes the tree of the count the scheduler chose for this step
+        self._medusa_dynamic = bool(
+            getattr(self.speculative_config, "num_speculative_tokens_per_batch_size", None))
+        if self.use_async_scheduling and not self._medusa_dynamic:
             # vLLM schedules num_speculative_tokens draft slots for every decode: the full tree
             self.medusa_policy.enabled = False
+        self._medusa_sched_drafts = self.num_spec_tokens  # this step's num_spec_tokens_to_schedule
         self._medusa_emitted: torch.Tensor | None = None  # this step's tokens (async hand-over)
         self._medusa_graph_checks = 0  # FULL-graph steps re-run eagerly so far (GRAPH_CHECK)
         self._medusa_req_tree: dict[str, int] = {}
@@ -313,6 +319,7 @@ class MedusaRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         logits_indices, spec_meta = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._medusa_sched_drafts = scheduler_output.num_spec_tokens_to_schedule
         with region("medusa: plan"):
             self._medusa_plan(scheduler_output, num_scheduled_tokens)
         return logits_indices, spec_meta
@@ -462,12 +469,17 @@ class MedusaRunnerMixin:
 
     def _medusa_uniform_greedy(self, logits) -> bool:
         step = self._medusa_step
+        num_reqs = self.input_batch.num_reqs
         return (
             step["uniform"]
+            # the graph holds the policy's next tree for this batch size: the one the scheduler
+            # reserved draft slots for (the same policy made its schedule)
+            and (not self._medusa_dynamic
+                 or self.medusa_policy.num_drafts(num_reqs) == self._medusa_sched_drafts)
             and self.input_batch.sampling_metadata.all_greedy
             and self._medusa_hidden is not None
             and self.drafter.heads is not None
-            and logits.shape[0] == self.input_batch.num_reqs * self.medusa_max_query
+            and logits.shape[0] == num_reqs * self.medusa_max_query
         )
 
     def _medusa_uniform_sample(self, logits, spec_decode_metadata):
@@ -570,17 +582,23 @@ class MedusaRunnerMixin:
         return self._medusa_head_drafts(sample_hidden_states[rows[:num_reqs]], k)
 
     def _medusa_next_tree(self, num_reqs: int) -> int:
-        """The tree the next drafts follow (load-adaptive policy), recorded per request so the
-        next step reads its scheduled drafts with it."""
-        k = self.medusa_policy.choose(num_reqs)
+        """The tree the next drafts follow (load-adaptive policy; NO_TREE: no drafts), recorded
+        per request so the next step reads its scheduled drafts with it."""
+        k = (self.medusa_policy.tree_of_num_drafts(self._medusa_sched_drafts) if self._medusa_dynamic
+             else self.medusa_policy.choose(num_reqs))
         for req_id in self.input_batch.req_ids[:num_reqs]:
-            self._medusa_req_tree[req_id] = k
+            if k == NO_TREE:
+                self._medusa_req_tree.pop(req_id, None)
+            else:
+                self._medusa_req_tree[req_id] = k
         return k
 
     def _medusa_head_drafts(self, hidden, k: int):
         """hidden [B, H] of each request's last accepted token -> drafts [B, T_k] int64 of tree
         k, BFS order; a request whose head logits are not finite gets a row of -1s (no drafts,
-        read with the drafts in one copy)."""
+        read with the drafts in one copy); no columns for NO_TREE."""
+        if k == NO_TREE:
+            return torch.zeros((hidden.shape[0], 0), dtype=torch.int64, device=hidden.device)
         topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
         size = self.medusa_tree_sizes[k]
         drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]

@@ -37,7 +37,10 @@ class MedusaStatsMixin:
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
         return runner.medusa_stats.summary() | {
             "attention": attention, "uniform_greedy": runner._medusa_graphs.summary(),
-            "async_scheduling": bool(runner.use_async_scheduling)}
+            "async_scheduling": bool(runner.use_async_scheduling),
+            # adaptive + async: the batch-size -> draft count schedule vLLM's scheduler follows
+            "draft_schedule": getattr(runner.speculative_config,
+                                      "num_speculative_tokens_per_batch_size", None)}
 
 
 class MedusaGPUWorker(MedusaStatsMixin, Worker):
