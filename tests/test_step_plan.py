@@ -44,6 +44,13 @@ def test_prefill_only_batch_stays_with_vllm():
     assert plan.num_tree_reqs == 0 and not plan.all_reqs
 
 
+def test_step_without_drafts_is_a_plain_step():
+    # speculation off (load-adaptive policy) or nothing proposed: vLLM's backend takes it all
+    plan = _plan([1, 1, 1, 20], [0, 0, 0, 0], [0, 0, 0, 0], [True, True, True, False])
+    assert plan.num_tree_reqs == 0 and plan.num_tree_tokens == 0 and not plan.all_reqs
+    assert not plan.position_delta.any()
+
+
 def test_partial_drafts_use_the_tree_prefix():
     # a request handed 2 drafts of tree 1 (vLLM trimmed its drafts near max_model_len)
     plan = _plan([3, 6], [2, 5], [1, 1])

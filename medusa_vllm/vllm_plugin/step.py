@@ -54,8 +54,10 @@ def plan_step(
     # computed exactly as without speculation. (Mask 0, the causal chain, would be right for a
     # chunk of <= max_query tokens too: a FULL CUDA graph of a uniform batch that holds one
     # runs it through the kernel.)
+    # A step in which no request has drafts (the load-adaptive policy turned speculation off,
+    # or nothing was proposed) is a plain decode step: all of it goes to vLLM's backend.
     fits = done_prefill & (num_scheduled <= max_query)
-    lead = int(np.argmin(fits)) if not fits.all() else b
+    lead = 0 if not num_drafts.any() else int(np.argmin(fits)) if not fits.all() else b
     mask_ids = np.where(num_drafts > 0, tree_ids + 1, 0).astype(np.int32)
     return StepPlan(
         position_delta=delta,
