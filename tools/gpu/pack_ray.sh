@@ -12,6 +12,7 @@
 # runtime_env): vLLM 0.26's default Ray executor is RayExecutorV2 (message queues); its older
 # compiled-graph executor (VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0) wants ray >= 2.43 and cupy.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/chunks.sh"
 RAY_VERSION=${RAY_VERSION:-2.58.0}
 OUT=${OUT_DIR:-.carry}
 WORK=${WORK_DIR:-/tmp/ray-work}
@@ -39,14 +40,9 @@ ls "$WORK"/carry/ray-"$RAY_VERSION"-cp312-*.whl >/dev/null \
 
 (cd "$WORK/carry" && tar -cf ../ray.tar ./*.whl)
 (cd "$WORK" && sha256sum ray.tar > ray.tar.sha256)
-rm -rf "$OUT"/ray[0-9]* "$WORK"/ray.tar.part*
+rm -f "$WORK"/ray.tar.part*
 split -b 54M -d -a 2 "$WORK/ray.tar" "$WORK/ray.tar.part"
-n=$(ls "$WORK"/ray.tar.part* | wc -l)
-i=0
-for p in "$WORK"/ray.tar.part*; do
-  i=$((i + 1)); mkdir -p "$OUT/ray$i"; mv "$p" "$OUT/ray$i/"
-  cp "$WORK/ray.tar.sha256" "$OUT/ray$i/"; echo "$n" > "$OUT/ray$i/num_parts"
-done
-du -sh "$OUT"/ray[0-9]*
+parts=("$WORK"/ray.tar.part*)
+move_into_chunks "$OUT" ray "$WORK/ray.tar.sha256" "${parts[@]}"
 echo "wheels: $(cd "$WORK/carry" && ls | tr '\n' ' ')"
-echo "done: carry $OUT/ray1 .. $OUT/ray$n, one per call, each running: bash tools/gpu/stage_ray.sh"
+echo "done: carry $OUT/ray1 .. $OUT/ray${#parts[@]}, one per call, each running: bash tools/gpu/stage_ray.sh"

