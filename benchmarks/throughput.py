@@ -74,12 +74,12 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     if gpu and spec.get("method") == "medusa_vllm":
         # CUDA graphs for the measured batch sizes: vLLM's default stops at 512 tokens, i.e. at
         # batch 8 for a 63-node tree (64 tokens per request); FULL graphs hold the tree step
-        nodes = [_tree_nodes(spec.get("tree"), heads)]
-        if spec.get("adaptive"):  # every tree the policy may pick, and no drafts at all
-            from medusa_vllm.tree import get_tree
-            from medusa_vllm.vllm_plugin.config import default_adaptive_trees
+        # the trees the engine will use, resolved as the plugin does (the calibrated tree stored
+        # with the heads, the adaptive policy's trees); adaptive: also steps without drafts
+        from medusa_vllm.vllm_plugin.config import resolve, target_sizes
 
-            nodes += [len(t) for t in default_adaptive_trees(get_tree(spec["tree"]), 4)] + [0]
+        cfg = resolve(spec, args.model, *target_sizes(args.model))
+        nodes = [len(t) for t in cfg.trees] + ([0] if cfg.adaptive else [])
         kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(
             {(1 + n) * b for n in nodes for b in args.batch_sizes})}
     return kw
@@ -94,17 +94,6 @@ def parallel_kwargs(args) -> dict:
     if getattr(args, "distributed_executor_backend", None):
         kw["distributed_executor_backend"] = args.distributed_executor_backend
     return kw
-
-
-def _tree_nodes(tree: str | None, heads: str) -> int:
-    """Nodes of a preset tree, or (None) of the calibrated tree stored with the heads."""
-    if tree is None:
-        import json
-
-        return len(json.loads((Path(heads) / "medusa_config.json").read_text())["tree"])
-    from medusa_vllm.tree import get_tree
-
-    return len(get_tree(tree))
 
 
 def _spec_counts(m: dict) -> tuple[float, float, list[float]]:

@@ -144,9 +144,10 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
     """Validate the medusa_vllm settings and turn them into vLLM's own arguments."""
     from vllm.platforms import current_platform
 
-    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS, resolve
+    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS, resolve, target_sizes
 
-    hidden, vocab = _target_sizes(engine_args)
+    hidden, vocab = target_sizes(str(engine_args.model), engine_args.trust_remote_code,
+                                 engine_args.revision)
     cfg = resolve(spec, str(engine_args.model), hidden, vocab)
     engine_args.speculative_config = {
         "method": "custom_class",
@@ -178,15 +179,3 @@ def _adaptive_schedule(cfg: Any, max_num_seqs: int | None, device: str) -> list[
     policy = AdaptiveTreePolicy(cfg.trees, True, cfg.adaptive_max_tokens, device)
     return policy.schedule(max(max_num_seqs or 0, 1024))
 
-
-def _target_sizes(engine_args: Any) -> tuple[int, int]:
-    """Hidden size and vocab of the target model, read from its config.json."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(
-        engine_args.model,
-        trust_remote_code=engine_args.trust_remote_code,
-        revision=engine_args.revision,
-    )
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(text.hidden_size), int(text.vocab_size)

@@ -113,6 +113,15 @@ def is_medusa_request(spec: dict[str, Any] | None) -> bool:
     return spec.get("method") == METHOD or (spec.get("method") is None and spec.get("model") == METHOD)
 
 
+def target_sizes(model: str, trust_remote_code: bool = False, revision: str | None = None) -> tuple[int, int]:
+    """Hidden size and vocab of the target model, read from its config.json."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.hidden_size), int(text.vocab_size)
+
+
 def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int) -> MedusaSpecConfig:
     """Validate a user's medusa_vllm speculative config against the target model."""
     from medusa_vllm.checkpoint import CheckpointError, load_heads_config

@@ -57,7 +57,10 @@ def plan_step(
     # A step in which no request has drafts (the load-adaptive policy turned speculation off,
     # or nothing was proposed) is a plain decode step: all of it goes to vLLM's backend.
     fits = done_prefill & (num_scheduled <= max_query)
-    lead = 0 if not num_drafts.any() else int(np.argmin(fits)) if not fits.all() else b
+    if not num_drafts.any():
+        lead = 0
+    else:
+        lead = b if fits.all() else int(np.argmin(fits))
     mask_ids = np.where(num_drafts > 0, tree_ids + 1, 0).astype(np.int32)
     return StepPlan(
         position_delta=delta,
