@@ -10,9 +10,12 @@ Configurations (each its own engine, one after the other, same machine):
   builtin           vLLM's built-in Medusa (top-1 chain of K heads), the same heads in its layout
   medusa:<tree>     medusa_vllm with a tree (preset, chain-N, or the heads' calibrated "calibrated")
   medusa-async:<tree>  the same under vLLM's asynchronous scheduler
-  adaptive          medusa_vllm with the load-adaptive tree (synchronous scheduling)
+  adaptive          medusa_vllm with the load-adaptive tree (synchronous scheduling), measured
+                    rule: per batch size the tree (or no drafts) with the most tokens/s by the
+                    engine's own step times
   adaptive-async    the same under the asynchronous scheduler (vLLM's dynamic speculative
                     decoding reserves the policy's draft count per batch size; PIECEWISE graphs)
+  adaptive-budget   the load-adaptive tree with the token-budget rule (also -async)
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
 decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
 baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
@@ -60,15 +63,16 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     if config == "builtin":
         kw["speculative_config"] = {"method": "medusa", "model": builtin_heads,
                                     "num_speculative_tokens": args.builtin_k}
-    elif config.startswith("medusa:") or config == "adaptive":
+    elif config.startswith(("medusa:", "adaptive")):
         spec = {"method": "medusa_vllm", "model": heads, "acceptance": args.acceptance}
-        if config == "adaptive":
-            spec.update(tree=args.adaptive_tree, adaptive=True)
+        if config.startswith("adaptive"):
+            spec.update(tree=args.adaptive_tree, adaptive=True,
+                        adaptive_policy="budget" if config == "adaptive-budget" else "measured")
         elif config != "medusa:calibrated":
             spec["tree"] = config.split(":", 1)[1]
         kw["speculative_config"] = spec
     if "speculative_config" in kw:
-        n = 64 if config in ("adaptive", "medusa:default-63", "medusa:calibrated") else 32
+        n = 64 if config.startswith("adaptive") or config in ("medusa:default-63", "medusa:calibrated") else 32
         kw["max_num_batched_tokens"] = max(2048, max(args.batch_sizes) * (n + 1))
     spec = kw.get("speculative_config", {})
     if gpu and spec.get("method") == "medusa_vllm":
@@ -155,8 +159,13 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
             "outputs": outputs,
         })
     # medusa_vllm engines: did uniform greedy steps replay the verify+heads CUDA graphs?
-    medusa = (llm.collective_rpc("medusa_stats")[0]
-              if (kw.get("speculative_config") or {}).get("method") == "medusa_vllm" else None)
+    spec = kw.get("speculative_config") or {}
+    medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
+    if medusa is not None and spec.get("adaptive"):
+        from medusa_vllm.vllm_plugin import adaptive_summary
+
+        # the measured rule's table: ms per step by batch bucket and draft count, τ per tree
+        medusa["adaptive"] = adaptive_summary(llm)
     from medusa_vllm.profiling import start_profile, stop_profile
 
     profiles = {}
@@ -305,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         if not gpu:
             env.update(cpu_tp_env(args.tensor_parallel_size))
         kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
-                           .replace("adaptive-async", "adaptive"), heads, builtin)
-        if config in ("baseline-v1async", "adaptive-async") or config.startswith("medusa-async:"):
+                           .removesuffix("-async"), heads, builtin)
+        if config in ("baseline-v1async",) or config.endswith("-async") or config.startswith("medusa-async:"):
             kw["async_scheduling"] = True
         try:
             results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,

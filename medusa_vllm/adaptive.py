@@ -1,54 +1,195 @@
 """Load-adaptive tree size: big trees when the batch is small, smaller ones as it grows, none
 when even the smallest would cost more than it returns.
 
-A verification step costs about as much as a plain decode step while the batch's query tokens
-stay below the point where the forward pass turns compute-bound; past it, every extra tree node
-is paid in full. The policy picks, per step, the largest tree whose tokens (requests × (1 + nodes))
-fit a token budget — that knee — and proposes no drafts beyond it (the step is a plain decode).
-The budget comes from the speculative config (``adaptive_max_tokens``) or a per-device default
-measured with ``benchmarks/step_cost.py``.
+Two rules, chosen with the speculative config's ``adaptive_policy``:
 
-The same choice, as a batch-size schedule of draft counts (:meth:`AdaptiveTreePolicy.schedule`),
-is handed to vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``), so
-that under asynchronous scheduling the scheduler reserves as many draft slots as the tree the
-runner will propose has nodes.
+- ``"budget"``: per step the largest tree whose tokens (requests × (1 + nodes)) fit a token
+  budget, and no drafts beyond it. A verification step costs about as much as a plain decode
+  step while the batch's query tokens stay below the point where the forward pass turns
+  compute-bound; the budget (``adaptive_max_tokens`` or a per-device default) stands for that knee.
+- ``"measured"`` (default on one GPU/CPU rank): the engine times its own steps. For each batch
+  size bucket it keeps the recent wall-clock seconds per step of every choice (each tree, and no
+  drafts), measured on clean steps (every request decoding that choice), and the mean accepted
+  length per tree (the heads' calibrated estimate at first, then the observed one). It picks the
+  choice with the most tokens per second, ``τ / seconds per step``, so a large batch on which
+  every tree costs more than it returns decodes plainly, and a small one keeps its big tree.
+  Every choice is measured a few steps first (starting from the budget rule's choice), and the
+  runner-up is re-measured now and then, so the choice follows the load and the content.
+
+The budget rule, as a batch-size schedule of draft counts (:meth:`AdaptiveTreePolicy.schedule`),
+is also what vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``)
+starts from under asynchronous scheduling; the measured rule then rewrites the scheduler's
+lookup table bucket by bucket (:class:`StepCosts` decides, the runner writes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import statistics
+from collections import deque
+from collections.abc import Callable, Sequence
 
-from medusa_vllm.tree import TokenTree
+from medusa_vllm.tree import TokenTree, expected_accept_length, per_rank_accuracies
 
 # tokens per step below which a forward pass costs about the same (measured: see README)
 DEFAULT_TOKEN_BUDGET = {"cuda": 512, "cpu": 32}
 NO_TREE = -1  # choose(): no drafts this step
+POLICIES = ("measured", "budget")
 # vLLM clips the schedule's last range to its max_num_seqs
 _OPEN_END = 1 << 20
 
+MIN_SAMPLES = 4  # clean steps measured per (bucket, choice) before it is compared
+RUN = 6  # steps a measuring run of one choice lasts (its first step is a transition)
+WINDOW = 16  # recent steps kept per (bucket, choice)
+MAX_TRIES = 3  # measuring runs after which a choice that yields no clean steps is left out
+REMEASURE = 500  # decisions in a bucket between re-measurements of the runner-up
+PRIOR_WEIGHT = 64  # requests' worth of weight of the calibrated τ against the observed one
+# batch size buckets: 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, 17-24, 25-32, 33-48, ...
+_EDGES = [1, 2, 3, 4] + sorted({m << e for e in range(1, 20) for m in (3, 4)})
+# τ estimate for heads that carry no calibration: the cumulative top-k accuracies of the bundled
+# SmolLM2-135M heads (held-out, per head), a modest small-model profile
+GENERIC_ACCURACIES = [
+    [0.39, 0.49, 0.55, 0.59, 0.62, 0.64, 0.66, 0.67, 0.68, 0.7],
+    [0.2, 0.28, 0.34, 0.38, 0.41, 0.44, 0.46, 0.47, 0.49, 0.5],
+    [0.14, 0.21, 0.26, 0.3, 0.33, 0.36, 0.38, 0.4, 0.42, 0.43],
+    [0.11, 0.17, 0.21, 0.25, 0.28, 0.31, 0.33, 0.35, 0.37, 0.38],
+]
+
+
+def bucket_of(num_reqs: int) -> int:
+    return bisect.bisect_left(_EDGES, max(num_reqs, 1))
+
+
+def bucket_range(b: int) -> tuple[int, int]:
+    """Batch sizes of bucket ``b`` (inclusive)."""
+    return (_EDGES[b - 1] + 1 if b else 1), _EDGES[b]
+
+
+class StepCosts:
+    """Recent seconds per step of each choice in each batch-size bucket, and the choice to run
+    next (pure bookkeeping: the runner feeds it wall-clock step times)."""
+
+    def __init__(self, choices: Sequence[int]) -> None:
+        self.choices = list(choices)  # tree indices, largest first, then NO_TREE
+        self._seconds: dict[tuple[int, int], deque[float]] = {}
+        self._runs: dict[int, list[int]] = {}  # bucket -> [choice, steps left, decisions]
+        self._tries: dict[tuple[int, int], int] = {}
+        self._outliers: dict[tuple[int, int], int] = {}
+
+    def observe(self, num_reqs: int, choice: int, seconds: float) -> None:
+        key = (bucket_of(num_reqs), choice)
+        s = self._seconds.setdefault(key, deque(maxlen=WINDOW))
+        if len(s) >= MIN_SAMPLES and seconds > 4 * statistics.median(s):
+            # one such step: the engine sat idle before it (not a step's cost); several in a
+            # row: the cost itself changed, so the old samples go
+            self._outliers[key] = self._outliers.get(key, 0) + 1
+            if self._outliers[key] < 3:
+                return
+            s.clear()
+        self._outliers[key] = 0
+        s.append(seconds)
+
+    def seconds(self, num_reqs: int, choice: int) -> float | None:
+        """Median seconds per step of ``choice`` at this batch size's bucket (None: unmeasured)."""
+        s = self._seconds.get((bucket_of(num_reqs), choice))
+        return statistics.median(s) if s and len(s) >= MIN_SAMPLES else None
+
+    def choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
+        """The choice for the next step: a measuring run in progress, else the next unmeasured
+        choice (nearest to ``start`` first), else the most tokens per second (the runner-up
+        every REMEASURE decisions, so its cost stays current)."""
+        b = bucket_of(num_reqs)
+        run = self._runs.setdefault(b, [start, 0, 0])
+        run[2] += 1
+        if run[1] > 0:
+            run[1] -= 1
+            return run[0]
+        i0 = self.choices.index(start)
+        for c in sorted(self.choices, key=lambda c: abs(self.choices.index(c) - i0)):
+            if self.seconds(num_reqs, c) is None and self._tries.get((b, c), 0) < MAX_TRIES:
+                self._tries[(b, c)] = self._tries.get((b, c), 0) + 1
+                run[0], run[1] = c, RUN - 1
+                return c
+        scores = {c: tau(c) / s for c in self.choices if (s := self.seconds(num_reqs, c))}
+        if not scores:
+            return start
+        ranked = sorted(scores, key=lambda c: -scores[c])
+        if len(ranked) > 1 and run[2] % REMEASURE == 0:
+            run[0], run[1] = ranked[1], RUN - 1
+            return ranked[1]
+        return ranked[0]
+
+    def table(self, label: Callable[[int], str] = str) -> dict[str, dict[str, float]]:
+        """``{"5-6": {label(choice): ms, ...}, ...}``: measured ms per step (for stats)."""
+        out: dict[str, dict[str, float]] = {}
+        for (b, c), s in sorted(self._seconds.items()):
+            if len(s) >= MIN_SAMPLES:
+                lo, hi = bucket_range(b)
+                out.setdefault(f"{lo}-{hi}" if lo != hi else str(lo), {})[label(c)] = round(
+                    1e3 * statistics.median(s), 3)
+        return out
+
 
 class AdaptiveTreePolicy:
-    def __init__(self, trees: Sequence[TokenTree], enabled: bool, budget: int, device: str) -> None:
+    def __init__(self, trees: Sequence[TokenTree], enabled: bool, budget: int, device: str,
+                 policy: str = "budget", head_accuracies: Sequence[Sequence[float]] | None = None
+                 ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"medusa_vllm: adaptive_policy {policy!r} is not one of {POLICIES}")
         self.sizes = [len(t) for t in trees]
         self.enabled = enabled and len(trees) > 1
         self.budget = budget or DEFAULT_TOKEN_BUDGET.get(device, 512)
         # candidates from the largest tree to the smallest (one per size: a draft count names it)
         order = sorted(range(len(trees)), key=lambda k: -self.sizes[k])
         self.order = [k for i, k in enumerate(order) if i == 0 or self.sizes[k] != self.sizes[order[i - 1]]]
+        self.measured = policy == "measured"
+        self.costs = StepCosts([*self.order, NO_TREE])
+        # τ per tree: the heads' calibrated estimate, then blended with what verification saw
+        acc = per_rank_accuracies(head_accuracies or GENERIC_ACCURACIES)
+        self.tau_prior = [expected_accept_length(t, acc) for t in trees]
+        self._emitted = [0.0] * len(trees)
+        self._verified = [0.0] * len(trees)
 
-    def choose(self, num_reqs: int) -> int:
-        """Index of the tree to propose for a step with ``num_reqs`` running requests, or
-        NO_TREE when even the smallest tree's tokens exceed the budget."""
-        if not self.enabled:
-            return 0
+    def budget_choice(self, num_reqs: int) -> int:
+        """The largest tree whose tokens fit the budget, or NO_TREE."""
         for k in self.order:
             if num_reqs * (1 + self.sizes[k]) <= self.budget:
                 return k
         return NO_TREE
 
+    def choose(self, num_reqs: int) -> int:
+        """Index of the tree to propose for a step with ``num_reqs`` running requests, or
+        NO_TREE. With the measured rule, call it once per step (it runs measuring runs)."""
+        if not self.enabled:
+            return 0
+        start = self.budget_choice(num_reqs)
+        return self.costs.choose(num_reqs, start, self.tau) if self.measured else start
+
+    def static_choice(self, num_reqs: int) -> int:
+        """The budget rule's choice (the main tree when the policy is off): what the static
+        schedule and the verify+heads CUDA graphs hold."""
+        return self.budget_choice(num_reqs) if self.enabled else 0
+
     def num_drafts(self, num_reqs: int) -> int:
-        k = self.choose(num_reqs)
+        return self.drafts_of(self.static_choice(num_reqs))
+
+    def drafts_of(self, k: int) -> int:
         return 0 if k == NO_TREE else self.sizes[k]
+
+    def tau(self, k: int) -> float:
+        if k == NO_TREE:
+            return 1.0
+        w = PRIOR_WEIGHT
+        return (self.tau_prior[k] * w + self._emitted[k]) / (w + self._verified[k])
+
+    def observe_step(self, num_reqs: int, k: int, seconds: float) -> None:
+        self.costs.observe(num_reqs, k, seconds)
+
+    def observe_acceptance(self, emitted: Sequence[float], verified: Sequence[float]) -> None:
+        """Tokens emitted and requests verified per tree since the last call."""
+        for k in range(len(self._emitted)):
+            self._emitted[k] += float(emitted[k])
+            self._verified[k] += float(verified[k])
 
     def tree_of_num_drafts(self, n: int) -> int:
         """The tree a draft count stands for (NO_TREE for 0)."""
@@ -61,7 +202,8 @@ class AdaptiveTreePolicy:
 
     def schedule(self, max_batch: int) -> list[tuple[int, int, int]]:
         """``[(first batch size, last batch size, drafts), ...]`` for batch sizes 1..max_batch
-        (the last range left open), vLLM's ``num_speculative_tokens_per_batch_size`` format."""
+        (the last range left open), vLLM's ``num_speculative_tokens_per_batch_size`` format:
+        the budget rule."""
         out: list[tuple[int, int, int]] = []
         for b in range(1, max_batch + 1):
             n = self.num_drafts(b)
@@ -71,3 +213,11 @@ class AdaptiveTreePolicy:
                 out.append((b, b, n))
         out[-1] = (out[-1][0], _OPEN_END, out[-1][2])
         return out
+
+    def summary(self) -> dict:
+        return {
+            "policy": "measured" if self.measured else "budget",
+            "tau": {str(self.sizes[k]): round(self.tau(k), 3) for k in self.order},
+            # per batch-size bucket, ms per step by draft count (0: no drafts)
+            "ms_per_step": self.costs.table(lambda k: str(self.drafts_of(k))),
+        }

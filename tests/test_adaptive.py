@@ -47,3 +47,147 @@ def test_tree_of_num_drafts():
 def test_equal_sizes_keep_the_first_tree():
     p = AdaptiveTreePolicy([get_tree("sparse-15"), get_tree("sparse-15"), TokenTree.chain(3)], True, 64, "cuda")
     assert p.order == [0, 2] and p.choose(4) == 0
+
+
+# ----------------------------------------------------------------------------- measured rule
+from medusa_vllm.adaptive import MIN_SAMPLES, REMEASURE, RUN, bucket_of, bucket_range  # noqa: E402
+
+
+def measured(accuracies=None) -> AdaptiveTreePolicy:
+    return AdaptiveTreePolicy(TREES, True, 512, "cuda", policy="measured", head_accuracies=accuracies)
+
+
+def simulate(p: AdaptiveTreePolicy, num_reqs: int, cost, steps: int) -> list[int]:
+    """Runs ``steps`` decisions at one batch size; ``cost(k)`` = seconds of a step of choice k."""
+    chosen = []
+    for _ in range(steps):
+        k = p.choose(num_reqs)
+        p.observe_step(num_reqs, k, cost(k))
+        chosen.append(k)
+    return chosen
+
+
+def test_buckets_cover_every_batch_size_once():
+    seen = []
+    for b in range(bucket_of(1), bucket_of(300) + 1):
+        lo, hi = bucket_range(b)
+        seen += range(lo, hi + 1)
+    assert seen[:300] == list(range(1, 301))
+    assert all(bucket_of(n) == b for b in range(12) for n in range(bucket_range(b)[0], bucket_range(b)[1] + 1))
+
+
+def test_measured_rule_turns_speculation_off_where_every_tree_costs_more_than_it_returns():
+    # τ prior without calibration: the generic small-model profile (2.06 / 1.82 / 1.48)
+    p = measured()
+    assert [round(p.tau(k), 2) for k in (0, 1, 2, NO_TREE)] == [2.06, 1.82, 1.48, 1.0]
+    # batch 64: a plain step 4 ms, trees 4x / 3.5x / 3x that -> no drafts wins
+    cost = {0: 16e-3, 1: 14e-3, 2: 12e-3, NO_TREE: 4e-3}.get
+    chosen = simulate(p, 64, cost, 200)
+    explored = len(p.costs.choices) * RUN
+    assert set(chosen[:explored]) == {0, 1, 2, NO_TREE}  # each choice measured once
+    assert chosen[0] == p.budget_choice(64) == 2  # starting from the budget rule's choice
+    assert set(chosen[explored:]) == {NO_TREE}
+    # batch 1: a tree step 1.3x a plain one -> the 63-node tree (τ 2.06 / 1.3 beats 1 / 1)
+    cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
+    assert set(simulate(p, 1, cost1, 200)[explored:]) == {0}
+    # buckets are independent: batch 64 still decodes plainly
+    assert p.choose(60) == NO_TREE
+    assert p.summary()["ms_per_step"]["49-64"] == {"63": 16.0, "15": 14.0, "3": 12.0, "0": 4.0}
+
+
+def test_measured_rule_remeasures_the_runner_up_and_follows_a_change():
+    p = measured()
+    costs = {0: 2.0e-3, 1: 2.5e-3, 2: 2.6e-3, NO_TREE: 2.5e-3}
+    chosen = simulate(p, 1, costs.get, REMEASURE + 2 * RUN)
+    tail = chosen[len(p.costs.choices) * RUN:]
+    assert tail.count(0) >= len(tail) - RUN and tail.count(0) < len(tail)  # one run of the runner-up
+    # the tree step gets slow (e.g. a longer context): after enough re-measurements the policy moves
+    costs[0] = 20e-3
+    chosen = simulate(p, 1, costs.get, 4 * REMEASURE)
+    assert chosen[-RUN:] != [0] * RUN
+
+
+def test_idle_gaps_do_not_count_as_step_costs():
+    p = measured()
+    for _ in range(MIN_SAMPLES):
+        p.observe_step(8, 0, 3e-3)
+    p.observe_step(8, 0, 2.0)  # the engine waited for requests
+    assert p.costs.seconds(8, 0) == pytest.approx(3e-3)
+    for _ in range(MIN_SAMPLES + 2):  # but a lasting change of cost is taken
+        p.observe_step(8, 0, 30e-3)
+    assert p.costs.seconds(8, 0) == pytest.approx(30e-3)
+
+
+def test_choice_without_clean_steps_is_given_up():
+    p = measured()
+    chosen = []
+    for _ in range(40 * RUN):
+        k = p.choose(4)
+        chosen.append(k)
+        if k != 1:  # sparse-15 never yields a clean step (e.g. new requests keep arriving)
+            p.observe_step(4, k, {0: 2e-3, 2: 2e-3, NO_TREE: 1.5e-3}[k])
+    assert chosen.count(1) == 3 * RUN  # MAX_TRIES measuring runs, then left out
+    assert chosen[-1] == 0  # τ 2.06 / 2 ms beats 1.48 / 2 ms and 1 / 1.5 ms
+
+
+def test_tau_starts_at_the_calibration_and_follows_what_verification_sees():
+    acc = [[0.5, 0.6], [0.3, 0.4], [0.2, 0.3], [0.1, 0.2]]  # cumulative top-k per head
+    p = AdaptiveTreePolicy([TokenTree.chain(2), TokenTree.chain(1)], True, 512, "cuda",
+                           policy="measured", head_accuracies=acc)
+    assert p.tau(0) == pytest.approx(1 + 0.5 + 0.5 * 0.3)
+    assert p.tau(1) == pytest.approx(1.5)
+    p.observe_acceptance([10_000.0, 0.0], [10_000.0, 0.0])  # tree 0: every request 1 token
+    assert p.tau(0) == pytest.approx(1.0, abs=0.01)
+    assert p.tau(1) == pytest.approx(1.5)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="adaptive_policy 'fastest' is not one of"):
+        AdaptiveTreePolicy(TREES, True, 512, "cuda", policy="fastest")
+
+
+# ----------------------------------------------------------------------------- scheduler side
+def _scheduled(counts: dict, spec: dict, new: bool = False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_scheduled_tokens=counts, scheduled_spec_decode_tokens=spec,
+                           scheduled_new_reqs=[object()] if new else [])
+
+
+def test_step_choice_of_a_scheduled_step():
+    from medusa_vllm.vllm_plugin.scheduler import step_choice
+
+    p = measured()
+    d15 = [-1] * 15
+    assert step_choice(p, _scheduled({"a": 16, "b": 16}, {"a": d15, "b": d15})) == 1
+    assert step_choice(p, _scheduled({"a": 1, "b": 1}, {})) == NO_TREE
+    assert step_choice(p, _scheduled({"a": 16, "b": 1}, {"a": d15})) is None  # a mix
+    assert step_choice(p, _scheduled({"a": 16, "b": 40}, {"a": d15})) is None  # a prefill chunk
+    assert step_choice(p, _scheduled({"a": 16}, {"a": d15}, new=True)) is None  # a new request
+    assert step_choice(p, _scheduled({"a": 6}, {"a": [-1] * 5})) is None  # not a tree's size
+    assert step_choice(p, _scheduled({}, {})) is None
+
+
+def test_measured_schedule_times_steady_steps_and_rewrites_the_table():
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    from medusa_vllm.vllm_plugin.scheduler import MeasuredSchedule
+
+    p = measured()
+    lookup = build_dynamic_sd_schedule_lookup(p.schedule(64), vllm_max_batch_size=64,
+                                              vllm_num_speculative_tokens=63)
+    assert lookup[8] == 63 and lookup[9] == 15
+    m = MeasuredSchedule(p, lookup)
+    clock = 0.0
+    for _ in range(3):  # three clean steps of the 63-node tree at batch 8
+        m.step(clock, 8, 0)
+        clock += 5e-3
+    # the first has no steady predecessor, the second counts (the third ends at the next step)
+    assert list(p.costs._seconds[(bucket_of(8), 0)]) == [pytest.approx(5e-3)]
+    # every step wrote the policy's choice for the bucket (7-8) into the scheduler's table
+    k = p.costs._runs[bucket_of(8)][0]
+    assert lookup[7] == lookup[8] == p.drafts_of(k) and lookup[9] == 15
+    m.step(clock, 8, 2)  # a change of choice: its first step is a transition, not a cost
+    m.step(clock + 1.0, 8, None)  # not clean
+    m.step(clock + 2.0, 8, 2)
+    assert (bucket_of(8), 2) not in p.costs._seconds

@@ -60,3 +60,21 @@ def test_training_comparison_against_single_and_noise():
     assert summary["scaling_vs_single"] == pytest.approx({"ddp": 1.9, "fsdp": 1.5})
     with pytest.raises(ValueError, match="no logged step in common"):
         rel_diff({5: [1.0]}, {10: [1.0]})
+
+
+def test_throughput_configurations_map_to_engine_settings():
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import engine_kwargs
+
+    args = SimpleNamespace(model="m", max_model_len=512, batch_sizes=[1, 4], acceptance="rejection",
+                           adaptive_tree="sparse-15", builtin_k=4, gpu_memory_utilization=0.3)
+
+    def spec(config):
+        return engine_kwargs(args, config, "h", "b").get("speculative_config")
+
+    assert spec("baseline") is None
+    assert spec("medusa:sparse-31")["tree"] == "sparse-31"
+    assert spec("adaptive")["adaptive_policy"] == "measured" and spec("adaptive")["tree"] == "sparse-15"
+    assert spec("adaptive-budget")["adaptive_policy"] == "budget"
+    assert spec("builtin") == {"method": "medusa", "model": "b", "num_speculative_tokens": 4}

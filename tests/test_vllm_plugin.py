@@ -100,6 +100,12 @@ def medusa_stats(llm) -> list[dict]:
     return llm.collective_rpc("medusa_stats")
 
 
+def adaptive_summary(llm) -> dict | None:
+    from medusa_vllm.vllm_plugin import adaptive_summary
+
+    return adaptive_summary(llm)
+
+
 @pytest.fixture(scope="module")
 def medusa(bundled_model_dir, prompts):
     return run_engine(_medusa(str(bundled_model_dir)), _jobs(*prompts) + [(medusa_stats, ())])
@@ -246,25 +252,36 @@ def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
 ADAPTIVE_BUDGET = 40  # tokens per step: sparse-15 up to 2 requests, sparse-7 to 5, chain-3 to 10, none past
 
 
-@pytest.fixture(scope="module", params=["async", "sync"])
+@pytest.fixture(scope="module", params=["async", "sync", "sync-budget"])
 def adaptive(request, bundled_model_dir, prompts):
     """The load-adaptive tree with a small token budget, so the greedy batches (1, 4, 16, 11
-    requests, shrinking as requests end) cross every tree size and no speculation at all. Under
-    asynchronous scheduling the plugin hands the policy to vLLM as a dynamic speculative decoding
-    schedule; the scheduler reserves that many draft slots per step."""
+    requests, shrinking as requests end) cross every tree size and no speculation at all (the
+    budget rule), or the measured rule, which tries every choice at each batch size and then
+    keeps the fastest. Under asynchronous scheduling the plugin hands the budget rule to vLLM as a
+    dynamic speculative decoding schedule (the scheduler reserves that many draft slots per
+    step) and the measured rule rewrites the scheduler's table as it goes."""
     kw = _medusa(str(bundled_model_dir), async_scheduling=request.param == "async")
     kw["speculative_config"] = dict(kw["speculative_config"], adaptive=True,
                                     adaptive_max_tokens=ADAPTIVE_BUDGET)
+    if request.param == "sync-budget":
+        kw["speculative_config"]["adaptive_policy"] = "budget"
     jobs = [_jobs(*prompts)[j] for j in _greedy_jobs()]
-    return request.param, run_engine(kw, jobs + [(medusa_stats, ())])
+    return request.param, run_engine(kw, jobs + [(medusa_stats, ()), (adaptive_summary, ())])
 
 
 def test_adaptive_tree_identical_to_no_speculation(baseline, adaptive):
     mode, result = adaptive
-    (stats,) = result.outputs[-1]
+    (stats,), measured = result.outputs[-2:]
     assert stats["async_scheduling"] == (mode == "async")
-    if mode == "async":
-        assert [tuple(r) for r in stats["draft_schedule"]][:4] == [(1, 2, 15), (3, 5, 7), (6, 10, 3), (11, 1 << 20, 0)]
+    # the budget rule's schedule, handed to vLLM's dynamic speculative decoding
+    assert [tuple(r) for r in stats["draft_schedule"]][:4] == [(1, 2, 15), (3, 5, 7), (6, 10, 3), (11, 1 << 20, 0)]
+    if mode == "sync-budget":
+        assert measured is None
+    else:  # the scheduler timed steps of several choices (tree sizes; 0: no drafts) and saw τ
+        timed = {n for per_bucket in measured["ms_per_step"].values() for n in per_bucket}
+        assert measured["policy"] == "measured" and len(timed) >= 2, measured
+        assert 1.1 < measured["tau"]["15"] < 4, measured
+        assert measured["lookup"][-1][2] in (0, 3, 7, 15), measured
     assert stats["tree_steps"] > 0 and stats["mean_accepted_length"] > 1.1, stats
     for j in _greedy_jobs():
         assert result.outputs[j] == baseline.outputs[j], f"{mode}: job {j}"

@@ -139,12 +139,36 @@ def _patch_async_scheduling_check() -> None:
     __post_init__._medusa_vllm = True
     VllmConfig.__post_init__ = __post_init__
 
+    # vLLM turns FULL CUDA graphs off (PIECEWISE only) whenever the draft count is dynamic. Our
+    # FULL graphs hold only uniform steps of the full tree (1 + nodes tokens per request, the
+    # size vLLM captures them for); a step with fewer drafts is not uniform at that length and
+    # runs piecewise, so the load-adaptive tree keeps FULL graphs where the full tree runs.
+    original_override = VllmConfig._maybe_override_dynamic_sd_cudagraph_mode
+
+    @functools.wraps(original_override)
+    def override(self, *args, **kwargs):
+        if (self.additional_config or {}).get("medusa_vllm"):
+            return None
+        return original_override(self, *args, **kwargs)
+
+    VllmConfig._maybe_override_dynamic_sd_cudagraph_mode = override
+
+
+def adaptive_summary(llm: Any) -> dict | None:
+    """The measured load-adaptive tree's state in the engine's scheduler (``LLM`` object): τ per
+    tree size, measured ms per step per batch-size bucket and draft count (0: none), and the
+    current batch size -> draft count table; None when the rule is not in use."""
+    core = llm.llm_engine.engine_core
+    if hasattr(core, "call_utility"):  # the engine core in its own process (vLLM's default)
+        return core.call_utility("medusa_adaptive")
+    return core.engine_core.medusa_adaptive()  # in-process engine core
+
 
 def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
     """Validate the medusa_vllm settings and turn them into vLLM's own arguments."""
     from vllm.platforms import current_platform
 
-    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS, resolve, target_sizes
+    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS, MedusaConfigError, resolve, target_sizes
 
     hidden, vocab = target_sizes(str(engine_args.model), engine_args.trust_remote_code,
                                  engine_args.revision)
@@ -154,10 +178,20 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
         "model": PROPOSER_CLASS,
         "num_speculative_tokens": cfg.max_nodes,
     }
-    if cfg.adaptive and engine_args.async_scheduling:
-        # the scheduler reserves the adaptive policy's draft count per batch size
+    if cfg.adaptive:
+        # vLLM's dynamic speculative decoding: the scheduler sets each step's draft count from a
+        # batch size table (the budget rule's), which our scheduler rewrites as it measures
         engine_args.speculative_config["num_speculative_tokens_per_batch_size"] = _adaptive_schedule(
             cfg, engine_args.max_num_seqs, "cpu" if current_platform.is_cpu() else "cuda")
+        if cfg.adaptive_policy == "measured" and engine_args.scheduler_cls is not None:
+            raise MedusaConfigError(
+                f"medusa_vllm: the measured adaptive tree runs in medusa_vllm's scheduler, but "
+                f"--scheduler-cls {engine_args.scheduler_cls} was given; drop it or pass "
+                '"adaptive_policy": "budget"')
+        if engine_args.scheduler_cls is None:  # measures with the measured rule, reports either way
+            engine_args.scheduler_cls = (
+                "medusa_vllm.vllm_plugin.scheduler."
+                + ("MedusaAsyncScheduler" if engine_args.async_scheduling else "MedusaScheduler"))
     extra = dict(engine_args.additional_config or {})
     extra["medusa_vllm"] = cfg.to_dict()
     engine_args.additional_config = extra

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medusa_vllm.adaptive import POLICIES as ADAPTIVE_POLICIES
 from medusa_vllm.tree import TokenTree, get_tree
 
 METHOD = "medusa_vllm"
@@ -46,6 +47,10 @@ class MedusaSpecConfig:
     adaptive: bool = False  # shrink the tree as the batch grows (load-adaptive)
     adaptive_trees: list[list[list[int]]] = field(default_factory=list)  # smaller trees to pick from
     adaptive_max_tokens: int = 0  # token budget per step the adaptive policy aims for (0 = auto)
+    # "measured": the tree with the most tokens per second by the engine's own step times (one
+    # rank); "budget": the largest tree within adaptive_max_tokens (medusa_vllm.adaptive)
+    adaptive_policy: str = "measured"
+    head_accuracies: list[list[float]] | None = None  # the heads' calibration: τ per tree estimate
     attention: str = "auto"  # tree attention: ATTENTION_CHOICES
     topk: int = 10  # candidates taken per head
     # GPU: verification + next drafts of uniform greedy steps replayed as one CUDA graph per batch
@@ -59,6 +64,10 @@ class MedusaSpecConfig:
         if self.attention not in ATTENTION_CHOICES:
             raise MedusaConfigError(
                 f"medusa_vllm: attention {self.attention!r} is not one of {ATTENTION_CHOICES}"
+            )
+        if self.adaptive_policy not in ADAPTIVE_POLICIES:
+            raise MedusaConfigError(
+                f"medusa_vllm: adaptive_policy {self.adaptive_policy!r} is not one of {ADAPTIVE_POLICIES}"
             )
         if not 0 < self.typical_eps < 1 or not self.typical_delta > 0:
             raise MedusaConfigError("medusa_vllm: typical_eps must be in (0, 1) and typical_delta > 0")
@@ -101,6 +110,7 @@ _USER_KEYS = {
     "adaptive",
     "adaptive_trees",
     "adaptive_max_tokens",
+    "adaptive_policy",
     "attention",
     "cuda_graphs",
 }
@@ -173,6 +183,8 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         adaptive=bool(adaptive),
         adaptive_trees=trees,
         adaptive_max_tokens=int(spec.get("adaptive_max_tokens", 0)),
+        adaptive_policy=spec.get("adaptive_policy", "measured"),
+        head_accuracies=heads_cfg.head_accuracies,
         attention=spec.get("attention", "auto"),
         cuda_graphs=cuda_graphs,
     )

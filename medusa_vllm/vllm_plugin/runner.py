@@ -44,7 +44,7 @@ from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets
+from medusa_vllm.vllm_plugin.step import can_speculate, choose_tree_for_drafts, plan_step, position_offsets
 from medusa_vllm.vllm_plugin.step_cache import PinnedUpload, UniformStepCache, uniform_drafts
 
 logger = init_logger(__name__)
@@ -74,25 +74,6 @@ def region(name: str):
             yield
         finally:
             torch.cuda.set_sync_debug_mode(before)
-
-
-def can_speculate(sp) -> bool:
-    """Sampling options the tree verifier reproduces exactly (others decode normally)."""
-    if sp is None:
-        return False
-    return (
-        sp.logprobs is None
-        and sp.presence_penalty == 0.0
-        and sp.frequency_penalty == 0.0
-        and sp.repetition_penalty == 1.0
-        and not sp.bad_words
-        and not sp.allowed_token_ids
-        and not sp.logit_bias
-        and sp.min_p == 0.0
-        and sp.min_tokens == 0
-        and sp.structured_outputs is None
-        and not getattr(sp, "thinking_token_budget", None)
-    )
 
 
 def _attention_backend(choice: str, vllm_config, device) -> str:
@@ -472,8 +453,8 @@ class MedusaRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         return (
             step["uniform"]
-            # the graph holds the policy's next tree for this batch size: the one the scheduler
-            # reserved draft slots for (the same policy made its schedule)
+            # the graph holds the budget rule's next tree for this batch size: usable when the
+            # next drafts follow it (the scheduler's draft count: it may have measured otherwise)
             and (not self._medusa_dynamic
                  or self.medusa_policy.num_drafts(num_reqs) == self._medusa_sched_drafts)
             and self.input_batch.sampling_metadata.all_greedy
@@ -503,7 +484,7 @@ class MedusaRunnerMixin:
 
     def _medusa_uniform_step(self, argmax, drafts, hidden, tree_ids):
         """The fixed-shape function the CUDA graphs hold (no side effects, no host syncs)."""
-        k = self.medusa_policy.choose(tree_ids.shape[0])
+        k = self.medusa_policy.static_choice(tree_ids.shape[0])
         return greedy_tree_step(
             argmax, drafts, hidden, tree_ids, self.medusa_trees,
             lambda h: self._medusa_head_drafts(h, k),

@@ -77,3 +77,22 @@ def choose_tree_for_drafts(recorded: int | None, num_drafts: int, sizes: list[in
     if recorded is not None and num_drafts <= sizes[recorded]:
         return recorded
     return int(np.argmax(sizes))
+
+
+def can_speculate(sp) -> bool:
+    """Sampling options the tree verifier reproduces exactly (others decode normally)."""
+    if sp is None:
+        return False
+    return (
+        sp.logprobs is None
+        and sp.presence_penalty == 0.0
+        and sp.frequency_penalty == 0.0
+        and sp.repetition_penalty == 1.0
+        and not sp.bad_words
+        and not sp.allowed_token_ids
+        and not sp.logit_bias
+        and sp.min_p == 0.0
+        and sp.min_tokens == 0
+        and sp.structured_outputs is None
+        and not getattr(sp, "thinking_token_budget", None)
+    )

@@ -1,0 +1,161 @@
+"""vLLM's scheduler with the measured load-adaptive tree (:mod:`medusa_vllm.adaptive` decides).
+
+With ``adaptive`` on, the plugin runs vLLM's dynamic speculative decoding: the scheduler looks
+up each step's draft count in a batch size -> count table, built from the budget rule's
+schedule (``num_speculative_tokens_per_batch_size``), and the runner drafts the tree of that
+count. The scheduler sees everything the measured rule needs — when each step starts, how many
+requests it runs, how many drafts each has, how many tokens each emitted — and it is the one
+place that decides for every rank and every executor (in-process, multiprocessing, Ray). So
+these subclasses time clean steps (every request decoding the same draft count, no prefill),
+count emitted tokens per tree, and rewrite the table's entries for the current batch-size
+bucket as the policy chooses. A changed entry takes effect at the next step vLLM schedules
+(under asynchronous scheduling, its draft slots one step later).
+"""
+
+from __future__ import annotations
+
+import time
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy, bucket_of, bucket_range
+from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
+from medusa_vllm.vllm_plugin.step import can_speculate
+
+logger = init_logger(__name__)
+LOG_EVERY = 5000  # steps between log lines of the measured table
+
+
+class MeasuredSchedule:
+    """The measured rule's bookkeeping on the scheduler's side (no vLLM state of its own)."""
+
+    def __init__(self, policy: AdaptiveTreePolicy, lookup: list[int]) -> None:
+        self.policy = policy
+        self.lookup = lookup  # the scheduler's dense table: lookup[batch size] = draft count
+        self._cur: tuple[float, int, int] | None = None  # (start, num_reqs, choice) if clean
+        self._prev_choice: tuple[int, int] | None = None  # (bucket, choice) of the step before
+        self._steps = 0
+
+    def step(self, now: float, num_reqs: int, choice: int | None) -> None:
+        """A step was scheduled at ``now`` (``choice``: its draft count's tree, NO_TREE, or None
+        if it was not clean). The step before it ends now; its seconds count when it ran the
+        same clean choice as the one before it (the first step of a change is a transition)."""
+        if self._cur is not None:
+            start, n, c = self._cur
+            if self._prev_choice == (bucket_of(n), c):
+                self.policy.observe_step(n, c, now - start)
+            self._prev_choice = (bucket_of(n), c)
+        else:
+            self._prev_choice = None
+        self._cur = (now, num_reqs, choice) if choice is not None and num_reqs else None
+        if num_reqs:
+            self._decide(num_reqs)
+
+    def _decide(self, num_reqs: int) -> None:
+        k = self.policy.choose(num_reqs)
+        n = self.policy.drafts_of(k)
+        lo, hi = bucket_range(bucket_of(num_reqs))
+        for b in range(lo, min(hi, len(self.lookup) - 1) + 1):
+            self.lookup[b] = n
+        self._steps += 1
+        if self._steps % LOG_EVERY == 0:
+            logger.info("medusa_vllm adaptive: %s", self.policy.summary())
+
+
+def step_choice(policy: AdaptiveTreePolicy, scheduler_output) -> int | None:
+    """The tree (or NO_TREE) every request of a scheduled step decodes, or None if the step is
+    not clean: a new or prefilling request, or requests with different draft counts."""
+    counts = scheduler_output.num_scheduled_tokens
+    if not counts or scheduler_output.scheduled_new_reqs:
+        return None
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    n = len(next(iter(spec.values()))) if spec else 0
+    if (n and len(spec) != len(counts)) or any(c != 1 + n for c in counts.values()):
+        return None
+    if any(len(v) != n for v in spec.values()) or (n and n not in policy.sizes):
+        return None
+    return policy.tree_of_num_drafts(n)
+
+
+class MedusaSchedulerMixin:
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
+        self.medusa_measured: MeasuredSchedule | None = None
+        if cfg.adaptive and cfg.adaptive_policy == "measured" and self.dynamic_sd_lookup is not None:
+            device = "cpu" if vllm_config.device_config.device.type == "cpu" else "cuda"
+            policy = AdaptiveTreePolicy(cfg.trees, True, cfg.adaptive_max_tokens, device,
+                                        policy="measured", head_accuracies=cfg.head_accuracies)
+            self.medusa_measured = MeasuredSchedule(policy, self.dynamic_sd_lookup)
+        _add_engine_core_utility()
+
+    def schedule(self, *args, **kwargs):
+        now = time.perf_counter()
+        out = super().schedule(*args, **kwargs)
+        m = self.medusa_measured
+        if m is not None:
+            m.step(now, len(out.num_scheduled_tokens), step_choice(m.policy, out))
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        m = self.medusa_measured
+        if m is not None and scheduler_output.scheduled_spec_decode_tokens:
+            _count_emitted(m.policy, self.requests, scheduler_output, model_runner_output)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def medusa_adaptive_summary(self) -> dict | None:
+        m = self.medusa_measured
+        return None if m is None else m.policy.summary() | {"lookup": _ranges(m.lookup)}
+
+
+def _add_engine_core_utility() -> None:
+    """``EngineCore.medusa_adaptive``: what ``medusa_vllm.vllm_plugin.adaptive_summary(llm)``
+    calls (vLLM's utility calls reach any engine-core method by name)."""
+    from vllm.v1.engine.core import EngineCore  # loaded: the engine core is building us
+
+    if not hasattr(EngineCore, "medusa_adaptive"):
+        EngineCore.medusa_adaptive = lambda self: getattr(
+            self.scheduler, "medusa_adaptive_summary", lambda: None)()
+
+
+def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runner_output) -> None:
+    """Tokens emitted per tree by the requests that verified drafts this step (requests whose
+    sampling options speculation cannot serve emit vLLM's one token: left out)."""
+    sampled = runner_output.sampled_token_ids
+    index = runner_output.req_id_to_index
+    emitted = [0.0] * len(policy.sizes)
+    verified = [0.0] * len(policy.sizes)
+    for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+        i = index.get(req_id)
+        req = requests.get(req_id)
+        n = len(drafts)
+        if i is None or i >= len(sampled) or req is None or n not in policy.sizes:
+            continue
+        if not can_speculate(req.sampling_params):
+            continue
+        k = policy.tree_of_num_drafts(n)
+        if k != NO_TREE:
+            emitted[k] += len(sampled[i])
+            verified[k] += 1
+    policy.observe_acceptance(emitted, verified)
+
+
+def _ranges(lookup: list[int]) -> list[tuple[int, int, int]]:
+    """The dense table as ``[(first batch size, last, drafts), ...]``."""
+    out: list[tuple[int, int, int]] = []
+    for b in range(1, len(lookup)):
+        if out and out[-1][2] == lookup[b]:
+            out[-1] = (out[-1][0], b, lookup[b])
+        else:
+            out.append((b, b, lookup[b]))
+    return out
+
+
+class MedusaScheduler(MedusaSchedulerMixin, Scheduler):
+    pass
+
+
+class MedusaAsyncScheduler(MedusaSchedulerMixin, AsyncScheduler):
+    pass
