@@ -35,7 +35,11 @@ CONFIGS = {
     "tree64": "medusa:default-63",
     "tree64_async": "medusa:default-63",  # + vLLM's asynchronous scheduler
     "builtin_medusa_k4": "builtin",
+    # steps with fewer drafts than the engine's largest tree (what the load-adaptive tree runs):
+    # a 63-node engine whose budget rule (16 tokens) drafts sparse-15 at batch 1, none from 2 on
+    "tree16_in_tree64": "adaptive-budget",
 }
+ADAPTIVE_MAX_TOKENS = {"tree16_in_tree64": 16}
 ASYNC = {"plain_v1_async", "tree64_async"}
 
 
@@ -129,6 +133,7 @@ def main(argv=None) -> None:
             env["MEDUSA_VLLM_SYNC_DEBUG"] = "warn"  # a host sync inside medusa_vllm's step warns
         if args.profile:
             env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CUSTOM_SCOPES_FOR_PROFILING="1")
+        args.adaptive_max_tokens = ADAPTIVE_MAX_TOKENS.get(name, 0)
         kw = engine_kwargs(args, config.replace("-v1async", ""), args.heads, builtin)
         if name in ASYNC:
             kw["async_scheduling"] = True

@@ -68,6 +68,8 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
         if config.startswith("adaptive"):
             spec.update(tree=args.adaptive_tree, adaptive=True,
                         adaptive_policy="budget" if config == "adaptive-budget" else "measured")
+            if getattr(args, "adaptive_max_tokens", 0):
+                spec["adaptive_max_tokens"] = args.adaptive_max_tokens
         elif config != "medusa:calibrated":
             spec["tree"] = config.split(":", 1)[1]
         kw["speculative_config"] = spec
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=80)
     ap.add_argument("--acceptance", default="rejection", choices=["rejection", "typical"])
     ap.add_argument("--adaptive-tree", default="default-63")
+    ap.add_argument("--adaptive-max-tokens", type=int, default=0,
+                    help="token budget of the adaptive budget rule (0: the device default)")
     ap.add_argument("--builtin-k", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of b requests per batch size b (tokens/s: the median round)")

@@ -170,6 +170,12 @@ class MedusaRunnerMixin:
             self.device.type == "cuda" and self.medusa_cfg.cuda_graphs
             and vllm_config.parallel_config.world_size == 1
         )
+        # load-adaptive tree: FULL CUDA graphs for uniform steps of every tree size and of plain
+        # decoding (query lengths 1 + nodes, and 1), not only of the largest tree (vLLM's one
+        # uniform length): a step outside FULL graphs pays ~0.2 ms of host time per layer
+        self._medusa_uniform_lens = sorted(
+            ({1 + n for n in self.medusa_tree_sizes} | {1}) - {self.medusa_max_query}
+        ) if self.medusa_cfg.adaptive else []
 
     # ------------------------------------------------------------------ set-up hooks
     def initialize_metadata_builders(self, *args, **kwargs) -> None:
@@ -213,6 +219,63 @@ class MedusaRunnerMixin:
             if self._medusa_graphs.capture(*example):
                 captured.append(b)
         logger.info("medusa_vllm: verify+heads CUDA graphs captured for batch sizes %s", captured)
+
+    # ------------------------------------------------------------------ FULL graphs per query length
+    @contextlib.contextmanager
+    def _medusa_query_len(self, q: int):
+        """vLLM's uniform-decode query length (runner and graph dispatcher) set to ``q`` for a
+        capture or a step of that length: its FULL graphs are keyed by (tokens, requests)."""
+        d = getattr(self, "cudagraph_dispatcher", None)
+        if d is None:
+            yield
+            return
+        saved = self.uniform_decode_query_len, d.uniform_decode_query_len
+        self.uniform_decode_query_len = d.uniform_decode_query_len = q
+        try:
+            yield
+        finally:
+            self.uniform_decode_query_len, d.uniform_decode_query_len = saved
+
+    def _check_and_update_cudagraph_mode(self, *args, **kwargs):
+        out = super()._check_and_update_cudagraph_mode(*args, **kwargs)
+        from vllm.config import CUDAGraphMode
+
+        d = self.cudagraph_dispatcher
+        mode = d.cudagraph_mode
+        if (not self._medusa_uniform_lens or mode is None or mode == CUDAGraphMode.NONE
+                or mode.decode_mode() != CUDAGraphMode.FULL or not mode.separate_routine()):
+            return out
+        sizes = self.compilation_config.cudagraph_capture_sizes or []
+        added = []
+        for q in self._medusa_uniform_lens:
+            with self._medusa_query_len(q):
+                for n in sizes:
+                    if n % q == 0 and n // q <= self.max_num_reqs:
+                        d.add_cudagraph_key(CUDAGraphMode.FULL,
+                                            d._create_padded_batch_descriptor(n, True, False, 0))
+                        added.append((q, n // q))
+        logger.info("medusa_vllm: FULL CUDA graphs also for uniform steps (query length, "
+                    "requests) %s", added)
+        return out
+
+    def _warmup_and_capture(self, desc, *args, **kwargs):
+        q = desc.num_tokens // desc.num_reqs if desc.uniform and desc.num_reqs else None
+        if q is None or q not in self._medusa_uniform_lens:
+            return super()._warmup_and_capture(desc, *args, **kwargs)
+        with self._medusa_query_len(q):
+            return super()._warmup_and_capture(desc, *args, **kwargs)
+
+    def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np,
+                                               max_num_scheduled_tokens, *args, **kwargs):
+        q = max_num_scheduled_tokens
+        if (q in self._medusa_uniform_lens and num_tokens == q * num_reqs
+                and kwargs.get("force_uniform_decode") is None):
+            with self._medusa_query_len(q):
+                return super()._determine_batch_execution_and_padding(
+                    num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens,
+                    *args, **kwargs)
+        return super()._determine_batch_execution_and_padding(
+            num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *args, **kwargs)
 
     def _medusa_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._medusa_kv_views is None:
