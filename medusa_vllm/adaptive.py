@@ -7,7 +7,7 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   budget, and no drafts beyond it. A verification step costs about as much as a plain decode
   step while the batch's query tokens stay below the point where the forward pass turns
   compute-bound; the budget (``adaptive_max_tokens`` or a per-device default) stands for that knee.
-- ``"measured"`` (default on one GPU/CPU rank): the engine times its own steps. For each batch
+- ``"measured"`` (default): the engine's scheduler times its steps. For each batch
   size bucket it keeps the recent wall-clock seconds per step of every choice (each tree, and no
   drafts), measured on clean steps (every request decoding that choice), and the mean accepted
   length per tree (the heads' calibrated estimate at first, then the observed one). It picks the
@@ -17,9 +17,9 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   runner-up is re-measured now and then, so the choice follows the load and the content.
 
 The budget rule, as a batch-size schedule of draft counts (:meth:`AdaptiveTreePolicy.schedule`),
-is also what vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``)
-starts from under asynchronous scheduling; the measured rule then rewrites the scheduler's
-lookup table bucket by bucket (:class:`StepCosts` decides, the runner writes).
+is what vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``) starts
+from; the measured rule then rewrites the scheduler's table bucket by bucket (:class:`StepCosts`
+decides, :mod:`medusa_vllm.vllm_plugin.scheduler` feeds it and writes).
 """
 
 from __future__ import annotations

@@ -45,9 +45,13 @@ def greedy_tree_step(
     propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
 ) -> GreedyStepOutput:
     b = tree_ids.shape[0]
-    q = argmax.shape[0] // b
+    q = argmax.shape[0] // b  # 1 + nodes of the tree every request verifies
+    q_max = trees.parents.shape[1]  # the verifier's slots: 1 + nodes of the largest tree
     num_nodes = torch.full_like(tree_ids, q - 1)
-    out = greedy_from_argmax(argmax.view(b, q), drafts.view(b, q - 1), TreeBatch.gather(trees, tree_ids, num_nodes))
+    # a smaller tree's rows padded to the verifier's width (slots past num_nodes are invalid)
+    slots = torch.nn.functional.pad(argmax.view(b, q), (0, q_max - q))
+    nodes = torch.nn.functional.pad(drafts.view(b, q - 1), (0, q_max - q))
+    out = greedy_from_argmax(slots, nodes, TreeBatch.gather(trees, tree_ids, num_nodes))
     rows = torch.arange(b, device=argmax.device) * q + out.last_node  # [B] row of each last accepted node
     return GreedyStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
 

@@ -51,6 +51,27 @@ def test_greedy_tree_step_matches_the_general_verifier():
     assert len(lengths) >= 3, f"inputs should exercise paths of several lengths, got {lengths}"
 
 
+def test_greedy_tree_step_of_a_smaller_tree_matches_the_general_verifier():
+    # the load-adaptive tree's smaller trees: rows of 1 + 3 slots beside a 6-slot largest tree
+    small = TokenTree.from_choices([(0,), (1,), (0, 0)])
+    trees = TreeTensors.build([TREES[0], small])
+    q, b = 1 + len(small), 4
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(b * q, V, generator=g)
+    at_parent = logits.argmax(-1).view(b, q).gather(1, trees.parents[1, 1:q].expand(b, -1))
+    drafts = torch.where(torch.rand(b, q - 1, generator=g) < 0.7, at_parent, torch.zeros_like(at_parent))
+    hidden = torch.randn(b * q, 3, generator=g)
+    tree_ids = torch.ones(b, dtype=torch.int64)
+    got = greedy_tree_step(logits.argmax(-1), drafts.reshape(-1), hidden, tree_ids, trees, _propose)
+    # the general verifier reads the same rows from a Q-wide layout
+    rows = torch.where(torch.arange(Q)[None, :] < q, torch.arange(b)[:, None] * q + torch.arange(Q)[None, :], -1)
+    padded = torch.nn.functional.pad(drafts, (0, Q - q))
+    want = verify_greedy(logits, rows, padded, torch.full((b,), q - 1), tree_ids, trees)
+    assert torch.equal(got.tokens, want.tokens.int()) and torch.equal(got.accepted, want.accepted.int())
+    assert torch.equal(got.drafts, _propose(hidden[torch.arange(b) * q + want.last_node]))
+    assert want.num_accepted.max() > 0
+
+
 def test_batch_graphs_without_cuda_run_the_function():
     calls = []
 

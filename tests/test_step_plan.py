@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medusa_vllm.tree import TokenTree
-from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets
+from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets, uniform_tree
 
 TREES = [TokenTree.chain(3), TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0)])]
 OFFSETS = position_offsets(TREES)
@@ -108,3 +108,18 @@ def test_uniform_drafts_match_vllm_spec_decode_indices():
     target = torch.tensor([r * q + i for r in range(b) for i in range(q - 1)])
     expected = input_ids[logits_indices][target + 1]
     assert torch.equal(uniform_drafts(input_ids, b, q), expected)
+
+
+def test_uniform_tree_names_the_tree_every_request_verifies_whole():
+    sizes = [len(t) for t in TREES]  # [3, 5]
+    yes = np.ones(2, bool)
+
+    def uniform(num_scheduled, num_drafts, tree_ids, spec_ok=yes):
+        return uniform_tree(_plan(num_scheduled, num_drafts, tree_ids), spec_ok, np.array(num_drafts), sizes)
+
+    assert uniform([6, 6], [5, 5], [1, 1]) == 1
+    assert uniform([4, 4], [3, 3], [0, 0]) == 0  # the smaller tree: its own fixed-shape step
+    assert uniform([4, 6], [3, 5], [0, 1]) is None  # two trees
+    assert uniform([3, 3], [2, 2], [0, 0]) is None  # a truncated tree
+    assert uniform([6, 6], [5, 5], [1, 1], np.array([True, False])) is None  # one not verified
+    assert uniform([1, 1], [0, 0], [0, 0], np.zeros(2, bool)) is None  # no drafts

@@ -282,6 +282,9 @@ def test_adaptive_tree_identical_to_no_speculation(baseline, adaptive):
         assert measured["policy"] == "measured" and len(timed) >= 2, measured
         assert 1.1 < measured["tau"]["15"] < 4, measured
         assert measured["lookup"][-1][2] in (0, 3, 7, 15), measured
+    # uniform greedy steps of the smaller trees ran the fixed-shape verify+heads function too
+    by_tree = stats["uniform_greedy"]["by_tree"]
+    assert sum(p["steps"] for name, p in by_tree.items() if "(15 nodes)" not in name) > 0, by_tree
     assert stats["tree_steps"] > 0 and stats["mean_accepted_length"] > 1.1, stats
     for j in _greedy_jobs():
         assert result.outputs[j] == baseline.outputs[j], f"{mode}: job {j}"

@@ -47,8 +47,8 @@ class MedusaSpecConfig:
     adaptive: bool = False  # shrink the tree as the batch grows (load-adaptive)
     adaptive_trees: list[list[list[int]]] = field(default_factory=list)  # smaller trees to pick from
     adaptive_max_tokens: int = 0  # token budget per step the adaptive policy aims for (0 = auto)
-    # "measured": the tree with the most tokens per second by the engine's own step times (one
-    # rank); "budget": the largest tree within adaptive_max_tokens (medusa_vllm.adaptive)
+    # "measured": the tree with the most tokens per second by the engine's own step times (timed
+    # in its scheduler); "budget": the largest tree within adaptive_max_tokens (medusa_vllm.adaptive)
     adaptive_policy: str = "measured"
     head_accuracies: list[list[float]] | None = None  # the heads' calibration: τ per tree estimate
     attention: str = "auto"  # tree attention: ATTENTION_CHOICES

@@ -44,7 +44,9 @@ from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.step import can_speculate, choose_tree_for_drafts, plan_step, position_offsets
+from medusa_vllm.vllm_plugin.step import (
+    can_speculate, choose_tree_for_drafts, plan_step, position_offsets, uniform_tree,
+)
 from medusa_vllm.vllm_plugin.step_cache import PinnedUpload, UniformStepCache, uniform_drafts
 
 logger = init_logger(__name__)
@@ -158,18 +160,23 @@ class MedusaRunnerMixin:
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._medusa_kv_checked = False
         self.medusa_stats = MedusaStats(max(t.depth for t in trees), self.device)
-        # uniform greedy steps: verification + next drafts as one function of fixed shapes,
-        # replayed from a CUDA graph per batch size on the GPU (captured in capture_model; single
-        # rank: the heads' logits gather is a collective under TP); plain code on the CPU
-        q = self.medusa_max_query
-        self._medusa_graphs = BatchGraphs(
-            self._medusa_uniform_step, rows_per_req=[q, q - 1, q, 1], max_batch=self.max_num_reqs,
-            exact=3, name="verify+heads",
-        )
-        self._medusa_graphs.enabled = (
-            self.device.type == "cuda" and self.medusa_cfg.cuda_graphs
-            and vllm_config.parallel_config.world_size == 1
-        )
+        # uniform greedy steps (every request verifies tree k whole): verification + next drafts
+        # as one function of fixed shapes, replayed from a CUDA graph per batch size on the GPU
+        # (captured in capture_model; single rank: the heads' logits gather is a collective under
+        # TP); plain code on the CPU. One set per tree the engine may verify: the main tree, and
+        # with the load-adaptive tree each of its sizes
+        graph_trees = self.medusa_policy.order if self.medusa_cfg.adaptive else [int(np.argmax(sizes))]
+        self._medusa_graphs = {
+            k: BatchGraphs(
+                self._medusa_uniform_fn(k), rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1],
+                max_batch=self.max_num_reqs, exact=3, name=f"verify+heads ({sizes[k]} nodes)")
+            for k in graph_trees
+        }
+        for graphs in self._medusa_graphs.values():
+            graphs.enabled = (
+                self.device.type == "cuda" and self.medusa_cfg.cuda_graphs
+                and vllm_config.parallel_config.world_size == 1
+            )
         # load-adaptive tree: FULL CUDA graphs for uniform steps of every tree size and of plain
         # decoding (query lengths 1 + nodes, and 1), not only of the largest tree (vLLM's one
         # uniform length): a step outside FULL graphs pays ~0.2 ms of host time per layer
@@ -191,18 +198,19 @@ class MedusaRunnerMixin:
 
     def capture_model(self) -> int:
         size = super().capture_model()
-        if self._medusa_graphs.enabled:
-            self._medusa_capture_step_graphs()
+        for k, graphs in self._medusa_graphs.items():
+            if graphs.enabled:
+                self._medusa_capture_step_graphs(k, graphs)
         return size
 
-    def _medusa_capture_step_graphs(self) -> None:
-        """After vLLM's graphs: one verify+heads graph per batch size B whose uniform step
-        (B * (1 + nodes) tokens) vLLM captures too, on example inputs."""
+    def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs) -> None:
+        """After vLLM's graphs: one verify+heads graph of tree k per batch size B whose uniform
+        step (B * (1 + nodes) tokens) vLLM captures too, on example inputs."""
         from vllm.config import CUDAGraphMode
 
         if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
             return
-        q = self.medusa_max_query
+        q = 1 + self.medusa_tree_sizes[k]
         capture_sizes = self.compilation_config.cudagraph_capture_sizes or []
         sizes = sorted({n // q for n in capture_sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs},
                        reverse=True)  # largest first: the smaller graphs reuse its pool
@@ -214,11 +222,11 @@ class MedusaRunnerMixin:
                 torch.randint(0, 8, (b * q,), device=self.device, generator=g),
                 torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
                 torch.randn(b * q, hidden_size, device=self.device, generator=g, dtype=self.dtype),
-                torch.zeros(b, dtype=torch.int64, device=self.device),
+                torch.full((b,), k, dtype=torch.int64, device=self.device),
             )
-            if self._medusa_graphs.capture(*example):
+            if graphs.capture(*example):
                 captured.append(b)
-        logger.info("medusa_vllm: verify+heads CUDA graphs captured for batch sizes %s", captured)
+        logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", graphs.name, captured)
 
     # ------------------------------------------------------------------ FULL graphs per query length
     @contextlib.contextmanager
@@ -404,7 +412,7 @@ class MedusaRunnerMixin:
         self.medusa_attn.step = TreeAttnStep(num_reqs, n_tok, all_reqs=True)
         self._medusa_plan_delta = u.position_delta_np
         self._medusa_step = {
-            "uniform": True, "spec_ok": u.spec_ok, "spec_ok_np": u.spec_ok_np,
+            "uniform_tree": self._medusa_uniform.tree_id, "spec_ok": u.spec_ok, "spec_ok_np": u.spec_ok_np,
             "num_drafts": u.num_drafts, "tree_ids": u.tree_ids, "num_tokens": n_tok,
         }
         return True
@@ -450,9 +458,8 @@ class MedusaRunnerMixin:
         self.medusa_attn.mask_ids.copy_(masks)
         self.medusa_attn.step = TreeAttnStep(plan.num_tree_reqs, plan.num_tree_tokens, plan.all_reqs)
         self._medusa_step = {
-            # every request verifies its full (largest) tree: the fixed-shape step applies
-            "uniform": plan.all_reqs and bool(spec_ok.all())
-            and bool((num_drafts == self.medusa_max_query - 1).all()),
+            # every request verifies the same whole tree: the fixed-shape step of that tree applies
+            "uniform_tree": uniform_tree(plan, spec_ok, num_drafts, self.medusa_tree_sizes),
             "spec_ok": ok != 0,
             "spec_ok_np": spec_ok,
             "num_drafts": drafts,
@@ -514,16 +521,16 @@ class MedusaRunnerMixin:
     def _medusa_uniform_greedy(self, logits) -> bool:
         step = self._medusa_step
         num_reqs = self.input_batch.num_reqs
+        k = step["uniform_tree"]
         return (
-            step["uniform"]
-            # the graph holds the budget rule's next tree for this batch size: usable when the
-            # next drafts follow it (the scheduler's draft count: it may have measured otherwise)
-            and (not self._medusa_dynamic
-                 or self.medusa_policy.num_drafts(num_reqs) == self._medusa_sched_drafts)
+            k in self._medusa_graphs
+            # the function drafts the next tree it was built for: usable when the next drafts
+            # follow it (the scheduler's draft count, or the budget rule)
+            and self._medusa_peek_next_tree(num_reqs) == self._medusa_graph_next_tree(k, num_reqs)
             and self.input_batch.sampling_metadata.all_greedy
             and self._medusa_hidden is not None
             and self.drafter.heads is not None
-            and logits.shape[0] == num_reqs * self.medusa_max_query
+            and logits.shape[0] == num_reqs * (1 + self.medusa_tree_sizes[k])
         )
 
     def _medusa_uniform_sample(self, logits, spec_decode_metadata):
@@ -532,7 +539,7 @@ class MedusaRunnerMixin:
         tree; then the accepted KV moves and the stats count."""
         num_reqs = self.input_batch.num_reqs
         step = self._medusa_step
-        tokens, accepted, num_accepted, drafts = self._medusa_graphs(
+        tokens, accepted, num_accepted, drafts = self._medusa_graphs[step["uniform_tree"]](
             logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
             step["tree_ids"],
         )
@@ -545,13 +552,32 @@ class MedusaRunnerMixin:
         # a copy: vLLM may hold the sampled ids past the next replay
         return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=None)
 
-    def _medusa_uniform_step(self, argmax, drafts, hidden, tree_ids):
-        """The fixed-shape function the CUDA graphs hold (no side effects, no host syncs)."""
-        k = self.medusa_policy.static_choice(tree_ids.shape[0])
-        return greedy_tree_step(
-            argmax, drafts, hidden, tree_ids, self.medusa_trees,
-            lambda h: self._medusa_head_drafts(h, k),
-        ).as_tuple()
+    def _medusa_uniform_fn(self, k: int):
+        """The fixed-shape function the CUDA graphs of tree k hold (no side effects, no host
+        syncs): verify tree k, draft the tree ``_medusa_graph_next_tree`` names."""
+
+        def step(argmax, drafts, hidden, tree_ids):
+            k_next = self._medusa_graph_next_tree(k, tree_ids.shape[0])
+            return greedy_tree_step(
+                argmax, drafts, hidden, tree_ids, self.medusa_trees,
+                lambda h: self._medusa_head_drafts(h, k_next),
+            ).as_tuple()
+
+        return step
+
+    def _medusa_graph_next_tree(self, k: int, num_reqs: int) -> int:
+        """The next tree the uniform-step function of tree k drafts: with the measured adaptive
+        rule, the same tree (its steady state); otherwise the budget rule's (the main tree when
+        the policy is off)."""
+        if self.medusa_cfg.adaptive and self.medusa_cfg.adaptive_policy == "measured":
+            return k
+        return self.medusa_policy.static_choice(num_reqs)
+
+    def _medusa_peek_next_tree(self, num_reqs: int) -> int:
+        """The tree :meth:`_medusa_next_tree` will record for the next drafts."""
+        if self._medusa_dynamic:
+            return self.medusa_policy.tree_of_num_drafts(self._medusa_sched_drafts)
+        return self.medusa_policy.choose(num_reqs)
 
     def _medusa_sample(self, logits, spec_decode_metadata):
         step = self._medusa_step
@@ -628,8 +654,7 @@ class MedusaRunnerMixin:
     def _medusa_next_tree(self, num_reqs: int) -> int:
         """The tree the next drafts follow (load-adaptive policy; NO_TREE: no drafts), recorded
         per request so the next step reads its scheduled drafts with it."""
-        k = (self.medusa_policy.tree_of_num_drafts(self._medusa_sched_drafts) if self._medusa_dynamic
-             else self.medusa_policy.choose(num_reqs))
+        k = self._medusa_peek_next_tree(num_reqs)
         for req_id in self.input_batch.req_ids[:num_reqs]:
             if k == NO_TREE:
                 self._medusa_req_tree.pop(req_id, None)

@@ -79,6 +79,17 @@ def choose_tree_for_drafts(recorded: int | None, num_drafts: int, sizes: list[in
     return int(np.argmax(sizes))
 
 
+def uniform_tree(plan: StepPlan, spec_ok: np.ndarray, num_drafts: np.ndarray, sizes: list[int]) -> int | None:
+    """The tree every request of a step verifies whole (all decoding, all with drafts of one
+    tree, each as many as it has nodes), or None."""
+    if not plan.all_reqs or not spec_ok.all() or len(plan.tree_ids) == 0:
+        return None
+    k = int(plan.tree_ids[0])
+    if (plan.tree_ids != k).any() or (num_drafts != sizes[k]).any():
+        return None
+    return k
+
+
 def can_speculate(sp) -> bool:
     """Sampling options the tree verifier reproduces exactly (others decode normally)."""
     if sp is None:

@@ -36,7 +36,7 @@ class MedusaStatsMixin:
         attention = (runner.medusa_attn.backend if runner.medusa_attn.backend != "kernel" else
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
         return runner.medusa_stats.summary() | {
-            "attention": attention, "uniform_greedy": runner._medusa_graphs.summary(),
+            "attention": attention, "uniform_greedy": _graphs_summary(runner._medusa_graphs),
             "async_scheduling": bool(runner.use_async_scheduling),
             # adaptive + async: the batch-size -> draft count schedule vLLM's scheduler follows
             "draft_schedule": getattr(runner.speculative_config,
@@ -49,3 +49,14 @@ class MedusaGPUWorker(MedusaStatsMixin, Worker):
 
         with _swapped(gpu_model_runner, "GPUModelRunner", MedusaGPUModelRunner):
             super().init_device()
+
+
+def _graphs_summary(graphs: dict) -> dict:
+    """Uniform greedy steps and verify+heads graph replays, over every tree's graphs; the batch
+    sizes with graphs per tree size."""
+    parts = {g.name: g.summary() for g in graphs.values()}
+    main = next(iter(parts.values()))
+    return {"graph_batch_sizes": main["graph_batch_sizes"],
+            "steps": sum(p["steps"] for p in parts.values()),
+            "graph_replays": sum(p["graph_replays"] for p in parts.values()),
+            "by_tree": parts}

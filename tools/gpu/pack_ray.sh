@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU machine, repository root: carry chunks for Ray on the GPU machine (Python 3.12, manylinux
 # x86_64, no network), for vLLM's `--distributed-executor-backend ray`.
-#   bash tools/gpu/pack_ray.sh      -> .carry/ray1 .. .carry/rayN (a tar of wheels, 54 MiB chunks)
+#   bash tools/gpu/pack_ray.sh      -> .carry/ray1 .. .carry/rayN (a tar of wheels, 48 MiB chunks: a call carries the repo too)
 # On the GPU machine, one call per chunk (any order, back to back, after or between vk1..vk4):
 #   bash tools/gpu/stage_ray.sh     -> ray installed into /tmp/site once every chunk came
 #
@@ -41,7 +41,7 @@ ls "$WORK"/carry/ray-"$RAY_VERSION"-cp312-*.whl >/dev/null \
 (cd "$WORK/carry" && tar -cf ../ray.tar ./*.whl)
 (cd "$WORK" && sha256sum ray.tar > ray.tar.sha256)
 rm -f "$WORK"/ray.tar.part*
-split -b 54M -d -a 2 "$WORK/ray.tar" "$WORK/ray.tar.part"
+split -b 48M -d -a 2 "$WORK/ray.tar" "$WORK/ray.tar.part"
 parts=("$WORK"/ray.tar.part*)
 move_into_chunks "$OUT" ray "$WORK/ray.tar.sha256" "${parts[@]}"
 echo "wheels: $(cd "$WORK/carry" && ls | tr '\n' ' ')"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One GPU call after the kit is staged (vk1..vk3 in earlier calls; this call carries vk4,
+# One GPU call after the kit is staged (earlier calls: vk1a and vk1b with tools/gpu/stage_vk1.sh
+# — tools/gpu/split_vk1.sh makes them: the repo no longer fits a call beside the whole vk1 —
+# then vk2 and vk3 with their device_setup.sh; this call carries vk4,
 # medusa_vllm/_C.abi3.so and .carry/mt_bench_question.jsonl):
 #   bash tools/gpu/session.sh throughput  "<benchmarks/throughput.py args>"
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# CPU machine, repository root, after bash ../shared/device/pack.sh: the kit's vk1 chunk (55 MB)
+# plus this repository's tracked files (the Qwen heads among them) no longer fit one device call
+# (64 MiB), so vk1's file travels as two chunk folders, .carry/vk1a and .carry/vk1b, each with
+# the kit's scripts. On the device: bash tools/gpu/stage_vk1.sh in the call carrying each.
+set -euo pipefail
+C=.carry
+[ -f "$C/vk1/vllm_C.so.xz" ] || { echo "no $C/vk1/vllm_C.so.xz: run ../shared/device/pack.sh first"; exit 1; }
+rm -rf "$C/vk1a" "$C/vk1b" && mkdir -p "$C/vk1a" "$C/vk1b"
+cp "$C"/vk1/*.sh "$C"/vk1/*.py "$C/vk1a/" && cp "$C"/vk1/*.sh "$C"/vk1/*.py "$C/vk1b/"
+split -n 2 -d "$C/vk1/vllm_C.so.xz" "$C/vk1a/vllm_C.so.xz.part"
+mv "$C/vk1a/vllm_C.so.xz.part01" "$C/vk1b/"
+cat "$C/vk1a/vllm_C.so.xz.part00" "$C/vk1b/vllm_C.so.xz.part01" | cmp - "$C/vk1/vllm_C.so.xz"
+rm -rf "$C/vk1" && du -sh "$C/vk1a" "$C/vk1b"
