@@ -14,7 +14,7 @@ Configurations (each its own engine, one after the other, same machine):
                     rule: per batch size the tree (or no drafts) with the most tokens/s by the
                     engine's own step times
   adaptive-async    the same under the asynchronous scheduler (vLLM's dynamic speculative
-                    decoding reserves the policy's draft count per batch size; PIECEWISE graphs)
+                    decoding reserves the policy's draft count per batch size)
   adaptive-budget   the load-adaptive tree with the token-budget rule (also -async)
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
 decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             env.update(cpu_tp_env(args.tensor_parallel_size))
         kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
                            .removesuffix("-async"), heads, builtin)
-        if config in ("baseline-v1async",) or config.endswith("-async") or config.startswith("medusa-async:"):
+        if config == "baseline-v1async" or config.endswith("-async") or config.startswith("medusa-async:"):
             kw["async_scheduling"] = True
         try:
             results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,

@@ -60,6 +60,18 @@ def bucket_of(num_reqs: int) -> int:
     return bisect.bisect_left(_EDGES, max(num_reqs, 1))
 
 
+def as_ranges(counts: Sequence[int], first: int = 1) -> list[tuple[int, int, int]]:
+    """Draft counts of batch sizes first, first + 1, ... -> ``[(first batch size, last batch
+    size, drafts), ...]`` with equal neighbours merged (vLLM's schedule format)."""
+    out: list[tuple[int, int, int]] = []
+    for b, n in enumerate(counts, start=first):
+        if out and out[-1][2] == n:
+            out[-1] = (out[-1][0], b, n)
+        else:
+            out.append((b, b, n))
+    return out
+
+
 def bucket_range(b: int) -> tuple[int, int]:
     """Batch sizes of bucket ``b`` (inclusive)."""
     return (_EDGES[b - 1] + 1 if b else 1), _EDGES[b]
@@ -104,13 +116,15 @@ class StepCosts:
         if run[1] > 0:
             run[1] -= 1
             return run[0]
+        seconds = {c: self.seconds(num_reqs, c) for c in self.choices}  # medians, once a step
         i0 = self.choices.index(start)
-        for c in sorted(self.choices, key=lambda c: abs(self.choices.index(c) - i0)):
-            if self.seconds(num_reqs, c) is None and self._tries.get((b, c), 0) < MAX_TRIES:
+        for i in sorted(range(len(self.choices)), key=lambda i: abs(i - i0)):
+            c = self.choices[i]
+            if seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES:
                 self._tries[(b, c)] = self._tries.get((b, c), 0) + 1
                 run[0], run[1] = c, RUN - 1
                 return c
-        scores = {c: tau(c) / s for c in self.choices if (s := self.seconds(num_reqs, c))}
+        scores = {c: tau(c) / s for c, s in seconds.items() if s}
         if not scores:
             return start
         ranked = sorted(scores, key=lambda c: -scores[c])
@@ -204,13 +218,7 @@ class AdaptiveTreePolicy:
         """``[(first batch size, last batch size, drafts), ...]`` for batch sizes 1..max_batch
         (the last range left open), vLLM's ``num_speculative_tokens_per_batch_size`` format:
         the budget rule."""
-        out: list[tuple[int, int, int]] = []
-        for b in range(1, max_batch + 1):
-            n = self.num_drafts(b)
-            if out and out[-1][2] == n:
-                out[-1] = (out[-1][0], b, n)
-            else:
-                out.append((b, b, n))
+        out = as_ranges([self.num_drafts(b) for b in range(1, max_batch + 1)])
         out[-1] = (out[-1][0], _OPEN_END, out[-1][2])
         return out
 

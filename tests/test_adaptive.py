@@ -191,3 +191,10 @@ def test_measured_schedule_times_steady_steps_and_rewrites_the_table():
     m.step(clock + 1.0, 8, None)  # not clean
     m.step(clock + 2.0, 8, 2)
     assert (bucket_of(8), 2) not in p.costs._seconds
+
+
+def test_as_ranges_merges_equal_neighbours():
+    from medusa_vllm.adaptive import as_ranges
+
+    assert as_ranges([63, 63, 15, 15, 15, 0]) == [(1, 2, 63), (3, 5, 15), (6, 6, 0)]
+    assert as_ranges([7], first=4) == [(4, 4, 7)]

@@ -139,10 +139,9 @@ def _patch_async_scheduling_check() -> None:
     __post_init__._medusa_vllm = True
     VllmConfig.__post_init__ = __post_init__
 
-    # vLLM turns FULL CUDA graphs off (PIECEWISE only) whenever the draft count is dynamic. Our
-    # FULL graphs hold only uniform steps of the full tree (1 + nodes tokens per request, the
-    # size vLLM captures them for); a step with fewer drafts is not uniform at that length and
-    # runs piecewise, so the load-adaptive tree keeps FULL graphs where the full tree runs.
+    # vLLM turns FULL CUDA graphs off (PIECEWISE only) whenever the draft count is dynamic. The
+    # medusa_vllm runner captures and dispatches FULL graphs per uniform query length (each
+    # adaptive tree's 1 + nodes, and 1 for no drafts); mixed steps run piecewise as usual.
     original_override = VllmConfig._maybe_override_dynamic_sd_cudagraph_mode
 
     @functools.wraps(original_override)

@@ -20,7 +20,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy, bucket_of, bucket_range
+from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy, as_ranges, bucket_of, bucket_range
 from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import can_speculate
 
@@ -107,7 +107,7 @@ class MedusaSchedulerMixin:
 
     def medusa_adaptive_summary(self) -> dict | None:
         m = self.medusa_measured
-        return None if m is None else m.policy.summary() | {"lookup": _ranges(m.lookup)}
+        return None if m is None else m.policy.summary() | {"lookup": as_ranges(m.lookup[1:])}
 
 
 def _add_engine_core_utility() -> None:
@@ -140,17 +140,6 @@ def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runne
             emitted[k] += len(sampled[i])
             verified[k] += 1
     policy.observe_acceptance(emitted, verified)
-
-
-def _ranges(lookup: list[int]) -> list[tuple[int, int, int]]:
-    """The dense table as ``[(first batch size, last, drafts), ...]``."""
-    out: list[tuple[int, int, int]] = []
-    for b in range(1, len(lookup)):
-        if out and out[-1][2] == lookup[b]:
-            out[-1] = (out[-1][0], b, lookup[b])
-        else:
-            out.append((b, b, lookup[b]))
-    return out
 
 
 class MedusaScheduler(MedusaSchedulerMixin, Scheduler):
