@@ -86,6 +86,8 @@ def test_cli_flag_speculative_model(model, heads):
          "num_speculative_tokens=4 but the tree has 7 nodes"),
         ({"method": "medusa_vllm", "attention": "flash"}, "attention 'flash' is not one of"),
         ({"method": "medusa_vllm", "cuda_graphs": "false"}, "cuda_graphs must be true or false"),
+        ({"method": "medusa_vllm", "adaptive": True, "adaptive_policy": "fastest"},
+         "adaptive_policy 'fastest' is not one of"),
     ],
 )
 def test_bad_settings_refuse_to_start_with_one_clear_line(model, heads, spec, message):
@@ -160,3 +162,10 @@ def test_attention_backend_choices():
     assert _attention_backend("reference", _engine_config(True), cpu) == "reference"
     if kernels.have_extension():
         assert _attention_backend("kernel", _engine_config(False), cpu) == "kernel"
+
+
+def test_measured_adaptive_tree_refuses_a_foreign_scheduler_class(model, heads):
+    spec = {"method": "medusa_vllm", "model": str(heads), "adaptive": True}
+    with pytest.raises(ValueError, match=r"runs in medusa_vllm's scheduler, but --scheduler-cls "
+                                         r"my\.Scheduler was given; drop it or pass"):
+        _config(model, spec, scheduler_cls="my.Scheduler")
