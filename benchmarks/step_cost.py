@@ -38,9 +38,12 @@ CONFIGS = {
     # steps with fewer drafts than the engine's largest tree (what the load-adaptive tree runs):
     # a 63-node engine whose budget rule (16 tokens) drafts sparse-15 at batch 1, none from 2 on
     "tree16_in_tree64": "adaptive-budget",
+    # a medusa_vllm engine whose budget rule (1 token) never drafts, asynchronous: what a step
+    # costs when the load-adaptive tree picks no drafts (against plain_v1_async, the same runner)
+    "nodraft_async": "adaptive-budget",
 }
-ADAPTIVE_MAX_TOKENS = {"tree16_in_tree64": 16}
-ASYNC = {"plain_v1_async", "tree64_async"}
+ADAPTIVE_MAX_TOKENS = {"tree16_in_tree64": 16, "nodraft_async": 1}
+ASYNC = {"plain_v1_async", "tree64_async", "nodraft_async"}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -68,6 +71,11 @@ def summarize(rows: list[dict]) -> dict:
         "tree64_async_ms_bs1": ms("tree64_async", 1), "tree64_async_ms_bs32": ms("tree64_async", 32),
         "tree64_async_vs_fastest_plain_bs1": ratio(ms("tree64_async", 1), fastest1),
         "tree64_async_vs_fastest_plain_bs32": ratio(ms("tree64_async", 32), fastest32),
+        # the load-adaptive tree's "no drafts" step against plain decoding on the same runner
+        "nodraft_async_vs_plain_v1_async": {
+            b: ratio(ms("nodraft_async", b), ms("plain_v1_async", b))
+            for b in sorted({r["batch_size"] for r in rows if r.get("config") == "nodraft_async"})
+        },
         "async": any(r.get("config") == "tree64_async" and "ms_per_step" in r for r in rows),
         "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; greedy "
                        "verification + heads in medusa_vllm's per-batch-size graphs",

@@ -150,6 +150,7 @@ class MedusaRunnerMixin:
         self._medusa_sched_drafts = self.num_spec_tokens  # this step's num_spec_tokens_to_schedule
         self._medusa_emitted: torch.Tensor | None = None  # this step's tokens (async hand-over)
         self._medusa_graph_checks = 0  # FULL-graph steps re-run eagerly so far (GRAPH_CHECK)
+        self._medusa_masks_set = False  # mask_ids may hold nonzero ids (a plan wrote them)
         self._medusa_req_tree: dict[str, int] = {}
         self._medusa_ok: dict[str, bool] = {}
         self._medusa_nan_warned: set[str] = set()
@@ -306,10 +307,12 @@ class MedusaRunnerMixin:
             self.medusa_attn.step = None
 
     def _dummy_run(self, num_tokens, *args, uniform_decode: bool = False, **kwargs):
-        # A uniform-decode dummy batch (1 + max tree nodes tokens per request) stands for steps in
+        # A uniform-decode dummy batch (1 + tree nodes tokens per request) stands for steps in
         # which every request decodes a tree: the FULL CUDA graphs vLLM captures from it must hold
-        # the tree kernel (reading the persistent mask buffer), not vLLM's causal attention.
-        if uniform_decode:
+        # the tree kernel (reading the persistent mask buffer), not vLLM's causal attention. The
+        # load-adaptive tree's plain steps (query length 1, no drafts) keep vLLM's own decode
+        # attention: such a step is then exactly vLLM's plain decode step.
+        if uniform_decode and self.uniform_decode_query_len > 1:
             self.medusa_attn.step = TreeAttnStep.for_capture()
         try:
             return super()._dummy_run(num_tokens, *args, uniform_decode=uniform_decode, **kwargs)
@@ -419,7 +422,19 @@ class MedusaRunnerMixin:
 
     def _medusa_plan(self, scheduler_output, num_scheduled_tokens) -> None:
         if self._medusa_uniform_plan(scheduler_output, num_scheduled_tokens):
+            self._medusa_masks_set = True
             return
+        if not any(scheduler_output.scheduled_spec_decode_tokens.values()):
+            # no drafts anywhere (the load-adaptive tree chose none, or nothing was proposed):
+            # vLLM's plain step, no plan; mask ids back to 0 for FULL graphs holding the tree
+            # kernel (a batch of prefill chunks of a tree's query length replays one)
+            self._medusa_step = None
+            self.medusa_attn.step = None
+            if self._medusa_masks_set:
+                self.medusa_attn.mask_ids.zero_()
+                self._medusa_masks_set = False
+            return
+        self._medusa_masks_set = True
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         spec = scheduler_output.scheduled_spec_decode_tokens
@@ -649,17 +664,20 @@ class MedusaRunnerMixin:
     def _medusa_propose(self, sample_hidden_states, rows):
         num_reqs = self.input_batch.num_reqs
         k = self._medusa_next_tree(num_reqs)
+        if k == NO_TREE:
+            return sample_hidden_states.new_zeros((num_reqs, 0), dtype=torch.int64)
         return self._medusa_head_drafts(sample_hidden_states[rows[:num_reqs]], k)
 
     def _medusa_next_tree(self, num_reqs: int) -> int:
         """The tree the next drafts follow (load-adaptive policy; NO_TREE: no drafts), recorded
         per request so the next step reads its scheduled drafts with it."""
         k = self._medusa_peek_next_tree(num_reqs)
-        for req_id in self.input_batch.req_ids[:num_reqs]:
-            if k == NO_TREE:
-                self._medusa_req_tree.pop(req_id, None)
-            else:
-                self._medusa_req_tree[req_id] = k
+        if k == NO_TREE:
+            if self._medusa_req_tree:
+                for req_id in self.input_batch.req_ids[:num_reqs]:
+                    self._medusa_req_tree.pop(req_id, None)
+        else:
+            self._medusa_req_tree.update(dict.fromkeys(self.input_batch.req_ids[:num_reqs], k))
         return k
 
     def _medusa_head_drafts(self, hidden, k: int):
