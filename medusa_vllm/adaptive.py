@@ -13,8 +13,11 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   length per tree (the heads' calibrated estimate at first, then the observed one). It picks the
   choice with the most tokens per second, ``τ / seconds per step``, so a large batch on which
   every tree costs more than it returns decodes plainly, and a small one keeps its big tree.
-  Every choice is measured a few steps first (starting from the budget rule's choice), and the
-  runner-up is re-measured now and then, so the choice follows the load and the content.
+  Each choice is measured a few steps first (the budget rule's choice, then no drafts, then the
+  trees from the smallest up), except one that cannot win: a bigger tree never costs less than
+  a smaller one (or no drafts) measured in the same bucket, so a tree whose τ over that bound
+  is below the best score so far is skipped. The runner-up is re-measured now and then, so the
+  choice follows the load and the content.
 
 The budget rule, as a batch-size schedule of draft counts (:meth:`AdaptiveTreePolicy.schedule`),
 is what vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``) starts
@@ -44,6 +47,7 @@ WINDOW = 16  # recent steps kept per (bucket, choice)
 MAX_TRIES = 3  # measuring runs after which a choice that yields no clean steps is left out
 REMEASURE = 500  # decisions in a bucket between re-measurements of the runner-up
 PRIOR_WEIGHT = 64  # requests' worth of weight of the calibrated τ against the observed one
+SKIP_SLACK = 0.95  # a tree is skipped unmeasured if τ / (SKIP_SLACK * its cost bound) < the best
 # batch size buckets: 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, 17-24, 25-32, 33-48, ...
 _EDGES = [1, 2, 3, 4] + sorted({m << e for e in range(1, 20) for m in (3, 4)})
 # τ estimate for heads that carry no calibration: the cumulative top-k accuracies of the bundled
@@ -108,8 +112,9 @@ class StepCosts:
 
     def choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
         """The choice for the next step: a measuring run in progress, else the next unmeasured
-        choice (nearest to ``start`` first), else the most tokens per second (the runner-up
-        every REMEASURE decisions, so its cost stays current)."""
+        choice that could win (``start``, then no drafts, then the trees from the smallest up),
+        else the most tokens per second (the runner-up every REMEASURE decisions, so its cost
+        stays current)."""
         b = bucket_of(num_reqs)
         run = self._runs.setdefault(b, [start, 0, 0])
         run[2] += 1
@@ -117,14 +122,14 @@ class StepCosts:
             run[1] -= 1
             return run[0]
         seconds = {c: self.seconds(num_reqs, c) for c in self.choices}  # medians, once a step
-        i0 = self.choices.index(start)
-        for i in sorted(range(len(self.choices)), key=lambda i: abs(i - i0)):
-            c = self.choices[i]
-            if seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES:
+        scores = {c: tau(c) / s for c, s in seconds.items() if s}
+        best = max(scores.values(), default=0.0)
+        for c in [start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
+            if (seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES
+                    and not self._cannot_win(c, seconds, tau(c), best)):
                 self._tries[(b, c)] = self._tries.get((b, c), 0) + 1
                 run[0], run[1] = c, RUN - 1
                 return c
-        scores = {c: tau(c) / s for c, s in seconds.items() if s}
         if not scores:
             return start
         ranked = sorted(scores, key=lambda c: -scores[c])
@@ -132,6 +137,12 @@ class StepCosts:
             run[0], run[1] = ranked[1], RUN - 1
             return ranked[1]
         return ranked[0]
+
+    def _cannot_win(self, c: int, seconds: dict[int, float | None], tau_c: float, best: float) -> bool:
+        """Choice ``c`` scores below ``best`` even at the least it can cost: the dearest of the
+        cheaper choices (smaller trees, no drafts) measured in this bucket."""
+        cheaper = [seconds[d] for d in self.choices[self.choices.index(c) + 1:] if seconds[d]]
+        return bool(cheaper) and tau_c / (SKIP_SLACK * max(cheaper)) < best
 
     def table(self, label: Callable[[int], str] = str) -> dict[str, dict[str, float]]:
         """``{"5-6": {label(choice): ms, ...}, ...}``: measured ms per step (for stats)."""

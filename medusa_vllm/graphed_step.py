@@ -60,9 +60,12 @@ class BatchGraphs:
     """CUDA graphs of ``fn(*inputs) -> tuple of tensors``, one per batch size B, captured up
     front by :meth:`capture` (vLLM's start-up, beside its own graphs: capturing while serving
     would stall steps). Each input's leading dimension is ``rows_per_req[i] * B``; inputs are
-    copied into static buffers sized for ``max_batch``; the outputs are the graph's own tensors,
-    valid until the next call. ``fn`` must be free of side effects and host syncs. A call with a
-    B that has no graph (or with graphs disabled) runs ``fn`` eagerly.
+    copied into static buffers sized for ``max_batch``; the outputs are the graph's own tensors
+    (every output's leading dimension is B), valid until the next call. ``fn`` must be free of
+    side effects and host syncs, and each request's outputs must depend on its own input rows
+    only: a call with a B that has no graph replays the next larger one, whose extra requests
+    read what earlier calls left in the buffers (zeros at first: valid inputs), and returns the
+    first B rows. Past the largest graph (or with graphs disabled) ``fn`` runs eagerly.
 
     :meth:`capture` checks each graph against an eager run on the same inputs: a difference in
     the first ``exact`` outputs (or a capture that fails) disables the graphs, loudly, so callers
@@ -78,31 +81,33 @@ class BatchGraphs:
         self.name = name
         self.enabled = True
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self._padded: list[int] = []  # [b] -> the captured batch size that serves b (0: none)
         self.static: list[torch.Tensor] | None = None
         self.pool = None
         self.calls = self.replays = 0  # host counters: how many calls took a graph
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.calls += 1
-        entry = self.graphs.get(inputs[0].shape[0] // self.rows_per_req[0]) if self.enabled else None
-        if entry is None:
+        b = inputs[0].shape[0] // self.rows_per_req[0]
+        padded = self._padded[b] if self.enabled and b < len(self._padded) else 0
+        if not padded:
             return self.fn(*inputs)
-        self._load(inputs)
-        graph, outputs = entry
+        self._load(inputs, padded)
+        graph, outputs = self.graphs[padded]
         graph.replay()
         self.replays += 1
-        return outputs
+        return outputs if padded == b else tuple(o[:b] for o in outputs)
 
-    def _load(self, inputs) -> list[torch.Tensor]:
+    def _load(self, inputs, padded: int | None = None) -> list[torch.Tensor]:
+        """Inputs into the static buffers; views of ``padded`` (default: the inputs') requests."""
         b = inputs[0].shape[0] // self.rows_per_req[0]
-        if self.static is None:
-            self.static = [torch.empty((r * self.max_batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        if self.static is None:  # zeros: padding requests read valid values from the start
+            self.static = [torch.zeros((r * self.max_batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
                            for r, x in zip(self.rows_per_req, inputs)]
         views = []
         for buf, r, x in zip(self.static, self.rows_per_req, inputs):
-            v = buf[: r * b]
-            v.copy_(x)
-            views.append(v)
+            buf[: r * b].copy_(x)
+            views.append(buf[: r * (padded or b)])
         return views
 
     def summary(self) -> dict:
@@ -145,6 +150,8 @@ class BatchGraphs:
                 logger.warning("medusa_vllm: %s CUDA graph for batch %d: outputs %s differ from "
                                "the eager run by rounding", self.name, b, diffs)
         self.graphs[b] = (graph, outputs)
+        sizes = sorted(self.graphs)
+        self._padded = [next((c for c in sizes if c >= n), 0) for n in range(sizes[-1] + 1)]
         return True
 
 

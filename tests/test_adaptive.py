@@ -83,16 +83,29 @@ def test_measured_rule_turns_speculation_off_where_every_tree_costs_more_than_it
     # batch 64: a plain step 4 ms, trees 4x / 3.5x / 3x that -> no drafts wins
     cost = {0: 16e-3, 1: 14e-3, 2: 12e-3, NO_TREE: 4e-3}.get
     chosen = simulate(p, 64, cost, 200)
-    explored = len(p.costs.choices) * RUN
-    assert set(chosen[:explored]) == {0, 1, 2, NO_TREE}  # each choice measured once
-    assert chosen[0] == p.budget_choice(64) == 2  # starting from the budget rule's choice
-    assert set(chosen[explored:]) == {NO_TREE}
-    # batch 1: a tree step 1.3x a plain one -> the 63-node tree (τ 2.06 / 1.3 beats 1 / 1)
+    # the budget rule's choice first, then no drafts; the bigger trees cost at least the 3-node
+    # tree's 12 ms, so τ 2.06 / 12 ms and 1.82 / 12 ms cannot beat 1 / 4 ms: never measured
+    assert chosen[: 2 * RUN] == [2] * RUN + [NO_TREE] * RUN
+    assert chosen[0] == p.budget_choice(64) == 2
+    assert set(chosen[2 * RUN:]) == {NO_TREE}
+    assert p.summary()["ms_per_step"]["49-64"] == {"3": 12.0, "0": 4.0}
+    # batch 1: a tree step 1.3x a plain one -> the 63-node tree (τ 2.06 / 1.3 beats 1 / 1); the
+    # 3-node tree (1.48 / its 2 ms bound < 2.06 / 2.6) is skipped, sparse-15 (1.82 / 2 ms) is not
     cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
-    assert set(simulate(p, 1, cost1, 200)[explored:]) == {0}
+    chosen1 = simulate(p, 1, cost1, 200)
+    assert chosen1[: 3 * RUN] == [0] * RUN + [NO_TREE] * RUN + [1] * RUN
+    assert set(chosen1[3 * RUN:]) == {0}
     # buckets are independent: batch 64 still decodes plainly
     assert p.choose(60) == NO_TREE
-    assert p.summary()["ms_per_step"]["49-64"] == {"63": 16.0, "15": 14.0, "3": 12.0, "0": 4.0}
+
+
+def test_measured_rule_measures_every_choice_that_could_win():
+    # costs that grow slowly with the tree: each bigger tree could still win when it comes up
+    p = measured()
+    cost = {0: 2.8e-3, 1: 2.3e-3, 2: 2.1e-3, NO_TREE: 2e-3}.get
+    chosen = simulate(p, 1, cost, 100)
+    assert chosen[: 4 * RUN] == [0] * RUN + [NO_TREE] * RUN + [2] * RUN + [1] * RUN
+    assert set(chosen[4 * RUN:]) == {1}  # τ 1.82 / 2.3 ms beats 2.06 / 2.8 ms
 
 
 def test_measured_rule_remeasures_the_runner_up_and_follows_a_change():
@@ -125,9 +138,9 @@ def test_choice_without_clean_steps_is_given_up():
         k = p.choose(4)
         chosen.append(k)
         if k != 1:  # sparse-15 never yields a clean step (e.g. new requests keep arriving)
-            p.observe_step(4, k, {0: 2e-3, 2: 2e-3, NO_TREE: 1.5e-3}[k])
+            p.observe_step(4, k, {0: 2.6e-3, 2: 2e-3, NO_TREE: 1.5e-3}[k])
     assert chosen.count(1) == 3 * RUN  # MAX_TRIES measuring runs, then left out
-    assert chosen[-1] == 0  # τ 2.06 / 2 ms beats 1.48 / 2 ms and 1 / 1.5 ms
+    assert chosen[-1] == 0  # τ 2.06 / 2.6 ms beats 1.48 / 2 ms and 1 / 1.5 ms
 
 
 def test_tau_starts_at_the_calibration_and_follows_what_verification_sees():

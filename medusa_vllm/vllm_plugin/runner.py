@@ -206,14 +206,18 @@ class MedusaRunnerMixin:
 
     def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs) -> None:
         """After vLLM's graphs: one verify+heads graph of tree k per batch size B whose uniform
-        step (B * (1 + nodes) tokens) vLLM captures too, on example inputs."""
+        step of the largest tree or of tree k (B * (1 + nodes) tokens) vLLM captures too, on
+        example inputs. A batch size between two graphs replays the larger one, padded."""
         from vllm.config import CUDAGraphMode
 
         if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
             return
         q = 1 + self.medusa_tree_sizes[k]
         capture_sizes = self.compilation_config.cudagraph_capture_sizes or []
-        sizes = sorted({n // q for n in capture_sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs},
+        # vLLM keeps only multiples of the largest tree's query length: tree k's own would leave
+        # its small batch sizes without a graph
+        sizes = sorted({n // m for n in capture_sizes for m in {q, self.medusa_max_query}
+                        if n % m == 0 and 0 < n // m <= self.max_num_reqs},
                        reverse=True)  # largest first: the smaller graphs reuse its pool
         g = torch.Generator(device=self.device).manual_seed(0)
         hidden_size = self.model_config.get_hidden_size()

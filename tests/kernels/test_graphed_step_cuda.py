@@ -1,5 +1,6 @@
 """BatchGraphs on a GPU: the captured greedy step replays with each call's inputs and equals the
-eager function, per batch size; batch sizes without a graph run eagerly."""
+eager function, per batch size; a batch size without a graph replays the next larger one (its
+first rows), and past the largest one runs eagerly."""
 
 from __future__ import annotations
 
@@ -39,15 +40,19 @@ def test_replays_match_eager_for_every_batch_size_and_call():
     trees = TreeTensors.build([TREE], "cuda")
     fn = _step_fn(trees, torch.randn(H, V, device="cuda"))
     graphs = BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1], max_batch=8, exact=3, name="test")
-    for b in (8, 3, 1):
+    for b in (4, 1):
         assert graphs.capture(*_inputs(b, 100 + b))
-    for seed, b in enumerate([3, 1, 3, 8, 2, 1, 3]):  # 2: no graph, eager
+    # 2 and 3: the graph of 4, padded (its extra requests read earlier calls' rows); 6: past the
+    # largest graph, eager
+    calls = [3, 1, 3, 4, 2, 1, 6, 3]
+    for seed, b in enumerate(calls):
         inputs = _inputs(b, seed)
         got = [t.clone() for t in graphs(*inputs)]
         want = fn(*inputs)
         for x, y in zip(got, want):
-            assert torch.equal(x, y), (b, seed)
-    assert graphs.enabled and sorted(graphs.graphs) == [1, 3, 8]
+            assert x.shape == y.shape and torch.equal(x, y), (b, seed)
+    assert graphs.enabled and sorted(graphs.graphs) == [1, 4]
+    assert graphs.summary()["graph_replays"] == len(calls) - 1
 
 
 def test_replay_reads_the_live_contents_of_captured_buffers():
