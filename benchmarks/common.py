@@ -56,14 +56,15 @@ def _child(conn, fn: Callable, args: tuple) -> None:
         conn.close()
 
 
-def run_isolated(fn: Callable, *args, timeout: float = 3600, env: dict | None = None):
-    """``fn(*args)`` in a fresh spawned process (one vLLM engine each); returns its result."""
+def _spawn(target: Callable, args: tuple, env: dict | None, duplex: bool):
+    """A spawned process running ``target(conn, *args)`` with ``env`` added to its environment;
+    returns (process, the parent's end of the pipe)."""
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
+    parent, child = ctx.Pipe(duplex=duplex)
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc = ctx.Process(target=target, args=(child, *args))
     proc.start()
     child.close()
     for k, v in saved.items():
@@ -71,17 +72,77 @@ def run_isolated(fn: Callable, *args, timeout: float = 3600, env: dict | None = 
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    return proc, parent
+
+
+def _receive(parent, proc, what: str, timeout: float):
+    if not parent.poll(timeout):
+        raise TimeoutError(f"{what} did not finish within {timeout:.0f} s")
     try:
-        if not parent.poll(timeout):
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s")
         status, payload = parent.recv()
+    except EOFError:
+        raise RuntimeError(f"{what}: the process died (exit code {proc.exitcode})") from None
+    if status != "ok":
+        raise RuntimeError(payload)
+    return payload
+
+
+def run_isolated(fn: Callable, *args, timeout: float = 3600, env: dict | None = None):
+    """``fn(*args)`` in a fresh spawned process (one vLLM engine each); returns its result."""
+    proc, parent = _spawn(_child, (fn, args), env, duplex=False)
+    try:
+        return _receive(parent, proc, fn.__name__, timeout)
     finally:
         proc.join(60)
         if proc.is_alive():
             proc.kill()
-    if status != "ok":
-        raise RuntimeError(payload)
-    return payload
+
+
+def _serve(conn, cls: type, args: tuple) -> None:
+    try:
+        obj = cls(*args)
+        conn.send(("ok", None))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", traceback.format_exc()))
+        return
+    while (msg := conn.recv()) is not None:
+        name, margs = msg
+        try:
+            conn.send(("ok", getattr(obj, name)(*margs)))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+    del obj
+    conn.close()
+
+
+class Isolated:
+    """``cls(*args)`` alive in its own spawned process (one vLLM engine each), called by method
+    name: several can live at once, so configurations take turns round by round instead of
+    one after the other (the machine's drift then touches all of them alike)."""
+
+    def __init__(self, cls: type, *args, env: dict | None = None, timeout: float = 3600) -> None:
+        self.name = cls.__name__
+        self.timeout = timeout
+        self.proc, self.conn = _spawn(_serve, (cls, args), env, duplex=True)
+        try:
+            _receive(self.conn, self.proc, f"{self.name}()", timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, method: str, *args):
+        self.conn.send((method, args))
+        return _receive(self.conn, self.proc, f"{self.name}.{method}", self.timeout)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 def metric_values(llm) -> dict[str, float]:

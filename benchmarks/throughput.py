@@ -16,6 +16,9 @@ Configurations (each its own engine, one after the other, same machine):
   adaptive-async    the same under the asynchronous scheduler (vLLM's dynamic speculative
                     decoding reserves the policy's draft count per batch size)
   adaptive-budget   the load-adaptive tree with the token-budget rule (also -async)
+With ``--interleave`` every configuration's engine is alive at once (each in its own process,
+its share of GPU memory) and per batch size they take turns round by round; each row then also
+has ``speedup_paired``, the median of per-round ratios against the baseline's same round.
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
 decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
 baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
@@ -108,76 +111,176 @@ def _spec_counts(m: dict) -> tuple[float, float, list[float]]:
             m.get("vllm:spec_decode_num_accepted_tokens", 0.0), per_pos)
 
 
-def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
-            temperature: float, prompts_per_batch: dict[int, int],
-            profile_batch_sizes: tuple[int, ...] = ()) -> dict:
-    """Runs in its own process: one engine, every batch size. ``profile_batch_sizes``: after the
-    measurement, one profiled round (32 tokens) per size (medusa_vllm.profiling; needs
-    VLLM_ALLOW_INSECURE_SERIALIZATION=1 and VLLM_CUSTOM_SCOPES_FOR_PROFILING=1)."""
-    from vllm import LLM, SamplingParams
+class EngineBench:
+    """One engine measured round by round: ``warmup``, then per batch size ``begin`` / ``round``
+    (one round of b requests decoding together) / ``end`` (the row), and ``finish``. Lives in its
+    own process (:func:`measure` runs it whole; ``--interleave`` calls it through
+    ``benchmarks.common.Isolated``, one per configuration, taking turns)."""
 
-    t0 = time.perf_counter()
-    llm = LLM(**kw)
-    start_s = time.perf_counter() - t0
-    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
-    # warm-up at every measured batch size (JIT kernels, graphs, first-use allocations)
-    for b in sorted(set(batch_sizes)):
-        llm.generate([prompts[i % len(prompts)] for i in range(b)],
-                     SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
-    rows = []
-    for b in batch_sizes:
-        n = prompts_per_batch[b]
-        todo = [prompts[i % len(prompts)] for i in range(n)]
-        before = _spec_counts(metric_values(llm))
-        tokens, tpot, elapsed, outputs, round_rates = 0, [], 0.0, [], []
-        for r in range(0, n, b):
-            chunk = todo[r : r + b]
-            s = time.perf_counter()
-            res = llm.generate(chunk, sp, use_tqdm=False)
-            dt = time.perf_counter() - s
-            elapsed += dt
-            round_tokens = 0
-            for o in res:
-                k = len(o.outputs[0].token_ids)
-                round_tokens += k
-                tpot.append(dt / max(k, 1))
-                outputs.append(list(o.outputs[0].token_ids))
-            tokens += round_tokens
-            round_rates.append(round_tokens / dt)
-        after = _spec_counts(metric_values(llm))
+    def __init__(self, kw: dict, prompts: list[str], max_tokens: int, temperature: float) -> None:
+        from vllm import LLM, SamplingParams
+
+        t0 = time.perf_counter()
+        self.llm = LLM(**kw)
+        self.engine_start_s = time.perf_counter() - t0
+        self.kw, self.prompts, self.temperature = kw, prompts, temperature
+        self.sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
+        self._acc: dict | None = None
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Every measured batch size once (JIT kernels, graphs, first-use allocations)."""
+        from vllm import SamplingParams
+
+        for b in sorted(set(batch_sizes)):
+            self.llm.generate([self.prompts[i % len(self.prompts)] for i in range(b)],
+                              SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+
+    def begin(self, b: int) -> None:
+        self._acc = {"b": b, "before": _spec_counts(metric_values(self.llm)), "tokens": 0,
+                     "tpot": [], "elapsed": 0.0, "outputs": [], "rates": []}
+
+    def round(self, chunk: list[str]) -> float:
+        """One round: ``chunk`` (b prompts) decoded together; returns its output tokens/s."""
+        acc = self._acc
+        s = time.perf_counter()
+        res = self.llm.generate(chunk, self.sp, use_tqdm=False)
+        dt = time.perf_counter() - s
+        acc["elapsed"] += dt
+        round_tokens = 0
+        for o in res:
+            k = len(o.outputs[0].token_ids)
+            round_tokens += k
+            acc["tpot"].append(dt / max(k, 1))
+            acc["outputs"].append(list(o.outputs[0].token_ids))
+        acc["tokens"] += round_tokens
+        acc["rates"].append(round_tokens / dt)
+        return round_tokens / dt
+
+    def end(self) -> dict:
+        acc, self._acc = self._acc, None
+        before, after = acc["before"], _spec_counts(metric_values(self.llm))
         drafts, accepted = after[0] - before[0], after[1] - before[1]
         per_pos = [a - (before[2][i] if i < len(before[2]) else 0) for i, a in enumerate(after[2])]
-        tpot.sort()
-        rows.append({
-            "batch_size": b, "requests": n, "output_tokens": tokens, "seconds": elapsed,
+        tpot = sorted(acc["tpot"])
+        rates = acc["rates"]
+        return {
+            "batch_size": acc["b"], "requests": len(acc["outputs"]), "output_tokens": acc["tokens"],
+            "seconds": acc["elapsed"],
             # the median round: one stalled round (seen on shared GPU machines) does not set it
-            "tokens_per_s": statistics.median(round_rates),
-            "tokens_per_s_overall": tokens / elapsed,
-            "round_tokens_per_s": round_rates,
+            "tokens_per_s": statistics.median(rates),
+            "tokens_per_s_overall": acc["tokens"] / acc["elapsed"],
+            "round_tokens_per_s": rates,
             "tpot_ms_median": 1000 * statistics.median(tpot),
             "tpot_ms_p90": 1000 * tpot[min(len(tpot) - 1, int(0.9 * len(tpot)))],
             "tau": (1 + accepted / drafts) if drafts else None,
             "acceptance_per_depth": [p / drafts for p in per_pos if p > 0] if drafts else None,
-            "outputs": outputs,
-        })
-    # medusa_vllm engines: did uniform greedy steps replay the verify+heads CUDA graphs?
-    spec = kw.get("speculative_config") or {}
-    medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
-    if medusa is not None and spec.get("adaptive"):
-        from medusa_vllm.vllm_plugin import adaptive_summary
+            "outputs": acc["outputs"],
+        }
 
-        # the measured rule's table: ms per step by batch bucket and draft count, τ per tree
-        medusa["adaptive"] = adaptive_summary(llm)
-    from medusa_vllm.profiling import start_profile, stop_profile
+    def finish(self, profile_batch_sizes: tuple[int, ...] = ()) -> dict:
+        """medusa_vllm's stats (did uniform greedy steps replay the verify+heads CUDA graphs?
+        the adaptive rule's table) and one profiled round (32 tokens) per ``profile_batch_sizes``
+        (medusa_vllm.profiling; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 and
+        VLLM_CUSTOM_SCOPES_FOR_PROFILING=1)."""
+        from vllm import SamplingParams
 
-    profiles = {}
-    for b in profile_batch_sizes:
-        llm.collective_rpc(start_profile)
-        llm.generate([prompts[i % len(prompts)] for i in range(b)],
-                     SamplingParams(temperature=temperature, max_tokens=32, ignore_eos=True, seed=0),
-                     use_tqdm=False)
-        profiles[b] = llm.collective_rpc(stop_profile)[0]
-    return {"engine_start_s": start_s, "rows": rows, "profiles": profiles, "medusa_stats": medusa}
+        llm = self.llm
+        spec = self.kw.get("speculative_config") or {}
+        medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
+        if medusa is not None and spec.get("adaptive"):
+            from medusa_vllm.vllm_plugin import adaptive_summary
+
+            # the measured rule's table: ms per step by batch bucket and draft count, τ per tree
+            medusa["adaptive"] = adaptive_summary(llm)
+        from medusa_vllm.profiling import start_profile, stop_profile
+
+        profiles = {}
+        for b in profile_batch_sizes:
+            llm.collective_rpc(start_profile)
+            llm.generate([self.prompts[i % len(self.prompts)] for i in range(b)],
+                         SamplingParams(temperature=self.temperature, max_tokens=32, ignore_eos=True,
+                                        seed=0), use_tqdm=False)
+            profiles[b] = llm.collective_rpc(stop_profile)[0]
+        return {"engine_start_s": self.engine_start_s, "profiles": profiles, "medusa_stats": medusa}
+
+
+def requests_for(prompts: list[str], n: int) -> list[str]:
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
+            temperature: float, prompts_per_batch: dict[int, int],
+            profile_batch_sizes: tuple[int, ...] = ()) -> dict:
+    """Runs in its own process: one engine, every batch size, round after round."""
+    bench = EngineBench(kw, prompts, max_tokens, temperature)
+    bench.warmup(batch_sizes)
+    rows = []
+    for b in batch_sizes:
+        todo = requests_for(prompts, prompts_per_batch[b])
+        bench.begin(b)
+        for r in range(0, len(todo), b):
+            bench.round(todo[r : r + b])
+        rows.append(bench.end())
+    return {"rows": rows, **bench.finish(profile_batch_sizes)}
+
+
+def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str], args,
+                        per_batch: dict[int, int], on_batch=None, bench_cls: type | None = None) -> dict:
+    """Every configuration's engine alive at once (``engines``: config -> (engine kwargs, env)),
+    each in its own process; per batch size the configurations take turns round by round, the
+    order rotating each round, so a drift of the machine touches all of them alike. Results as
+    :func:`measure`'s, per configuration; ``on_batch(results)`` after each batch size."""
+    from tqdm import tqdm
+
+    from benchmarks.common import Isolated
+
+    results: dict[str, dict] = {}
+    live: dict[str, Isolated] = {}
+
+    def fail(config: str, e: Exception) -> None:
+        print(f"[{config}] failed: {e}", file=sys.stderr)
+        results[config] = {"engine_start_s": None, "rows": results.get(config, {}).get("rows", []),
+                           "error": str(e)[-2000:]}
+        bench = live.pop(config, None)
+        if bench is not None:
+            bench.close()
+
+    def each(method: str, *margs, configs=None) -> dict:
+        out = {}
+        for c in list(configs or live):
+            if c in live:
+                try:
+                    out[c] = live[c].call(method, *margs)
+                except Exception as e:  # noqa: BLE001 - one failing configuration is recorded
+                    fail(c, e)
+        return out
+
+    try:
+        for config, (kw, env) in tqdm(engines.items(), desc="engines"):  # one start at a time
+            try:
+                live[config] = Isolated(bench_cls or EngineBench, kw, prompts, args.max_tokens,
+                                        args.temperature, env=env)
+                results[config] = {"engine_start_s": None, "rows": []}
+            except Exception as e:  # noqa: BLE001
+                fail(config, e)
+        each("warmup", args.batch_sizes)
+        for b in tqdm(args.batch_sizes, desc="batch sizes"):
+            todo = requests_for(prompts, per_batch[b])
+            each("begin", b)
+            order = list(live)
+            for i, r in enumerate(range(0, len(todo), b)):
+                k = i % max(len(order), 1)
+                each("round", todo[r : r + b], configs=order[k:] + order[:k])
+            for c, row in each("end").items():
+                results[c]["rows"].append(row)
+            if on_batch is not None:
+                on_batch(results)
+        for c, extra in each("finish").items():
+            results[c].update(extra)
+    finally:
+        for bench in live.values():
+            bench.close()
+    return results
 
 
 def prompts_for(args) -> list[str]:
@@ -201,6 +304,15 @@ def builtin_layout(heads: str, model: str, out_dir: Path) -> str:
     return str(dst)
 
 
+def paired_speedup(row: dict, base: dict | None) -> float | None:
+    """Median over rounds of (this round's tokens/s / the baseline's same round): with
+    interleaved engines each pair ran back to back, so drift between rounds cancels."""
+    a, b = row.get("round_tokens_per_s") or [], (base or {}).get("round_tokens_per_s") or []
+    if not a or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def summarize(results: dict, args) -> tuple[list, dict]:
     base = {r["batch_size"]: r for r in results.get("baseline", {}).get("rows", [])}
     rows, identical = [], []
@@ -214,6 +326,7 @@ def summarize(results: dict, args) -> tuple[list, dict]:
             rows.append({
                 "config": config, **{k: v for k, v in r.items() if k != "outputs"},
                 "speedup": r["tokens_per_s"] / b0["tokens_per_s"] if b0 else None,
+                "speedup_paired": paired_speedup(r, b0) if getattr(args, "interleave", False) else None,
                 "greedy_identical_requests": same,
                 "engine_start_s": res["engine_start_s"],
                 "output_digests": [output_digest(o) for o in r["outputs"]],  # compare across runs
@@ -228,7 +341,16 @@ def summarize(results: dict, args) -> tuple[list, dict]:
     summary = {
         "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
         "speedup_bs64": best(64, lambda c: c.startswith("adaptive")),
+        # the load-adaptive tree at every batch size (the keys above: fixed trees, bs 64 aside)
+        "speedup_adaptive": {b: best(b, lambda c: c.startswith("adaptive"))
+                             for b in sorted({r["batch_size"] for r in rows})
+                             if best(b, lambda c: c.startswith("adaptive"))},
         "speedup_builtin_medusa_bs1": best(1, lambda c: c == "builtin"),
+        "interleaved": bool(getattr(args, "interleave", False)),
+        # interleaved runs: per configuration and batch size, the median per-round ratio
+        "speedup_paired": {c: {r["batch_size"]: r["speedup_paired"] for r in rows
+                               if r["config"] == c and r.get("speedup_paired")}
+                           for c in results if c != "baseline"} if getattr(args, "interleave", False) else None,
         "tau_bs1": max(tau1) if tau1 else None,
         "greedy_identical": all(identical) if identical else None,
         "device": None,
@@ -287,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="vLLM tensor parallelism (every configuration; medusa_vllm replicates its heads)")
     ap.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
                     help="vLLM's executor for TP > 1 (default: vLLM's choice, mp on one machine)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="every configuration's engine alive at once, taking turns round by round "
+                         "(speedup_paired: the median of per-round ratios against the baseline)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<dev>.json)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,25 +437,38 @@ def main(argv: list[str] | None = None) -> None:
 
     from tqdm import tqdm
 
-    results = {}
-    for config in tqdm(args.configs, desc="configurations"):
+    if args.interleave:  # the engines share the device: each gets its part of the memory
+        args.gpu_memory_utilization = min(args.gpu_memory_utilization, 0.9 / len(args.configs))
+    engines = {}
+    for config in args.configs:
         env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {}
         if not gpu:
             env.update(cpu_tp_env(args.tensor_parallel_size))
+            if args.interleave and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB per engine: several share the memory
         kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
                            .removesuffix("-async"), heads, builtin)
         if config == "baseline-v1async" or config.endswith("-async") or config.startswith("medusa-async:"):
             kw["async_scheduling"] = True
-        try:
-            results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
-                                           args.temperature, per_batch, env=env)
-        except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
-            print(f"[{config}] failed: {e}", file=sys.stderr)
-            results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}
-        for r in results[config]["rows"]:
-            tau = f"{r['tau']:.2f}" if r["tau"] else "-"
-            print(f"{config:>22} bs={r['batch_size']:>3} {r['tokens_per_s']:9.1f} tok/s  tau={tau}")
-        save(results, args, heads, out, gpu)  # after every configuration: a cut-off run keeps its rows
+        engines[config] = (kw, env)
+
+    if args.interleave:
+        results = measure_interleaved(engines, prompts, args, per_batch,
+                                      on_batch=lambda res: save(res, args, heads, out, gpu))
+        for config, res in results.items():
+            _print_rows(config, res["rows"])
+    else:
+        results = {}
+        for config in tqdm(args.configs, desc="configurations"):
+            kw, env = engines[config]
+            try:
+                results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
+                                               args.temperature, per_batch, env=env)
+            except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
+                print(f"[{config}] failed: {e}", file=sys.stderr)
+                results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}
+            _print_rows(config, results[config]["rows"])
+            save(results, args, heads, out, gpu)  # after every configuration: a cut-off run keeps its rows
     rows, summary = save(results, args, heads, out, gpu)
     try:
         plot(rows, out.with_suffix(".png"))
@@ -343,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['config']:>22} {r['batch_size']:>4} {r['tokens_per_s']:9.1f} {sp:>8} {tau:>5}")
     print("summary:", summary)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _print_rows(config: str, rows: list[dict]) -> None:
+    for r in rows:
+        tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+        print(f"{config:>22} bs={r['batch_size']:>3} {r['tokens_per_s']:9.1f} tok/s  tau={tau}")
 
 
 def save(results: dict, args, heads: str, out: Path, gpu: bool) -> tuple[list, dict]:

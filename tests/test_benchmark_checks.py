@@ -78,3 +78,81 @@ def test_throughput_configurations_map_to_engine_settings():
     assert spec("adaptive")["adaptive_policy"] == "measured" and spec("adaptive")["tree"] == "sparse-15"
     assert spec("adaptive-budget")["adaptive_policy"] == "budget"
     assert spec("builtin") == {"method": "medusa", "model": "b", "num_speculative_tokens": 4}
+
+
+# ----------------------------------------------------------------------------- interleaved rounds
+class FakeBench:
+    """EngineBench's protocol without an engine: a round's rate is a function of the config and
+    of how many rounds this process ran; each process has its own state."""
+
+    def __init__(self, kw, prompts, max_tokens, temperature):
+        self.rate, self.rounds, self.rows = kw["rate"], 0, []
+        if kw.get("broken") == "start":
+            raise ValueError("engine did not start")
+        self.kw = kw
+
+    def warmup(self, batch_sizes):
+        pass
+
+    def begin(self, b):
+        self.b, self.rates, self.outputs = b, [], []
+
+    def round(self, chunk):
+        if self.kw.get("broken") == "round" and self.rounds == 1:
+            raise RuntimeError("step failed")
+        self.rounds += 1
+        rate = self.rate * (1 + self.rounds)  # drift: every engine gets faster round by round
+        self.rates.append(rate)
+        self.outputs += [[len(p)] for p in chunk]
+        return rate
+
+    def end(self):
+        return {"batch_size": self.b, "requests": len(self.outputs), "tokens_per_s": max(self.rates),
+                "round_tokens_per_s": self.rates, "tau": None, "outputs": self.outputs}
+
+    def finish(self):
+        return {"engine_start_s": 0.5, "profiles": {}, "medusa_stats": {"rounds": self.rounds}}
+
+
+def test_interleaved_engines_take_turns_and_pair_their_rounds():
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import measure_interleaved, summarize
+
+    engines = {"baseline": ({"rate": 10.0}, {}), "medusa:x": ({"rate": 15.0}, {}),
+               "adaptive-async": ({"rate": 5.0, "broken": "start"}, {}),
+               "medusa:y": ({"rate": 20.0, "broken": "round"}, {})}
+    args = SimpleNamespace(batch_sizes=[1, 2], max_tokens=4, temperature=0.0, interleave=True)
+    seen = []
+    res = measure_interleaved(engines, ["a", "bb", "ccc"], args, {1: 3, 2: 4},
+                              on_batch=lambda r: seen.append(sorted(r)), bench_cls=FakeBench)
+    assert "did not start" in res["adaptive-async"]["error"] and "step failed" in res["medusa:y"]["error"]
+    assert [r["batch_size"] for r in res["baseline"]["rows"]] == [1, 2]
+    assert res["baseline"]["rows"][1]["requests"] == 4 and res["medusa:x"]["medusa_stats"] == {"rounds": 5}
+    assert len(seen) == 2  # after each batch size
+    rows, summary = summarize(res, args)
+    x = next(r for r in rows if r["config"] == "medusa:x" and r["batch_size"] == 1)
+    # both engines drifted alike: each round's ratio is 1.5, whatever the ratio of the medians
+    assert x["speedup_paired"] == pytest.approx(1.5)
+    assert summary["interleaved"] and summary["speedup_paired"]["medusa:x"] == {1: pytest.approx(1.5),
+                                                                              2: pytest.approx(1.5)}
+
+
+def test_isolated_objects_live_in_their_own_processes():
+    from benchmarks.common import Isolated
+
+    a = Isolated(FakeBench, {"rate": 1.0}, [], 1, 0.0)
+    b = Isolated(FakeBench, {"rate": 2.0}, [], 1, 0.0)
+    try:
+        a.call("begin", 1)
+        b.call("begin", 1)
+        assert [a.call("round", ["p"]), b.call("round", ["p"]), a.call("round", ["p"])] == [2.0, 4.0, 3.0]
+        with pytest.raises(RuntimeError, match="AttributeError"):
+            a.call("no_such_method")
+        assert a.call("end")["round_tokens_per_s"] == [2.0, 3.0]  # still alive after an error
+    finally:
+        a.close()
+        b.close()
+    assert not a.proc.is_alive() and not b.proc.is_alive()
+    with pytest.raises(RuntimeError, match="engine did not start"):
+        Isolated(FakeBench, {"rate": 1.0, "broken": "start"}, [], 1, 0.0)

@@ -84,6 +84,7 @@ class MedusaSchedulerMixin:
         super().__init__(vllm_config, *args, **kwargs)
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
         self.medusa_measured: MeasuredSchedule | None = None
+        self._medusa_ok: dict[str, bool] = {}  # can_speculate per running request (cached)
         if cfg.adaptive and cfg.adaptive_policy == "measured" and self.dynamic_sd_lookup is not None:
             device = "cpu" if vllm_config.device_config.device.type == "cpu" else "cuda"
             policy = AdaptiveTreePolicy(cfg.trees, True, cfg.adaptive_max_tokens, device,
@@ -97,12 +98,15 @@ class MedusaSchedulerMixin:
         m = self.medusa_measured
         if m is not None:
             m.step(now, len(out.num_scheduled_tokens), step_choice(m.policy, out))
+            for req_id in out.finished_req_ids:
+                self._medusa_ok.pop(req_id, None)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         m = self.medusa_measured
         if m is not None and scheduler_output.scheduled_spec_decode_tokens:
-            _count_emitted(m.policy, self.requests, scheduler_output, model_runner_output)
+            _count_emitted(m.policy, self.requests, scheduler_output, model_runner_output,
+                           self._medusa_ok)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def medusa_adaptive_summary(self) -> dict | None:
@@ -120,9 +124,11 @@ def _add_engine_core_utility() -> None:
             self.scheduler, "medusa_adaptive_summary", lambda: None)()
 
 
-def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runner_output) -> None:
+def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runner_output,
+                   ok: dict[str, bool]) -> None:
     """Tokens emitted per tree by the requests that verified drafts this step (requests whose
-    sampling options speculation cannot serve emit vLLM's one token: left out)."""
+    sampling options speculation cannot serve emit vLLM's one token: left out; ``ok`` caches
+    that per request id)."""
     sampled = runner_output.sampled_token_ids
     index = runner_output.req_id_to_index
     emitted = [0.0] * len(policy.sizes)
@@ -133,7 +139,9 @@ def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runne
         n = len(drafts)
         if i is None or i >= len(sampled) or req is None or n not in policy.sizes:
             continue
-        if not can_speculate(req.sampling_params):
+        if req_id not in ok:
+            ok[req_id] = can_speculate(req.sampling_params)
+        if not ok[req_id]:
             continue
         k = policy.tree_of_num_drafts(n)
         if k != NO_TREE:
