@@ -523,7 +523,7 @@ class MedusaRunnerMixin:
     def _medusa_sample_step(self, logits, spec_decode_metadata):
         if spec_decode_metadata is None or self._medusa_step is None:
             out = super()._sample(logits, spec_decode_metadata)
-            rows = torch.arange(self.input_batch.num_reqs, device=logits.device)
+            rows = None  # one logits row per request, in order
         elif self._medusa_uniform_greedy(logits):
             with region("medusa: verify+heads"):
                 return self._medusa_uniform_sample(logits, spec_decode_metadata)
@@ -666,11 +666,14 @@ class MedusaRunnerMixin:
         return self._medusa_drafts
 
     def _medusa_propose(self, sample_hidden_states, rows):
+        """Next drafts from ``sample_hidden_states`` [R, H] at ``rows`` [B] (each request's last
+        accepted token; None: row i is request i)."""
         num_reqs = self.input_batch.num_reqs
         k = self._medusa_next_tree(num_reqs)
         if k == NO_TREE:
             return sample_hidden_states.new_zeros((num_reqs, 0), dtype=torch.int64)
-        return self._medusa_head_drafts(sample_hidden_states[rows[:num_reqs]], k)
+        hidden = sample_hidden_states[:num_reqs] if rows is None else sample_hidden_states[rows[:num_reqs]]
+        return self._medusa_head_drafts(hidden, k)
 
     def _medusa_next_tree(self, num_reqs: int) -> int:
         """The tree the next drafts follow (load-adaptive policy; NO_TREE: no drafts), recorded
