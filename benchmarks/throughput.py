@@ -132,7 +132,7 @@ class EngineBench:
         from vllm import SamplingParams
 
         for b in sorted(set(batch_sizes)):
-            self.llm.generate([self.prompts[i % len(self.prompts)] for i in range(b)],
+            self.llm.generate(requests_for(self.prompts, b),
                               SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
 
     def begin(self, b: int) -> None:
@@ -197,7 +197,7 @@ class EngineBench:
         profiles = {}
         for b in profile_batch_sizes:
             llm.collective_rpc(start_profile)
-            llm.generate([self.prompts[i % len(self.prompts)] for i in range(b)],
+            llm.generate(requests_for(self.prompts, b),
                          SamplingParams(temperature=self.temperature, max_tokens=32, ignore_eos=True,
                                         seed=0), use_tqdm=False)
             profiles[b] = llm.collective_rpc(stop_profile)[0]
@@ -342,9 +342,8 @@ def summarize(results: dict, args) -> tuple[list, dict]:
         "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
         "speedup_bs64": best(64, lambda c: c.startswith("adaptive")),
         # the load-adaptive tree at every batch size (the keys above: fixed trees, bs 64 aside)
-        "speedup_adaptive": {b: best(b, lambda c: c.startswith("adaptive"))
-                             for b in sorted({r["batch_size"] for r in rows})
-                             if best(b, lambda c: c.startswith("adaptive"))},
+        "speedup_adaptive": {b: x for b in sorted({r["batch_size"] for r in rows})
+                             if (x := best(b, lambda c: c.startswith("adaptive")))},
         "speedup_builtin_medusa_bs1": best(1, lambda c: c == "builtin"),
         "interleaved": bool(getattr(args, "interleave", False)),
         # interleaved runs: per configuration and batch size, the median per-round ratio
