@@ -62,10 +62,14 @@ class BatchGraphs:
     would stall steps). Each input's leading dimension is ``rows_per_req[i] * B``; inputs are
     copied into static buffers sized for ``max_batch``; the outputs are the graph's own tensors
     (every output's leading dimension is B), valid until the next call. ``fn`` must be free of
-    side effects and host syncs, and each request's outputs must depend on its own input rows
-    only: a call with a B that has no graph replays the next larger one, whose extra requests
+    host syncs, each request's outputs and side effects must depend on its own input rows
+    only, and a side effect must be idempotent on the capture's example inputs (run three times
+    there): a call with a B that has no graph replays the next larger one, whose extra requests
     read what earlier calls left in the buffers (zeros at first: valid inputs), and returns the
-    first B rows. Past the largest graph (or with graphs disabled) ``fn`` runs eagerly.
+    first B rows. ``pad`` (one value or None per input) fills those extra requests' rows
+    before such a replay: a side effect of ``fn`` (the accepted-KV move) keyed on them can be
+    made a no-op (-1 slots, -1 drafts that match no target token). Past the largest graph (or
+    with graphs disabled) ``fn`` runs eagerly.
 
     :meth:`capture` checks each graph against an eager run on the same inputs: a difference in
     the first ``exact`` outputs (or a capture that fails) disables the graphs, loudly, so callers
@@ -73,9 +77,10 @@ class BatchGraphs:
     """
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], rows_per_req: list[int],
-                 max_batch: int, exact: int, name: str) -> None:
+                 max_batch: int, exact: int, name: str, pad: list | None = None) -> None:
         self.fn = fn
         self.rows_per_req = rows_per_req
+        self.pad = pad or [None] * len(rows_per_req)
         self.max_batch = max_batch
         self.exact = exact
         self.name = name
@@ -105,8 +110,10 @@ class BatchGraphs:
             self.static = [torch.zeros((r * self.max_batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
                            for r, x in zip(self.rows_per_req, inputs)]
         views = []
-        for buf, r, x in zip(self.static, self.rows_per_req, inputs):
+        for buf, r, x, fill in zip(self.static, self.rows_per_req, inputs, self.pad):
             buf[: r * b].copy_(x)
+            if padded and padded > b and fill is not None:
+                buf[r * b: r * padded].fill_(fill)
             views.append(buf[: r * (padded or b)])
         return views
 

@@ -169,8 +169,10 @@ class MedusaRunnerMixin:
         graph_trees = self.medusa_policy.order if self.medusa_cfg.adaptive else [int(np.argmax(sizes))]
         self._medusa_graphs = {
             k: BatchGraphs(
-                self._medusa_uniform_fn(k), rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1],
-                max_batch=self.max_num_reqs, exact=3, name=f"verify+heads ({sizes[k]} nodes)")
+                self._medusa_uniform_fn(k), rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1 + sizes[k]],
+                max_batch=self.max_num_reqs, exact=3, name=f"verify+heads+KV move ({sizes[k]} nodes)",
+                # a padded replay's extra requests accept nothing and move no KV
+                pad=[None, -1, None, None, -1])
             for k in graph_trees
         }
         for graphs in self._medusa_graphs.values():
@@ -228,6 +230,8 @@ class MedusaRunnerMixin:
                 torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
                 torch.randn(b * q, hidden_size, device=self.device, generator=g, dtype=self.dtype),
                 torch.full((b,), k, dtype=torch.int64, device=self.device),
+                # no slots: the capture moves no KV (the kernel is in the graph all the same)
+                torch.full((b * q,), -1, dtype=torch.int64, device=self.device),
             )
             if graphs.capture(*example):
                 captured.append(b)
@@ -549,20 +553,20 @@ class MedusaRunnerMixin:
             and self.input_batch.sampling_metadata.all_greedy
             and self._medusa_hidden is not None
             and self.drafter.heads is not None
+            and step.get("slot_mapping") is not None
             and logits.shape[0] == num_reqs * (1 + self.medusa_tree_sizes[k])
         )
 
     def _medusa_uniform_sample(self, logits, spec_decode_metadata):
         """Greedy step in which every request verified its full tree: one fixed-shape function
-        (a CUDA graph replay on the GPU) verifies, picks the accepted path and drafts the next
-        tree; then the accepted KV moves and the stats count."""
+        (a CUDA graph replay on the GPU) verifies, picks the accepted path, moves its KV and
+        drafts the next tree; then the stats count."""
         num_reqs = self.input_batch.num_reqs
         step = self._medusa_step
         tokens, accepted, num_accepted, drafts = self._medusa_graphs[step["uniform_tree"]](
             logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
-            step["tree_ids"],
+            step["tree_ids"], step["slot_mapping"][: step["num_tokens"]],
         )
-        self._medusa_move_kv(accepted)
         self.medusa_stats.observe(num_accepted, step["spec_ok"])
         self._medusa_next_tree(num_reqs)
         # the graph's output, read by take_draft_token_ids this step; under async scheduling
@@ -572,15 +576,21 @@ class MedusaRunnerMixin:
         return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=None)
 
     def _medusa_uniform_fn(self, k: int):
-        """The fixed-shape function the CUDA graphs of tree k hold (no side effects, no host
-        syncs): verify tree k, draft the tree ``_medusa_graph_next_tree`` names."""
+        """The fixed-shape function the CUDA graphs of tree k hold (no host syncs): verify tree
+        k, move each request's accepted KV (``slot_mapping`` [B*Q]: its window's slots, -1: none)
+        and draft the tree ``_medusa_graph_next_tree`` names."""
 
-        def step(argmax, drafts, hidden, tree_ids):
-            k_next = self._medusa_graph_next_tree(k, tree_ids.shape[0])
-            return greedy_tree_step(
+        def step(argmax, drafts, hidden, tree_ids, slot_mapping):
+            b = tree_ids.shape[0]
+            k_next = self._medusa_graph_next_tree(k, b)
+            out = greedy_tree_step(
                 argmax, drafts, hidden, tree_ids, self.medusa_trees,
                 lambda h: self._medusa_head_drafts(h, k_next),
-            ).as_tuple()
+            )
+            q = slot_mapping.shape[0] // b
+            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
+            self._medusa_move_kv(slot_mapping, starts, out.accepted)
+            return out.as_tuple()
 
         return step
 
@@ -635,24 +645,22 @@ class MedusaRunnerMixin:
             tokens = torch.where(has[:, None], out.tokens, plain)
             accepted = torch.where(has[:, None], out.accepted, torch.full_like(out.accepted, -1))
             hidden_rows = torch.where(has, hidden_rows, first)
-        if bool(step["spec_ok_np"].any()):
-            self._medusa_move_kv(accepted)
+        if bool(step["spec_ok_np"].any()) and step.get("slot_mapping") is not None:
+            self._medusa_move_kv(step["slot_mapping"][: step["num_tokens"]],
+                                 self.query_start_loc.gpu[: num_reqs + 1], accepted.int())
         self.medusa_stats.observe(out.num_accepted, has)
         return SamplerOutput(
             sampled_token_ids=tokens.int(),
             logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width) if base is not None else None,
         ), hidden_rows
 
-    def _medusa_move_kv(self, accepted) -> None:
-        """Moves each request's accepted nodes' KV (``accepted`` [B, D]: window offsets of the
-        request's query, root = 0, -1 pad) into the consecutive slots after its root."""
-        step = self._medusa_step
-        if step.get("slot_mapping") is None:
-            return
+    def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
+        """Moves each request's accepted nodes' KV (``accepted`` [B, D] int32: window offsets of
+        the request's query, root = 0, -1 pad; ``query_start_loc`` [B+1] int32 its window in
+        ``slot_mapping`` [N] int64) into the consecutive slots after its root."""
         k_caches, v_caches = zip(*self._medusa_views())
         kernels.move_accepted_kv(
-            list(k_caches), list(v_caches), step["slot_mapping"][: step["num_tokens"]],
-            self.query_start_loc.gpu[: self.input_batch.num_reqs + 1], accepted.int(),
+            list(k_caches), list(v_caches), slot_mapping, query_start_loc, accepted,
             check=not self._medusa_kv_checked,  # first move only: same caches every step
         )
         self._medusa_kv_checked = True

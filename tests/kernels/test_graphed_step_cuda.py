@@ -78,3 +78,53 @@ def test_a_graph_that_differs_from_eager_disables_the_graphs():
     graphs = BatchGraphs(fn, rows_per_req=[1], max_batch=4, exact=1, name="test")
     assert not graphs.capture(torch.ones(2, device="cuda", dtype=torch.int64))
     assert not graphs.enabled and graphs(torch.ones(2, device="cuda"))[0].shape == (2,)
+
+
+def test_padded_replay_moves_no_kv_for_its_extra_requests():
+    """The runner's graphed step moves each request's accepted KV (a side effect). A batch size
+    replayed on a larger graph must leave the padding requests' stale rows (which would accept
+    and move KV at an earlier call's slots) inert: drafts and slots padded with -1."""
+    from medusa_vllm import kernels
+
+    trees = TreeTensors.build([TREE], "cuda")
+    w = torch.randn(H, V, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    k_cache = torch.randn(8, 16, 2, 16, device="cuda", generator=g).bfloat16()
+    v_cache = torch.randn(8, 16, 2, 16, device="cuda", generator=g).bfloat16()
+
+    def fn(argmax, drafts, hidden, tree_ids, slot_mapping):
+        out = _step_fn(trees, w)(argmax, drafts, hidden, tree_ids)
+        b = tree_ids.shape[0]
+        starts = torch.arange(0, (b + 1) * Q, Q, dtype=torch.int32, device="cuda")
+        kernels.move_accepted_kv([k_cache], [v_cache], slot_mapping, starts, out[1], check=False)
+        return out
+
+    graphs = BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1, Q], max_batch=8, exact=3, name="test",
+                         pad=[None, -1, None, None, -1])
+    no_slots = torch.full((4 * Q,), -1, dtype=torch.int64, device="cuda")
+    assert graphs.capture(*_inputs(4, 1), no_slots)
+
+    def call(b, seed, accept_all=False):
+        argmax, drafts, hidden, tree_ids = _inputs(b, seed)
+        if accept_all:  # every draft equals its parent's target token: the deepest path accepted
+            argmax.zero_()
+            drafts.zero_()
+        slots = torch.randperm(8 * 16, device="cuda", generator=g)[: b * Q]
+        inputs = (argmax, drafts, hidden, tree_ids, slots)
+        before = k_cache.clone(), v_cache.clone()
+        got = [t.clone() for t in graphs(*inputs)]
+        graphed = k_cache.clone(), v_cache.clone()
+        k_cache.copy_(before[0])
+        v_cache.copy_(before[1])
+        want = fn(*inputs)
+        for x, y in zip(got, want):
+            assert torch.equal(x, y), (b, seed)
+        assert torch.equal(graphed[0], k_cache) and torch.equal(graphed[1], v_cache), (b, seed)
+        return got
+
+    assert (call(4, 2, accept_all=True)[2] == 3).all()  # the stale rows now accept 3 nodes each
+    for seed in (3, 4):  # a new forward's KV in the cache, then batch 2 on the graph of 4
+        k_cache.normal_(generator=g)
+        v_cache.normal_(generator=g)
+        call(2, seed, accept_all=seed == 3)
+    assert graphs.summary()["graph_replays"] == 3
