@@ -51,6 +51,17 @@ DEFAULT_CONFIGS = ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15",
                    "medusa:sparse-31", "medusa:default-63", "adaptive", "adaptive-async"]
 
 
+def config_env(config: str) -> tuple[str, dict]:
+    """``"<config>+NAME=VALUE+..."`` -> (the name as given, {NAME: VALUE, ...})."""
+    env = {}
+    for assign in config.split("+")[1:]:
+        key, eq, value = assign.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"configuration {config!r}: expected <config>+NAME=VALUE, got {assign!r}")
+        env[key] = value
+    return config, env
+
+
 def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> dict:
     import torch
 
@@ -440,7 +451,12 @@ def main(argv: list[str] | None = None) -> None:
         args.gpu_memory_utilization = min(args.gpu_memory_utilization, 0.9 / len(args.configs))
     engines = {}
     for config in args.configs:
-        env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {}
+        # "<config>+NAME=VALUE...": the configuration with environment variables set (an A/B of
+        # one configuration under two settings, e.g. medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=eager)
+        config, env = config_env(config)
+        name = config
+        config = config.split("+", 1)[0]
+        env.update({"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {})
         if not gpu:
             env.update(cpu_tp_env(args.tensor_parallel_size))
             if args.interleave and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -449,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
                            .removesuffix("-async"), heads, builtin)
         if config == "baseline-v1async" or config.endswith("-async") or config.startswith("medusa-async:"):
             kw["async_scheduling"] = True
-        engines[config] = (kw, env)
+        engines[name] = (kw, env)
 
     if args.interleave:
         results = measure_interleaved(engines, prompts, args, per_batch,

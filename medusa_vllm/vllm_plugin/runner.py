@@ -61,6 +61,9 @@ SYNC_DEBUG = {"1": "error", "error": "error", "warn": "warn"}.get(
 # second time eagerly on the same inputs and log the largest difference of the hidden states
 # (root rows and tree rows apart): a graph that reads a stale buffer shows up here
 GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
+# MEDUSA_VLLM_KV_MOVE=eager: a uniform greedy step moves its accepted KV in a separate launch
+# after the verify+heads graph instead of inside it (for A/B measurements of the two)
+KV_MOVE_IN_GRAPH = os.environ.get("MEDUSA_VLLM_KV_MOVE", "graph") != "eager"
 
 
 @contextlib.contextmanager
@@ -567,6 +570,9 @@ class MedusaRunnerMixin:
             logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
             step["tree_ids"], step["slot_mapping"][: step["num_tokens"]],
         )
+        if not KV_MOVE_IN_GRAPH:
+            self._medusa_move_kv(step["slot_mapping"][: step["num_tokens"]],
+                                 self.query_start_loc.gpu[: num_reqs + 1], accepted)
         self.medusa_stats.observe(num_accepted, step["spec_ok"])
         self._medusa_next_tree(num_reqs)
         # the graph's output, read by take_draft_token_ids this step; under async scheduling
@@ -587,9 +593,10 @@ class MedusaRunnerMixin:
                 argmax, drafts, hidden, tree_ids, self.medusa_trees,
                 lambda h: self._medusa_head_drafts(h, k_next),
             )
-            q = slot_mapping.shape[0] // b
-            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
-            self._medusa_move_kv(slot_mapping, starts, out.accepted)
+            if KV_MOVE_IN_GRAPH:
+                q = slot_mapping.shape[0] // b
+                starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
+                self._medusa_move_kv(slot_mapping, starts, out.accepted)
             return out.as_tuple()
 
         return step
