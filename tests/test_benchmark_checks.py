@@ -80,6 +80,16 @@ def test_throughput_configurations_map_to_engine_settings():
     assert spec("builtin") == {"method": "medusa", "model": "b", "num_speculative_tokens": 4}
 
 
+def test_configuration_environment_settings():
+    from benchmarks.throughput import config_env
+
+    assert config_env("baseline") == ("baseline", {})
+    name = "medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=eager+X=a=b"
+    assert config_env(name) == (name, {"MEDUSA_VLLM_KV_MOVE": "eager", "X": "a=b"})
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        config_env("medusa:sparse-15+MEDUSA_VLLM_KV_MOVE")
+
+
 # ----------------------------------------------------------------------------- interleaved rounds
 class FakeBench:
     """EngineBench's protocol without an engine: a round's rate is a function of the config and
