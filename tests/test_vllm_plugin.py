@@ -233,15 +233,19 @@ def test_penalty_requests_decode_without_drafts(baseline, medusa):
 @pytest.fixture(scope="module")
 def asynchronous(bundled_model_dir, prompts):
     """Asynchronous scheduling (vLLM's AsyncScheduler): the scheduler runs a step ahead with
-    placeholder draft slots; drafts, next roots and accepted counts stay on the device."""
+    placeholder draft slots; drafts, next roots and accepted counts stay on the device. This
+    engine moves the accepted KV inside the uniform step's function (MEDUSA_VLLM_KV_MOVE=graph,
+    the CUDA-graphed variant; the other engines move it after)."""
     jobs = _jobs(*prompts)[: PENALTY_JOB + 1]  # all but the sampling-distribution sample
     return run_engine(_medusa(str(bundled_model_dir), async_scheduling=True),
-                      jobs + [(medusa_stats, ())])
+                      jobs + [(medusa_stats, ())], env={"MEDUSA_VLLM_KV_MOVE": "graph"})
 
 
 def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
     (stats,) = asynchronous.outputs[-1]
     assert stats["async_scheduling"] and stats["mean_accepted_length"] > 1.2, stats
+    by_tree = stats["uniform_greedy"]["by_tree"]  # the uniform steps moved KV in their function
+    assert all("+KV move" in name for name in by_tree) and stats["uniform_greedy"]["steps"] > 0, stats
     for j in [*_greedy_jobs(), len(BATCHES) + 3, PENALTY_JOB]:  # greedy, aborts, penalties
         assert asynchronous.outputs[j] == baseline.outputs[j], f"job {j}"
     j = len(BATCHES) + 2  # mixed greedy / sampled batch: the greedy half

@@ -61,9 +61,13 @@ SYNC_DEBUG = {"1": "error", "error": "error", "warn": "warn"}.get(
 # second time eagerly on the same inputs and log the largest difference of the hidden states
 # (root rows and tree rows apart): a graph that reads a stale buffer shows up here
 GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
-# MEDUSA_VLLM_KV_MOVE=eager: a uniform greedy step moves its accepted KV in a separate launch
-# after the verify+heads graph instead of inside it (for A/B measurements of the two)
-KV_MOVE_IN_GRAPH = os.environ.get("MEDUSA_VLLM_KV_MOVE", "graph") != "eager"
+# MEDUSA_VLLM_KV_MOVE=graph: a uniform greedy step moves its accepted KV inside the verify+heads
+# graph; default "eager": in a separate launch right after the replay. Both give the same tokens
+# (H200: identical acceptance); the in-graph move measured slower in its two H200 runs (1.00-1.06x
+# against 1.29x for the eager move at batch 1), but in a drifting machine state: the default stays
+# the measured design until an interleaved A/B (tools/gpu/kv_move_ab.py, then throughput.py with
+# "+MEDUSA_VLLM_KV_MOVE=graph") settles it
+KV_MOVE_IN_GRAPH = os.environ.get("MEDUSA_VLLM_KV_MOVE", "eager") == "graph"
 
 
 @contextlib.contextmanager
@@ -173,7 +177,8 @@ class MedusaRunnerMixin:
         self._medusa_graphs = {
             k: BatchGraphs(
                 self._medusa_uniform_fn(k), rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1 + sizes[k]],
-                max_batch=self.max_num_reqs, exact=3, name=f"verify+heads+KV move ({sizes[k]} nodes)",
+                max_batch=self.max_num_reqs, exact=3,
+                name=f"verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes)",
                 # a padded replay's extra requests accept nothing and move no KV
                 pad=[None, -1, None, None, -1])
             for k in graph_trees
