@@ -188,13 +188,9 @@ class EngineBench:
             "outputs": acc["outputs"],
         }
 
-    def finish(self, profile_batch_sizes: tuple[int, ...] = ()) -> dict:
-        """medusa_vllm's stats (did uniform greedy steps replay the verify+heads CUDA graphs?
-        the adaptive rule's table) and one profiled round (32 tokens) per ``profile_batch_sizes``
-        (medusa_vllm.profiling; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 and
-        VLLM_CUSTOM_SCOPES_FOR_PROFILING=1)."""
-        from vllm import SamplingParams
-
+    def stats(self) -> dict:
+        """medusa_vllm's stats so far (did uniform greedy steps replay the verify+heads CUDA
+        graphs? the adaptive rule's table) and the engine's start time."""
         llm = self.llm
         spec = self.kw.get("speculative_config") or {}
         medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
@@ -203,7 +199,17 @@ class EngineBench:
 
             # the measured rule's table: ms per step by batch bucket and draft count, τ per tree
             medusa["adaptive"] = adaptive_summary(llm)
+        return {"engine_start_s": self.engine_start_s, "medusa_stats": medusa}
+
+    def finish(self, profile_batch_sizes: tuple[int, ...] = ()) -> dict:
+        """:meth:`stats` and one profiled round (32 tokens) per ``profile_batch_sizes``
+        (medusa_vllm.profiling; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 and
+        VLLM_CUSTOM_SCOPES_FOR_PROFILING=1)."""
+        from vllm import SamplingParams
+
         from medusa_vllm.profiling import start_profile, stop_profile
+
+        llm = self.llm
 
         profiles = {}
         for b in profile_batch_sizes:
@@ -212,7 +218,7 @@ class EngineBench:
                          SamplingParams(temperature=self.temperature, max_tokens=32, ignore_eos=True,
                                         seed=0), use_tqdm=False)
             profiles[b] = llm.collective_rpc(stop_profile)[0]
-        return {"engine_start_s": self.engine_start_s, "profiles": profiles, "medusa_stats": medusa}
+        return self.stats() | {"profiles": profiles}
 
 
 def requests_for(prompts: list[str], n: int) -> list[str]:
@@ -284,6 +290,8 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
                 each("round", todo[r : r + b], configs=order[k:] + order[:k])
             for c, row in each("end").items():
                 results[c]["rows"].append(row)
+            for c, extra in each("stats").items():  # so far: a run cut off later keeps them
+                results[c].update(extra)
             if on_batch is not None:
                 on_batch(results)
         for c, extra in each("finish").items():

@@ -120,8 +120,11 @@ class FakeBench:
         return {"batch_size": self.b, "requests": len(self.outputs), "tokens_per_s": max(self.rates),
                 "round_tokens_per_s": self.rates, "tau": None, "outputs": self.outputs}
 
+    def stats(self):
+        return {"engine_start_s": 0.5, "medusa_stats": {"rounds": self.rounds}}
+
     def finish(self):
-        return {"engine_start_s": 0.5, "profiles": {}, "medusa_stats": {"rounds": self.rounds}}
+        return self.stats() | {"profiles": {}}
 
 
 def test_interleaved_engines_take_turns_and_pair_their_rounds():
@@ -135,11 +138,13 @@ def test_interleaved_engines_take_turns_and_pair_their_rounds():
     args = SimpleNamespace(batch_sizes=[1, 2], max_tokens=4, temperature=0.0, interleave=True)
     seen = []
     res = measure_interleaved(engines, ["a", "bb", "ccc"], args, {1: 3, 2: 4},
-                              on_batch=lambda r: seen.append(sorted(r)), bench_cls=FakeBench)
+                              on_batch=lambda r: seen.append(dict(r["medusa:x"]["medusa_stats"])),
+                              bench_cls=FakeBench)
     assert "did not start" in res["adaptive-async"]["error"] and "step failed" in res["medusa:y"]["error"]
     assert [r["batch_size"] for r in res["baseline"]["rows"]] == [1, 2]
     assert res["baseline"]["rows"][1]["requests"] == 4 and res["medusa:x"]["medusa_stats"] == {"rounds": 5}
-    assert len(seen) == 2  # after each batch size
+    # after each batch size, with the stats so far (a run cut off later keeps them)
+    assert seen == [{"rounds": 3}, {"rounds": 5}]
     rows, summary = summarize(res, args)
     x = next(r for r in rows if r["config"] == "medusa:x" and r["batch_size"] == 1)
     # both engines drifted alike: each round's ratio is 1.5, whatever the ratio of the medians
