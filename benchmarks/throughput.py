@@ -51,13 +51,14 @@ DEFAULT_CONFIGS = ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15",
                    "medusa:sparse-31", "medusa:default-63", "adaptive", "adaptive-async"]
 
 
-def config_env(config: str) -> tuple[str, dict]:
-    """``"<config>+NAME=VALUE+..."`` -> (the name as given, {NAME: VALUE, ...})."""
+def config_env(name: str) -> tuple[str, dict]:
+    """``"<config>+NAME=VALUE+..."`` -> (config, {NAME: VALUE, ...})."""
+    config, *assigns = name.split("+")
     env = {}
-    for assign in config.split("+")[1:]:
+    for assign in assigns:
         key, eq, value = assign.partition("=")
         if not eq or not key:
-            raise SystemExit(f"configuration {config!r}: expected <config>+NAME=VALUE, got {assign!r}")
+            raise SystemExit(f"configuration {name!r}: expected <config>+NAME=VALUE, got {assign!r}")
         env[key] = value
     return config, env
 
@@ -210,7 +211,6 @@ class EngineBench:
         from medusa_vllm.profiling import start_profile, stop_profile
 
         llm = self.llm
-
         profiles = {}
         for b in profile_batch_sizes:
             llm.collective_rpc(start_profile)
@@ -334,6 +334,7 @@ def paired_speedup(row: dict, base: dict | None) -> float | None:
 
 def summarize(results: dict, args) -> tuple[list, dict]:
     base = {r["batch_size"]: r for r in results.get("baseline", {}).get("rows", [])}
+    interleaved = bool(getattr(args, "interleave", False))
     rows, identical = [], []
     for config, res in results.items():
         for r in res["rows"]:
@@ -345,7 +346,7 @@ def summarize(results: dict, args) -> tuple[list, dict]:
             rows.append({
                 "config": config, **{k: v for k, v in r.items() if k != "outputs"},
                 "speedup": r["tokens_per_s"] / b0["tokens_per_s"] if b0 else None,
-                "speedup_paired": paired_speedup(r, b0) if getattr(args, "interleave", False) else None,
+                "speedup_paired": paired_speedup(r, b0) if interleaved else None,
                 "greedy_identical_requests": same,
                 "engine_start_s": res["engine_start_s"],
                 "output_digests": [output_digest(o) for o in r["outputs"]],  # compare across runs
@@ -364,11 +365,11 @@ def summarize(results: dict, args) -> tuple[list, dict]:
         "speedup_adaptive": {b: x for b in sorted({r["batch_size"] for r in rows})
                              if (x := best(b, lambda c: c.startswith("adaptive")))},
         "speedup_builtin_medusa_bs1": best(1, lambda c: c == "builtin"),
-        "interleaved": bool(getattr(args, "interleave", False)),
+        "interleaved": interleaved,
         # interleaved runs: per configuration and batch size, the median per-round ratio
         "speedup_paired": {c: {r["batch_size"]: r["speedup_paired"] for r in rows
                                if r["config"] == c and r.get("speedup_paired")}
-                           for c in results if c != "baseline"} if getattr(args, "interleave", False) else None,
+                           for c in results if c != "baseline"} if interleaved else None,
         "tau_bs1": max(tau1) if tau1 else None,
         "greedy_identical": all(identical) if identical else None,
         "device": None,
@@ -458,12 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.interleave:  # the engines share the device: each gets its part of the memory
         args.gpu_memory_utilization = min(args.gpu_memory_utilization, 0.9 / len(args.configs))
     engines = {}
-    for config in args.configs:
+    for name in args.configs:
         # "<config>+NAME=VALUE...": the configuration with environment variables set (an A/B of
-        # one configuration under two settings, e.g. medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=eager)
-        config, env = config_env(config)
-        name = config
-        config = config.split("+", 1)[0]
+        # one configuration under two settings, e.g. medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=graph)
+        config, env = config_env(name)
         env.update({"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {})
         if not gpu:
             env.update(cpu_tp_env(args.tensor_parallel_size))

@@ -85,7 +85,7 @@ def test_configuration_environment_settings():
 
     assert config_env("baseline") == ("baseline", {})
     name = "medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=eager+X=a=b"
-    assert config_env(name) == (name, {"MEDUSA_VLLM_KV_MOVE": "eager", "X": "a=b"})
+    assert config_env(name) == ("medusa-async:default-63", {"MEDUSA_VLLM_KV_MOVE": "eager", "X": "a=b"})
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         config_env("medusa:sparse-15+MEDUSA_VLLM_KV_MOVE")
 

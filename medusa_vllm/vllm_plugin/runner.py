@@ -174,13 +174,16 @@ class MedusaRunnerMixin:
         # TP); plain code on the CPU. One set per tree the engine may verify: the main tree, and
         # with the load-adaptive tree each of its sizes
         graph_trees = self.medusa_policy.order if self.medusa_cfg.adaptive else [int(np.argmax(sizes))]
+        # inputs argmax, drafts, hidden, tree ids (+ the slot mapping when the KV move is in
+        # the graph: then a padded replay's extra requests get -1 drafts and slots, so they
+        # accept nothing and move no KV)
         self._medusa_graphs = {
             k: BatchGraphs(
-                self._medusa_uniform_fn(k), rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1 + sizes[k]],
+                self._medusa_uniform_fn(k),
+                rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
                 max_batch=self.max_num_reqs, exact=3,
                 name=f"verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes)",
-                # a padded replay's extra requests accept nothing and move no KV
-                pad=[None, -1, None, None, -1])
+                pad=[None, -1, None, None, -1] if KV_MOVE_IN_GRAPH else None)
             for k in graph_trees
         }
         for graphs in self._medusa_graphs.values():
@@ -239,7 +242,7 @@ class MedusaRunnerMixin:
                 torch.randn(b * q, hidden_size, device=self.device, generator=g, dtype=self.dtype),
                 torch.full((b,), k, dtype=torch.int64, device=self.device),
                 # no slots: the capture moves no KV (the kernel is in the graph all the same)
-                torch.full((b * q,), -1, dtype=torch.int64, device=self.device),
+                *((torch.full((b * q,), -1, dtype=torch.int64, device=self.device),) if KV_MOVE_IN_GRAPH else ()),
             )
             if graphs.capture(*example):
                 captured.append(b)
@@ -571,13 +574,13 @@ class MedusaRunnerMixin:
         drafts the next tree; then the stats count."""
         num_reqs = self.input_batch.num_reqs
         step = self._medusa_step
+        slots = step["slot_mapping"][: step["num_tokens"]]
         tokens, accepted, num_accepted, drafts = self._medusa_graphs[step["uniform_tree"]](
             logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
-            step["tree_ids"], step["slot_mapping"][: step["num_tokens"]],
+            step["tree_ids"], *((slots,) if KV_MOVE_IN_GRAPH else ()),
         )
         if not KV_MOVE_IN_GRAPH:
-            self._medusa_move_kv(step["slot_mapping"][: step["num_tokens"]],
-                                 self.query_start_loc.gpu[: num_reqs + 1], accepted)
+            self._medusa_move_kv(slots, self.query_start_loc.gpu[: num_reqs + 1], accepted)
         self.medusa_stats.observe(num_accepted, step["spec_ok"])
         self._medusa_next_tree(num_reqs)
         # the graph's output, read by take_draft_token_ids this step; under async scheduling
@@ -588,17 +591,17 @@ class MedusaRunnerMixin:
 
     def _medusa_uniform_fn(self, k: int):
         """The fixed-shape function the CUDA graphs of tree k hold (no host syncs): verify tree
-        k, move each request's accepted KV (``slot_mapping`` [B*Q]: its window's slots, -1: none)
-        and draft the tree ``_medusa_graph_next_tree`` names."""
+        k, with KV_MOVE_IN_GRAPH move each request's accepted KV (``slot_mapping`` [B*Q]: its
+        window's slots, -1: none), and draft the tree ``_medusa_graph_next_tree`` names."""
 
-        def step(argmax, drafts, hidden, tree_ids, slot_mapping):
+        def step(argmax, drafts, hidden, tree_ids, slot_mapping=None):
             b = tree_ids.shape[0]
             k_next = self._medusa_graph_next_tree(k, b)
             out = greedy_tree_step(
                 argmax, drafts, hidden, tree_ids, self.medusa_trees,
                 lambda h: self._medusa_head_drafts(h, k_next),
             )
-            if KV_MOVE_IN_GRAPH:
+            if slot_mapping is not None:
                 q = slot_mapping.shape[0] // b
                 starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
                 self._medusa_move_kv(slot_mapping, starts, out.accepted)
