@@ -7,6 +7,7 @@ tree and options, so a bad setting must fail there with one clear line.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -169,3 +170,14 @@ def test_measured_adaptive_tree_refuses_a_foreign_scheduler_class(model, heads):
     with pytest.raises(ValueError, match=r"runs in medusa_vllm's scheduler, but --scheduler-cls "
                                          r"my\.Scheduler was given; drop it or pass"):
         _config(model, spec, scheduler_cls="my.Scheduler")
+
+
+def test_unknown_kv_move_setting_is_a_clear_error():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MEDUSA_VLLM_KV_MOVE="grpah")
+    res = subprocess.run([sys.executable, "-c", "import medusa_vllm.vllm_plugin.runner"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "MEDUSA_VLLM_KV_MOVE='grpah': use 'eager'" in res.stderr, res.stderr[-2000:]

@@ -67,7 +67,11 @@ GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
 # against 1.29x for the eager move at batch 1), but in a drifting machine state: the default stays
 # the measured design until an interleaved A/B (tools/gpu/kv_move_ab.py, then throughput.py with
 # "+MEDUSA_VLLM_KV_MOVE=graph") settles it
-KV_MOVE_IN_GRAPH = os.environ.get("MEDUSA_VLLM_KV_MOVE", "eager") == "graph"
+_KV_MOVE = os.environ.get("MEDUSA_VLLM_KV_MOVE", "eager") or "eager"
+if _KV_MOVE not in ("eager", "graph"):
+    raise ValueError(f"MEDUSA_VLLM_KV_MOVE={_KV_MOVE!r}: use 'eager' (the default: the accepted KV "
+                     "moves right after the verify+heads graph) or 'graph' (inside it), or unset it")
+KV_MOVE_IN_GRAPH = _KV_MOVE == "graph"
 
 
 @contextlib.contextmanager
