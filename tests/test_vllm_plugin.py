@@ -62,8 +62,16 @@ def abort_midway(llm, prompts: list[str], max_tokens: int, abort_every: int) -> 
     return {k: v for k, v in done.items() if k not in ids[::abort_every]}
 
 
+_GREEDY = dict(temperature=0.0, max_tokens=MAX_TOKENS)
+PENALTIES = [dict(_GREEDY, **kw) for kw in (
+    dict(repetition_penalty=1.3), dict(presence_penalty=0.8), dict(frequency_penalty=0.6),
+    dict(repetition_penalty=1.15, presence_penalty=0.3, frequency_penalty=0.2),
+    dict(repetition_penalty=0.85),  # < 1: favours repeats
+    dict(allowed_token_ids=list(range(5000))), dict(frequency_penalty=-0.4), {})]
+
+
 def _jobs(prompts, sample_prompt):
-    greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS)
+    greedy = _GREEDY
     jobs, i = [], 0
     for b in BATCHES:
         jobs.append((prompts[i : i + b], greedy))
@@ -76,14 +84,17 @@ def _jobs(prompts, sample_prompt):
              for k in range(12)]
     jobs.append((prompts[:12], mixed))
     jobs.append((abort_midway, (prompts[:12], MAX_TOKENS, 3)))
-    # penalties: options speculation cannot reproduce, so these requests decode without drafts
-    # (vLLM's sampler), greedy requests beside them keep speculating
-    jobs.append((prompts[:6], [greedy if k % 2 == 0 else dict(greedy, repetition_penalty=1.3)
-                               for k in range(6)]))
+    # penalties and allowed token ids: applied per tree row (the request's output + the row's
+    # path), so these requests speculate and still decode exactly as without speculation
+    jobs.append((prompts[:8], PENALTIES))
     # the sampling-distribution sample: one prompt, many seeds, 3 tokens each
     sampled = [dict(temperature=1.0, seed=1000 + k, max_tokens=3) for k in range(SAMPLES)]
     jobs.append(([sample_prompt] * SAMPLES, sampled))
     return jobs
+
+
+# every penalized tree row recomputed with vLLM's apply_penalties from its history spelled out
+CHECK = {"MEDUSA_VLLM_CHECK_PENALTIES": "1"}
 
 
 def _medusa(model, **extra):
@@ -108,7 +119,10 @@ def adaptive_summary(llm) -> dict | None:
 
 @pytest.fixture(scope="module")
 def medusa(bundled_model_dir, prompts):
-    return run_engine(_medusa(str(bundled_model_dir)), _jobs(*prompts) + [(medusa_stats, ())])
+    # the penalty job once more, alone between two stats reads: did its requests speculate?
+    penalty = _jobs(*prompts)[PENALTY_JOB]
+    return run_engine(_medusa(str(bundled_model_dir)),
+                      _jobs(*prompts) + [(medusa_stats, ()), penalty, (medusa_stats, ())], env=CHECK)
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +238,26 @@ def test_aborted_requests_leave_the_others_intact(baseline, medusa):
 
 
 PENALTY_JOB = len(BATCHES) + 4
+SAMPLE_JOB = PENALTY_JOB + 1
 
 
-def test_penalty_requests_decode_without_drafts(baseline, medusa):
+def test_penalty_requests_speculate_and_match_no_speculation(baseline, medusa):
     assert medusa.outputs[PENALTY_JOB] == baseline.outputs[PENALTY_JOB]
+    assert medusa.outputs[-2] == baseline.outputs[PENALTY_JOB]  # the rerun, alone
+    (before,), (after,) = medusa.outputs[-3], medusa.outputs[-1]
+    steps = after["tree_steps"] - before["tree_steps"]
+
+    def emitted(s):
+        return s["mean_accepted_length"] * s["tree_steps"]
+
+    assert steps > 0 and emitted(after) - emitted(before) > 1.2 * steps, (before, after)
+    # and each of their tree rows' logits equalled vLLM's penalties on the row's own history
+    assert after["penalty_rows_checked"] > before["penalty_rows_checked"] > 0, (before, after)
+    # the penalties changed the outputs (else this shows nothing): against plain greedy decoding
+    # of the same prompts (0-7: the batches of 1 and 4, the first three of 16)
+    plain = [*baseline.outputs[0], *baseline.outputs[1], *baseline.outputs[2][:3]]
+    changed = sum(p != o for p, o in zip(plain, baseline.outputs[PENALTY_JOB][:7]))
+    assert changed >= 3, changed  # 4 of 7 in 20 tokens (fp32, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +268,7 @@ def asynchronous(bundled_model_dir, prompts):
     the CUDA-graphed variant; the other engines move it after)."""
     jobs = _jobs(*prompts)[: PENALTY_JOB + 1]  # all but the sampling-distribution sample
     return run_engine(_medusa(str(bundled_model_dir), async_scheduling=True),
-                      jobs + [(medusa_stats, ())], env={"MEDUSA_VLLM_KV_MOVE": "graph"})
+                      jobs + [(medusa_stats, ())], env={"MEDUSA_VLLM_KV_MOVE": "graph", **CHECK})
 
 
 def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
@@ -246,6 +276,7 @@ def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
     assert stats["async_scheduling"] and stats["mean_accepted_length"] > 1.2, stats
     by_tree = stats["uniform_greedy"]["by_tree"]  # the uniform steps moved KV in their function
     assert all("+KV move" in name for name in by_tree) and stats["uniform_greedy"]["steps"] > 0, stats
+    assert stats["penalty_rows_checked"] > 0, stats  # penalties checked under async scheduling too
     for j in [*_greedy_jobs(), len(BATCHES) + 3, PENALTY_JOB]:  # greedy, aborts, penalties
         assert asynchronous.outputs[j] == baseline.outputs[j], f"job {j}"
     j = len(BATCHES) + 2  # mixed greedy / sampled batch: the greedy half
@@ -318,8 +349,8 @@ def _same_distribution_pvalue(a: list[int], b: list[int]) -> float:
 
 
 def test_sampling_matches_no_speculation_and_a_lossy_verifier_does_not(baseline, medusa, lossy):
-    base = baseline.outputs[-1]
-    ok = medusa.outputs[-2]  # the medusa engine's last job reads its worker stats
+    base = baseline.outputs[SAMPLE_JOB]
+    ok = medusa.outputs[SAMPLE_JOB]
     bad = lossy.outputs[0]
     # tokens 2 and 3 come from tree verification (token 1 from the prefill)
     p_ok = min(_same_distribution_pvalue(_token_table(base, k), _token_table(ok, k)) for k in (1, 2))

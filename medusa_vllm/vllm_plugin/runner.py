@@ -14,12 +14,15 @@ One step, as vLLM drives it (``execute_model`` then ``sample_tokens``):
    heads read the hidden state of each request's last accepted token; top-k per head; the tree's
    tokens are gathered by (head, rank) — all on the device. A uniform greedy step does both in
    one fixed-shape function (:mod:`medusa_vllm.graphed_step`, a CUDA graph on one GPU).
+   Repetition, presence and frequency penalties and allowed-token lists enter verification per
+   tree row: the request's output plus the row's path (:mod:`.penalties`), as vLLM's sampler
+   would see it had that path been accepted.
 4. ``propose_draft_token_ids`` returns those drafts; vLLM hands them to the scheduler as each
    request's speculative tokens (BFS order) or, under asynchronous scheduling, copies them into
    the next step's inputs on the device.
 
-Requests that speculation cannot serve exactly (logprobs, penalties, bad words, allowed token
-ids, min_tokens, structured output) get no drafts and decode normally; under asynchronous
+Requests that speculation cannot serve exactly (logprobs, bad words, logit bias, min_p,
+min_tokens, structured output) get no drafts and decode normally; under asynchronous
 scheduling they get draft slots, but vLLM's sampler gives their token and their drafts are dropped.
 """
 
@@ -47,6 +50,7 @@ from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import (
     can_speculate, choose_tree_for_drafts, plan_step, position_offsets, uniform_tree,
 )
+from medusa_vllm.vllm_plugin.penalties import check_tree_logits, needs_tree_processing, tree_logits
 from medusa_vllm.vllm_plugin.step_cache import PinnedUpload, UniformStepCache, uniform_drafts
 
 logger = init_logger(__name__)
@@ -61,6 +65,10 @@ SYNC_DEBUG = {"1": "error", "error": "error", "warn": "warn"}.get(
 # second time eagerly on the same inputs and log the largest difference of the hidden states
 # (root rows and tree rows apart): a graph that reads a stale buffer shows up here
 GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
+# MEDUSA_VLLM_CHECK_PENALTIES=1: every step with penalties or allowed-token lists recomputes its
+# tree rows' logits with vLLM's own apply_penalties from each row's history spelled out and
+# raises on any difference (host syncs; tests)
+CHECK_PENALTIES = os.environ.get("MEDUSA_VLLM_CHECK_PENALTIES", "") not in ("", "0")
 # MEDUSA_VLLM_KV_MOVE=graph: a uniform greedy step moves its accepted KV inside the verify+heads
 # graph; default "eager": in a separate launch right after the replay. Both give the same tokens
 # (H200: identical acceptance); the in-graph move measured slower in its two H200 runs (1.00-1.06x
@@ -161,6 +169,7 @@ class MedusaRunnerMixin:
         self._medusa_sched_drafts = self.num_spec_tokens  # this step's num_spec_tokens_to_schedule
         self._medusa_emitted: torch.Tensor | None = None  # this step's tokens (async hand-over)
         self._medusa_graph_checks = 0  # FULL-graph steps re-run eagerly so far (GRAPH_CHECK)
+        self._medusa_penalty_rows = 0  # penalized tree rows checked so far (CHECK_PENALTIES)
         self._medusa_masks_set = False  # mask_ids may hold nonzero ids (a plan wrote them)
         self._medusa_req_tree: dict[str, int] = {}
         self._medusa_ok: dict[str, bool] = {}
@@ -579,6 +588,8 @@ class MedusaRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         step = self._medusa_step
         slots = step["slot_mapping"][: step["num_tokens"]]
+        logits = self._medusa_tree_logits(logits, step["num_drafts"],
+                                          spec_decode_metadata.draft_token_ids.view(num_reqs, -1), step["tree_ids"])
         tokens, accepted, num_accepted, drafts = self._medusa_graphs[step["uniform_tree"]](
             logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
             step["tree_ids"], *((slots,) if KV_MOVE_IN_GRAPH else ()),
@@ -650,7 +661,8 @@ class MedusaRunnerMixin:
         drafts = flat[pos].long() if flat.numel() else torch.zeros_like(pos)
         sampling = None if sm.all_greedy else _sampling_batch(sm, num_reqs, logits.device)
         out = verify(
-            self.medusa_cfg.acceptance, logits, row_of_node, drafts, n, step["tree_ids"],
+            self.medusa_cfg.acceptance, self._medusa_tree_logits(logits, n, drafts, step["tree_ids"]),
+            row_of_node, drafts, n, step["tree_ids"],
             self.medusa_trees, sampling, all_greedy=sm.all_greedy,
             eps=self.medusa_cfg.typical_eps, delta=self.medusa_cfg.typical_delta,
         )
@@ -672,6 +684,21 @@ class MedusaRunnerMixin:
             sampled_token_ids=tokens.int(),
             logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width) if base is not None else None,
         ), hidden_rows
+
+    def _medusa_tree_logits(self, logits, num_drafts, drafts, tree_ids):
+        """The logits verification must see: each tree row with its request's penalties and
+        allowed tokens, as vLLM's sampler would apply them had the row's path been accepted
+        (``logits`` [R, V]: per request its root and ``num_drafts`` [B] nodes; ``drafts`` [B, W]);
+        ``logits`` itself when no request has any."""
+        sm = self.input_batch.sampling_metadata
+        if not needs_tree_processing(sm):
+            return logits
+        self.input_batch.update_async_output_token_ids()  # async: the outputs through the root
+        out = tree_logits(logits, sm, num_drafts, drafts, tree_ids, self.medusa_trees)
+        if CHECK_PENALTIES:
+            self._medusa_penalty_rows += check_tree_logits(out, logits, sm, num_drafts, drafts,
+                                                           tree_ids, self.medusa_trees)
+        return out
 
     def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
         """Moves each request's accepted nodes' KV (``accepted`` [B, D] int32: window offsets of

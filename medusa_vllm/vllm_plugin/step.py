@@ -91,16 +91,13 @@ def uniform_tree(plan: StepPlan, spec_ok: np.ndarray, num_drafts: np.ndarray, si
 
 
 def can_speculate(sp) -> bool:
-    """Sampling options the tree verifier reproduces exactly (others decode normally)."""
+    """Sampling options the tree verifier reproduces exactly (others decode normally).
+    Penalties and allowed token ids are applied per tree row (:mod:`medusa_vllm.penalties`)."""
     if sp is None:
         return False
     return (
         sp.logprobs is None
-        and sp.presence_penalty == 0.0
-        and sp.frequency_penalty == 0.0
-        and sp.repetition_penalty == 1.0
         and not sp.bad_words
-        and not sp.allowed_token_ids
         and not sp.logit_bias
         and sp.min_p == 0.0
         and sp.min_tokens == 0

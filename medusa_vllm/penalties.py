@@ -1,0 +1,107 @@
+"""Repetition, presence and frequency penalties on tree logits (pure torch, no host syncs).
+
+Without speculation, the logits of a request's next token are penalized by the tokens it has
+output so far (and, for the repetition penalty, its prompt). In a tree, the logits row of slot
+``s`` predicts the token after ``s``: had the path root -> ``s`` been accepted, the output would
+be the request's output so far plus the draft tokens on that path. So each row gets the
+penalties of its own history: the request's counts plus its path's tokens. The rows are
+penalized with the request's counts in place (full vocabulary, in row chunks), then the at
+most D entries of each row whose tokens lie on its path are recomputed from their raw values
+with the path counted in: the same elementwise operations as vLLM's ``apply_penalties``
+(repetition, then frequency, then presence), so a greedy request's argmax is the one vLLM
+picks without speculation, bit for bit.
+
+Shapes: R logits rows, V vocabulary, B requests, Q slots per request (1 + tree nodes), D the
+deepest path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# chunk of the in-place full-vocabulary pass: rows * V elements per chunk at most
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def repetition_penalties_torch(logits: torch.Tensor, prompt_mask: torch.Tensor, output_mask: torch.Tensor,
+                               penalties: torch.Tensor) -> None:
+    """In place: a token seen in the prompt or output has its logit divided by the penalty if
+    positive, multiplied if not (vLLM's ``apply_repetition_penalties_torch``, same operations)."""
+    p = torch.where(prompt_mask | output_mask, penalties.unsqueeze(1).expand_as(logits), 1.0)
+    logits *= torch.where(logits > 0, 1.0 / p, p)
+
+
+RepetitionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Penalties:
+    """Per-request penalty state of a step (B requests); the first five None: no penalties."""
+
+    prompt_mask: torch.Tensor | None  # [B, V] bool: token in the prompt
+    output_counts: torch.Tensor | None  # [B, V] int64: times the token was output so far
+    presence: torch.Tensor | None  # [B] float32
+    frequency: torch.Tensor | None  # [B] float32
+    repetition: torch.Tensor | None  # [B] float32
+    allowed_mask: torch.Tensor | None = None  # [B, V] bool: True = not allowed (-inf)
+    repetition_fn: RepetitionFn = repetition_penalties_torch  # vLLM's op in the engine
+
+
+def path_tokens(
+    slot_tokens: torch.Tensor,  # [B, Q] token of each slot (slot 0, the root, unused)
+    parents: torch.Tensor,  # [B, Q] parent slot of each slot (-1 for the root)
+    req: torch.Tensor,  # [R] request of each row
+    slot: torch.Tensor,  # [R] slot of each row (0: the root)
+    depth: int,  # D: the deepest node
+) -> torch.Tensor:
+    """[R, D] the draft tokens on the path root -> slot of each row (the slot's own first,
+    then its ancestors; the root's token is already output), -1 padded."""
+    out = torch.full((req.shape[0], depth), -1, dtype=torch.int64, device=req.device)
+    anc = slot.long()
+    for d in range(depth):
+        on_path = anc > 0
+        out[:, d] = torch.where(on_path, slot_tokens[req, anc], -1)
+        anc = torch.where(on_path, parents[req, anc], 0)
+    return out
+
+
+def apply_tree_penalties(
+    logits: torch.Tensor,  # [R, V] float32, penalized in place
+    req: torch.Tensor,  # [R] int64 request of each row
+    path: torch.Tensor,  # [R, D] int64 path tokens of each row (path_tokens), -1 pad
+    pen: Penalties,
+) -> torch.Tensor:
+    """Each row's logits as vLLM would penalize them with the request's output so far plus the
+    row's path (and -inf outside its allowed tokens). Returns ``logits``."""
+    r, v = logits.shape
+    step = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    if pen.output_counts is not None:
+        _penalize(logits, req, path, pen, step)
+    if pen.allowed_mask is not None:
+        for s in range(0, r, step):
+            logits[s : s + step].masked_fill_(pen.allowed_mask[req[s : s + step]], float("-inf"))
+    return logits
+
+
+def _penalize(logits: torch.Tensor, req: torch.Tensor, path: torch.Tensor, pen: Penalties, step: int) -> None:
+    valid = path >= 0
+    # entries to recompute: the path's tokens; a padding entry repeats the row's first entry (a
+    # root row has none: its entries stand for token 0 with nothing added, i.e. the base value)
+    idx = torch.where(valid, path, path[:, :1].clamp_min(0))  # [R, D]
+    occ = ((idx.unsqueeze(2) == path.unsqueeze(1)) & valid.unsqueeze(1)).sum(2)  # [R, D]
+    rows_req = req.unsqueeze(1).expand_as(idx)
+    counts = pen.output_counts[rows_req, idx] + occ  # [R, D] with the path counted in
+    raw = logits.gather(1, idx)  # [R, D] before any penalty
+    pen.repetition_fn(raw, pen.prompt_mask[rows_req, idx], counts > 0, pen.repetition[req])
+    raw -= pen.frequency[req].unsqueeze(1) * counts
+    raw -= pen.presence[req].unsqueeze(1) * (counts > 0)
+    for s in range(0, logits.shape[0], step):  # the request's own counts, every token of the row
+        rows, x = req[s : s + step], logits[s : s + step]
+        counts_b = pen.output_counts[rows]
+        pen.repetition_fn(x, pen.prompt_mask[rows], counts_b > 0, pen.repetition[rows])
+        x -= pen.frequency[rows].unsqueeze(1) * counts_b
+        x -= pen.presence[rows].unsqueeze(1) * (counts_b > 0)
+    logits.scatter_(1, idx, raw)
