@@ -126,8 +126,8 @@ def test_bad_request_gets_400(medusa, model, path, body, message):
 
 
 def test_sampled_n2_and_logprobs_are_served(medusa, no_spec, model):
-    """n=2 (sampled) and logprobs need no refusal; logprobs requests run without drafts and match
-    the oracle's tokens and log-probabilities."""
+    """n=2 (sampled) and logprobs need no refusal; logprobs requests speculate (each token's
+    from the row that produced it) and match the oracle's tokens and log-probabilities."""
     r = post(medusa, "/v1/chat/completions", {"model": model, "messages": HI, "max_tokens": 16,
                                               "n": 2, "temperature": 0.8, "seed": 3})
     assert r.status_code == 200, r.text

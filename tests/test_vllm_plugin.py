@@ -70,6 +70,21 @@ PENALTIES = [dict(_GREEDY, **kw) for kw in (
     dict(allowed_token_ids=list(range(5000))), dict(frequency_penalty=-0.4), {})]
 
 
+# logprobs: from the raw logits of the row that produced each token, drafted requests too
+LOGPROBS = [dict(_GREEDY, **kw) for kw in (
+    dict(logprobs=3), dict(logprobs=0), dict(logprobs=1, repetition_penalty=1.2), {},
+    dict(temperature=0.8, seed=3, logprobs=2), dict(logprobs=5))]
+
+
+def generate_logprobs(llm, prompts: list[str], kwargs: list[dict]) -> list:
+    """[(token ids, [{token: logprob} per position] or None)] per prompt."""
+    from vllm import SamplingParams
+
+    res = llm.generate(prompts, [SamplingParams(**k) for k in kwargs], use_tqdm=False)
+    return [(list(r.outputs[0].token_ids), None if r.outputs[0].logprobs is None else
+             [{t: lp.logprob for t, lp in d.items()} for d in r.outputs[0].logprobs]) for r in res]
+
+
 def _jobs(prompts, sample_prompt):
     greedy = _GREEDY
     jobs, i = [], 0
@@ -87,6 +102,7 @@ def _jobs(prompts, sample_prompt):
     # penalties and allowed token ids: applied per tree row (the request's output + the row's
     # path), so these requests speculate and still decode exactly as without speculation
     jobs.append((prompts[:8], PENALTIES))
+    jobs.append((generate_logprobs, (prompts[:6], LOGPROBS)))
     # the sampling-distribution sample: one prompt, many seeds, 3 tokens each
     sampled = [dict(temperature=1.0, seed=1000 + k, max_tokens=3) for k in range(SAMPLES)]
     jobs.append(([sample_prompt] * SAMPLES, sampled))
@@ -119,10 +135,18 @@ def adaptive_summary(llm) -> dict | None:
 
 @pytest.fixture(scope="module")
 def medusa(bundled_model_dir, prompts):
-    # the penalty job once more, alone between two stats reads: did its requests speculate?
-    penalty = _jobs(*prompts)[PENALTY_JOB]
+    # the penalty and logprob jobs once more, each alone between stats reads: did they speculate?
+    jobs = _jobs(*prompts)
+    stats = (medusa_stats, ())
     return run_engine(_medusa(str(bundled_model_dir)),
-                      _jobs(*prompts) + [(medusa_stats, ()), penalty, (medusa_stats, ())], env=CHECK)
+                      jobs + [stats, jobs[PENALTY_JOB], stats, jobs[LOGPROB_JOB], stats], env=CHECK)
+
+
+def _speculated(before: dict, after: dict) -> None:
+    """Tree steps were verified between two stats reads, and drafts were accepted."""
+    steps = after["tree_steps"] - before["tree_steps"]
+    emitted = after["mean_accepted_length"] * after["tree_steps"] - before["mean_accepted_length"] * before["tree_steps"]
+    assert steps > 0 and emitted > 1.2 * steps, (before, after)
 
 
 @pytest.fixture(scope="module")
@@ -238,19 +262,15 @@ def test_aborted_requests_leave_the_others_intact(baseline, medusa):
 
 
 PENALTY_JOB = len(BATCHES) + 4
-SAMPLE_JOB = PENALTY_JOB + 1
+LOGPROB_JOB = PENALTY_JOB + 1
+SAMPLE_JOB = LOGPROB_JOB + 1
 
 
 def test_penalty_requests_speculate_and_match_no_speculation(baseline, medusa):
     assert medusa.outputs[PENALTY_JOB] == baseline.outputs[PENALTY_JOB]
-    assert medusa.outputs[-2] == baseline.outputs[PENALTY_JOB]  # the rerun, alone
-    (before,), (after,) = medusa.outputs[-3], medusa.outputs[-1]
-    steps = after["tree_steps"] - before["tree_steps"]
-
-    def emitted(s):
-        return s["mean_accepted_length"] * s["tree_steps"]
-
-    assert steps > 0 and emitted(after) - emitted(before) > 1.2 * steps, (before, after)
+    assert medusa.outputs[-4] == baseline.outputs[PENALTY_JOB]  # the rerun, alone
+    (before,), (after,) = medusa.outputs[-5], medusa.outputs[-3]
+    _speculated(before, after)
     # and each of their tree rows' logits equalled vLLM's penalties on the row's own history
     assert after["penalty_rows_checked"] > before["penalty_rows_checked"] > 0, (before, after)
     # the penalties changed the outputs (else this shows nothing): against plain greedy decoding
@@ -260,13 +280,38 @@ def test_penalty_requests_speculate_and_match_no_speculation(baseline, medusa):
     assert changed >= 3, changed  # 4 of 7 in 20 tokens (fp32, CPU)
 
 
+def _same_logprobs(base: list, spec: list) -> None:
+    """Greedy requests: the same tokens, the same top-k tokens at every position and the same
+    logprobs up to the fp32 difference of a tree forward and a one-token decode; the sampled
+    one: a logprob for each of its tokens."""
+    for k, ((tok_b, lp_b), (tok_s, lp_s)) in enumerate(zip(base, spec)):
+        if LOGPROBS[k]["temperature"] > 0:
+            assert len(lp_s) == len(tok_s) and all(t in d and d[t] <= 0 for t, d in zip(tok_s, lp_s)), k
+            continue
+        assert tok_b == tok_s, f"request {k}"
+        if lp_b is None:
+            assert lp_s is None, k
+            continue
+        assert len(lp_s) == len(tok_s) == len(lp_b), k
+        for pos, (db, ds) in enumerate(zip(lp_b, lp_s)):
+            assert set(db) == set(ds), (k, pos, db, ds)
+            assert all(abs(db[t] - ds[t]) < 1e-3 for t in db), (k, pos, db, ds)
+
+
+def test_logprob_requests_speculate_and_match_no_speculation(baseline, medusa):
+    _same_logprobs(baseline.outputs[LOGPROB_JOB], medusa.outputs[LOGPROB_JOB])
+    _same_logprobs(baseline.outputs[LOGPROB_JOB], medusa.outputs[-2])  # the rerun, alone
+    (before,), (after,) = medusa.outputs[-3], medusa.outputs[-1]
+    _speculated(before, after)
+
+
 @pytest.fixture(scope="module")
 def asynchronous(bundled_model_dir, prompts):
     """Asynchronous scheduling (vLLM's AsyncScheduler): the scheduler runs a step ahead with
     placeholder draft slots; drafts, next roots and accepted counts stay on the device. This
     engine moves the accepted KV inside the uniform step's function (MEDUSA_VLLM_KV_MOVE=graph,
     the CUDA-graphed variant; the other engines move it after)."""
-    jobs = _jobs(*prompts)[: PENALTY_JOB + 1]  # all but the sampling-distribution sample
+    jobs = _jobs(*prompts)[: LOGPROB_JOB + 1]  # all but the sampling-distribution sample
     return run_engine(_medusa(str(bundled_model_dir), async_scheduling=True),
                       jobs + [(medusa_stats, ())], env={"MEDUSA_VLLM_KV_MOVE": "graph", **CHECK})
 
@@ -279,6 +324,7 @@ def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
     assert stats["penalty_rows_checked"] > 0, stats  # penalties checked under async scheduling too
     for j in [*_greedy_jobs(), len(BATCHES) + 3, PENALTY_JOB]:  # greedy, aborts, penalties
         assert asynchronous.outputs[j] == baseline.outputs[j], f"job {j}"
+    _same_logprobs(baseline.outputs[LOGPROB_JOB], asynchronous.outputs[LOGPROB_JOB])
     j = len(BATCHES) + 2  # mixed greedy / sampled batch: the greedy half
     for k, (b, a) in enumerate(zip(baseline.outputs[j], asynchronous.outputs[j])):
         assert k % 2 or b == a, f"greedy request {k} of the mixed batch differs"

@@ -21,8 +21,8 @@ One step, as vLLM drives it (``execute_model`` then ``sample_tokens``):
    request's speculative tokens (BFS order) or, under asynchronous scheduling, copies them into
    the next step's inputs on the device.
 
-Requests that speculation cannot serve exactly (logprobs, bad words, logit bias, min_p,
-min_tokens, structured output) get no drafts and decode normally; under asynchronous
+Requests that speculation cannot serve exactly (bad words, logit bias, min_p, min_tokens,
+structured output, logprob_token_ids, logprobs in vLLM's "processed" logprobs modes) get no drafts and decode normally; under asynchronous
 scheduling they get draft slots, but vLLM's sampler gives their token and their drafts are dropped.
 """
 
@@ -588,10 +588,10 @@ class MedusaRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         step = self._medusa_step
         slots = step["slot_mapping"][: step["num_tokens"]]
-        logits = self._medusa_tree_logits(logits, step["num_drafts"],
+        target = self._medusa_tree_logits(logits, step["num_drafts"],
                                           spec_decode_metadata.draft_token_ids.view(num_reqs, -1), step["tree_ids"])
         tokens, accepted, num_accepted, drafts = self._medusa_graphs[step["uniform_tree"]](
-            logits.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
+            target.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
             step["tree_ids"], *((slots,) if KV_MOVE_IN_GRAPH else ()),
         )
         if not KV_MOVE_IN_GRAPH:
@@ -601,8 +601,12 @@ class MedusaRunnerMixin:
         # the graph's output, read by take_draft_token_ids this step; under async scheduling
         # vLLM also copies it on a side stream that the next replay does not wait for: a copy
         self._medusa_drafts = drafts.clone() if self.use_async_scheduling else drafts
+        logprobs = None
+        if self.input_batch.sampling_metadata.max_num_logprobs is not None:
+            rows = torch.arange(logits.shape[0], device=logits.device).view(num_reqs, -1)  # [B, Q]
+            logprobs = self._medusa_logprobs(logits, rows, accepted, tokens)
         # a copy: vLLM may hold the sampled ids past the next replay
-        return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=logprobs)
 
     def _medusa_uniform_fn(self, k: int):
         """The fixed-shape function the CUDA graphs of tree k hold (no host syncs): verify tree
@@ -680,10 +684,26 @@ class MedusaRunnerMixin:
             self._medusa_move_kv(step["slot_mapping"][: step["num_tokens"]],
                                  self.query_start_loc.gpu[: num_reqs + 1], accepted.int())
         self.medusa_stats.observe(out.num_accepted, has)
-        return SamplerOutput(
-            sampled_token_ids=tokens.int(),
-            logprobs_tensors=_expand_logprobs(base.logprobs_tensors, width) if base is not None else None,
-        ), hidden_rows
+        if sm.max_num_logprobs is not None:  # every emitted token's, drafted requests' too
+            logprobs = self._medusa_logprobs(logits, row_of_node, accepted, tokens)
+        else:  # logprob_token_ids of requests without drafts (vLLM's sampler gave them)
+            logprobs = _expand_logprobs(base.logprobs_tensors, width) if base is not None else None
+        return SamplerOutput(sampled_token_ids=tokens.int(), logprobs_tensors=logprobs), hidden_rows
+
+    def _medusa_logprobs(self, logits, row_of_node, accepted, tokens) -> LogprobsTensors | None:
+        """vLLM's logprobs of every emitted token, from the raw logits of the row that produced
+        it (the root's for the first token, each accepted node's for the next), in the
+        [B * (D+1)] layout of speculative decoding (vLLM drops the -1 slots); None when no
+        request asked. ``row_of_node`` [B, Q], ``accepted`` [B, D] node ids (-1 pad),
+        ``tokens`` [B, D+1] (-1 pad)."""
+        k = self.input_batch.sampling_metadata.max_num_logprobs
+        if k is None:
+            return None
+        nodes = torch.cat([torch.zeros_like(accepted[:, :1]), accepted], dim=1).long().clamp_min(0)
+        rows = row_of_node.gather(1, nodes).clamp_min(0).flatten()  # [B * (D+1)]
+        x = logits[rows]
+        x = x.float() if self.model_config.logprobs_mode == "raw_logits" else self.sampler.compute_logprobs(x)
+        return self.sampler.gather_logprobs(x, k, tokens.flatten().long().clamp_min(0))
 
     def _medusa_tree_logits(self, logits, num_drafts, drafts, tree_ids):
         """The logits verification must see: each tree row with its request's penalties and
@@ -784,7 +804,8 @@ class MedusaRunnerMixin:
         ok = self._medusa_ok.get(req_id)
         if ok is None:
             state = self.requests.get(req_id)
-            ok = can_speculate(state.sampling_params if state is not None else None)
+            ok = can_speculate(state.sampling_params if state is not None else None,
+                               self.model_config.logprobs_mode)
             self._medusa_ok[req_id] = ok
         return ok
 

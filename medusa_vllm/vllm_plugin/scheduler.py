@@ -85,6 +85,7 @@ class MedusaSchedulerMixin:
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
         self.medusa_measured: MeasuredSchedule | None = None
         self._medusa_ok: dict[str, bool] = {}  # can_speculate per running request (cached)
+        self._medusa_logprobs_mode = vllm_config.model_config.logprobs_mode
         if cfg.adaptive and cfg.adaptive_policy == "measured" and self.dynamic_sd_lookup is not None:
             device = "cpu" if vllm_config.device_config.device.type == "cpu" else "cuda"
             policy = AdaptiveTreePolicy(cfg.trees, True, cfg.adaptive_max_tokens, device,
@@ -106,7 +107,7 @@ class MedusaSchedulerMixin:
         m = self.medusa_measured
         if m is not None and scheduler_output.scheduled_spec_decode_tokens:
             _count_emitted(m.policy, self.requests, scheduler_output, model_runner_output,
-                           self._medusa_ok)
+                           self._medusa_ok, self._medusa_logprobs_mode)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def medusa_adaptive_summary(self) -> dict | None:
@@ -125,7 +126,7 @@ def _add_engine_core_utility() -> None:
 
 
 def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runner_output,
-                   ok: dict[str, bool]) -> None:
+                   ok: dict[str, bool], logprobs_mode: str = "raw_logprobs") -> None:
     """Tokens emitted per tree by the requests that verified drafts this step (requests whose
     sampling options speculation cannot serve emit vLLM's one token: left out; ``ok`` caches
     that per request id)."""
@@ -140,7 +141,7 @@ def _count_emitted(policy: AdaptiveTreePolicy, requests, scheduler_output, runne
         if i is None or i >= len(sampled) or req is None or n not in policy.sizes:
             continue
         if req_id not in ok:
-            ok[req_id] = can_speculate(req.sampling_params)
+            ok[req_id] = can_speculate(req.sampling_params, logprobs_mode)
         if not ok[req_id]:
             continue
         k = policy.tree_of_num_drafts(n)

@@ -90,13 +90,16 @@ def uniform_tree(plan: StepPlan, spec_ok: np.ndarray, num_drafts: np.ndarray, si
     return k
 
 
-def can_speculate(sp) -> bool:
+def can_speculate(sp, logprobs_mode: str = "raw_logprobs") -> bool:
     """Sampling options the tree verifier reproduces exactly (others decode normally).
-    Penalties and allowed token ids are applied per tree row (:mod:`medusa_vllm.penalties`)."""
+    Penalties and allowed token ids are applied per tree row (:mod:`medusa_vllm.penalties`);
+    logprobs come from the raw logits of the row that produced each token (vLLM's "raw" logprobs
+    modes, its default; the "processed" ones are not reproduced)."""
     if sp is None:
         return False
     return (
-        sp.logprobs is None
+        (sp.logprobs is None or logprobs_mode in ("raw_logprobs", "raw_logits"))
+        and sp.logprob_token_ids is None
         and not sp.bad_words
         and not sp.logit_bias
         and sp.min_p == 0.0
