@@ -23,12 +23,15 @@ Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-token
 decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
 baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
 a 12-digit digest per request (``output_digests``) to compare outputs across runs and files
-(benchmarks/tp_check.py: TP=1 against TP=2).
+(benchmarks/tp_check.py: TP=1 against TP=2). ``--sampling-json '{"repetition_penalty": 1.1}'``
+adds SamplingParams to every request, e.g. a model's generation-config defaults as vLLM's server
+applies them (penalties, allowed tokens and logprobs are speculated too).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -129,14 +132,14 @@ class EngineBench:
     own process (:func:`measure` runs it whole; ``--interleave`` calls it through
     ``benchmarks.common.Isolated``, one per configuration, taking turns)."""
 
-    def __init__(self, kw: dict, prompts: list[str], max_tokens: int, temperature: float) -> None:
+    def __init__(self, kw: dict, prompts: list[str], max_tokens: int, sampling: dict) -> None:
         from vllm import LLM, SamplingParams
 
         t0 = time.perf_counter()
         self.llm = LLM(**kw)
         self.engine_start_s = time.perf_counter() - t0
-        self.kw, self.prompts, self.temperature = kw, prompts, temperature
-        self.sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0)
+        self.kw, self.prompts, self.sampling = kw, prompts, sampling  # SamplingParams keywords
+        self.sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **sampling)
         self._acc: dict | None = None
 
     def warmup(self, batch_sizes: list[int]) -> None:
@@ -215,10 +218,19 @@ class EngineBench:
         for b in profile_batch_sizes:
             llm.collective_rpc(start_profile)
             llm.generate(requests_for(self.prompts, b),
-                         SamplingParams(temperature=self.temperature, max_tokens=32, ignore_eos=True,
-                                        seed=0), use_tqdm=False)
+                         SamplingParams(max_tokens=32, ignore_eos=True, seed=0, **self.sampling),
+                         use_tqdm=False)
             profiles[b] = llm.collective_rpc(stop_profile)[0]
         return self.stats() | {"profiles": profiles}
+
+
+def sampling_of(args) -> dict:
+    """SamplingParams keywords of every measured request: --temperature and --sampling-json."""
+    extra = json.loads(args.sampling_json) if getattr(args, "sampling_json", None) else {}
+    if not isinstance(extra, dict) or {"max_tokens", "ignore_eos", "seed"} & set(extra):
+        raise SystemExit(f"--sampling-json: a JSON object of SamplingParams keywords other than "
+                         f"max_tokens, ignore_eos and seed, got {args.sampling_json!r}")
+    return {"temperature": args.temperature, **extra}
 
 
 def requests_for(prompts: list[str], n: int) -> list[str]:
@@ -226,10 +238,10 @@ def requests_for(prompts: list[str], n: int) -> list[str]:
 
 
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
-            temperature: float, prompts_per_batch: dict[int, int],
+            sampling: dict, prompts_per_batch: dict[int, int],
             profile_batch_sizes: tuple[int, ...] = ()) -> dict:
     """Runs in its own process: one engine, every batch size, round after round."""
-    bench = EngineBench(kw, prompts, max_tokens, temperature)
+    bench = EngineBench(kw, prompts, max_tokens, sampling)
     bench.warmup(batch_sizes)
     rows = []
     for b in batch_sizes:
@@ -276,7 +288,7 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
         for config, (kw, env) in tqdm(engines.items(), desc="engines"):  # one start at a time
             try:
                 live[config] = Isolated(bench_cls or EngineBench, kw, prompts, args.max_tokens,
-                                        args.temperature, env=env)
+                                        sampling_of(args), env=env)
                 results[config] = {"engine_start_s": None, "rows": []}
             except Exception as e:  # noqa: BLE001
                 fail(config, e)
@@ -414,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--sampling-json", default=None,
+                    help='more SamplingParams of every request, e.g. \'{"repetition_penalty": 1.1}\' '
+                         "(a model's generation-config defaults, as vLLM's server applies them)")
     ap.add_argument("--num-prompts", type=int, default=80)
     ap.add_argument("--acceptance", default="rejection", choices=["rejection", "typical"])
     ap.add_argument("--adaptive-tree", default="default-63")
@@ -485,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
             kw, env = engines[config]
             try:
                 results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
-                                               args.temperature, per_batch, env=env)
+                                               sampling_of(args), per_batch, env=env)
             except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
                 print(f"[{config}] failed: {e}", file=sys.stderr)
                 results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}

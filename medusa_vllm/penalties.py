@@ -4,12 +4,11 @@ Without speculation, the logits of a request's next token are penalized by the t
 output so far (and, for the repetition penalty, its prompt). In a tree, the logits row of slot
 ``s`` predicts the token after ``s``: had the path root -> ``s`` been accepted, the output would
 be the request's output so far plus the draft tokens on that path. So each row gets the
-penalties of its own history: the request's counts plus its path's tokens. The rows are
-penalized with the request's counts in place (full vocabulary, in row chunks), then the at
-most D entries of each row whose tokens lie on its path are recomputed from their raw values
-with the path counted in: the same elementwise operations as vLLM's ``apply_penalties``
-(repetition, then frequency, then presence), so a greedy request's argmax is the one vLLM
-picks without speculation, bit for bit.
+penalties of its own history: the request's counts plus its path's tokens. Only the entries a
+penalty can change are computed — the prompt's, the output's and the path's tokens, a few
+hundred per row instead of the vocabulary — each from its raw value with its own counts: the
+same elementwise operations as vLLM's ``apply_penalties`` (repetition, then frequency, then
+presence), so a greedy request's argmax is the one vLLM picks without speculation, bit for bit.
 
 Shapes: R logits rows, V vocabulary, B requests, Q slots per request (1 + tree nodes), D the
 deepest path.
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-# chunk of the in-place full-vocabulary pass: rows * V elements per chunk at most
+# chunk of the allowed-token pass (full vocabulary, in place): rows * V elements per chunk at most
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -48,6 +47,9 @@ class Penalties:
     repetition: torch.Tensor | None  # [B] float32
     allowed_mask: torch.Tensor | None = None  # [B, V] bool: True = not allowed (-inf)
     repetition_fn: RepetitionFn = repetition_penalties_torch  # vLLM's op in the engine
+    # [B, C] the tokens a penalty can touch besides a row's path: the prompt's and the output's
+    # (repeats and padding allowed: any value outside [0, V) is padding); needed with penalties
+    candidates: torch.Tensor | None = None
 
 
 def path_tokens(
@@ -79,29 +81,29 @@ def apply_tree_penalties(
     r, v = logits.shape
     step = max(1, _CHUNK_ELEMENTS // max(v, 1))
     if pen.output_counts is not None:
-        _penalize(logits, req, path, pen, step)
+        _penalize(logits, req, path, pen)
     if pen.allowed_mask is not None:
         for s in range(0, r, step):
             logits[s : s + step].masked_fill_(pen.allowed_mask[req[s : s + step]], float("-inf"))
     return logits
 
 
-def _penalize(logits: torch.Tensor, req: torch.Tensor, path: torch.Tensor, pen: Penalties, step: int) -> None:
+def _penalize(logits: torch.Tensor, req: torch.Tensor, path: torch.Tensor, pen: Penalties) -> None:
+    """Only the entries a penalty can change: the request's prompt and output tokens and the
+    row's path tokens (an entry of any other token would stay x * 1 - 0 - 0 = x, bit for bit).
+    Each entry is recomputed from its raw value with its own counts, so an entry listed twice
+    (a token in the prompt and the output, a padding entry) writes the same value twice."""
+    v = logits.shape[1]
+    if pen.candidates is None:
+        raise ValueError("Penalties.candidates: the prompt's and output's tokens are needed")
+    idx = torch.cat([pen.candidates[req], path], dim=1)  # [R, C + D]
+    idx = torch.where((idx >= 0) & (idx < v), idx, 0)  # padding: token 0, recomputed as any entry
     valid = path >= 0
-    # entries to recompute: the path's tokens; a padding entry repeats the row's first entry (a
-    # root row has none: its entries stand for token 0 with nothing added, i.e. the base value)
-    idx = torch.where(valid, path, path[:, :1].clamp_min(0))  # [R, D]
-    occ = ((idx.unsqueeze(2) == path.unsqueeze(1)) & valid.unsqueeze(1)).sum(2)  # [R, D]
+    occ = ((idx.unsqueeze(2) == path.unsqueeze(1)) & valid.unsqueeze(1)).sum(2)  # path occurrences
     rows_req = req.unsqueeze(1).expand_as(idx)
-    counts = pen.output_counts[rows_req, idx] + occ  # [R, D] with the path counted in
-    raw = logits.gather(1, idx)  # [R, D] before any penalty
+    counts = pen.output_counts[rows_req, idx] + occ  # [R, C + D] with the path counted in
+    raw = logits.gather(1, idx)  # before any penalty
     pen.repetition_fn(raw, pen.prompt_mask[rows_req, idx], counts > 0, pen.repetition[req])
     raw -= pen.frequency[req].unsqueeze(1) * counts
     raw -= pen.presence[req].unsqueeze(1) * (counts > 0)
-    for s in range(0, logits.shape[0], step):  # the request's own counts, every token of the row
-        rows, x = req[s : s + step], logits[s : s + step]
-        counts_b = pen.output_counts[rows]
-        pen.repetition_fn(x, pen.prompt_mask[rows], counts_b > 0, pen.repetition[rows])
-        x -= pen.frequency[rows].unsqueeze(1) * counts_b
-        x -= pen.presence[rows].unsqueeze(1) * (counts_b > 0)
     logits.scatter_(1, idx, raw)

@@ -171,3 +171,16 @@ def test_isolated_objects_live_in_their_own_processes():
     assert not a.proc.is_alive() and not b.proc.is_alive()
     with pytest.raises(RuntimeError, match="engine did not start"):
         Isolated(FakeBench, {"rate": 1.0, "broken": "start"}, [], 1, 0.0)
+
+
+def test_sampling_json_merges_into_every_request_and_refuses_what_the_benchmark_sets():
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import sampling_of
+
+    args = SimpleNamespace(temperature=0.0, sampling_json='{"repetition_penalty": 1.1, "logprobs": 2}')
+    assert sampling_of(args) == {"temperature": 0.0, "repetition_penalty": 1.1, "logprobs": 2}
+    assert sampling_of(SimpleNamespace(temperature=0.7)) == {"temperature": 0.7}
+    for bad in ('{"max_tokens": 4}', "[1]"):
+        with pytest.raises(SystemExit, match="--sampling-json"):
+            sampling_of(SimpleNamespace(temperature=0.0, sampling_json=bad))

@@ -58,7 +58,9 @@ def _state(outputs, prompts, presence, frequency, repetition, allowed=None):
     for i in range(b):
         prompt_mask[i, prompts[i]] = True
         counts[i] += torch.bincount(torch.tensor(outputs[i], dtype=torch.int64), minlength=VOCAB)
-    return Penalties(prompt_mask, counts, presence, frequency, repetition, allowed)
+    width = max(len(p) + len(o) for p, o in zip(prompts, outputs))
+    cand = torch.tensor([p + o + [VOCAB] * (width - len(p) - len(o)) for p, o in zip(prompts, outputs)])
+    return Penalties(prompt_mask, counts, presence, frequency, repetition, allowed, candidates=cand)
 
 
 def _rows(num_drafts):

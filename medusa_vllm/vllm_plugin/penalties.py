@@ -35,7 +35,8 @@ def penalties_of(sm, num_reqs: int, vocab: int, device: torch.device) -> Penalti
     return Penalties(prompt_mask, counts, sm.presence_penalties[:num_reqs].float(),
                      sm.frequency_penalties[:num_reqs].float(),
                      sm.repetition_penalties[:num_reqs].float(), allowed,
-                     repetition_fn=apply_repetition_penalties)
+                     repetition_fn=apply_repetition_penalties,
+                     candidates=torch.cat([sm.prompt_token_ids[:num_reqs], out], dim=1))
 
 
 def tree_logits(
