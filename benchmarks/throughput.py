@@ -265,6 +265,7 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
 
     results: dict[str, dict] = {}
     live: dict[str, Isolated] = {}
+    sampling = sampling_of(args)
 
     def fail(config: str, e: Exception) -> None:
         print(f"[{config}] failed: {e}", file=sys.stderr)
@@ -288,7 +289,7 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
         for config, (kw, env) in tqdm(engines.items(), desc="engines"):  # one start at a time
             try:
                 live[config] = Isolated(bench_cls or EngineBench, kw, prompts, args.max_tokens,
-                                        sampling_of(args), env=env)
+                                        sampling, env=env)
                 results[config] = {"engine_start_s": None, "rows": []}
             except Exception as e:  # noqa: BLE001
                 fail(config, e)
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     heads = args.heads or (str(bundled_heads_path()) if bundled_heads_path() else None)
     if heads is None:
         sys.exit("no heads: pass --heads (the bundled heads are missing from this install)")
+    sampling = sampling_of(args)  # a bad --sampling-json stops here, before any engine starts
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 16])
     args.configs = args.configs or (DEFAULT_CONFIGS if gpu else
                                     ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15", "adaptive"])
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
             kw, env = engines[config]
             try:
                 results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
-                                               sampling_of(args), per_batch, env=env)
+                                               sampling, per_batch, env=env)
             except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
                 print(f"[{config}] failed: {e}", file=sys.stderr)
                 results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}

@@ -79,10 +79,10 @@ def apply_tree_penalties(
     """Each row's logits as vLLM would penalize them with the request's output so far plus the
     row's path (and -inf outside its allowed tokens). Returns ``logits``."""
     r, v = logits.shape
-    step = max(1, _CHUNK_ELEMENTS // max(v, 1))
     if pen.output_counts is not None:
         _penalize(logits, req, path, pen)
     if pen.allowed_mask is not None:
+        step = max(1, _CHUNK_ELEMENTS // max(v, 1))
         for s in range(0, r, step):
             logits[s : s + step].masked_fill_(pen.allowed_mask[req[s : s + step]], float("-inf"))
     return logits

@@ -22,8 +22,9 @@ One step, as vLLM drives it (``execute_model`` then ``sample_tokens``):
    the next step's inputs on the device.
 
 Requests that speculation cannot serve exactly (bad words, logit bias, min_p, min_tokens,
-structured output, logprob_token_ids, logprobs in vLLM's "processed" logprobs modes) get no drafts and decode normally; under asynchronous
-scheduling they get draft slots, but vLLM's sampler gives their token and their drafts are dropped.
+structured output, logprob_token_ids, logprobs in vLLM's "processed" logprobs modes) get no
+drafts and decode normally; under asynchronous scheduling they get draft slots, but vLLM's
+sampler gives their token and their drafts are dropped.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
+from medusa_vllm.vllm_plugin.penalties import check_tree_logits, needs_tree_processing, tree_logits
 from medusa_vllm.vllm_plugin.step import (
     can_speculate, choose_tree_for_drafts, plan_step, position_offsets, uniform_tree,
 )
-from medusa_vllm.vllm_plugin.penalties import check_tree_logits, needs_tree_processing, tree_logits
 from medusa_vllm.vllm_plugin.step_cache import PinnedUpload, UniformStepCache, uniform_drafts
 
 logger = init_logger(__name__)
@@ -657,7 +658,9 @@ class MedusaRunnerMixin:
         base = None
         if not all_drafted:
             self.input_batch.update_async_output_token_ids()
-            base = self.sampler(logits=logits[first], sampling_metadata=sm)
+            # top-k logprobs come from _medusa_logprobs, for every request: not twice
+            base_sm = sm if sm.max_num_logprobs is None else dataclasses.replace(sm, max_num_logprobs=None)
+            base = self.sampler(logits=logits[first], sampling_metadata=base_sm)
         # drafts as scheduled (flat, per request in batch order) -> [B, Q-1]
         flat = spec_decode_metadata.draft_token_ids
         starts = (spec_decode_metadata.cu_num_draft_tokens - n).long()
