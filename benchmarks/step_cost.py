@@ -146,7 +146,7 @@ def main(argv=None) -> None:
         if name in ASYNC:
             kw["async_scheduling"] = True
         try:
-            res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, 0.0,
+            res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, {"temperature": 0.0},
                                per_batch, tuple(args.batch_sizes) if args.profile else (), env=env)
         except Exception as e:  # noqa: BLE001
             print(f"[{name}] failed: {e}", file=sys.stderr)

@@ -113,7 +113,7 @@ def measure_variant(args, v: Variant, kw: dict, prompts: list[str]) -> list[dict
     env = dict(NO_MULTICAST)
     if not args.gpu:
         env.update(cpu_tp_env(v.tp))
-    res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, 0.0,
+    res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, {"temperature": 0.0},
                        requests_per_batch(args.batch_sizes, len(prompts), args.rounds),
                        env=env, timeout=args.timeout)
     return [{"variant": v.name, "tensor_parallel_size": v.tp, "medusa": v.medusa, "backend": v.backend,

@@ -1,5 +1,7 @@
 """The comparisons behind benchmarks/tp_check.py and benchmarks/training_distributed.py (their
 engines and trainings run on GPUs; here only the bookkeeping that turns runs into figures)."""
+import json
+
 import pytest
 
 from benchmarks.common import output_digest
@@ -184,3 +186,54 @@ def test_sampling_json_merges_into_every_request_and_refuses_what_the_benchmark_
     for bad in ('{"max_tokens": 4}', "[1]"):
         with pytest.raises(SystemExit, match="--sampling-json"):
             sampling_of(SimpleNamespace(temperature=0.0, sampling_json=bad))
+
+
+class MeasuredBench(FakeBench):
+    """FakeBench as ``benchmarks.throughput.measure`` drives it: SamplingParams keywords (a dict,
+    as EngineBench takes them), rows with tokens and seconds, ``finish(profile batch sizes)``."""
+
+    def __init__(self, kw, prompts, max_tokens, sampling):
+        assert isinstance(sampling, dict) and sampling["temperature"] == 0.0, sampling
+        super().__init__(kw, prompts, max_tokens, sampling)
+        self.max_tokens = max_tokens
+
+    def end(self):
+        row = super().end()
+        return row | {"output_tokens": row["requests"] * self.max_tokens, "seconds": 1.0}
+
+    def finish(self, profile_batch_sizes=()):
+        return self.stats() | {"profiles": {}}
+
+
+def _in_process(monkeypatch, module):
+    """``module.run_isolated`` runs the function here, on MeasuredBench engines."""
+    import benchmarks.throughput as throughput
+
+    monkeypatch.setattr(throughput, "EngineBench", MeasuredBench)
+    monkeypatch.setattr(module, "run_isolated", lambda fn, *a, env=None, timeout=None: fn(*a))
+
+
+def test_step_cost_and_tp_check_drive_measure_as_it_is_called(monkeypatch, tmp_path):
+    """benchmarks/step_cost.py and tp_check.py call throughput.measure positionally; a change of
+    its signature (e.g. temperature -> SamplingParams keywords) must not leave them behind."""
+    from types import SimpleNamespace
+
+    import benchmarks.step_cost as step_cost
+    import benchmarks.tp_check as tp_check
+
+    _in_process(monkeypatch, step_cost)
+    monkeypatch.setattr(step_cost, "builtin_layout", lambda *a: None)
+    monkeypatch.setattr(step_cost, "prompts_for", lambda args: ["a", "bb", "ccc", "dddd"])
+    monkeypatch.setattr(step_cost, "engine_kwargs", lambda args, config, heads, builtin: {"rate": 10.0})
+    out = tmp_path / "step_cost.json"
+    step_cost.main(["--model", "m", "--heads", "h", "--configs", "plain_default", "tree64_async",
+                    "--batch-sizes", "1", "2", "--max-tokens", "8", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["batch_size"]) for r in rows] == [
+        ("plain_default", 1), ("plain_default", 2), ("tree64_async", 1), ("tree64_async", 2)]
+    assert all("error" not in r and r["ms_per_step"] > 0 for r in rows), rows
+
+    _in_process(monkeypatch, tp_check)
+    args = SimpleNamespace(gpu=False, batch_sizes=[1, 2], max_tokens=8, rounds=2, timeout=60)
+    rows = tp_check.measure_variant(args, Variant.parse("tp1-medusa"), {"rate": 10.0}, ["a", "bb"])
+    assert [r["batch_size"] for r in rows] == [1, 2] and rows[0]["tensor_parallel_size"] == 1
