@@ -151,6 +151,7 @@ def test_interleaved_engines_take_turns_and_pair_their_rounds():
     x = next(r for r in rows if r["config"] == "medusa:x" and r["batch_size"] == 1)
     # both engines drifted alike: each round's ratio is 1.5, whatever the ratio of the medians
     assert x["speedup_paired"] == pytest.approx(1.5)
+    assert x["speedup_paired_rounds"] == pytest.approx([1.5, 1.5, 1.5])  # 3 rounds of 1 request
     assert summary["interleaved"] and summary["speedup_paired"]["medusa:x"] == {1: pytest.approx(1.5),
                                                                               2: pytest.approx(1.5)}
 

@@ -4,7 +4,10 @@ with BatchGraphs, with the accepted-KV move inside the graph ("graph") or as a s
 after the replay ("eager", the earlier design). Prints host microseconds per call (no sync) and
 wall microseconds per step over back-to-back steps, per batch size.
 
-    PYTHONPATH=. python3 tools/gpu/kv_move_ab.py [--steps 300] [--batch-sizes 1 8 64]
+    PYTHONPATH=. python3 tools/gpu/kv_move_ab.py [--steps 300] [--batch-sizes 1 8 64] [--out X.json]
+
+--out writes the rows and, per batch size, the median of each placement (shared/RESULTS.md
+envelope; benchmarks/results/kv_move_ab_micro_h200.json came from this run, 2026-12-05).
 
 On a machine without CUDA it runs the same steps eagerly (a check of the script, not a measurement).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -63,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--out", default=None, help="JSON results (shared/RESULTS.md envelope)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tree = get_tree("default-63")
@@ -106,6 +111,23 @@ def main() -> None:
                    "wall_us_per_step": 1e6 * (time.perf_counter() - t0) / args.steps}
             results.append(row)
             print(json.dumps(row), flush=True)
+    if args.out:
+        write(args, results)
+
+
+def write(args, rows: list[dict]) -> None:
+    from training.report import device_name, envelope, write_json
+
+    device = device_name()
+    summary: dict = {"device": device, "cuda_graphs": bool(rows and rows[0]["graphs"])}
+    for b in args.batch_sizes:
+        for mode in ("graph", "eager"):
+            for key in ("host_us_per_call", "wall_us_per_step"):
+                vals = [r[key] for r in rows if r["batch_size"] == b and r["mode"] == mode]
+                summary[f"{key}_{mode}_bs{b}"] = round(statistics.median(vals), 1)
+    config = {"steps": args.steps, "batch_sizes": args.batch_sizes, "tree": "default-63"}
+    write_json(args.out, envelope("kv_move_ab", device=device, config=config, rows=rows, summary=summary))
+    print("wrote", args.out)
 
 
 if __name__ == "__main__":
