@@ -180,4 +180,4 @@ def test_unknown_kv_move_setting_is_a_clear_error():
     res = subprocess.run([sys.executable, "-c", "import medusa_vllm.vllm_plugin.runner"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert "MEDUSA_VLLM_KV_MOVE='grpah': use 'eager'" in res.stderr, res.stderr[-2000:]
+    assert "MEDUSA_VLLM_KV_MOVE='grpah': use 'graph'" in res.stderr, res.stderr[-2000:]

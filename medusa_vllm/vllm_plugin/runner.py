@@ -70,16 +70,16 @@ GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
 # tree rows' logits with vLLM's own apply_penalties from each row's history spelled out and
 # raises on any difference (host syncs; tests)
 CHECK_PENALTIES = os.environ.get("MEDUSA_VLLM_CHECK_PENALTIES", "") not in ("", "0")
-# MEDUSA_VLLM_KV_MOVE=graph: a uniform greedy step moves its accepted KV inside the verify+heads
-# graph; default "eager": in a separate launch right after the replay. Both give the same tokens
-# (H200: identical acceptance); the in-graph move measured slower in its two H200 runs (1.00-1.06x
-# against 1.29x for the eager move at batch 1), but in a drifting machine state: the default stays
-# the measured design until an interleaved A/B (tools/gpu/kv_move_ab.py, then throughput.py with
-# "+MEDUSA_VLLM_KV_MOVE=graph") settles it
-_KV_MOVE = os.environ.get("MEDUSA_VLLM_KV_MOVE", "eager") or "eager"
+# MEDUSA_VLLM_KV_MOVE: where a uniform greedy step moves its accepted KV. "graph" (default): inside
+# the verify+heads CUDA graph, so the whole step after the forward is one replay; "eager": a
+# separate launch right after the replay. Same tokens (H200: same acceptance to 4 digits). On an
+# H200 without vLLM (tools/gpu/kv_move_ab.py, benchmarks/results/kv_move_ab_micro_h200.json) the
+# in-graph move saved 11-25 us of host time per step and 1-3 us of wall time at batch 1-64;
+# end-to-end interleaved runs could not tell the two apart (round-to-round noise +-25%)
+_KV_MOVE = os.environ.get("MEDUSA_VLLM_KV_MOVE", "graph") or "graph"
 if _KV_MOVE not in ("eager", "graph"):
-    raise ValueError(f"MEDUSA_VLLM_KV_MOVE={_KV_MOVE!r}: use 'eager' (the default: the accepted KV "
-                     "moves right after the verify+heads graph) or 'graph' (inside it), or unset it")
+    raise ValueError(f"MEDUSA_VLLM_KV_MOVE={_KV_MOVE!r}: use 'graph' (the default: the accepted KV "
+                     "moves inside the verify+heads graph) or 'eager' (a separate launch after it), or unset it")
 KV_MOVE_IN_GRAPH = _KV_MOVE == "graph"
 
 

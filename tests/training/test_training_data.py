@@ -1,5 +1,6 @@
 """Training data: chat JSONL parsing (ShareGPT / OpenAI), errors that name the line, the held-out
 split, token-id records, labels, batch plans, and self-distillation rounds (fake engine)."""
+import gzip
 import json
 from types import SimpleNamespace
 
@@ -95,6 +96,9 @@ def test_prompt_files(tmp_path):
     bad = write_lines(tmp_path, ['"ok"', '{"text": "no prompt key"}'], "p.jsonl")
     with pytest.raises(DataError, match=r"p.jsonl:2: expected a non-empty string"):
         read_prompts(bad, 0.05)
+    gz = tmp_path / "p.jsonl.gz"  # gzip-compressed JSONL: the form carried to a GPU machine
+    gz.write_bytes(gzip.compress(b'"one"\n{"prompt": "two", "split": "heldout"}\n'))
+    assert [(p.text, p.split) for p in read_prompts(gz, 0.0)] == [("one", "train"), ("two", "heldout")]
 
 
 @pytest.mark.parametrize("record, problem", [
