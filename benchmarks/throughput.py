@@ -337,18 +337,13 @@ def builtin_layout(heads: str, model: str, out_dir: Path) -> str:
 
 
 def paired_ratios(row: dict, base: dict | None) -> list[float] | None:
-    """Per round, this round's tokens/s over the baseline's same round (None: rounds unpaired)."""
+    """Per round, this round's tokens/s over the baseline's same round (None: rounds unpaired).
+    With interleaved engines each pair ran back to back, so drift between rounds cancels in
+    their median (``speedup_paired``); their spread is the run's noise."""
     a, b = row.get("round_tokens_per_s") or [], (base or {}).get("round_tokens_per_s") or []
     if not a or len(a) != len(b):
         return None
     return [x / y for x, y in zip(a, b)]
-
-
-def paired_speedup(row: dict, base: dict | None) -> float | None:
-    """Median over rounds of (this round's tokens/s / the baseline's same round): with
-    interleaved engines each pair ran back to back, so drift between rounds cancels."""
-    ratios = paired_ratios(row, base)
-    return statistics.median(ratios) if ratios else None
 
 
 def summarize(results: dict, args) -> tuple[list, dict]:
@@ -358,6 +353,7 @@ def summarize(results: dict, args) -> tuple[list, dict]:
     for config, res in results.items():
         for r in res["rows"]:
             b0 = base.get(r["batch_size"])
+            ratios = paired_ratios(r, b0) if interleaved else None
             same = None
             if b0 is not None and args.temperature == 0 and config != "baseline":
                 same = sum(x == y for x, y in zip(r["outputs"], b0["outputs"]))
@@ -365,10 +361,10 @@ def summarize(results: dict, args) -> tuple[list, dict]:
             rows.append({
                 "config": config, **{k: v for k, v in r.items() if k != "outputs"},
                 "speedup": r["tokens_per_s"] / b0["tokens_per_s"] if b0 else None,
-                "speedup_paired": paired_speedup(r, b0) if interleaved else None,
+                "speedup_paired": statistics.median(ratios) if ratios else None,
                 # every round's ratio: their spread is the run's noise (H200, 2026-12-05: one
                 # configuration's rounds ranged 0.85-1.34x at one batch size)
-                "speedup_paired_rounds": [round(x, 4) for x in paired_ratios(r, b0) or []] if interleaved else None,
+                "speedup_paired_rounds": [round(x, 4) for x in ratios or []] if interleaved else None,
                 "greedy_identical_requests": same,
                 "engine_start_s": res["engine_start_s"],
                 "output_digests": [output_digest(o) for o in r["outputs"]],  # compare across runs
