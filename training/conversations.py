@@ -104,7 +104,14 @@ def read_prompts(path: str | Path, heldout_fraction: float) -> list[Prompt]:
     """Prompts from a JSON list or JSONL file (``.gz``: gzip-compressed, e.g. to carry 10k
     prompts to a GPU machine in 3.5 MB)."""
     path = Path(path)
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    if path.suffix == ".gz":
+        try:
+            text = gzip.decompress(path.read_bytes()).decode()
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut file: EOFError
+            raise DataError(f"{path}: not a whole gzip file ({e}); compress it with gzip -9, "
+                            f"or pass the uncompressed .jsonl") from None
+    else:
+        text = path.read_text()
     if text.lstrip().startswith("["):
         try:
             items = [(i + 1, item) for i, item in enumerate(json.loads(text))]

@@ -99,6 +99,11 @@ def test_prompt_files(tmp_path):
     gz = tmp_path / "p.jsonl.gz"  # gzip-compressed JSONL: the form carried to a GPU machine
     gz.write_bytes(gzip.compress(b'"one"\n{"prompt": "two", "split": "heldout"}\n'))
     assert [(p.text, p.split) for p in read_prompts(gz, 0.0)] == [("one", "train"), ("two", "heldout")]
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gz.read_bytes()[:-12])
+    for bad_gz in (cut, write_lines(tmp_path, ['"plain text, not gzip"'], "p2.jsonl.gz")):
+        with pytest.raises(DataError, match=r"not a whole gzip file .*gzip -9"):
+            read_prompts(bad_gz, 0.0)
 
 
 @pytest.mark.parametrize("record, problem", [
