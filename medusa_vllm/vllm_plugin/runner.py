@@ -693,15 +693,13 @@ class MedusaRunnerMixin:
             logprobs = _expand_logprobs(base.logprobs_tensors, width) if base is not None else None
         return SamplerOutput(sampled_token_ids=tokens.int(), logprobs_tensors=logprobs), hidden_rows
 
-    def _medusa_logprobs(self, logits, row_of_node, accepted, tokens) -> LogprobsTensors | None:
+    def _medusa_logprobs(self, logits, row_of_node, accepted, tokens) -> LogprobsTensors:
         """vLLM's logprobs of every emitted token, from the raw logits of the row that produced
         it (the root's for the first token, each accepted node's for the next), in the
-        [B * (D+1)] layout of speculative decoding (vLLM drops the -1 slots); None when no
-        request asked. ``row_of_node`` [B, Q], ``accepted`` [B, D] node ids (-1 pad),
-        ``tokens`` [B, D+1] (-1 pad)."""
+        [B * (D+1)] layout of speculative decoding (vLLM drops the -1 slots); called when some
+        request asked (``max_num_logprobs`` set). ``row_of_node`` [B, Q], ``accepted`` [B, D]
+        node ids (-1 pad), ``tokens`` [B, D+1] (-1 pad)."""
         k = self.input_batch.sampling_metadata.max_num_logprobs
-        if k is None:
-            return None
         nodes = torch.cat([torch.zeros_like(accepted[:, :1]), accepted], dim=1).long().clamp_min(0)
         rows = row_of_node.gather(1, nodes).clamp_min(0).flatten()  # [B * (D+1)]
         x = logits[rows]
