@@ -227,6 +227,11 @@ def test_worker_stats_agree_with_vllm_metrics(medusa):
     # function moves the accepted KV too
     uniform = stats["uniform_greedy"]
     assert uniform["steps"] > 0 and uniform["graph_replays"] == 0, uniform
+    # those steps read their plan from the cache, and every forward ran eagerly (no CUDA graphs)
+    paths = stats["step_paths"]
+    assert sum(p.get("plan cached", 0) for p in paths.values()) >= uniform["steps"], paths
+    assert all(set(p) <= {"plan cached", "plan built", "forward NONE", "verify fixed-shape",
+                          "verify general"} for p in paths.values()), paths
     assert all("+KV move" in name for name in uniform["by_tree"]), uniform
     depth0 = m["vllm:spec_decode_num_accepted_tokens_per_pos[0]"] / m["vllm:spec_decode_num_drafts"]
     assert stats["acceptance_per_depth"][0] == pytest.approx(depth0, abs=0.02)
@@ -366,9 +371,15 @@ def test_adaptive_tree_identical_to_no_speculation(baseline, adaptive):
         assert measured["policy"] == "measured" and len(timed) >= 2, measured
         assert 1.1 < measured["tau"]["15"] < 4, measured
         assert measured["lookup"][-1][2] in (0, 3, 7, 15), measured
-    # uniform greedy steps of the smaller trees ran the fixed-shape verify+heads function too
+    # uniform greedy steps of the smaller trees ran the fixed-shape verify+heads function too,
+    # each on a cached plan (no plan built from the batch, no vLLM metadata made anew)
     by_tree = stats["uniform_greedy"]["by_tree"]
     assert sum(p["steps"] for name, p in by_tree.items() if "(15 nodes)" not in name) > 0, by_tree
+    paths = stats["step_paths"]
+    assert sum(paths.get(n, {}).get("plan cached", 0) for n in ("7", "3")) > 0, paths
+    for n, p in paths.items():
+        assert p.get("verify fixed-shape", 0) <= p.get("plan cached", 0), paths
+    assert not paths.get("0", {}).get("verify general"), paths  # a step without drafts verifies nothing
     assert stats["tree_steps"] > 0 and stats["mean_accepted_length"] > 1.1, stats
     for j in _greedy_jobs():
         assert result.outputs[j] == baseline.outputs[j], f"{mode}: job {j}"

@@ -145,14 +145,11 @@ class MedusaRunnerMixin:
         )
         self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
         # the plan of a step: one pinned copy (positions, masks, 3 per-request arrays); a uniform
-        # step (every request verifies the largest tree) reads per-batch-size device tensors
+        # step (every request verifies one whole tree) reads per-batch-size device tensors
         self._medusa_upload = PinnedUpload(self.max_num_tokens + 4 * self.max_num_reqs, self.device)
         sizes = self.medusa_tree_sizes
-        kmax = int(np.argmax(sizes))
-        self._medusa_uniform = (
-            UniformStepCache(kmax, self.medusa_offsets[kmax], self.max_num_reqs, self.device)
-            if sizes.count(sizes[kmax]) == 1 else None  # two largest trees: a step may mix them
-        )
+        # what each step ran, per draft count (diagnostics: medusa_stats()["step_paths"])
+        self.medusa_paths = StepPaths()
         # which (head, rank) each node of each tree reads: [NT, Tmax]
         self.medusa_head_idx = (self.medusa_trees.depths[:, 1:] - 1).clamp_min(0)
         self.medusa_rank_idx = self.medusa_trees.ranks[:, 1:].clamp_min(0)
@@ -188,6 +185,12 @@ class MedusaRunnerMixin:
         # TP); plain code on the CPU. One set per tree the engine may verify: the main tree, and
         # with the load-adaptive tree each of its sizes
         graph_trees = self.medusa_policy.order if self.medusa_cfg.adaptive else [int(np.argmax(sizes))]
+        # the uniform steps' plans, per query length (1 + nodes) of those trees, from a cache (a
+        # size two trees share is left out: a step's draft count would not name its tree)
+        self._medusa_uniform = {
+            1 + sizes[k]: UniformStepCache(k, self.medusa_offsets[k], self.max_num_reqs, self.device)
+            for k in graph_trees if sizes.count(sizes[k]) == 1
+        }
         # inputs argmax, drafts, hidden, tree ids (+ the slot mapping when the KV move is in
         # the graph: then a padded replay's extra requests get -1 drafts and slots, so they
         # accept nothing and move no KV)
@@ -313,11 +316,15 @@ class MedusaRunnerMixin:
         if (q in self._medusa_uniform_lens and num_tokens == q * num_reqs
                 and kwargs.get("force_uniform_decode") is None):
             with self._medusa_query_len(q):
-                return super()._determine_batch_execution_and_padding(
+                out = super()._determine_batch_execution_and_padding(
                     num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens,
                     *args, **kwargs)
-        return super()._determine_batch_execution_and_padding(
-            num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *args, **kwargs)
+        else:
+            out = super()._determine_batch_execution_and_padding(
+                num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *args, **kwargs)
+        if kwargs.get("force_uniform_decode") is None:  # a step's, not a capture's
+            self.medusa_paths.count(f"forward {getattr(out[0], 'name', out[0])}")
+        return out
 
     def _medusa_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._medusa_kv_views is None:
@@ -415,11 +422,12 @@ class MedusaRunnerMixin:
     def _calc_spec_decode_metadata(self, num_draft_tokens, cu_num_scheduled_tokens):
         # a uniform step: vLLM's index tensors of that batch size from the cache (it pins and
         # copies five fresh ones a step otherwise); only the drafts are read anew
-        b, q = len(num_draft_tokens), self.medusa_max_query
-        if (self._medusa_uniform is None or b == 0 or cu_num_scheduled_tokens[-1] != b * q
-                or not (num_draft_tokens == q - 1).all()):
+        b = len(num_draft_tokens)
+        q = int(cu_num_scheduled_tokens[-1]) // b if b else 0
+        cache = self._medusa_uniform.get(q)
+        if cache is None or cu_num_scheduled_tokens[-1] != b * q or not (num_draft_tokens == q - 1).all():
             return super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
-        u = self._medusa_uniform.get(b)
+        u = cache.get(b)
         if u.spec_meta is None:
             u.spec_meta = super()._calc_spec_decode_metadata(num_draft_tokens, cu_num_scheduled_tokens)
         return dataclasses.replace(
@@ -428,34 +436,46 @@ class MedusaRunnerMixin:
         )
 
     def _medusa_uniform_plan(self, scheduler_output, num_scheduled_tokens) -> bool:
-        """The plan of a step in which every request decodes the full largest tree, from the
-        per-batch-size cache (no host-to-device copy); False if the step is not uniform."""
+        """The plan of a step in which every request decodes the drafts of one whole tree that
+        has a cache (the largest; with the load-adaptive tree each size), from the per-batch-size
+        cache (no host-to-device copy); False if the step is not such a step."""
         num_reqs = self.input_batch.num_reqs
-        q = self.medusa_max_query
-        if (self._medusa_uniform is None
-                or len(scheduler_output.scheduled_spec_decode_tokens) != num_reqs
-                or not (num_scheduled_tokens == q).all()
+        if num_reqs == 0 or len(scheduler_output.scheduled_spec_decode_tokens) != num_reqs:
+            return False
+        q = int(num_scheduled_tokens[0])
+        cache = self._medusa_uniform.get(q)
+        if (cache is None or not (num_scheduled_tokens == q).all()
                 or not (self.input_batch.num_computed_tokens_cpu[:num_reqs]
                         >= self.input_batch.num_prompt_tokens[:num_reqs]).all()):
             return False
         req_ids = self.input_batch.req_ids[:num_reqs]
         if self.use_async_scheduling and not all(self._medusa_can_speculate(r) for r in req_ids):
             return False
-        u = self._medusa_uniform.get(num_reqs)
+        k = cache.tree_id
+        if self.medusa_tree_sizes[k] != max(self.medusa_tree_sizes):
+            # a smaller tree: every request's drafts must follow it (after a change of tree
+            # the first step verifies the earlier tree's drafts, cut to this count)
+            trees = self._medusa_req_tree
+            if not all(trees.get(r) == k for r in req_ids):
+                return False
+        u = cache.get(num_reqs)
         n_tok = num_reqs * q
         self.positions[:n_tok] += u.position_delta
         self.medusa_attn.mask_ids.copy_(u.mask_ids)
         self.medusa_attn.step = TreeAttnStep(num_reqs, n_tok, all_reqs=True)
         self._medusa_plan_delta = u.position_delta_np
         self._medusa_step = {
-            "uniform_tree": self._medusa_uniform.tree_id, "spec_ok": u.spec_ok, "spec_ok_np": u.spec_ok_np,
+            "uniform_tree": k, "spec_ok": u.spec_ok, "spec_ok_np": u.spec_ok_np,
             "num_drafts": u.num_drafts, "tree_ids": u.tree_ids, "num_tokens": n_tok,
         }
         return True
 
     def _medusa_plan(self, scheduler_output, num_scheduled_tokens) -> None:
+        paths = self.medusa_paths
+        paths.key = _step_key(num_scheduled_tokens, self.input_batch, scheduler_output)
         if self._medusa_uniform_plan(scheduler_output, num_scheduled_tokens):
             self._medusa_masks_set = True
+            paths.count("plan cached")
             return
         if not any(scheduler_output.scheduled_spec_decode_tokens.values()):
             # no drafts anywhere (the load-adaptive tree chose none, or nothing was proposed):
@@ -468,6 +488,7 @@ class MedusaRunnerMixin:
                 self._medusa_masks_set = False
             return
         self._medusa_masks_set = True
+        paths.count("plan built")
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         spec = scheduler_output.scheduled_spec_decode_tokens
@@ -554,9 +575,11 @@ class MedusaRunnerMixin:
             out = super()._sample(logits, spec_decode_metadata)
             rows = None  # one logits row per request, in order
         elif self._medusa_uniform_greedy(logits):
+            self.medusa_paths.count("verify fixed-shape")
             with region("medusa: verify+heads"):
                 return self._medusa_uniform_sample(logits, spec_decode_metadata)
         else:
+            self.medusa_paths.count("verify general")
             with region("medusa: verify"):
                 out, rows = self._medusa_sample(logits, spec_decode_metadata)
         # the next drafts right away (the hidden state of each request's last accepted token):
@@ -811,6 +834,19 @@ class MedusaRunnerMixin:
         return ok
 
 
+def _step_key(num_scheduled_tokens, input_batch, scheduler_output) -> str:
+    """StepPaths' key of a step: the draft count every request decodes ("0": none), or "mixed"
+    (a prefill chunk, unequal counts)."""
+    n = len(num_scheduled_tokens)
+    if n == 0 or not (num_scheduled_tokens == num_scheduled_tokens[0]).all():
+        return "mixed"
+    if not (input_batch.num_computed_tokens_cpu[:n] >= input_batch.num_prompt_tokens[:n]).all():
+        return "mixed"
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    drafts = int(num_scheduled_tokens[0]) - 1
+    return str(drafts) if drafts == 0 or len(spec) == n else "mixed"
+
+
 def _sampling_batch(sm, num_reqs: int, device) -> SamplingBatch:
     temp = sm.temperature if sm.temperature is not None else torch.zeros(num_reqs, device=device)
     top_k = sm.top_k.long() if sm.top_k is not None else torch.zeros(num_reqs, dtype=torch.int64, device=device)
@@ -834,6 +870,28 @@ def _expand_logprobs(lt: LogprobsTensors | None, width: int) -> LogprobsTensors 
 
     return LogprobsTensors(spread(lt.logprob_token_ids), spread(lt.logprobs),
                            spread(lt.selected_token_ranks))
+
+
+class StepPaths:
+    """How many steps of each kind took each path: keyed by the step's draft count per request
+    ("0": no drafts, "mixed": prefill chunks or unequal counts), e.g. ``{"63": {"plan cached":
+    812, "forward FULL": 812, "verify fixed-shape": 812}}``. Host counters (a dict increment a
+    step), read by summary(): they tell a step that left its fast path (a plan built from the
+    batch, a forward outside FULL CUDA graphs, the general verifier) from one that stayed on it."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.key = "mixed"  # this step's key, set by the plan
+
+    def count(self, what: str, key: str | None = None) -> None:
+        k = (key or self.key, what)
+        self.counts[k] = self.counts.get(k, 0) + 1
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (key, what), n in sorted(self.counts.items()):
+            out.setdefault(key, {})[what] = n
+        return out
 
 
 class MedusaStats:

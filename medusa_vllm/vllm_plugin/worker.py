@@ -38,6 +38,9 @@ class MedusaStatsMixin:
         return runner.medusa_stats.summary() | {
             "attention": attention, "uniform_greedy": _graphs_summary(runner._medusa_graphs),
             "async_scheduling": bool(runner.use_async_scheduling),
+            # per draft count of a step: how its plan, forward (CUDA graph mode) and
+            # verification ran (runner.StepPaths)
+            "step_paths": runner.medusa_paths.summary(),
             # MEDUSA_VLLM_CHECK_PENALTIES: tree rows checked against vLLM's penalties so far
             "penalty_rows_checked": runner._medusa_penalty_rows,
             # adaptive + async: the batch-size -> draft count schedule vLLM's scheduler follows
