@@ -37,6 +37,37 @@ RepetitionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
+class LogitBias:
+    """Per-request additive biases (OpenAI's ``logit_bias``): E entries over the batch."""
+
+    req: torch.Tensor  # [E] int64 request of each entry
+    token: torch.Tensor  # [E] int64 token it biases
+    value: torch.Tensor  # [E] float32 added to that token's logit
+    max_rows: int  # Q: the most rows a request has (1 + the largest tree's nodes), host-known
+
+
+def add_logit_bias(logits: torch.Tensor, req: torch.Tensor, bias: LogitBias) -> torch.Tensor:
+    """In place: every row of a request gets its biases added, ``logits[row, token] += value``
+    (vLLM's ``LogitBiasLogitsProcessor`` on the row's request). ``req`` [R] must be sorted (rows
+    grouped by request, as the tree rows are), every request with at least one row. No host
+    sync: each entry is spread over Q row slots, those past its request's rows adding 0.0 to a
+    row it has (x + 0.0 is x), so the accumulation adds each bias once."""
+    r = logits.shape[0]
+    if bias.req.numel() == 0 or r == 0:
+        return logits
+    start = torch.searchsorted(req, bias.req)  # [E] first row of each entry's request
+    end = torch.searchsorted(req, bias.req, right=True)  # [E] one past its last
+    slots = torch.arange(bias.max_rows, device=logits.device)
+    rows = start[:, None] + slots[None, :]  # [E, Q]
+    valid = rows < end[:, None]
+    rows = torch.where(valid, rows, start[:, None].clamp_max(r - 1))
+    values = torch.where(valid, bias.value[:, None].to(logits.dtype), 0.0)
+    tokens = bias.token[:, None].expand_as(rows)
+    logits.index_put_((rows.reshape(-1), tokens.reshape(-1)), values.reshape(-1), accumulate=True)
+    return logits
+
+
+@dataclass
 class Penalties:
     """Per-request penalty state of a step (B requests); the first five None: no penalties."""
 
@@ -50,6 +81,7 @@ class Penalties:
     # [B, C] the tokens a penalty can touch besides a row's path: the prompt's and the output's
     # (repeats and padding allowed: any value outside [0, V) is padding); needed with penalties
     candidates: torch.Tensor | None = None
+    bias: LogitBias | None = None  # logit_bias entries (added first, as vLLM's sampler orders them)
 
 
 def path_tokens(
@@ -76,9 +108,12 @@ def apply_tree_penalties(
     path: torch.Tensor,  # [R, D] int64 path tokens of each row (path_tokens), -1 pad
     pen: Penalties,
 ) -> torch.Tensor:
-    """Each row's logits as vLLM would penalize them with the request's output so far plus the
-    row's path (and -inf outside its allowed tokens). Returns ``logits``."""
+    """Each row's logits as vLLM's sampler would process them with the request's output so far
+    plus the row's path: its logit biases, then its penalties (and -inf outside its allowed
+    tokens, which vLLM applies first: -inf stays -inf through both). Returns ``logits``."""
     r, v = logits.shape
+    if pen.bias is not None:
+        add_logit_bias(logits, req, pen.bias)
     if pen.output_counts is not None:
         _penalize(logits, req, path, pen)
     if pen.allowed_mask is not None:

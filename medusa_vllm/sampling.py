@@ -21,6 +21,7 @@ class SamplingBatch:
     top_p: torch.Tensor  # [B] float32; >= 1 means off
     generators: dict[int, torch.Generator] | None = None  # request row -> its own generator
     filtered: bool = True  # host-known: some row uses top-k/top-p (False skips the sort)
+    min_p: torch.Tensor | None = None  # [B] float32, 0 = off (None: no request uses it)
 
     @property
     def is_greedy(self) -> torch.Tensor:  # [B] bool
@@ -29,7 +30,8 @@ class SamplingBatch:
     def take(self, rows: torch.Tensor) -> SamplingBatch:
         """The parameters of ``rows`` (a [M] index into the batch), e.g. one per tree row."""
         return SamplingBatch(
-            self.temperature[rows], self.top_k[rows], self.top_p[rows], None, self.filtered
+            self.temperature[rows], self.top_k[rows], self.top_p[rows], None, self.filtered,
+            None if self.min_p is None else self.min_p[rows],
         )
 
     @classmethod
@@ -43,7 +45,8 @@ class SamplingBatch:
 
 
 def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
-    """[M, V] logits -> [M, V] float32 probabilities after temperature, top-k and top-p.
+    """[M, V] logits -> [M, V] float32 probabilities after temperature, min-p, top-k and top-p
+    (vLLM's sampler's order).
 
     Rows of greedy requests get temperature 1 (their probabilities are not used to sample).
     """
@@ -54,9 +57,19 @@ def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
     p = sampling.top_p
     use_k = (k > 0) & (k < vocab)
     use_p = p < 1.0
+    if sampling.min_p is not None:
+        x = _apply_min_p(x, sampling.min_p)
     if sampling.filtered:
         x = _apply_top_k_top_p(x, torch.where(use_k, k, vocab), torch.where(use_p, p, 1.0))
     return torch.softmax(x, dim=-1)
+
+
+def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits whose probability is below ``min_p`` [M] times the row's largest (vLLM's
+    ``MinPLogitsProcessor``, the same operations; min_p 0 masks nothing)."""
+    probs = torch.softmax(x, dim=-1)
+    threshold = torch.amax(probs, dim=-1, keepdim=True).mul_(min_p.unsqueeze(1))
+    return x.masked_fill(probs < threshold, float("-inf"))
 
 
 def _apply_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def requests(server: Server, model: str, specs: list[RequestSpec], timeout: floa
 
 def error_of(r: httpx.Response) -> tuple[int, str]:
     """(code, message) of an error answer: the JSON error body, or for a stream refused after it
-    began (vLLM checks min_p / logit_bias in the engine, after the 200), its error event."""
+    began (an error the engine raises after the 200), its error event."""
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         for line in r.text.splitlines():
             if line.startswith("data: {") and '"error"' in line:

@@ -117,3 +117,55 @@ def test_matches_vllms_apply_penalties():
     prompt_t = torch.tensor([prompts[int(b)] + [VOCAB] * (ppad - len(prompts[int(b)])) for b in req])
     want = utils.apply_penalties(logits.clone(), prompt_t, out_t, pres[req], freq[req], rep[req])
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- logit bias
+def _bias_entries():
+    # requests 0, 2 and 4 carry biases (request 2 has no drafts: its root row only); request 4's
+    # -100 on token 3 and +5 on token 7 can flip a greedy argmax
+    req = torch.tensor([0, 0, 2, 4, 4])
+    token = torch.tensor([1, 30, 5, 3, 7])
+    value = torch.tensor([2.5, -1.0, 0.75, -100.0, 5.0])
+    return req, token, value
+
+
+def test_logit_bias_reaches_every_row_of_its_request_only():
+    from medusa_vllm.penalties import LogitBias, add_logit_bias
+
+    trees, _, num_drafts, *_, logits = _batch(0)
+    req, _ = _rows(num_drafts)
+    breq, token, value = _bias_entries()
+    got = add_logit_bias(logits.clone(), req, LogitBias(breq, token, value, max_rows=16))
+    want = logits.clone()
+    for r in range(len(req)):
+        for b, t, v in zip(breq.tolist(), token.tolist(), value.tolist()):
+            if b == int(req[r]):
+                want[r, t] += v  # vLLM's LogitBiasLogitsProcessor: logits[req, token] += bias
+    assert torch.equal(got, want)
+    assert not torch.equal(got, logits)
+
+
+def test_logit_bias_comes_before_the_penalties_as_in_vllms_sampler():
+    """Repetition penalties scale by sign, so the order matters: vLLM adds the bias first."""
+    from medusa_vllm.penalties import LogitBias
+
+    trees, tree_ids, num_drafts, drafts, outputs, prompts, pres, freq, rep, logits = _batch(1)
+    req, slot = _rows(num_drafts)
+    breq, token, value = _bias_entries()
+    pen = _state(outputs, prompts, pres, freq, rep)
+    pen.bias = LogitBias(breq, token, value, max_rows=16)
+    path = path_tokens(drafts_with_root(drafts), trees.parents[tree_ids], req, slot, trees.max_depth)
+    got = apply_tree_penalties(logits.clone(), req, path, pen)
+    for r in range(len(req)):
+        b = int(req[r])
+        x = logits[r].clone()
+        for bb, t, v in zip(breq.tolist(), token.tolist(), value.tolist()):
+            if bb == b:
+                x[t] += v
+        hist = outputs[b] + _history(TREES[int(tree_ids[b])], drafts[b].tolist(), int(slot[r]))[::-1]
+        want = _reference_row(x, prompts[b], hist, float(pres[b]), float(freq[b]), float(rep[b]))
+        assert torch.equal(got[r], want), r
+
+
+def drafts_with_root(drafts):
+    return torch.cat([torch.zeros_like(drafts[:, :1]), drafts], dim=1)

@@ -109,20 +109,29 @@ HI = [{"role": "user", "content": "hi"}]
                               "max_tokens": 8, "stream": True}, "maximum context length"),
     ("/v1/completions", {"prompt": "hello", "max_tokens": 5000}, "cannot be greater than max_model_len"),
     ("/v1/completions", {"prompt": "hello", "max_tokens": 0}, "max_tokens must be at least 1"),
-    ("/v1/chat/completions", {"messages": HI, "max_tokens": 8, "logit_bias": {"42": 5}},
-     "not yet supported with speculative decoding"),
-    ("/v1/chat/completions", {"messages": HI, "max_tokens": 8, "min_p": 0.1},
-     "not yet supported with speculative decoding"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 8, "min_p": 0.1, "stream": True},
-     "not yet supported with speculative decoding"),
     ("/v1/chat/completions", {"messages": HI, "max_tokens": 8, "n": 2, "temperature": 0},
      "n must be 1 when using greedy sampling"),
-], ids=["long-prompt", "long-chat-stream", "max-tokens-over-context", "max-tokens-0", "logit-bias",
-        "min-p", "min-p-stream", "n2-greedy"])
+], ids=["long-prompt", "long-chat-stream", "max-tokens-over-context", "max-tokens-0", "n2-greedy"])
 def test_bad_request_gets_400(medusa, model, path, body, message):
     code, text = error_of(post(medusa, path, {"model": model, **body}))
     assert code == 400 and message in text, (code, text)
     assert medusa.healthy()
+
+
+def test_logit_bias_and_min_p_are_served(medusa, no_spec, model):
+    """vLLM refuses both under speculative decoding; medusa_vllm serves them (biases and min-p
+    per tree row): a greedy biased answer is the oracle's, min-p requests (streamed too) run."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 24, "temperature": 0, "logit_bias": {"260": -100, "284": 3}}
+    got, want = (post(s, "/v1/chat/completions", body) for s in (medusa, no_spec))
+    assert got.status_code == want.status_code == 200, (got.text, want.text)
+    assert got.json()["choices"][0]["message"] == want.json()["choices"][0]["message"]
+    plain = post(no_spec, "/v1/chat/completions", {k: v for k, v in body.items() if k != "logit_bias"})
+    assert plain.json()["choices"][0]["message"] != want.json()["choices"][0]["message"]  # it biased
+    for path, extra in [("/v1/chat/completions", {"messages": HI}),
+                        ("/v1/completions", {"prompt": "hi", "stream": True})]:
+        r = post(medusa, path, {"model": model, "max_tokens": 8, "min_p": 0.1, "temperature": 0.9, **extra})
+        assert r.status_code == 200 and '"error"' not in r.text, r.text
 
 
 def test_sampled_n2_and_logprobs_are_served(medusa, no_spec, model):

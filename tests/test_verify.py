@@ -154,6 +154,48 @@ def test_rejection_respects_top_k():
     assert len(allowed) == 2 and set(out.tokens[:, 0].tolist()) <= allowed
 
 
+def _vllm_min_p(logits, min_p):
+    """vLLM's MinPLogitsProcessor.apply on ``logits`` (its state set directly)."""
+    from vllm.v1.sample.logits_processor import MinPLogitsProcessor
+
+    proc = MinPLogitsProcessor.__new__(MinPLogitsProcessor)
+    proc.min_p_count, proc.min_p = int((min_p > 0).sum()), min_p.unsqueeze(1)
+    return proc.apply(logits.clone())
+
+
+def test_min_p_after_temperature_as_vllm_applies_it():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 50, generator=g) * 3
+    temp = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.5, 2.0])
+    min_p = torch.tensor([0.1, 0.0, 0.3, 0.05, 0.2, 0.5])
+    s = SamplingBatch(temp, torch.zeros(6, dtype=torch.int64), torch.ones(6), filtered=False, min_p=min_p)
+    got = target_probs(logits, s)
+    want = torch.softmax(_vllm_min_p(logits / temp[:, None], min_p), dim=-1)  # temperature, then min-p
+    assert torch.equal(got, want)
+    kept = (got > 0).sum(1)
+    assert kept[1] == 50 and (kept[[0, 2, 4, 5]] < 50).all(), kept  # min_p 0 keeps every token
+    # and through take(): one request's min-p on each of its tree rows
+    rows = torch.tensor([2, 2, 5])
+    assert torch.equal(target_probs(logits[rows], s.take(rows)), want[rows])
+
+
+def test_rejection_respects_min_p():
+    batch, vocab = 4000, 6
+    _, _, logits, rows, drafts = _stat_setup(batch, vocab)
+    s = _sampled(batch)
+    s.min_p = torch.full((batch,), 0.4)
+    trees = TreeTensors.build([TREE])
+    out = verify_rejection(logits, rows, drafts, torch.full((batch,), 7), torch.zeros(batch, dtype=torch.int64),
+                           trees, s)
+    allowed = set(target_probs(logits[:1], s.take(torch.tensor([0]))).nonzero()[:, 1].tolist())
+    assert 1 < len(allowed) < vocab and set(out.tokens[:, 0].tolist()) <= allowed
+    # without min-p the same draws leave that set (so the check above can fail)
+    s.min_p = None
+    loose = verify_rejection(logits, rows, drafts, torch.full((batch,), 7), torch.zeros(batch, dtype=torch.int64),
+                             trees, s)
+    assert not set(loose.tokens[:, 0].tolist()) <= allowed
+
+
 def test_typical_acceptance_thresholds():
     trees = TreeTensors.build([TREE])
     logits = torch.zeros(8, 10)

@@ -14,6 +14,7 @@ acceptance) must fail that same test.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -67,13 +68,22 @@ PENALTIES = [dict(_GREEDY, **kw) for kw in (
     dict(repetition_penalty=1.3), dict(presence_penalty=0.8), dict(frequency_penalty=0.6),
     dict(repetition_penalty=1.15, presence_penalty=0.3, frequency_penalty=0.2),
     dict(repetition_penalty=0.85),  # < 1: favours repeats
-    dict(allowed_token_ids=list(range(5000))), dict(frequency_penalty=-0.4), {})]
+    dict(allowed_token_ids=list(range(5000))), dict(frequency_penalty=-0.4), {},
+    # logit biases (token ids of SmolLM2's tokenizer): " the" banned, "." down, " and" up; then
+    # " a" down and "," up under a repetition penalty (the bias comes first, as in vLLM)
+    dict(logit_bias={260: -100.0, 30: -3.0, 284: 2.0}),
+    dict(logit_bias={253: -5.0, 28: 1.5}, repetition_penalty=1.2))]
+BIASED = (8, 9)  # their indices in PENALTIES
 
 
 # logprobs: from the raw logits of the row that produced each token, drafted requests too
 LOGPROBS = [dict(_GREEDY, **kw) for kw in (
     dict(logprobs=3), dict(logprobs=0), dict(logprobs=1, repetition_penalty=1.2), {},
-    dict(temperature=0.8, seed=3, logprobs=2), dict(logprobs=5))]
+    dict(temperature=0.8, seed=3, logprobs=2), dict(logprobs=5),
+    # min-p: every sampled token's probability at least min_p times the top one's (T = 1)
+    dict(temperature=1.0, seed=11, min_p=0.3, logprobs=1),
+    dict(temperature=1.0, seed=12, min_p=0.3, logprobs=1))]
+MIN_P = (6, 7)  # their indices in LOGPROBS
 
 
 def generate_logprobs(llm, prompts: list[str], kwargs: list[dict]) -> list:
@@ -101,8 +111,8 @@ def _jobs(prompts, sample_prompt):
     jobs.append((abort_midway, (prompts[:12], MAX_TOKENS, 3)))
     # penalties and allowed token ids: applied per tree row (the request's output + the row's
     # path), so these requests speculate and still decode exactly as without speculation
-    jobs.append((prompts[:8], PENALTIES))
-    jobs.append((generate_logprobs, (prompts[:6], LOGPROBS)))
+    jobs.append((prompts[: len(PENALTIES)], PENALTIES))
+    jobs.append((generate_logprobs, (prompts[: len(LOGPROBS)], LOGPROBS)))
     # the sampling-distribution sample: one prompt, many seeds, 3 tokens each
     sampled = [dict(temperature=1.0, seed=1000 + k, max_tokens=3) for k in range(SAMPLES)]
     jobs.append(([sample_prompt] * SAMPLES, sampled))
@@ -285,6 +295,11 @@ def test_penalty_requests_speculate_and_match_no_speculation(baseline, medusa):
     plain = [*baseline.outputs[0], *baseline.outputs[1], *baseline.outputs[2][:3]]
     changed = sum(p != o for p, o in zip(plain, baseline.outputs[PENALTY_JOB][:7]))
     assert changed >= 3, changed  # 4 of 7 in 20 tokens (fp32, CPU)
+    # the logit biases too (prompts 8 and 9 are in the batch of 16: prompts 5-20); the banned
+    # token never comes
+    for k in BIASED:
+        assert baseline.outputs[PENALTY_JOB][k] != baseline.outputs[2][k - 5], k
+    assert 260 not in medusa.outputs[PENALTY_JOB][BIASED[0]]
 
 
 def _same_logprobs(base: list, spec: list) -> None:
@@ -303,6 +318,26 @@ def _same_logprobs(base: list, spec: list) -> None:
         for pos, (db, ds) in enumerate(zip(lp_b, lp_s)):
             assert set(db) == set(ds), (k, pos, db, ds)
             assert all(abs(db[t] - ds[t]) < 1e-3 for t in db), (k, pos, db, ds)
+
+
+def _min_p_holds(outputs) -> int:
+    """Positions checked: each min-p request's sampled token has a raw log-probability (T = 1,
+    no penalties: the distribution min-p cuts) of at least log(min_p) + the top token's."""
+    checked = 0
+    for k in MIN_P:
+        tokens, lps = outputs[k]
+        floor = math.log(LOGPROBS[k]["min_p"])
+        for t, d in zip(tokens, lps):
+            assert d[t] >= floor + max(d.values()) - 1e-4, (k, t, d)
+            checked += 1
+    return checked
+
+
+def test_min_p_requests_sample_inside_min_p(baseline, medusa):
+    """min-p with speculation: tokens accepted from the tree obey it as vLLM's sampler does."""
+    assert _min_p_holds(baseline.outputs[LOGPROB_JOB]) > 0
+    assert _min_p_holds(medusa.outputs[LOGPROB_JOB]) > 0
+    assert _min_p_holds(medusa.outputs[-2]) > 0  # the rerun, alone
 
 
 def test_logprob_requests_speculate_and_match_no_speculation(baseline, medusa):

@@ -9,8 +9,9 @@ It patches three places of ``EngineArgs``, each a thin wrapper that calls the or
   ``custom_class`` method + ``additional_config["medusa_vllm"]`` + our worker class, after
   validating heads, tree and options (:mod:`medusa_vllm.vllm_plugin.config`).
 
-registers our tree attention backend as vLLM's CUSTOM backend, and makes stop strings cut a
-multi-token step at the right token (:mod:`.stops`). Everything that runs inside the
+registers our tree attention backend as vLLM's CUSTOM backend, makes stop strings cut a
+multi-token step at the right token (:mod:`.stops`), and lets medusa_vllm configs serve
+``min_p`` and ``logit_bias`` (which vLLM refuses under speculative decoding). Everything that runs inside the
 engine lives in :mod:`.runner` (model runner), :mod:`.proposer` (heads), :mod:`.attention`.
 """
 
@@ -32,6 +33,7 @@ def register() -> None:
     _patch_cli(EngineArgs)
     _patch_engine_config(EngineArgs)
     _patch_async_scheduling_check()
+    _patch_min_p_and_logit_bias()
     _register_attention_backend()
     from medusa_vllm.vllm_plugin.stops import patch_stop_strings
 
@@ -151,6 +153,55 @@ def _patch_async_scheduling_check() -> None:
         return original_override(self, *args, **kwargs)
 
     VllmConfig._maybe_override_dynamic_sd_cudagraph_mode = override
+
+
+def _is_medusa_spec(speculative_config: Any) -> bool:
+    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS
+
+    return (getattr(speculative_config, "method", None) == "custom_class"
+            and getattr(speculative_config, "model", None) == PROPOSER_CLASS)
+
+
+def _patch_min_p_and_logit_bias() -> None:
+    """vLLM 0.26 refuses ``min_p`` and ``logit_bias`` under any speculative config (its rejection
+    sampler ignores them) and then builds no min-p or logit-bias processor. medusa_vllm's
+    verifier applies both per tree row (logit biases before the penalties, min-p after the
+    temperature, as vLLM's sampler does), so for medusa_vllm configs the check is skipped and
+    vLLM's builtin processors are built: they keep each request's values by batch index, and
+    vLLM's own sampler applies them to requests without drafts. Custom logits processors stay
+    refused (the tree rows would not see them)."""
+    from vllm import SamplingParams
+    from vllm.v1.worker import gpu_model_runner
+
+    original_check = SamplingParams._validate_spec_decode
+    if getattr(original_check, "_medusa_vllm", False):
+        return
+
+    @functools.wraps(original_check)
+    def _validate_spec_decode(self, speculative_config):
+        if speculative_config is not None and _is_medusa_spec(speculative_config):
+            return None
+        return original_check(self, speculative_config)
+
+    _validate_spec_decode._medusa_vllm = True
+    SamplingParams._validate_spec_decode = _validate_spec_decode
+
+    original_build = gpu_model_runner.build_logitsprocs
+
+    @functools.wraps(original_build)
+    def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs=()):
+        if (vllm_config.speculative_config is not None and not is_pooling_model
+                and (vllm_config.additional_config or {}).get("medusa_vllm")):
+            from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, LogitsProcessors
+
+            if custom_logitsprocs:
+                return original_build(vllm_config, device, is_pin_memory, is_pooling_model,
+                                      custom_logitsprocs)  # vLLM's refusal
+            return LogitsProcessors(ctor(vllm_config, device, is_pin_memory)
+                                    for ctor in BUILTIN_LOGITS_PROCESSORS)
+        return original_build(vllm_config, device, is_pin_memory, is_pooling_model, custom_logitsprocs)
+
+    gpu_model_runner.build_logitsprocs = build_logitsprocs
 
 
 def adaptive_summary(llm: Any) -> dict | None:

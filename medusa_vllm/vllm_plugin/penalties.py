@@ -7,26 +7,57 @@ from __future__ import annotations
 
 import torch
 
-from medusa_vllm.penalties import Penalties, apply_tree_penalties, path_tokens
+from medusa_vllm.penalties import LogitBias, Penalties, apply_tree_penalties, path_tokens
 from medusa_vllm.tree_tensors import TreeTensors
 
 
+def logit_bias_processor(sm):
+    """vLLM's logit-bias processor of the batch if some request has a ``logit_bias``, else None
+    (the plugin builds vLLM's builtin processors for medusa_vllm: vllm_plugin.register)."""
+    from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
+
+    procs = getattr(sm, "logitsprocs", None)
+    for p in (procs.non_argmax_invariant if procs is not None else ()):
+        if isinstance(p, LogitBiasLogitsProcessor) and p.biases:
+            return p
+    return None
+
+
+def min_p_of(sm, num_reqs: int) -> torch.Tensor | None:
+    """[B] float32 min-p of each request (0: off) from vLLM's min-p processor, or None if no
+    request of the batch uses it."""
+    from vllm.v1.sample.logits_processor import MinPLogitsProcessor
+
+    procs = getattr(sm, "logitsprocs", None)
+    for p in (procs.argmax_invariant if procs is not None else ()):
+        if isinstance(p, MinPLogitsProcessor) and p.min_p_count:
+            return p.min_p[:num_reqs, 0].float()
+    return None
+
+
 def needs_tree_processing(sm) -> bool:
-    """Some request of the batch has penalties or an allowed-token list."""
-    return not sm.no_penalties or sm.allowed_token_ids_mask is not None
+    """Some request of the batch has penalties, an allowed-token list or logit biases."""
+    return (not sm.no_penalties or sm.allowed_token_ids_mask is not None
+            or logit_bias_processor(sm) is not None)
 
 
-def penalties_of(sm, num_reqs: int, vocab: int, device: torch.device) -> Penalties:
-    """The batch's penalty state (B = ``num_reqs`` requests, in batch order). Call
-    ``input_batch.update_async_output_token_ids()`` first under asynchronous scheduling."""
+def penalties_of(sm, num_reqs: int, vocab: int, device: torch.device, max_rows: int = 1) -> Penalties:
+    """The batch's penalty state (B = ``num_reqs`` requests, in batch order; ``max_rows``: the
+    most logits rows a request has). Call ``input_batch.update_async_output_token_ids()``
+    first under asynchronous scheduling."""
     from vllm._custom_ops import apply_repetition_penalties
     from vllm.model_executor.layers.utils import get_token_bin_counts_and_mask
     from vllm.utils.torch_utils import PIN_MEMORY, make_tensor_with_pad
 
     allowed = sm.allowed_token_ids_mask
     allowed = allowed[:num_reqs] if allowed is not None else None
+    bias = None
+    proc = logit_bias_processor(sm)
+    if proc is not None:  # entries (batch index, token) -> value, on the device already
+        reqs, tokens = proc.logits_slice
+        bias = LogitBias(reqs.long(), tokens.long(), proc.bias_tensor.float(), max_rows)
     if sm.no_penalties:
-        return Penalties(None, None, None, None, None, allowed)
+        return Penalties(None, None, None, None, None, allowed, bias=bias)
     _, prompt_mask = get_token_bin_counts_and_mask(sm.prompt_token_ids[:num_reqs], vocab, num_reqs)
     out = make_tensor_with_pad(sm.output_token_ids[:num_reqs], pad=vocab, device="cpu",
                                dtype=torch.int64, pin_memory=PIN_MEMORY).to(device, non_blocking=True)
@@ -36,7 +67,7 @@ def penalties_of(sm, num_reqs: int, vocab: int, device: torch.device) -> Penalti
                      sm.frequency_penalties[:num_reqs].float(),
                      sm.repetition_penalties[:num_reqs].float(), allowed,
                      repetition_fn=apply_repetition_penalties,
-                     candidates=torch.cat([sm.prompt_token_ids[:num_reqs], out], dim=1))
+                     candidates=torch.cat([sm.prompt_token_ids[:num_reqs], out], dim=1), bias=bias)
 
 
 def tree_logits(
@@ -57,13 +88,15 @@ def tree_logits(
     slot = torch.arange(r, device=dev) - (torch.cumsum(rows, 0) - rows)[req]  # [R]
     slot_tokens = torch.cat([torch.zeros_like(drafts[:, :1]), drafts], dim=1).long().clamp_min(0)
     path = path_tokens(slot_tokens, trees.parents[tree_ids], req, slot, trees.max_depth)
-    return apply_tree_penalties(logits.to(torch.float32, copy=True), req, path, penalties_of(sm, b, v, dev))
+    pen = penalties_of(sm, b, v, dev, max_rows=trees.parents.shape[1])
+    return apply_tree_penalties(logits.to(torch.float32, copy=True), req, path, pen)
 
 
 def check_tree_logits(got: torch.Tensor, logits: torch.Tensor, sm, num_drafts: torch.Tensor,
                       drafts: torch.Tensor, tree_ids: torch.Tensor, trees: TreeTensors) -> int:
-    """Debugging (host syncs): recomputes every row of :func:`tree_logits` with vLLM's own
-    ``apply_penalties`` from the row's history spelled out (the request's output, then the
+    """Debugging (host syncs): recomputes every row of :func:`tree_logits` with the request's
+    logit biases (from vLLM's processor's host dict) and vLLM's own ``apply_penalties`` from
+    the row's history spelled out (the request's output, then the
     draft tokens on the path root -> slot walked with the tree's parents) and raises if any row
     differs. Returns the rows checked."""
     from vllm.model_executor.layers.utils import apply_penalties
@@ -83,6 +116,11 @@ def check_tree_logits(got: torch.Tensor, logits: torch.Tensor, sm, num_drafts: t
     assert len(req) == r, (len(req), r)
     want = logits.to(torch.float32, copy=True)
     rows = torch.tensor(req, device=logits.device)
+    proc = logit_bias_processor(sm)
+    if proc is not None:  # vLLM: logits[req, token] += bias, before the penalties
+        for i, b in enumerate(req):
+            for token, value in proc.biases.get(b, {}).items():
+                want[i, token] += value
     if not sm.no_penalties:
         width = max(1, max(len(h) for h in hist))
         out_t = torch.tensor([h + [v] * (width - len(h)) for h in hist], device=logits.device)

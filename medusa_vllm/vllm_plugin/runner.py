@@ -14,14 +14,15 @@ One step, as vLLM drives it (``execute_model`` then ``sample_tokens``):
    heads read the hidden state of each request's last accepted token; top-k per head; the tree's
    tokens are gathered by (head, rank) — all on the device. A uniform greedy step does both in
    one fixed-shape function (:mod:`medusa_vllm.graphed_step`, a CUDA graph on one GPU).
-   Repetition, presence and frequency penalties and allowed-token lists enter verification per
-   tree row: the request's output plus the row's path (:mod:`.penalties`), as vLLM's sampler
-   would see it had that path been accepted.
+   Repetition, presence and frequency penalties, logit biases and allowed-token lists enter
+   verification per tree row: the request's output plus the row's path (:mod:`.penalties`), as
+   vLLM's sampler would see it had that path been accepted; min-p enters the target
+   distribution after the temperature, as in vLLM's sampler.
 4. ``propose_draft_token_ids`` returns those drafts; vLLM hands them to the scheduler as each
    request's speculative tokens (BFS order) or, under asynchronous scheduling, copies them into
    the next step's inputs on the device.
 
-Requests that speculation cannot serve exactly (bad words, logit bias, min_p, min_tokens,
+Requests that speculation cannot serve exactly (bad words, min_tokens,
 structured output, logprob_token_ids, logprobs in vLLM's "processed" logprobs modes) get no
 drafts and decode normally; under asynchronous scheduling they get draft slots, but vLLM's
 sampler gives their token and their drafts are dropped.
@@ -48,7 +49,7 @@ from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.penalties import check_tree_logits, needs_tree_processing, tree_logits
+from medusa_vllm.vllm_plugin.penalties import check_tree_logits, min_p_of, needs_tree_processing, tree_logits
 from medusa_vllm.vllm_plugin.step import (
     can_speculate, choose_tree_for_drafts, plan_step, position_offsets, uniform_tree,
 )
@@ -853,7 +854,7 @@ def _sampling_batch(sm, num_reqs: int, device) -> SamplingBatch:
     top_p = sm.top_p.float() if sm.top_p is not None else torch.ones(num_reqs, device=device)
     return SamplingBatch(
         temp[:num_reqs].float(), top_k[:num_reqs], top_p[:num_reqs], sm.generators,
-        filtered=sm.top_k is not None or sm.top_p is not None,
+        filtered=sm.top_k is not None or sm.top_p is not None, min_p=min_p_of(sm, num_reqs),
     )
 
 

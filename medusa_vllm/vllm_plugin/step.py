@@ -92,7 +92,8 @@ def uniform_tree(plan: StepPlan, spec_ok: np.ndarray, num_drafts: np.ndarray, si
 
 def can_speculate(sp, logprobs_mode: str = "raw_logprobs") -> bool:
     """Sampling options the tree verifier reproduces exactly (others decode normally).
-    Penalties and allowed token ids are applied per tree row (:mod:`medusa_vllm.penalties`);
+    Penalties, logit biases and allowed token ids are applied per tree row
+    (:mod:`medusa_vllm.penalties`), min-p with temperature, top-k and top-p (:mod:`medusa_vllm.sampling`);
     logprobs come from the raw logits of the row that produced each token (vLLM's "raw" logprobs
     modes, its default; the "processed" ones are not reproduced)."""
     if sp is None:
@@ -101,8 +102,6 @@ def can_speculate(sp, logprobs_mode: str = "raw_logprobs") -> bool:
         (sp.logprobs is None or logprobs_mode in ("raw_logprobs", "raw_logits"))
         and sp.logprob_token_ids is None
         and not sp.bad_words
-        and not sp.logit_bias
-        and sp.min_p == 0.0
         and sp.min_tokens == 0
         and sp.structured_outputs is None
         and not getattr(sp, "thinking_token_budget", None)
