@@ -42,7 +42,7 @@ POLICIES = ("measured", "budget")
 _OPEN_END = 1 << 20
 
 MIN_SAMPLES = 4  # clean steps measured per (bucket, choice) before it is compared
-RUN = 6  # steps a measuring run of one choice lasts (its first step is a transition)
+RUN = 6  # steps a measuring run of one choice lasts (its first two are not timed: a transition)
 WINDOW = 16  # recent steps kept per (bucket, choice)
 MAX_TRIES = 3  # measuring runs after which a choice that yields no clean steps is left out
 REMEASURE = 500  # decisions in a bucket between re-measurements of the runner-up

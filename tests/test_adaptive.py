@@ -192,18 +192,24 @@ def test_measured_schedule_times_steady_steps_and_rewrites_the_table():
     assert lookup[8] == 63 and lookup[9] == 15
     m = MeasuredSchedule(p, lookup)
     clock = 0.0
-    for _ in range(3):  # three clean steps of the 63-node tree at batch 8
+    for k in range(4):  # four clean steps of the 63-node tree at batch 8
         m.step(clock, 8, 0)
-        clock += 5e-3
-    # the first has no steady predecessor, the second counts (the third ends at the next step)
+        clock += 9e-3 if k == 0 else 5e-3  # the first interval holds the transition's cost
+    # the first two are not timed (a transition, and under asynchronous scheduling the interval
+    # that still holds it), the third is (the fourth ends at the next step)
     assert list(p.costs._seconds[(bucket_of(8), 0)]) == [pytest.approx(5e-3)]
     # every step wrote the policy's choice for the bucket (7-8) into the scheduler's table
     k = p.costs._runs[bucket_of(8)][0]
     assert lookup[7] == lookup[8] == p.drafts_of(k) and lookup[9] == 15
     m.step(clock, 8, 2)  # a change of choice: its first step is a transition, not a cost
-    m.step(clock + 1.0, 8, None)  # not clean
-    m.step(clock + 2.0, 8, 2)
+    m.step(clock + 1.0, 8, 2)  # nor is the second
+    m.step(clock + 2.0, 8, None)  # not clean
+    m.step(clock + 3.0, 8, 2)
+    m.step(clock + 4.0, 8, 2)
+    m.step(clock + 5.0, 8, 2)
     assert (bucket_of(8), 2) not in p.costs._seconds
+    m.step(clock + 5.5, 8, 2)  # the third step of a clean run counts when it ends
+    assert list(p.costs._seconds[(bucket_of(8), 2)]) == [pytest.approx(0.5)]
 
 
 def test_as_ranges_merges_equal_neighbours():

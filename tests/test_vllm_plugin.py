@@ -368,6 +368,7 @@ def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
     for j in [*_greedy_jobs(), len(BATCHES) + 3, PENALTY_JOB]:  # greedy, aborts, penalties
         assert asynchronous.outputs[j] == baseline.outputs[j], f"job {j}"
     _same_logprobs(baseline.outputs[LOGPROB_JOB], asynchronous.outputs[LOGPROB_JOB])
+    assert _min_p_holds(asynchronous.outputs[LOGPROB_JOB]) > 0  # min-p under async scheduling too
     j = len(BATCHES) + 2  # mixed greedy / sampled batch: the greedy half
     for k, (b, a) in enumerate(zip(baseline.outputs[j], asynchronous.outputs[j])):
         assert k % 2 or b == a, f"greedy request {k} of the mixed batch differs"

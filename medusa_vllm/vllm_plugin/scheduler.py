@@ -35,20 +35,25 @@ class MeasuredSchedule:
         self.policy = policy
         self.lookup = lookup  # the scheduler's dense table: lookup[batch size] = draft count
         self._cur: tuple[float, int, int] | None = None  # (start, num_reqs, choice) if clean
-        self._prev_choice: tuple[int, int] | None = None  # (bucket, choice) of the step before
+        # (bucket, choice) of the two steps before the current one (None: not clean)
+        self._before: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
         self._steps = 0
 
     def step(self, now: float, num_reqs: int, choice: int | None) -> None:
         """A step was scheduled at ``now`` (``choice``: its draft count's tree, NO_TREE, or None
-        if it was not clean). The step before it ends now; its seconds count when it ran the
-        same clean choice as the one before it (the first step of a change is a transition)."""
+        if it was not clean). The step before it ends now; its seconds count when the two steps
+        before it ran the same clean choice. The first step of a change is a transition (its
+        drafts were made for the earlier choice), and under asynchronous scheduling the time
+        between two schedules is mostly the previous step's execution (the scheduler waits for
+        its output), so the second step's interval still holds the transition's cost."""
         if self._cur is not None:
             start, n, c = self._cur
-            if self._prev_choice == (bucket_of(n), c):
+            key = (bucket_of(n), c)
+            if self._before == (key, key):
                 self.policy.observe_step(n, c, now - start)
-            self._prev_choice = (bucket_of(n), c)
+            self._before = (self._before[1], key)
         else:
-            self._prev_choice = None
+            self._before = (self._before[1], None)
         self._cur = (now, num_reqs, choice) if choice is not None and num_reqs else None
         if num_reqs:
             self._decide(num_reqs)
