@@ -11,16 +11,20 @@ from medusa_vllm.penalties import LogitBias, Penalties, apply_tree_penalties, pa
 from medusa_vllm.tree_tensors import TreeTensors
 
 
+def _builtin_processor(sm, kind: str, cls: type):
+    """The batch's vLLM logits processor of class ``cls`` in its ``kind`` group
+    ("non_argmax_invariant" or "argmax_invariant"), or None (the plugin builds vLLM's builtin
+    processors for medusa_vllm: vllm_plugin.register)."""
+    procs = getattr(sm, "logitsprocs", None)
+    return next((p for p in (getattr(procs, kind) if procs is not None else ()) if isinstance(p, cls)), None)
+
+
 def logit_bias_processor(sm):
-    """vLLM's logit-bias processor of the batch if some request has a ``logit_bias``, else None
-    (the plugin builds vLLM's builtin processors for medusa_vllm: vllm_plugin.register)."""
+    """vLLM's logit-bias processor of the batch if some request has a ``logit_bias``, else None."""
     from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor
 
-    procs = getattr(sm, "logitsprocs", None)
-    for p in (procs.non_argmax_invariant if procs is not None else ()):
-        if isinstance(p, LogitBiasLogitsProcessor) and p.biases:
-            return p
-    return None
+    p = _builtin_processor(sm, "non_argmax_invariant", LogitBiasLogitsProcessor)
+    return p if p is not None and p.biases else None
 
 
 def min_p_of(sm, num_reqs: int) -> torch.Tensor | None:
@@ -28,11 +32,8 @@ def min_p_of(sm, num_reqs: int) -> torch.Tensor | None:
     request of the batch uses it."""
     from vllm.v1.sample.logits_processor import MinPLogitsProcessor
 
-    procs = getattr(sm, "logitsprocs", None)
-    for p in (procs.argmax_invariant if procs is not None else ()):
-        if isinstance(p, MinPLogitsProcessor) and p.min_p_count:
-            return p.min_p[:num_reqs, 0].float()
-    return None
+    p = _builtin_processor(sm, "argmax_invariant", MinPLogitsProcessor)
+    return p.min_p[:num_reqs, 0].float() if p is not None and p.min_p_count else None
 
 
 def needs_tree_processing(sm) -> bool:

@@ -436,19 +436,16 @@ class MedusaRunnerMixin:
             draft_token_ids=uniform_drafts(self.input_ids.gpu, b, q),
         )
 
-    def _medusa_uniform_plan(self, scheduler_output, num_scheduled_tokens) -> bool:
+    def _medusa_uniform_plan(self, key: str) -> bool:
         """The plan of a step in which every request decodes the drafts of one whole tree that
         has a cache (the largest; with the load-adaptive tree each size), from the per-batch-size
-        cache (no host-to-device copy); False if the step is not such a step."""
+        cache (no host-to-device copy); False if the step is not such a step. ``key``: the
+        step's :func:`_step_key` (every request decoding ``key`` drafts, or "mixed")."""
+        cache = self._medusa_uniform.get(1 + int(key)) if key != "mixed" else None
+        if cache is None:
+            return False
         num_reqs = self.input_batch.num_reqs
-        if num_reqs == 0 or len(scheduler_output.scheduled_spec_decode_tokens) != num_reqs:
-            return False
-        q = int(num_scheduled_tokens[0])
-        cache = self._medusa_uniform.get(q)
-        if (cache is None or not (num_scheduled_tokens == q).all()
-                or not (self.input_batch.num_computed_tokens_cpu[:num_reqs]
-                        >= self.input_batch.num_prompt_tokens[:num_reqs]).all()):
-            return False
+        q = cache.q
         req_ids = self.input_batch.req_ids[:num_reqs]
         if self.use_async_scheduling and not all(self._medusa_can_speculate(r) for r in req_ids):
             return False
@@ -474,7 +471,7 @@ class MedusaRunnerMixin:
     def _medusa_plan(self, scheduler_output, num_scheduled_tokens) -> None:
         paths = self.medusa_paths
         paths.key = _step_key(num_scheduled_tokens, self.input_batch, scheduler_output)
-        if self._medusa_uniform_plan(scheduler_output, num_scheduled_tokens):
+        if self._medusa_uniform_plan(paths.key):
             self._medusa_masks_set = True
             paths.count("plan cached")
             return
@@ -836,8 +833,9 @@ class MedusaRunnerMixin:
 
 
 def _step_key(num_scheduled_tokens, input_batch, scheduler_output) -> str:
-    """StepPaths' key of a step: the draft count every request decodes ("0": none), or "mixed"
-    (a prefill chunk, unequal counts)."""
+    """A step's key (StepPaths, the uniform plan): the draft count every request decodes, past
+    its prompt and with scheduled drafts ("0": none), or "mixed" (a prefill chunk, unequal
+    counts)."""
     n = len(num_scheduled_tokens)
     if n == 0 or not (num_scheduled_tokens == num_scheduled_tokens[0]).all():
         return "mixed"
@@ -884,8 +882,8 @@ class StepPaths:
         self.counts: dict[tuple[str, str], int] = {}
         self.key = "mixed"  # this step's key, set by the plan
 
-    def count(self, what: str, key: str | None = None) -> None:
-        k = (key or self.key, what)
+    def count(self, what: str) -> None:
+        k = (self.key, what)
         self.counts[k] = self.counts.get(k, 0) + 1
 
     def summary(self) -> dict[str, dict[str, int]]:
