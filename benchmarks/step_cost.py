@@ -7,7 +7,8 @@ the per-step overhead is exposed. ms/step = wall time of a round ÷ verification
 (tokens ÷ τ). Configurations run one engine each (``benchmarks/throughput.py`` machinery):
 plain decoding with vLLM's default runner and with the V1 runner + async scheduling (the fastest
 plain configuration on the H100), trees of 4 (chain), 16 and 64 nodes (64 also with
-asynchronous scheduling), built-in Medusa K=4.
+asynchronous scheduling), built-in Medusa K=4; greedy requests, and sampled ones (temperature
+0.8, top-p 0.95) for plain decoding and the 64-node tree, both asynchronous.
 With ``--profile`` each engine also runs one profiled round per batch size (torch profiler in
 the worker, :mod:`medusa_vllm.profiling`): host time per step of vLLM's and medusa_vllm's step
 regions, device time of the top kernels, CUDA runtime calls per step; the summaries go into the
@@ -41,9 +42,19 @@ CONFIGS = {
     # a medusa_vllm engine whose budget rule (1 token) never drafts, asynchronous: what a step
     # costs when the load-adaptive tree picks no drafts (against plain_v1_async, the same runner)
     "nodraft_async": "adaptive-budget",
+    # sampled requests (temperature and top-p): plain decoding against the 63-node tree, whose
+    # uniform steps run the sampled fixed-shape step (random numbers drawn first, CUDA graphs)
+    "plain_v1_async_sampled": "baseline-v1async",
+    "tree64_async_sampled": "medusa:default-63",
 }
 ADAPTIVE_MAX_TOKENS = {"tree16_in_tree64": 16, "nodraft_async": 1}
-ASYNC = {"plain_v1_async", "tree64_async", "nodraft_async"}
+ASYNC = {"plain_v1_async", "tree64_async", "nodraft_async", "plain_v1_async_sampled", "tree64_async_sampled"}
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # the *_sampled configs' requests
+
+
+def _batch_sizes(rows: list[dict], name: str) -> list[int]:
+    """The batch sizes config ``name`` measured (rows of failed engines have none)."""
+    return sorted({r["batch_size"] for r in rows if r.get("config") == name and "batch_size" in r})
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -74,7 +85,11 @@ def summarize(rows: list[dict]) -> dict:
         # the load-adaptive tree's "no drafts" step against plain decoding on the same runner
         "nodraft_async_vs_plain_v1_async": {
             b: ratio(ms("nodraft_async", b), ms("plain_v1_async", b))
-            for b in sorted({r["batch_size"] for r in rows if r.get("config") == "nodraft_async"})
+            for b in _batch_sizes(rows, "nodraft_async")
+        },
+        "tree64_async_sampled_vs_plain_sampled": {
+            b: ratio(ms("tree64_async_sampled", b), ms("plain_v1_async_sampled", b))
+            for b in _batch_sizes(rows, "tree64_async_sampled")
         },
         "async": any(r.get("config") == "tree64_async" and "ms_per_step" in r for r in rows),
         "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; greedy "
@@ -136,7 +151,7 @@ def main(argv=None) -> None:
     rows, profiles = [], {}
     for name in args.configs:
         config = CONFIGS[name]
-        env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if name == "plain_v1_async" else {}
+        env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if name.startswith("plain_v1_async") else {}
         if config.startswith("medusa"):
             env["MEDUSA_VLLM_SYNC_DEBUG"] = "warn"  # a host sync inside medusa_vllm's step warns
         if args.profile:
@@ -146,7 +161,8 @@ def main(argv=None) -> None:
         if name in ASYNC:
             kw["async_scheduling"] = True
         try:
-            res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, {"temperature": 0.0},
+            sampling = SAMPLED if name.endswith("_sampled") else {"temperature": 0.0}
+            res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, sampling,
                                per_batch, tuple(args.batch_sizes) if args.profile else (), env=env)
         except Exception as e:  # noqa: BLE001
             print(f"[{name}] failed: {e}", file=sys.stderr)

@@ -1,12 +1,15 @@
-"""The greedy tree step after the forward pass as one fixed-shape function, and CUDA graphs of it.
+"""The tree step after the forward pass as one fixed-shape function, and CUDA graphs of it.
 
-In a *uniform* greedy step every request verifies its full tree: Q = 1 + nodes logits rows per
+In a *uniform* step every request verifies its full tree: Q = 1 + nodes logits rows per
 request, in request order, so each row's place is known without any index bookkeeping. Then
-verification (greedy rule), the hidden state of the last accepted node and the next drafts (the
-heads, top-k, tree gather) are a pure function of four tensors whose shapes depend only on the
-batch size B — :func:`greedy_tree_step`. :class:`BatchGraphs` captures such a function once per
-B in a CUDA graph (static input buffers, one shared memory pool) and replays it: ~60 kernel
-launches from Python become one graph launch plus four input copies.
+verification, the hidden state of the last accepted node and the next drafts (the heads, top-k,
+tree gather) are a pure function of tensors whose shapes depend only on the batch size B:
+:func:`greedy_tree_step` (greedy rule, from the target argmax of each row) and
+:func:`sampled_tree_step` (any mix of greedy and sampled requests, from the logits, with the
+step's random numbers drawn beforehand as inputs: a replay is deterministic and seeded requests
+keep their own generators). :class:`BatchGraphs` captures such a function once per B in a CUDA
+graph (static input buffers, one shared memory pool) and replays it: tens to hundreds of kernel
+launches from Python become one graph launch plus the input copies.
 
 Nothing here knows vLLM; the runner decides when a step is uniform and greedy.
 """
@@ -19,14 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors
-from medusa_vllm.verify import TreeBatch, greedy_from_argmax
+from medusa_vllm.verify import TYPICAL_DELTA, TYPICAL_EPS, TreeBatch, greedy_from_argmax, verify
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GreedyStepOutput:
+class TreeStepOutput:
     tokens: torch.Tensor  # [B, D+1] int32 emitted tokens, -1 pad
     accepted: torch.Tensor  # [B, D] int32 accepted window offsets, -1 pad (move_accepted_kv)
     num_accepted: torch.Tensor  # [B] int64
@@ -43,7 +47,7 @@ def greedy_tree_step(
     tree_ids: torch.Tensor,  # [B] int64 tree each request's drafts follow
     trees: TreeTensors,
     propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
-) -> GreedyStepOutput:
+) -> TreeStepOutput:
     b = tree_ids.shape[0]
     q = argmax.shape[0] // b  # 1 + nodes of the tree every request verifies
     q_max = trees.parents.shape[1]  # the verifier's slots: 1 + nodes of the largest tree
@@ -53,7 +57,51 @@ def greedy_tree_step(
     nodes = torch.nn.functional.pad(drafts.view(b, q - 1), (0, q_max - q))
     out = greedy_from_argmax(slots, nodes, TreeBatch.gather(trees, tree_ids, num_nodes))
     rows = torch.arange(b, device=argmax.device) * q + out.last_node  # [B] row of each last accepted node
-    return GreedyStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
+    return TreeStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
+
+
+# the per-request sampling parameters of sampled_tree_step, one float32 column each
+PARAM_COLUMNS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def sampling_params_tensor(sampling: SamplingBatch) -> torch.Tensor:
+    """[B, 4] float32 (PARAM_COLUMNS) of a batch's parameters: one input instead of four (top-k
+    is exact in float32 below 2**24; min-p 0 masks nothing)."""
+    min_p = sampling.min_p if sampling.min_p is not None else torch.zeros_like(sampling.temperature)
+    return torch.stack([sampling.temperature.float(), sampling.top_k.float(), sampling.top_p.float(),
+                        min_p.float()], dim=1)
+
+
+def sampled_tree_step(
+    logits: torch.Tensor,  # [B*Q, V] target logits of every row (request-major), penalties applied
+    drafts: torch.Tensor,  # [B*(Q-1)] draft token of every tree node (request-major, BFS)
+    hidden: torch.Tensor,  # [B*Q, H] hidden state of every row
+    tree_ids: torch.Tensor,  # [B] int64 tree each request's drafts follow
+    params: torch.Tensor,  # [B, 4] float32 sampling parameters (sampling_params_tensor)
+    accept: torch.Tensor,  # [B, L*C] float32 uniforms: StepRandomness.accept, flattened
+    noise: torch.Tensor,  # [B, V] float32 Exp(1): StepRandomness.noise
+    trees: TreeTensors,
+    propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
+    rule: str = "rejection",  # sampled requests' rule (greedy ones: the greedy rule)
+    filtered: bool = True,  # some request uses top-k or top-p (False: no sort)
+    eps: float = TYPICAL_EPS,
+    delta: float = TYPICAL_DELTA,
+) -> TreeStepOutput:
+    """The uniform step of a batch with sampled requests: exactly what :func:`verify` gives on
+    the same rows with the same random numbers, then the next drafts."""
+    b = tree_ids.shape[0]
+    q = logits.shape[0] // b
+    q_max = trees.parents.shape[1]
+    slots = torch.arange(q_max, device=logits.device)
+    base = torch.arange(b, device=logits.device)[:, None] * q
+    row_of_node = torch.where(slots[None, :] < q, base + slots[None, :], -1)  # [B, Q_max]
+    nodes = torch.nn.functional.pad(drafts.view(b, q - 1), (0, q_max - q))
+    sampling = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2], None, filtered, params[:, 3])
+    rand = StepRandomness(accept.view(b, trees.max_depth + 1, -1), noise)
+    out = verify(rule, logits, row_of_node, nodes, torch.full_like(tree_ids, q - 1), tree_ids, trees,
+                 sampling, eps=eps, delta=delta, rand=rand)
+    rows = base[:, 0] + out.last_node  # [B] row of each last accepted node
+    return TreeStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
 
 
 class BatchGraphs:
@@ -68,8 +116,11 @@ class BatchGraphs:
     read what earlier calls left in the buffers (zeros at first: valid inputs), and returns the
     first B rows. ``pad`` (one value or None per input) fills those extra requests' rows
     before such a replay: a side effect of ``fn`` (the accepted-KV move) keyed on them can be
-    made a no-op (-1 slots, -1 drafts that match no target token). Past the largest graph (or
-    with graphs disabled) ``fn`` runs eagerly.
+    made a no-op (-1 slots). Sets that never run at once may share an input's static buffer
+    (``buffers``, set before the first capture; its contents are zeros or any earlier call's
+    valid rows). Past the largest graph (or
+    with graphs disabled) ``fn`` runs eagerly, and so does a call whose inputs differ
+    in dtype or trailing shape from the captured ones (a copy into the buffers would cast them).
 
     :meth:`capture` checks each graph against an eager run on the same inputs: a difference in
     the first ``exact`` outputs (or a capture that fails) disables the graphs, loudly, so callers
@@ -88,6 +139,8 @@ class BatchGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._padded: list[int] = []  # [b] -> the captured batch size that serves b (0: none)
         self.static: list[torch.Tensor] | None = None
+        # input index -> a static buffer other sets share (set before the first capture)
+        self.buffers: dict[int, torch.Tensor] = {}
         self.pool = None
         self.calls = self.replays = 0  # host counters: how many calls took a graph
 
@@ -95,6 +148,8 @@ class BatchGraphs:
         self.calls += 1
         b = inputs[0].shape[0] // self.rows_per_req[0]
         padded = self._padded[b] if self.enabled and b < len(self._padded) else 0
+        if padded and any(x.dtype != s.dtype or x.shape[1:] != s.shape[1:] for x, s in zip(inputs, self.static)):
+            padded = 0  # not what the graphs were captured for (e.g. float32 logits after penalties)
         if not padded:
             return self.fn(*inputs)
         self._load(inputs, padded)
@@ -107,8 +162,7 @@ class BatchGraphs:
         """Inputs into the static buffers; views of ``padded`` (default: the inputs') requests."""
         b = inputs[0].shape[0] // self.rows_per_req[0]
         if self.static is None:  # zeros: padding requests read valid values from the start
-            self.static = [torch.zeros((r * self.max_batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
-                           for r, x in zip(self.rows_per_req, inputs)]
+            self.static = [self._buffer(i, r * self.max_batch, x) for i, (r, x) in enumerate(zip(self.rows_per_req, inputs))]
         views = []
         for buf, r, x, fill in zip(self.static, self.rows_per_req, inputs, self.pad):
             buf[: r * b].copy_(x)
@@ -116,6 +170,15 @@ class BatchGraphs:
                 buf[r * b: r * padded].fill_(fill)
             views.append(buf[: r * (padded or b)])
         return views
+
+    def _buffer(self, i: int, rows: int, x: torch.Tensor) -> torch.Tensor:
+        """Input i's static buffer: the first ``rows`` rows of ``buffers[i]`` (one the caller
+        shares between graph sets) if it fits, else a new one."""
+        shared = self.buffers.get(i)
+        if (shared is not None and shared.shape[0] >= rows and shared.dtype == x.dtype
+                and shared.shape[1:] == x.shape[1:] and shared.device == x.device):
+            return shared[:rows]
+        return torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
 
     def summary(self) -> dict:
         return {"graph_batch_sizes": sorted(self.graphs) if self.enabled else [],

@@ -87,17 +87,33 @@ def _apply_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> tor
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
 
-def uniform(shape: tuple[int, ...], sampling: SamplingBatch, device: torch.device) -> torch.Tensor:
-    """[B, ...] float32 uniforms in [0, 1), per-request generators honoured."""
-    out = torch.rand(shape, device=device)
-    for row, gen in (sampling.generators or {}).items():
-        out[row] = torch.rand(shape[1:], device=device, generator=gen)
-    return out
+@dataclass
+class StepRandomness:
+    """The random numbers one verification step consumes, drawn up front so the step itself is
+    a deterministic function of its inputs (what a CUDA graph replays): per request, uniforms
+    for the acceptance tests of each tree level and exponentials for its one sampled token.
+    Rows of requests with their own generator are drawn from it (reproducible per request)."""
+
+    accept: torch.Tensor  # [B, L, C] float32 uniforms in [0, 1): level, child rank
+    noise: torch.Tensor  # [B, V] float32 Exp(1): the exponential race of the final token
+
+    @classmethod
+    def draw(cls, batch: int, levels: int, width: int, vocab: int, sampling: SamplingBatch,
+             device: torch.device | str) -> StepRandomness:
+        accept = torch.rand((batch, levels, width), device=device)
+        noise = torch.empty((batch, vocab), device=device).exponential_()
+        for row, gen in (sampling.generators or {}).items():
+            if row < batch:
+                accept[row] = torch.rand((levels, width), device=device, generator=gen)
+                noise[row].exponential_(generator=gen)
+        return cls(accept, noise)
 
 
-def sample(probs: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
-    """[B, V] probabilities -> [B] int64 tokens by the exponential race (no host sync)."""
-    noise = torch.empty_like(probs).exponential_()
-    for row, gen in (sampling.generators or {}).items():
-        noise[row].exponential_(generator=gen)
+def sample(probs: torch.Tensor, sampling: SamplingBatch, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, V] probabilities -> [B] int64 tokens by the exponential race (no host sync), with
+    ``noise`` [B, V] Exp(1) if given (else drawn, per-request generators honoured)."""
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_()
+        for row, gen in (sampling.generators or {}).items():
+            noise[row].exponential_(generator=gen)
     return (probs / noise).argmax(dim=-1)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_vllm.sampling import SamplingBatch, sample, target_probs, uniform
+from medusa_vllm.sampling import SamplingBatch, StepRandomness, sample, target_probs
 from medusa_vllm.tree_tensors import TreeTensors
 
 TYPICAL_EPS = 0.09
@@ -138,7 +138,9 @@ def verify_typical(
     sampling: SamplingBatch,
     eps: float = TYPICAL_EPS,
     delta: float = TYPICAL_DELTA,
+    rand: StepRandomness | None = None,
 ) -> VerifyOutput:
+    """``rand``: the step's random numbers (its noise; drawn here if None)."""
     tb = TreeBatch.gather(trees, tree_ids, num_nodes)
     b, q = row_of_node.shape
     parent_rows = row_of_node.gather(1, tb.parents.clamp_min(0)).clamp_min(0)  # [B, Q]
@@ -152,7 +154,7 @@ def verify_typical(
     ok = (p_draft > threshold) & tb.valid
     accepted, num_accepted, last_node = longest_accepted_path(ok, tb.leaf_paths)
     probs = target_probs(_rows(logits, row_of_node, last_node), sampling)
-    final = sample(probs, sampling)
+    final = sample(probs, sampling, None if rand is None else rand.noise)
     return VerifyOutput(accepted, num_accepted, last_node, _emit(drafts, accepted, num_accepted, final))
 
 
@@ -166,21 +168,27 @@ def verify_rejection(
     sampling: SamplingBatch,
     renormalize: bool = True,
     residual: bool = True,
+    rand: StepRandomness | None = None,
 ) -> VerifyOutput:
-    """Lossless tree rejection sampling. ``renormalize=False`` and ``residual=False`` are
-    deliberately broken variants (child j accepted with p(x_j) instead of p(x_j)/(1 - mass of
-    the rejected siblings); after rejection, a draw from p instead of the residual); they exist
-    so the statistical tests can show that they catch a wrong sampler."""
+    """Lossless tree rejection sampling. ``rand``: the step's random numbers (uniforms for
+    every level and child, noise for the final token; drawn here if None). The walk stops
+    exactly once per request (at a leaf at the latest), so the final token is one draw from the
+    stopping node's residual. ``renormalize=False`` and ``residual=False`` are deliberately
+    broken variants (child j accepted with p(x_j) instead of p(x_j)/(1 - mass of the rejected
+    siblings); after rejection, a draw from p instead of the residual); they exist so the
+    statistical tests can show that they catch a wrong sampler."""
     tb = TreeBatch.gather(trees, tree_ids, num_nodes)
     b = drafts.shape[0]
     dev = drafts.device
     depth = trees.max_depth
+    if rand is None:
+        rand = StepRandomness.draw(b, depth + 1, tb.children.shape[2], logits.shape[1], sampling, dev)
     tokens = _node_tokens(drafts)  # [B, Q]
     cur = torch.zeros(b, dtype=torch.int64, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
     accepted = torch.full((b, depth), -1, dtype=torch.int64, device=dev)
     num_accepted = torch.zeros(b, dtype=torch.int64, device=dev)
-    final = torch.zeros(b, dtype=torch.int64, device=dev)
+    stop_dist = None  # [B, V] the distribution of each request's final token
     batch_idx = torch.arange(b, device=dev)
     for level in range(depth + 1):
         probs = target_probs(_rows(logits, row_of_node, cur), sampling)  # [B, V]
@@ -198,7 +206,7 @@ def verify_rejection(
             accept_prob = torch.where(remaining > 0, p_kid / remaining.clamp_min(1e-30), 0.0)
         else:
             accept_prob = p_kid
-        u = uniform(tuple(kids.shape), sampling, dev)
+        u = rand.accept[:, level]  # [B, C]
         hit = (u < accept_prob) & kid_ok & (p_kid > 0)
         any_hit = hit.any(dim=1)
         first = hit.long().argmax(dim=1)
@@ -213,9 +221,10 @@ def verify_rejection(
         rest = probs.masked_fill(removed, 0.0)
         mass = rest.sum(dim=1, keepdim=True)
         rest = torch.where(mass > 0, rest / mass.clamp_min(1e-30), probs) if residual else probs
-        final = torch.where(stop, sample(rest, sampling), final)
+        stop_dist = rest if stop_dist is None else torch.where(stop[:, None], rest, stop_dist)
         cur = torch.where(step, child, cur)
         active = step
+    final = sample(stop_dist, sampling, rand.noise)
     return VerifyOutput(accepted, num_accepted, cur, _emit(drafts, accepted, num_accepted, final))
 
 
@@ -232,18 +241,21 @@ def verify(
     all_greedy: bool = False,
     eps: float = TYPICAL_EPS,
     delta: float = TYPICAL_DELTA,
+    rand: StepRandomness | None = None,
 ) -> VerifyOutput:
     """Greedy rule for greedy requests, ``rule`` ("rejection" or "typical") for the others.
 
-    ``all_greedy`` (host-known) skips the sampling rule entirely."""
+    ``all_greedy`` (host-known) skips the sampling rule entirely. ``rand``: the step's random
+    numbers (:meth:`StepRandomness.draw`; drawn by the rule if None)."""
     greedy = verify_greedy(logits, row_of_node, drafts, num_nodes, tree_ids, trees)
     if all_greedy:
         return greedy
     if rule == "rejection":
-        other = verify_rejection(logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling)
+        other = verify_rejection(logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling,
+                                 rand=rand)
     elif rule == "typical":
         other = verify_typical(
-            logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling, eps, delta
+            logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling, eps, delta, rand
         )
     else:
         raise ValueError(f"unknown acceptance rule {rule!r}: use 'rejection' or 'typical'")

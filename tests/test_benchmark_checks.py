@@ -194,7 +194,7 @@ class MeasuredBench(FakeBench):
     as EngineBench takes them), rows with tokens and seconds, ``finish(profile batch sizes)``."""
 
     def __init__(self, kw, prompts, max_tokens, sampling):
-        assert isinstance(sampling, dict) and sampling["temperature"] == 0.0, sampling
+        assert isinstance(sampling, dict) and sampling["temperature"] >= 0.0, sampling
         super().__init__(kw, prompts, max_tokens, sampling)
         self.max_tokens = max_tokens
 
@@ -228,11 +228,15 @@ def test_step_cost_and_tp_check_drive_measure_as_it_is_called(monkeypatch, tmp_p
     monkeypatch.setattr(step_cost, "engine_kwargs", lambda args, config, heads, builtin: {"rate": 10.0})
     out = tmp_path / "step_cost.json"
     step_cost.main(["--model", "m", "--heads", "h", "--configs", "plain_default", "tree64_async",
+                    "plain_v1_async_sampled", "tree64_async_sampled",
                     "--batch-sizes", "1", "2", "--max-tokens", "8", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [(r["config"], r["batch_size"]) for r in rows] == [
-        ("plain_default", 1), ("plain_default", 2), ("tree64_async", 1), ("tree64_async", 2)]
+        (c, b) for c in ("plain_default", "tree64_async", "plain_v1_async_sampled", "tree64_async_sampled")
+        for b in (1, 2)]
     assert all("error" not in r and r["ms_per_step"] > 0 for r in rows), rows
+    assert set(result["summary"]["tree64_async_sampled_vs_plain_sampled"]) == {"1", "2"}
 
     _in_process(monkeypatch, tp_check)
     args = SimpleNamespace(gpu=False, batch_sizes=[1, 2], max_tokens=8, rounds=2, timeout=60)

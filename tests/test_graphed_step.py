@@ -1,15 +1,19 @@
-"""The fixed-shape greedy step (medusa_vllm.graphed_step) against the general verifier and an
-explicit proposal, and BatchGraphs' eager fallback. The CUDA-graph capture itself is tested on
+"""The fixed-shape greedy and sampled steps (medusa_vllm.graphed_step) against the general
+verifier on the runner's general layout and an explicit proposal, and BatchGraphs' eager
+fallback. The CUDA-graph capture itself is tested on
 the GPU in tests/kernels/test_graphed_step_cuda.py."""
 
 from __future__ import annotations
 
 import torch
 
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
+import pytest
+
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
+from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree import TokenTree
 from medusa_vllm.tree_tensors import TreeTensors
-from medusa_vllm.verify import verify_greedy
+from medusa_vllm.verify import verify, verify_greedy
 
 # two trees of the same size (a uniform step verifies the largest tree; two may tie)
 TREES = [TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0)]),
@@ -70,6 +74,91 @@ def test_greedy_tree_step_of_a_smaller_tree_matches_the_general_verifier():
     assert torch.equal(got.tokens, want.tokens.int()) and torch.equal(got.accepted, want.accepted.int())
     assert torch.equal(got.drafts, _propose(hidden[torch.arange(b) * q + want.last_node]))
     assert want.num_accepted.max() > 0
+
+
+def _mixed_sampling(b: int, g: torch.Generator, filtered: bool, min_p: bool) -> SamplingBatch:
+    """Greedy requests beside sampled ones with every option (what one vLLM batch may hold)."""
+    temperature = torch.where(torch.arange(b) % 3 == 0, 0.0, 0.5 + torch.rand(b, generator=g))
+    top_k = torch.where(torch.arange(b) % 2 == 0, torch.randint(1, V, (b,), generator=g), 0) if filtered \
+        else torch.zeros(b, dtype=torch.int64)
+    top_p = torch.where(torch.arange(b) % 4 == 1, 0.7, 1.0) if filtered else torch.ones(b)
+    return SamplingBatch(temperature, top_k, top_p, filtered=filtered,
+                         min_p=torch.where(torch.arange(b) % 2 == 1, 0.2, 0.0) if min_p else None)
+
+
+@pytest.mark.parametrize("rule", ["rejection", "typical"])
+@pytest.mark.parametrize("filtered,min_p", [(False, False), (True, False), (False, True), (True, True)])
+def test_sampled_tree_step_matches_the_general_verifier(rule, filtered, min_p):
+    """The runner's general verifier reads each request's rows from a Q-wide layout (-1 past
+    its nodes) with the parameters as tensors of their own; the fixed-shape step reads packed
+    rows and one [B, 4] parameter tensor: same random numbers, same outputs, for the largest
+    tree and a smaller one (the load-adaptive tree's)."""
+    small = TokenTree.from_choices([(0,), (1,), (0, 0)])
+    trees = TreeTensors.build([TREES[0], TREES[1], small])
+    lengths, sampled_tokens = set(), set()
+    for seed, (b, k) in enumerate([(1, 0), (5, 0), (8, 1), (6, 2)]):
+        g = torch.Generator().manual_seed(seed)
+        q = (Q, Q, 1 + len(small))[k]
+        logits = torch.randn(b * q, V, generator=g) * 2
+        tree_ids = torch.full((b,), k, dtype=torch.int64)
+        # drafts mostly the target's favourite at their parent: paths of several lengths
+        at_parent = logits.argmax(-1).view(b, q).gather(1, trees.parents[tree_ids][:, 1:q].clamp_min(0))
+        drafts = torch.where(torch.rand(b, q - 1, generator=g) < 0.7, at_parent,
+                             torch.randint(0, V, (b, q - 1), generator=g))
+        hidden = torch.randn(b * q, 3, generator=g)
+        sampling = _mixed_sampling(b, g, filtered, min_p)
+        rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], V, sampling, "cpu")
+        got = sampled_tree_step(logits, drafts.reshape(-1).int(), hidden, tree_ids, sampling_params_tensor(sampling),
+                                rand.accept.flatten(1), rand.noise, trees, _propose, rule, filtered)
+        rows = torch.where(torch.arange(Q)[None, :] < q, torch.arange(b)[:, None] * q + torch.arange(Q)[None, :], -1)
+        want = verify(rule, logits, rows, torch.nn.functional.pad(drafts, (0, Q - q)), torch.full((b,), q - 1),
+                      tree_ids, trees, sampling, rand=rand)
+        assert torch.equal(got.tokens, want.tokens.int()), (rule, seed)
+        assert torch.equal(got.accepted, want.accepted.int()) and torch.equal(got.num_accepted, want.num_accepted)
+        assert torch.equal(got.drafts, _propose(hidden[torch.arange(b) * q + want.last_node]))
+        # greedy requests follow the greedy rule exactly
+        greedy = verify_greedy(logits, rows, torch.nn.functional.pad(drafts, (0, Q - q)), torch.full((b,), q - 1),
+                               tree_ids, trees)
+        g_rows = sampling.is_greedy
+        assert torch.equal(got.tokens[g_rows], greedy.tokens[g_rows].int())
+        lengths |= set(want.num_accepted.tolist())
+        sampled_tokens |= set(got.tokens[~g_rows, 0].tolist())
+    assert len(lengths) >= 2 and len(sampled_tokens) >= 2, (lengths, sampled_tokens)
+
+
+def test_sampled_tree_step_uses_the_given_random_numbers():
+    """The step is a function of its inputs (what a graph replays): same inputs, same tokens;
+    other noise, other sampled tokens."""
+    trees = TreeTensors.build(TREES)
+    b = 16
+    logits, drafts, hidden, tree_ids = _inputs(trees, b, 9)
+    sampling = SamplingBatch(torch.ones(b), torch.zeros(b, dtype=torch.int64), torch.ones(b), filtered=False)
+    params = sampling_params_tensor(sampling)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], V, sampling, "cpu")
+        return sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.accept.flatten(1), rand.noise,
+                                 trees, _propose).tokens
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_seeded_requests_draw_from_their_own_generator():
+    """A seeded request's random numbers depend on its generator only: the same at any batch
+    row, whatever the others draw (vLLM's convention for seeded requests)."""
+    def draw(batch, row):
+        gens = {row: torch.Generator().manual_seed(42)}
+        s = SamplingBatch(torch.ones(batch), torch.zeros(batch, dtype=torch.int64), torch.ones(batch), gens)
+        torch.manual_seed(batch)  # the unseeded rows differ from call to call
+        r = StepRandomness.draw(batch, 4, 3, V, s, "cpu")
+        return r.accept[row], r.noise[row], r.accept[(row + 1) % batch]
+
+    a, n, other_a = draw(3, 0)
+    b, m, other_b = draw(5, 3)
+    assert torch.equal(a, b) and torch.equal(n, m)
+    assert not torch.equal(other_a, other_b)
 
 
 def test_batch_graphs_without_cuda_run_the_function():

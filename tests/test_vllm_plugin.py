@@ -241,7 +241,12 @@ def test_worker_stats_agree_with_vllm_metrics(medusa):
     paths = stats["step_paths"]
     assert sum(p.get("plan cached", 0) for p in paths.values()) >= uniform["steps"], paths
     assert all(set(p) <= {"plan cached", "plan built", "forward NONE", "verify fixed-shape",
-                          "verify general"} for p in paths.values()), paths
+                          "verify fixed-shape sampled", "verify general"} for p in paths.values()), paths
+    # uniform steps with sampled requests (the sampling-distribution job: one prompt, many
+    # seeds; the mixed batch) took the fixed-shape function too, random numbers drawn first
+    sampled = stats["uniform_sampled"]
+    assert sampled["steps"] > 0 and sampled["graph_replays"] == 0, sampled
+    assert sampled["steps"] == sum(p.get("verify fixed-shape sampled", 0) for p in paths.values()), paths
     assert all("+KV move" in name for name in uniform["by_tree"]), uniform
     depth0 = m["vllm:spec_decode_num_accepted_tokens_per_pos[0]"] / m["vllm:spec_decode_num_drafts"]
     assert stats["acceptance_per_depth"][0] == pytest.approx(depth0, abs=0.02)

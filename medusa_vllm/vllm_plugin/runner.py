@@ -43,8 +43,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from medusa_vllm import kernels
 from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
-from medusa_vllm.sampling import SamplingBatch
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
+from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
@@ -82,6 +82,11 @@ if _KV_MOVE not in ("eager", "graph"):
     raise ValueError(f"MEDUSA_VLLM_KV_MOVE={_KV_MOVE!r}: use 'graph' (the default: the accepted KV "
                      "moves inside the verify+heads graph) or 'eager' (a separate launch after it), or unset it")
 KV_MOVE_IN_GRAPH = _KV_MOVE == "graph"
+# MEDUSA_VLLM_SAMPLED_GRAPH_ROWS: uniform steps with sampled requests replay CUDA graphs up to this
+# many logits rows (batch x (1 + tree nodes)); their static logits buffer holds as many rows of the
+# vocabulary (one buffer for every tree), so the bound keeps that memory small; larger steps run
+# the same function eagerly
+SAMPLED_GRAPH_ROWS = int(os.environ.get("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "1024") or 0)
 
 
 @contextlib.contextmanager
@@ -204,7 +209,21 @@ class MedusaRunnerMixin:
                 pad=[None, -1, None, None, -1] if KV_MOVE_IN_GRAPH else None)
             for k in graph_trees
         }
-        for graphs in self._medusa_graphs.values():
+        # uniform steps with sampled requests (any mix with greedy ones): the same, from the
+        # logits, with the step's random numbers as inputs; one set per tree and per whether
+        # top-k/top-p apply (the sort), batch sizes up to SAMPLED_GRAPH_ROWS logits rows
+        # inputs logits, drafts, hidden, tree ids, sampling parameters, uniforms, noise (+ slots)
+        self._medusa_sampled_graphs = {
+            (k, filtered): BatchGraphs(
+                self._medusa_uniform_fn(k, sampled=True, filtered=filtered),
+                rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1, 1, 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
+                max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // (1 + sizes[k])), exact=3,
+                name=f"sampled verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes"
+                     f"{', top-k/top-p' if filtered else ''})",
+                pad=[None, -1, None, None, None, None, 1.0] + ([-1] if KV_MOVE_IN_GRAPH else []))
+            for k in graph_trees for filtered in (False, True)
+        }
+        for graphs in (*self._medusa_graphs.values(), *self._medusa_sampled_graphs.values()):
             graphs.enabled = (
                 self.device.type == "cuda" and self.medusa_cfg.cuda_graphs
                 and vllm_config.parallel_config.world_size == 1
@@ -232,13 +251,59 @@ class MedusaRunnerMixin:
         size = super().capture_model()
         for k, graphs in self._medusa_graphs.items():
             if graphs.enabled:
-                self._medusa_capture_step_graphs(k, graphs)
+                self._medusa_capture_step_graphs(k, graphs, self._medusa_greedy_example)
+        sampled = [g for g in self._medusa_sampled_graphs.values() if g.enabled and g.max_batch > 0]
+        if sampled:
+            example = self._medusa_sampled_example(sampled)
+            for (k, _), graphs in self._medusa_sampled_graphs.items():
+                if graphs in sampled:
+                    self._medusa_capture_step_graphs(k, graphs, example)
         return size
 
-    def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs) -> None:
-        """After vLLM's graphs: one verify+heads graph of tree k per batch size B whose uniform
-        step of the largest tree or of tree k (B * (1 + nodes) tokens) vLLM captures too, on
-        example inputs. A batch size between two graphs replays the larger one, padded."""
+    def _medusa_greedy_example(self, b: int, q: int, k: int, g: torch.Generator) -> tuple:
+        """Example inputs of a greedy uniform step's graph (argmax, drafts, hidden, tree ids)."""
+        return (
+            torch.randint(0, 8, (b * q,), device=self.device, generator=g),
+            torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
+            torch.randn(b * q, self.model_config.get_hidden_size(), device=self.device, generator=g,
+                        dtype=self.dtype),
+            torch.full((b,), k, dtype=torch.int64, device=self.device),
+        )
+
+    def _medusa_sampled_example(self, sets: list[BatchGraphs]):
+        """Example inputs of the sampled uniform steps' graphs, whose logits and noise buffers
+        (the large ones: rows of the vocabulary) all sets share: one call replays at a time and
+        loads its own inputs first. The logits' dtype and width are the model's (its logits
+        processor's output), read off one dummy row."""
+        with torch.inference_mode():
+            probe = self.model.compute_logits(
+                torch.zeros(1, self.model_config.get_hidden_size(), device=self.device, dtype=self.dtype))
+        vocab, dtype = probe.shape[-1], probe.dtype
+        logits_rows = max(g.rows_per_req[0] * g.max_batch for g in sets)
+        noise_rows = max(g.max_batch for g in sets)
+        shared = torch.zeros(logits_rows, vocab, dtype=dtype, device=self.device)
+        noise = torch.ones(noise_rows, vocab, device=self.device)
+        for graphs in sets:
+            graphs.buffers = {0: shared, 6: noise}
+        levels, width = self.medusa_trees.max_depth + 1, self.medusa_trees.children.shape[2]
+
+        def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
+            params = torch.tensor([1.0, 5.0, 0.9, 0.05], device=self.device).repeat(b, 1)
+            return (
+                torch.randn(b * q, vocab, device=self.device, generator=g).to(dtype),
+                *self._medusa_greedy_example(b, q, k, g)[1:],
+                params,
+                torch.rand(b, levels * width, device=self.device, generator=g),
+                torch.empty(b, vocab, device=self.device).exponential_(generator=g),
+            )
+
+        return example
+
+    def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs, example) -> None:
+        """After vLLM's graphs: one graph of tree k's uniform step per batch size B whose
+        uniform step of the largest tree or of tree k (B * (1 + nodes) tokens) vLLM captures
+        too (up to the set's max_batch), on ``example(b, q, k, generator)`` inputs. A batch size
+        between two graphs replays the larger one, padded."""
         from vllm.config import CUDAGraphMode
 
         if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
@@ -251,18 +316,14 @@ class MedusaRunnerMixin:
                         if n % m == 0 and 0 < n // m <= self.max_num_reqs},
                        reverse=True)  # largest first: the smaller graphs reuse its pool
         g = torch.Generator(device=self.device).manual_seed(0)
-        hidden_size = self.model_config.get_hidden_size()
         captured = []
         for b in sizes:
-            example = (
-                torch.randint(0, 8, (b * q,), device=self.device, generator=g),
-                torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
-                torch.randn(b * q, hidden_size, device=self.device, generator=g, dtype=self.dtype),
-                torch.full((b,), k, dtype=torch.int64, device=self.device),
+            inputs = (
+                *example(b, q, k, g),
                 # no slots: the capture moves no KV (the kernel is in the graph all the same)
                 *((torch.full((b * q,), -1, dtype=torch.int64, device=self.device),) if KV_MOVE_IN_GRAPH else ()),
             )
-            if graphs.capture(*example):
+            if b <= graphs.max_batch and graphs.capture(*inputs):
                 captured.append(b)
         logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", graphs.name, captured)
 
@@ -325,6 +386,12 @@ class MedusaRunnerMixin:
                 num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *args, **kwargs)
         if kwargs.get("force_uniform_decode") is None:  # a step's, not a capture's
             self.medusa_paths.count(f"forward {getattr(out[0], 'name', out[0])}")
+            # tokens the graph's batch adds to the step's (vLLM rounds its capture sizes up to
+            # multiples of the largest tree's query length: a smaller tree's uniform step, or a
+            # plain one, replays a larger graph)
+            padded = getattr(out[1], "num_tokens", num_tokens) - num_tokens
+            if padded > 0:
+                self.medusa_paths.count("forward padding tokens", padded)
         return out
 
     def _medusa_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -572,10 +639,11 @@ class MedusaRunnerMixin:
         if spec_decode_metadata is None or self._medusa_step is None:
             out = super()._sample(logits, spec_decode_metadata)
             rows = None  # one logits row per request, in order
-        elif self._medusa_uniform_greedy(logits):
-            self.medusa_paths.count("verify fixed-shape")
+        elif self._medusa_uniform_applies(logits):
+            greedy = self.input_batch.sampling_metadata.all_greedy
+            self.medusa_paths.count("verify fixed-shape" if greedy else "verify fixed-shape sampled")
             with region("medusa: verify+heads"):
-                return self._medusa_uniform_sample(logits, spec_decode_metadata)
+                return self._medusa_uniform_sample(logits, spec_decode_metadata, greedy)
         else:
             self.medusa_paths.count("verify general")
             with region("medusa: verify"):
@@ -587,7 +655,9 @@ class MedusaRunnerMixin:
                 self._medusa_drafts = self._medusa_propose(self._medusa_hidden, rows)
         return out
 
-    def _medusa_uniform_greedy(self, logits) -> bool:
+    def _medusa_uniform_applies(self, logits) -> bool:
+        """Every request verifies tree k whole and the fixed-shape function of tree k applies
+        (greedy, or with sampled requests among them)."""
         step = self._medusa_step
         num_reqs = self.input_batch.num_reqs
         k = step["uniform_tree"]
@@ -596,26 +666,36 @@ class MedusaRunnerMixin:
             # the function drafts the next tree it was built for: usable when the next drafts
             # follow it (the scheduler's draft count, or the budget rule)
             and self._medusa_peek_next_tree(num_reqs) == self._medusa_graph_next_tree(k, num_reqs)
-            and self.input_batch.sampling_metadata.all_greedy
             and self._medusa_hidden is not None
             and self.drafter.heads is not None
             and step.get("slot_mapping") is not None
             and logits.shape[0] == num_reqs * (1 + self.medusa_tree_sizes[k])
         )
 
-    def _medusa_uniform_sample(self, logits, spec_decode_metadata):
-        """Greedy step in which every request verified its full tree: one fixed-shape function
-        (a CUDA graph replay on the GPU) verifies, picks the accepted path, moves its KV and
-        drafts the next tree; then the stats count."""
+    def _medusa_uniform_sample(self, logits, spec_decode_metadata, greedy: bool):
+        """A step in which every request verified its full tree: one fixed-shape function (a
+        CUDA graph replay on the GPU) verifies, picks the accepted path, moves its KV and
+        drafts the next tree; then the stats count. With sampled requests the step's random
+        numbers are drawn first (their own generators for seeded requests) and handed in."""
         num_reqs = self.input_batch.num_reqs
         step = self._medusa_step
+        k = step["uniform_tree"]
         slots = step["slot_mapping"][: step["num_tokens"]]
-        target = self._medusa_tree_logits(logits, step["num_drafts"],
-                                          spec_decode_metadata.draft_token_ids.view(num_reqs, -1), step["tree_ids"])
-        tokens, accepted, num_accepted, drafts = self._medusa_graphs[step["uniform_tree"]](
-            target.argmax(dim=-1), spec_decode_metadata.draft_token_ids, self._medusa_hidden,
-            step["tree_ids"], *((slots,) if KV_MOVE_IN_GRAPH else ()),
-        )
+        in_graph = (slots,) if KV_MOVE_IN_GRAPH else ()  # the KV move's input, when in the graph
+        drafts_in = spec_decode_metadata.draft_token_ids
+        target = self._medusa_tree_logits(logits, step["num_drafts"], drafts_in.view(num_reqs, -1), step["tree_ids"])
+        if greedy:
+            out = self._medusa_graphs[k](target.argmax(dim=-1), drafts_in, self._medusa_hidden,
+                                         step["tree_ids"], *in_graph)
+        else:
+            sampling = _sampling_batch(self.input_batch.sampling_metadata, num_reqs, logits.device)
+            trees = self.medusa_trees
+            rand = StepRandomness.draw(num_reqs, trees.max_depth + 1, trees.children.shape[2],
+                                       target.shape[1], sampling, logits.device)
+            out = self._medusa_sampled_graphs[(k, sampling.filtered)](
+                target, drafts_in, self._medusa_hidden, step["tree_ids"], sampling_params_tensor(sampling),
+                rand.accept.flatten(1), rand.noise, *in_graph)
+        tokens, accepted, num_accepted, drafts = out
         if not KV_MOVE_IN_GRAPH:
             self._medusa_move_kv(slots, self.query_start_loc.gpu[: num_reqs + 1], accepted)
         self.medusa_stats.observe(num_accepted, step["spec_ok"])
@@ -630,25 +710,37 @@ class MedusaRunnerMixin:
         # a copy: vLLM may hold the sampled ids past the next replay
         return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=logprobs)
 
-    def _medusa_uniform_fn(self, k: int):
+    def _medusa_uniform_fn(self, k: int, sampled: bool = False, filtered: bool = False):
         """The fixed-shape function the CUDA graphs of tree k hold (no host syncs): verify tree
-        k, with KV_MOVE_IN_GRAPH move each request's accepted KV (``slot_mapping`` [B*Q]: its
-        window's slots, -1: none), and draft the tree ``_medusa_graph_next_tree`` names."""
+        k (greedy: from each row's argmax; ``sampled``: from the logits, ``filtered``: some
+        request uses top-k/top-p), with KV_MOVE_IN_GRAPH move each request's accepted KV
+        (``slot_mapping`` [B*Q]: its window's slots, -1: none), and draft the tree
+        ``_medusa_graph_next_tree`` names."""
+        cfg = self.medusa_cfg
 
-        def step(argmax, drafts, hidden, tree_ids, slot_mapping=None):
-            b = tree_ids.shape[0]
+        def propose(b: int):
             k_next = self._medusa_graph_next_tree(k, b)
-            out = greedy_tree_step(
-                argmax, drafts, hidden, tree_ids, self.medusa_trees,
-                lambda h: self._medusa_head_drafts(h, k_next),
-            )
+            return lambda h: self._medusa_head_drafts(h, k_next)
+
+        def finish(out, b: int, slot_mapping):
             if slot_mapping is not None:
                 q = slot_mapping.shape[0] // b
                 starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
                 self._medusa_move_kv(slot_mapping, starts, out.accepted)
             return out.as_tuple()
 
-        return step
+        def greedy_step(argmax, drafts, hidden, tree_ids, slot_mapping=None):
+            b = tree_ids.shape[0]
+            out = greedy_tree_step(argmax, drafts, hidden, tree_ids, self.medusa_trees, propose(b))
+            return finish(out, b, slot_mapping)
+
+        def sampled_step(logits, drafts, hidden, tree_ids, params, accept, noise, slot_mapping=None):
+            b = tree_ids.shape[0]
+            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
+                                    propose(b), cfg.acceptance, filtered, cfg.typical_eps, cfg.typical_delta)
+            return finish(out, b, slot_mapping)
+
+        return sampled_step if sampled else greedy_step
 
     def _medusa_graph_next_tree(self, k: int, num_reqs: int) -> int:
         """The next tree the uniform-step function of tree k drafts: with the measured adaptive
@@ -874,7 +966,8 @@ def _expand_logprobs(lt: LogprobsTensors | None, width: int) -> LogprobsTensors 
 class StepPaths:
     """How many steps of each kind took each path: keyed by the step's draft count per request
     ("0": no drafts, "mixed": prefill chunks or unequal counts), e.g. ``{"63": {"plan cached":
-    812, "forward FULL": 812, "verify fixed-shape": 812}}``. Host counters (a dict increment a
+    812, "forward FULL": 812, "verify fixed-shape": 812}}``, plus "forward padding tokens": the
+    tokens vLLM's CUDA graphs added to those steps in all. Host counters (a dict increment a
     step), read by summary(): they tell a step that left its fast path (a plan built from the
     batch, a forward outside FULL CUDA graphs, the general verifier) from one that stayed on it."""
 
@@ -882,9 +975,9 @@ class StepPaths:
         self.counts: dict[tuple[str, str], int] = {}
         self.key = "mixed"  # this step's key, set by the plan
 
-    def count(self, what: str) -> None:
+    def count(self, what: str, n: int = 1) -> None:
         k = (self.key, what)
-        self.counts[k] = self.counts.get(k, 0) + 1
+        self.counts[k] = self.counts.get(k, 0) + n
 
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

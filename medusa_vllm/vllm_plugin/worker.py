@@ -28,7 +28,7 @@ def _swapped(module: object, name: str, replacement: type) -> Iterator[None]:
 class MedusaStatsMixin:
     def medusa_stats(self) -> dict:
         """Tree steps, mean accepted length and per-depth acceptance of this worker so far, and
-        how many uniform greedy steps replayed a verify+heads CUDA graph:
+        how many uniform greedy (and sampled) steps replayed a verify+heads CUDA graph:
         ``llm.collective_rpc("medusa_stats")`` (one dict per worker)."""
         from medusa_vllm import kernels
 
@@ -37,6 +37,7 @@ class MedusaStatsMixin:
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
         return runner.medusa_stats.summary() | {
             "attention": attention, "uniform_greedy": _graphs_summary(runner._medusa_graphs),
+            "uniform_sampled": _graphs_summary(runner._medusa_sampled_graphs),
             "async_scheduling": bool(runner.use_async_scheduling),
             # per draft count of a step: how its plan, forward (CUDA graph mode) and
             # verification ran (runner.StepPaths)
@@ -57,8 +58,8 @@ class MedusaGPUWorker(MedusaStatsMixin, Worker):
 
 
 def _graphs_summary(graphs: dict) -> dict:
-    """Uniform greedy steps and verify+heads graph replays, over every tree's graphs; the batch
-    sizes with graphs per tree size."""
+    """Uniform steps and verify+heads graph replays, over every tree's graphs; the batch sizes
+    with graphs per tree size."""
     parts = {g.name: g.summary() for g in graphs.values()}
     main = next(iter(parts.values()))
     return {"graph_batch_sizes": main["graph_batch_sizes"],

@@ -1,13 +1,13 @@
-"""BatchGraphs on a GPU: the captured greedy step replays with each call's inputs and equals the
-eager function, per batch size; a batch size without a graph replays the next larger one (its
-first rows), and past the largest one runs eagerly."""
+"""BatchGraphs on a GPU: the captured greedy and sampled steps replay with each call's inputs and
+equal the eager function, per batch size; a batch size without a graph replays the next larger
+one (its first rows), and past the largest one runs eagerly; the sampled step has no host sync."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step
 from medusa_vllm.tree import TokenTree
 from medusa_vllm.tree_tensors import TreeTensors
 
@@ -128,3 +128,62 @@ def test_padded_replay_moves_no_kv_for_its_extra_requests():
         v_cache.normal_(generator=g)
         call(2, seed, accept_all=seed == 3)
     assert graphs.summary()["graph_replays"] == 3
+
+
+def _sampled_fn(trees, w, filtered):
+    def propose(h):
+        return (h @ w).topk(Q - 1, dim=-1).indices
+
+    def fn(logits, drafts, hidden, tree_ids, params, accept, noise):
+        return sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, trees, propose,
+                                 "rejection", filtered).as_tuple()
+
+    return fn
+
+
+def _sampled_inputs(trees, b, seed, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    logits = (torch.randn(b * Q, V, device="cuda", generator=g) * 3).to(dtype)
+    # drafts often the target's favourite at their parent: paths of several lengths accepted
+    at_parent = logits.float().argmax(-1).view(b, Q).gather(1, trees.parents[0, 1:].expand(b, -1))
+    drafts = torch.where(torch.rand(b, Q - 1, device="cuda", generator=g) < 0.7, at_parent, 0).int()
+    hidden = torch.randn(b * Q, H, device="cuda", generator=g)
+    # greedy rows (temperature 0) beside sampled ones with top-k, top-p and min-p
+    rows = torch.arange(b, device="cuda")
+    params = torch.stack([torch.where(rows % 3 == 0, 0.0, 0.8), torch.where(rows % 2 == 0, 4.0, 0.0),
+                          torch.where(rows % 4 == 1, 0.7, 1.0), torch.where(rows % 2 == 1, 0.1, 0.0)], dim=1)
+    levels, width = trees.max_depth + 1, trees.children.shape[2]
+    accept = torch.rand(b, levels * width, device="cuda", generator=g)
+    noise = torch.empty(b, V, device="cuda").exponential_(generator=g)
+    return (logits, drafts.flatten(), hidden, torch.zeros(b, dtype=torch.int64, device="cuda"), params,
+            accept, noise)
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_sampled_replays_match_eager_and_the_step_has_no_host_sync(filtered):
+    trees = TreeTensors.build([TREE], "cuda")
+    fn = _sampled_fn(trees, torch.randn(H, V, device="cuda"), filtered)
+    graphs = BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1, 1, 1, 1], max_batch=8, exact=3, name="sampled",
+                         pad=[None, -1, None, None, None, None, 1.0])
+    # the runner shares the logits buffer between its graph sets
+    graphs.buffers = {0: torch.zeros(16 * Q, V, dtype=torch.bfloat16, device="cuda")}
+    for b in (4, 1):
+        assert graphs.capture(*_sampled_inputs(trees, b, 100 + b))
+    assert graphs.static[0].data_ptr() == graphs.buffers[0].data_ptr()
+    calls = [3, 1, 4, 2, 6]
+    for seed, b in enumerate(calls):
+        inputs = _sampled_inputs(trees, b, seed)
+        got = [t.clone() for t in graphs(*inputs)]
+        torch.cuda.set_sync_debug_mode("error")  # the eager step: no host sync anywhere
+        try:
+            want = fn(*inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for x, y in zip(got, want):
+            assert x.shape == y.shape and torch.equal(x, y), (b, seed)
+    assert graphs.summary()["graph_replays"] == len(calls) - 1
+    # float32 logits (penalties applied) would be cast by the copy into the bf16 buffer: eager
+    inputs = _sampled_inputs(trees, 2, 9, torch.float32)
+    got = graphs(*inputs)
+    assert graphs.summary()["graph_replays"] == len(calls) - 1
+    assert all(torch.equal(x, y) for x, y in zip(got, fn(*inputs)))
