@@ -8,6 +8,7 @@
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
 #   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
+#   bash tools/gpu/session.sh sampled_check "[tree]"                        (tools/gpu/sampled_check.py)
 # Results (--out, default <bench>_<gpu>.json) and the log go to $OUT; TP_TIMEOUT (s) bounds the
 # benchmark; SESSION_MODEL / SESSION_HEADS replace the bundled model and heads (e.g. /tmp/qwen_hf
 # from tools/gpu/stage_qwen.sh and heads trained by training/gpu_recipe.sh).
@@ -24,6 +25,14 @@ if [ "$bench" = smoke ]; then
     timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" "${2:-sparse-15}" \
         > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/smoke.log" | tail -40
+    exit 0
+fi
+if [ "$bench" = sampled_check ]; then
+    # shellcheck disable=SC2086
+    timeout "${TP_TIMEOUT:-240}" python3 tools/gpu/sampled_check.py "$MODEL" "$heads" ${2:-default-63} \
+        > "$OUT/sampled_check.log" 2>&1
+    echo "sampled_check rc=$?"; grep -a -v "^INFO\|^(EngineCore\|^WARNING\|^(Worker" "$OUT/sampled_check.log" | cut -c1-300 | tail -70
+    grep -a "CUDA graph\|captured\|disagrees\|failed" "$OUT/sampled_check.log" | cut -c1-300 | tail -12
     exit 0
 fi
 if [ "$bench" = graph_check ]; then
