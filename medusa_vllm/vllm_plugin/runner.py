@@ -83,10 +83,12 @@ if _KV_MOVE not in ("eager", "graph"):
                      "moves inside the verify+heads graph) or 'eager' (a separate launch after it), or unset it")
 KV_MOVE_IN_GRAPH = _KV_MOVE == "graph"
 # MEDUSA_VLLM_SAMPLED_GRAPH_ROWS: uniform steps with sampled requests replay CUDA graphs up to this
-# many logits rows (batch x (1 + tree nodes)); their static logits buffer holds as many rows of the
-# vocabulary (one buffer for every tree), so the bound keeps that memory small; larger steps run
-# the same function eagerly
-SAMPLED_GRAPH_ROWS = int(os.environ.get("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "1024") or 0)
+# many logits rows (batch x (1 + tree nodes)) and only for batch sizes vLLM captures; their static
+# logits buffer (one for every tree) holds as many rows of the vocabulary as the largest captured
+# step has (bf16: 4096 rows are 0.4 GB for SmolLM2's 49k vocabulary, 1.2 GB for Qwen2.5's 152k);
+# larger steps run the same function eagerly, which costs ~700 kernel launches a step
+# (H100, 63-node tree, batch 32: 25 ms of host time a step under the profiler)
+SAMPLED_GRAPH_ROWS = int(os.environ.get("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "4096") or 0)
 
 
 @contextlib.contextmanager
@@ -249,9 +251,16 @@ class MedusaRunnerMixin:
 
     def capture_model(self) -> int:
         size = super().capture_model()
+        from vllm.config import CUDAGraphMode
+
+        if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
+            return size
         for k, graphs in self._medusa_graphs.items():
             if graphs.enabled:
                 self._medusa_capture_step_graphs(k, graphs, self._medusa_greedy_example)
+        # the sampled sets' buffers sized for the largest batch they capture, not max_batch
+        for (k, _), graphs in self._medusa_sampled_graphs.items():
+            graphs.max_batch = max((b for b in self._medusa_graph_batch_sizes(k) if b <= graphs.max_batch), default=0)
         sampled = [g for g in self._medusa_sampled_graphs.values() if g.enabled and g.max_batch > 0]
         if sampled:
             example = self._medusa_sampled_example(sampled)
@@ -299,25 +308,24 @@ class MedusaRunnerMixin:
 
         return example
 
-    def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs, example) -> None:
-        """After vLLM's graphs: one graph of tree k's uniform step per batch size B whose
-        uniform step of the largest tree or of tree k (B * (1 + nodes) tokens) vLLM captures
-        too (up to the set's max_batch), on ``example(b, q, k, generator)`` inputs. A batch size
-        between two graphs replays the larger one, padded."""
-        from vllm.config import CUDAGraphMode
-
-        if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
-            return
+    def _medusa_graph_batch_sizes(self, k: int) -> list[int]:
+        """Batch sizes B whose uniform step of the largest tree or of tree k (B * (1 + nodes)
+        tokens) vLLM captures too, largest first (the smaller graphs reuse its pool)."""
         q = 1 + self.medusa_tree_sizes[k]
         capture_sizes = self.compilation_config.cudagraph_capture_sizes or []
         # vLLM keeps only multiples of the largest tree's query length: tree k's own would leave
         # its small batch sizes without a graph
-        sizes = sorted({n // m for n in capture_sizes for m in {q, self.medusa_max_query}
-                        if n % m == 0 and 0 < n // m <= self.max_num_reqs},
-                       reverse=True)  # largest first: the smaller graphs reuse its pool
+        return sorted({n // m for n in capture_sizes for m in {q, self.medusa_max_query}
+                       if n % m == 0 and 0 < n // m <= self.max_num_reqs}, reverse=True)
+
+    def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs, example) -> None:
+        """After vLLM's graphs: one graph of tree k's uniform step per batch size of
+        :meth:`_medusa_graph_batch_sizes` up to the set's max_batch, on ``example(b, q, k,
+        generator)`` inputs. A batch size between two graphs replays the larger one, padded."""
+        q = 1 + self.medusa_tree_sizes[k]
         g = torch.Generator(device=self.device).manual_seed(0)
         captured = []
-        for b in sizes:
+        for b in self._medusa_graph_batch_sizes(k):
             inputs = (
                 *example(b, q, k, g),
                 # no slots: the capture moves no KV (the kernel is in the graph all the same)
