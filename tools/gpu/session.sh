@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call after the kit is staged (earlier calls: vk1a and vk1b with tools/gpu/stage_vk1.sh
 # — tools/gpu/split_vk1.sh makes them: the repo no longer fits a call beside the whole vk1 —
-# then vk2 and vk3 with their device_setup.sh; this call carries vk4,
-# medusa_vllm/_C.abi3.so and .carry/mt_bench_question.jsonl):
+# then vk2 and vk3 with their device_setup.sh; the first session call also carries vk2b, which
+# split_vk1.sh makes; this call carries vk4, medusa_vllm/_C.abi3.so (built here with
+# MEDUSA_VLLM_CUDA=1 python setup.py build_ext --inplace) and .carry/mt_bench_question.jsonl):
 #   bash tools/gpu/session.sh throughput  "<benchmarks/throughput.py args>"
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
