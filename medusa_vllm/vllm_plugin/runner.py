@@ -43,12 +43,13 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from medusa_vllm import kernels
 from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
+from medusa_vllm.graphed_step import sampling_params_tensor
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
+from medusa_vllm.vllm_plugin.graphs import KV_MOVE_IN_GRAPH, MedusaGraphsMixin
 from medusa_vllm.vllm_plugin.penalties import check_tree_logits, min_p_of, needs_tree_processing, tree_logits
 from medusa_vllm.vllm_plugin.step import (
     can_speculate, choose_tree_for_drafts, plan_step, position_offsets, uniform_tree,
@@ -71,24 +72,6 @@ GRAPH_CHECK = int(os.environ.get("MEDUSA_VLLM_GRAPH_CHECK", "0") or 0)
 # tree rows' logits with vLLM's own apply_penalties from each row's history spelled out and
 # raises on any difference (host syncs; tests)
 CHECK_PENALTIES = os.environ.get("MEDUSA_VLLM_CHECK_PENALTIES", "") not in ("", "0")
-# MEDUSA_VLLM_KV_MOVE: where a uniform greedy step moves its accepted KV. "graph" (default): inside
-# the verify+heads CUDA graph, so the whole step after the forward is one replay; "eager": a
-# separate launch right after the replay. Same tokens (H200: same acceptance to 4 digits). On an
-# H200 without vLLM (tools/gpu/kv_move_ab.py, benchmarks/results/kv_move_ab_micro_h200.json) the
-# in-graph move saved 11-25 us of host time per step and 1-3 us of wall time at batch 1-64;
-# end-to-end interleaved runs could not tell the two apart (round-to-round noise +-25%)
-_KV_MOVE = os.environ.get("MEDUSA_VLLM_KV_MOVE", "graph") or "graph"
-if _KV_MOVE not in ("eager", "graph"):
-    raise ValueError(f"MEDUSA_VLLM_KV_MOVE={_KV_MOVE!r}: use 'graph' (the default: the accepted KV "
-                     "moves inside the verify+heads graph) or 'eager' (a separate launch after it), or unset it")
-KV_MOVE_IN_GRAPH = _KV_MOVE == "graph"
-# MEDUSA_VLLM_SAMPLED_GRAPH_ROWS: uniform steps with sampled requests replay CUDA graphs up to this
-# many logits rows (batch x (1 + tree nodes)) and only for batch sizes vLLM captures; their static
-# logits buffer (one for every tree) holds as many rows of the vocabulary as the largest captured
-# step has (bf16: 4096 rows are 0.4 GB for SmolLM2's 49k vocabulary, 1.2 GB for Qwen2.5's 152k);
-# larger steps run the same function eagerly, which costs ~700 kernel launches a step
-# (H100, 63-node tree, batch 32: 25 ms of host time a step under the profiler)
-SAMPLED_GRAPH_ROWS = int(os.environ.get("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "4096") or 0)
 
 
 @contextlib.contextmanager
@@ -135,7 +118,7 @@ def _attention_backend(choice: str, vllm_config, device) -> str:
     return choice if choice in ("reference", "xformers") else "kernel"
 
 
-class MedusaRunnerMixin:
+class MedusaRunnerMixin(MedusaGraphsMixin):
     """Overrides on top of vLLM 0.26's V1 ``GPUModelRunner`` (shared by its CPU subclass)."""
 
     def __init__(self, vllm_config, device) -> None:
@@ -199,43 +182,7 @@ class MedusaRunnerMixin:
             1 + sizes[k]: UniformStepCache(k, self.medusa_offsets[k], self.max_num_reqs, self.device)
             for k in graph_trees if sizes.count(sizes[k]) == 1
         }
-        # inputs argmax, drafts, hidden, tree ids (+ the slot mapping when the KV move is in
-        # the graph: then a padded replay's extra requests get -1 drafts and slots, so they
-        # accept nothing and move no KV)
-        self._medusa_graphs = {
-            k: BatchGraphs(
-                self._medusa_uniform_fn(k),
-                rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
-                max_batch=self.max_num_reqs, exact=3,
-                name=f"verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes)",
-                pad=[None, -1, None, None, -1] if KV_MOVE_IN_GRAPH else None)
-            for k in graph_trees
-        }
-        # uniform steps with sampled requests (any mix with greedy ones): the same, from the
-        # logits, with the step's random numbers as inputs; one set per tree and per whether
-        # top-k/top-p apply (the sort), batch sizes up to SAMPLED_GRAPH_ROWS logits rows
-        # inputs logits, drafts, hidden, tree ids, sampling parameters, uniforms, noise (+ slots)
-        self._medusa_sampled_graphs = {
-            (k, filtered): BatchGraphs(
-                self._medusa_uniform_fn(k, sampled=True, filtered=filtered),
-                rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1, 1, 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
-                max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // (1 + sizes[k])), exact=3,
-                name=f"sampled verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes"
-                     f"{', top-k/top-p' if filtered else ''})",
-                pad=[None, -1, None, None, None, None, 1.0] + ([-1] if KV_MOVE_IN_GRAPH else []))
-            for k in graph_trees for filtered in (False, True)
-        }
-        for graphs in (*self._medusa_graphs.values(), *self._medusa_sampled_graphs.values()):
-            graphs.enabled = (
-                self.device.type == "cuda" and self.medusa_cfg.cuda_graphs
-                and vllm_config.parallel_config.world_size == 1
-            )
-        # load-adaptive tree: FULL CUDA graphs for uniform steps of every tree size and of plain
-        # decoding (query lengths 1 + nodes, and 1), not only of the largest tree (vLLM's one
-        # uniform length): a step outside FULL graphs pays ~0.2 ms of host time per layer
-        self._medusa_uniform_lens = sorted(
-            ({1 + n for n in self.medusa_tree_sizes} | {1}) - {self.medusa_max_query}
-        ) if self.medusa_cfg.adaptive else []
+        self._medusa_init_graphs(graph_trees, vllm_config)
 
     # ------------------------------------------------------------------ set-up hooks
     def initialize_metadata_builders(self, *args, **kwargs) -> None:
@@ -249,158 +196,8 @@ class MedusaRunnerMixin:
                 )
             builder.medusa = self.medusa_attn
 
-    def capture_model(self) -> int:
-        size = super().capture_model()
-        from vllm.config import CUDAGraphMode
-
-        if self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE:
-            return size
-        for k, graphs in self._medusa_graphs.items():
-            if graphs.enabled:
-                self._medusa_capture_step_graphs(k, graphs, self._medusa_greedy_example)
-        # the sampled sets' buffers sized for the largest batch they capture, not max_batch
-        for (k, _), graphs in self._medusa_sampled_graphs.items():
-            graphs.max_batch = max((b for b in self._medusa_graph_batch_sizes(k) if b <= graphs.max_batch), default=0)
-        sampled = [g for g in self._medusa_sampled_graphs.values() if g.enabled and g.max_batch > 0]
-        if sampled:
-            example = self._medusa_sampled_example(sampled)
-            for (k, _), graphs in self._medusa_sampled_graphs.items():
-                if graphs in sampled:
-                    self._medusa_capture_step_graphs(k, graphs, example)
-        return size
-
-    def _medusa_greedy_example(self, b: int, q: int, k: int, g: torch.Generator) -> tuple:
-        """Example inputs of a greedy uniform step's graph (argmax, drafts, hidden, tree ids)."""
-        return (
-            torch.randint(0, 8, (b * q,), device=self.device, generator=g),
-            torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
-            torch.randn(b * q, self.model_config.get_hidden_size(), device=self.device, generator=g,
-                        dtype=self.dtype),
-            torch.full((b,), k, dtype=torch.int64, device=self.device),
-        )
-
-    def _medusa_sampled_example(self, sets: list[BatchGraphs]):
-        """Example inputs of the sampled uniform steps' graphs, whose logits and noise buffers
-        (the large ones: rows of the vocabulary) all sets share: one call replays at a time and
-        loads its own inputs first. The logits' dtype and width are the model's (its logits
-        processor's output), read off one dummy row."""
-        with torch.inference_mode():
-            probe = self.model.compute_logits(
-                torch.zeros(1, self.model_config.get_hidden_size(), device=self.device, dtype=self.dtype))
-        vocab, dtype = probe.shape[-1], probe.dtype
-        logits_rows = max(g.rows_per_req[0] * g.max_batch for g in sets)
-        noise_rows = max(g.max_batch for g in sets)
-        shared = torch.zeros(logits_rows, vocab, dtype=dtype, device=self.device)
-        noise = torch.ones(noise_rows, vocab, device=self.device)
-        for graphs in sets:
-            graphs.buffers = {0: shared, 6: noise}
-        levels, width = self.medusa_trees.max_depth + 1, self.medusa_trees.children.shape[2]
-
-        def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
-            params = torch.tensor([1.0, 5.0, 0.9, 0.05], device=self.device).repeat(b, 1)
-            return (
-                torch.randn(b * q, vocab, device=self.device, generator=g).to(dtype),
-                *self._medusa_greedy_example(b, q, k, g)[1:],
-                params,
-                torch.rand(b, levels * width, device=self.device, generator=g),
-                torch.empty(b, vocab, device=self.device).exponential_(generator=g),
-            )
-
-        return example
-
-    def _medusa_graph_batch_sizes(self, k: int) -> list[int]:
-        """Batch sizes B whose uniform step of the largest tree or of tree k (B * (1 + nodes)
-        tokens) vLLM captures too, largest first (the smaller graphs reuse its pool)."""
-        q = 1 + self.medusa_tree_sizes[k]
-        capture_sizes = self.compilation_config.cudagraph_capture_sizes or []
-        # vLLM keeps only multiples of the largest tree's query length: tree k's own would leave
-        # its small batch sizes without a graph
-        return sorted({n // m for n in capture_sizes for m in {q, self.medusa_max_query}
-                       if n % m == 0 and 0 < n // m <= self.max_num_reqs}, reverse=True)
-
-    def _medusa_capture_step_graphs(self, k: int, graphs: BatchGraphs, example) -> None:
-        """After vLLM's graphs: one graph of tree k's uniform step per batch size of
-        :meth:`_medusa_graph_batch_sizes` up to the set's max_batch, on ``example(b, q, k,
-        generator)`` inputs. A batch size between two graphs replays the larger one, padded."""
-        q = 1 + self.medusa_tree_sizes[k]
-        g = torch.Generator(device=self.device).manual_seed(0)
-        captured = []
-        for b in self._medusa_graph_batch_sizes(k):
-            inputs = (
-                *example(b, q, k, g),
-                # no slots: the capture moves no KV (the kernel is in the graph all the same)
-                *((torch.full((b * q,), -1, dtype=torch.int64, device=self.device),) if KV_MOVE_IN_GRAPH else ()),
-            )
-            if b <= graphs.max_batch and graphs.capture(*inputs):
-                captured.append(b)
-        logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", graphs.name, captured)
 
     # ------------------------------------------------------------------ FULL graphs per query length
-    @contextlib.contextmanager
-    def _medusa_query_len(self, q: int):
-        """vLLM's uniform-decode query length (runner and graph dispatcher) set to ``q`` for a
-        capture or a step of that length: its FULL graphs are keyed by (tokens, requests)."""
-        d = getattr(self, "cudagraph_dispatcher", None)
-        if d is None:
-            yield
-            return
-        saved = self.uniform_decode_query_len, d.uniform_decode_query_len
-        self.uniform_decode_query_len = d.uniform_decode_query_len = q
-        try:
-            yield
-        finally:
-            self.uniform_decode_query_len, d.uniform_decode_query_len = saved
-
-    def _check_and_update_cudagraph_mode(self, *args, **kwargs):
-        out = super()._check_and_update_cudagraph_mode(*args, **kwargs)
-        from vllm.config import CUDAGraphMode
-
-        d = self.cudagraph_dispatcher
-        mode = d.cudagraph_mode
-        if (not self._medusa_uniform_lens or mode is None or mode == CUDAGraphMode.NONE
-                or mode.decode_mode() != CUDAGraphMode.FULL or not mode.separate_routine()):
-            return out
-        sizes = self.compilation_config.cudagraph_capture_sizes or []
-        added = []
-        for q in self._medusa_uniform_lens:
-            with self._medusa_query_len(q):
-                for n in sizes:
-                    if n % q == 0 and n // q <= self.max_num_reqs:
-                        d.add_cudagraph_key(CUDAGraphMode.FULL,
-                                            d._create_padded_batch_descriptor(n, True, False, 0))
-                        added.append((q, n // q))
-        logger.info("medusa_vllm: FULL CUDA graphs also for uniform steps (query length, "
-                    "requests) %s", added)
-        return out
-
-    def _warmup_and_capture(self, desc, *args, **kwargs):
-        q = desc.num_tokens // desc.num_reqs if desc.uniform and desc.num_reqs else None
-        if q is None or q not in self._medusa_uniform_lens:
-            return super()._warmup_and_capture(desc, *args, **kwargs)
-        with self._medusa_query_len(q):
-            return super()._warmup_and_capture(desc, *args, **kwargs)
-
-    def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np,
-                                               max_num_scheduled_tokens, *args, **kwargs):
-        q = max_num_scheduled_tokens
-        if (q in self._medusa_uniform_lens and num_tokens == q * num_reqs
-                and kwargs.get("force_uniform_decode") is None):
-            with self._medusa_query_len(q):
-                out = super()._determine_batch_execution_and_padding(
-                    num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens,
-                    *args, **kwargs)
-        else:
-            out = super()._determine_batch_execution_and_padding(
-                num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *args, **kwargs)
-        if kwargs.get("force_uniform_decode") is None:  # a step's, not a capture's
-            self.medusa_paths.count(f"forward {getattr(out[0], 'name', out[0])}")
-            # tokens the graph's batch adds to the step's (vLLM rounds its capture sizes up to
-            # multiples of the largest tree's query length: a smaller tree's uniform step, or a
-            # plain one, replays a larger graph)
-            padded = getattr(out[1], "num_tokens", num_tokens) - num_tokens
-            if padded > 0:
-                self.medusa_paths.count("forward padding tokens", padded)
-        return out
 
     def _medusa_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._medusa_kv_views is None:
@@ -718,37 +515,6 @@ class MedusaRunnerMixin:
         # a copy: vLLM may hold the sampled ids past the next replay
         return SamplerOutput(sampled_token_ids=tokens.clone(), logprobs_tensors=logprobs)
 
-    def _medusa_uniform_fn(self, k: int, sampled: bool = False, filtered: bool = False):
-        """The fixed-shape function the CUDA graphs of tree k hold (no host syncs): verify tree
-        k (greedy: from each row's argmax; ``sampled``: from the logits, ``filtered``: some
-        request uses top-k/top-p), with KV_MOVE_IN_GRAPH move each request's accepted KV
-        (``slot_mapping`` [B*Q]: its window's slots, -1: none), and draft the tree
-        ``_medusa_graph_next_tree`` names."""
-        cfg = self.medusa_cfg
-
-        def propose(b: int):
-            k_next = self._medusa_graph_next_tree(k, b)
-            return lambda h: self._medusa_head_drafts(h, k_next)
-
-        def finish(out, b: int, slot_mapping):
-            if slot_mapping is not None:
-                q = slot_mapping.shape[0] // b
-                starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
-                self._medusa_move_kv(slot_mapping, starts, out.accepted)
-            return out.as_tuple()
-
-        def greedy_step(argmax, drafts, hidden, tree_ids, slot_mapping=None):
-            b = tree_ids.shape[0]
-            out = greedy_tree_step(argmax, drafts, hidden, tree_ids, self.medusa_trees, propose(b))
-            return finish(out, b, slot_mapping)
-
-        def sampled_step(logits, drafts, hidden, tree_ids, params, accept, noise, slot_mapping=None):
-            b = tree_ids.shape[0]
-            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
-                                    propose(b), cfg.acceptance, filtered, cfg.typical_eps, cfg.typical_delta)
-            return finish(out, b, slot_mapping)
-
-        return sampled_step if sampled else greedy_step
 
     def _medusa_graph_next_tree(self, k: int, num_reqs: int) -> int:
         """The next tree the uniform-step function of tree k drafts: with the measured adaptive
