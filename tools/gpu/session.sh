@@ -7,6 +7,7 @@
 #   bash tools/gpu/session.sh throughput  "<benchmarks/throughput.py args>"
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
+#   bash tools/gpu/session.sh step_cost_ab "<step_cost args>"  (this tree vs .carry/ab_tree: pack_ab_tree.sh)
 #   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
 #   bash tools/gpu/session.sh sampled_check "[tree]"                        (tools/gpu/sampled_check.py)
@@ -41,6 +42,25 @@ if [ "$bench" = graph_check ]; then
     timeout "${TP_TIMEOUT:-240}" python3 tools/gpu/graph_check.py "$MODEL" "$heads" ${2:-default-63 4} \
         > "$OUT/graph_check.log" 2>&1
     echo "graph_check rc=$?"; grep -a "graph check\|CUDA graph\|Error\|Traceback" "$OUT/graph_check.log" | cut -c1-400 | tail -20
+    exit 0
+fi
+if [ "$bench" = step_cost_ab ]; then
+    # this tree against .carry/ab_tree (tools/gpu/pack_ab_tree.sh), tree configs in turns
+    # old, new, old, new, each in its own engine; $2: step_cost args without --configs/--out
+    python3 tools/gpu/make_zero_heads.py "$MODEL" /tmp/zero_heads
+    cp medusa_vllm/_C.abi3.so .carry/ab_tree/medusa_vllm/
+    old=$(cat .carry/ab_tree/REV); new=$(cat .git_commit 2>/dev/null || echo head)
+    i=0
+    for side in old new old new; do
+        i=$((i + 1)); dir=$PWD; rev=$new
+        [ "$side" = old ] && dir=$PWD/.carry/ab_tree && rev=$old
+        configs=tree64_async; [ $i = 1 ] && configs="plain_v1_async tree64_async"
+        # shellcheck disable=SC2086
+        (cd "$dir" && MEDUSA_GIT_COMMIT=$rev PYTHONPATH="$dir:$PYTHONPATH" timeout "${TP_TIMEOUT:-540}" python3 benchmarks/step_cost.py \
+            --model "$MODEL" --heads /tmp/zero_heads --configs $configs \
+            --out "$OUT/step_cost_ab_${i}_${rev}.json" $2 > "$OUT/step_cost_ab_${i}_${rev}.log" 2>&1)
+        echo "$i $side ($rev) rc=$?"; grep -a "ms/step" "$OUT/step_cost_ab_${i}_${rev}.log" | grep -v "^INFO" | tail -8
+    done
     exit 0
 fi
 if [ "$bench" = step_cost ]; then
