@@ -11,7 +11,7 @@ keep their own generators). :class:`BatchGraphs` captures such a function once p
 graph (static input buffers, one shared memory pool) and replays it: tens to hundreds of kernel
 launches from Python become one graph launch plus the input copies.
 
-Nothing here knows vLLM; the runner decides when a step is uniform and greedy.
+Nothing here knows vLLM; the runner decides when a step is uniform, and whether it is greedy.
 """
 
 from __future__ import annotations
@@ -60,13 +60,10 @@ def greedy_tree_step(
     return TreeStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
 
 
-# the per-request sampling parameters of sampled_tree_step, one float32 column each
-PARAM_COLUMNS = ("temperature", "top_k", "top_p", "min_p")
-
-
 def sampling_params_tensor(sampling: SamplingBatch) -> torch.Tensor:
-    """[B, 4] float32 (PARAM_COLUMNS) of a batch's parameters: one input instead of four (top-k
-    is exact in float32 below 2**24; min-p 0 masks nothing)."""
+    """[B, 4] float32 columns temperature, top-k, top-p, min-p of a batch's parameters: the
+    sampled step's one input instead of four (top-k is exact in float32 below 2**24; min-p 0
+    masks nothing)."""
     min_p = sampling.min_p if sampling.min_p is not None else torch.zeros_like(sampling.temperature)
     return torch.stack([sampling.temperature.float(), sampling.top_k.float(), sampling.top_p.float(),
                         min_p.float()], dim=1)

@@ -101,19 +101,24 @@ class StepRandomness:
     def draw(cls, batch: int, levels: int, width: int, vocab: int, sampling: SamplingBatch,
              device: torch.device | str) -> StepRandomness:
         accept = torch.rand((batch, levels, width), device=device)
-        noise = torch.empty((batch, vocab), device=device).exponential_()
         for row, gen in (sampling.generators or {}).items():
             if row < batch:
                 accept[row] = torch.rand((levels, width), device=device, generator=gen)
-                noise[row].exponential_(generator=gen)
-        return cls(accept, noise)
+        return cls(accept, exponential_noise(batch, vocab, sampling, device))
+
+
+def exponential_noise(batch: int, vocab: int, sampling: SamplingBatch, device: torch.device | str) -> torch.Tensor:
+    """[B, V] float32 Exp(1), a seeded request's row drawn from its own generator."""
+    noise = torch.empty((batch, vocab), device=device).exponential_()
+    for row, gen in (sampling.generators or {}).items():
+        if row < batch:
+            noise[row].exponential_(generator=gen)
+    return noise
 
 
 def sample(probs: torch.Tensor, sampling: SamplingBatch, noise: torch.Tensor | None = None) -> torch.Tensor:
     """[B, V] probabilities -> [B] int64 tokens by the exponential race (no host sync), with
     ``noise`` [B, V] Exp(1) if given (else drawn, per-request generators honoured)."""
     if noise is None:
-        noise = torch.empty_like(probs).exponential_()
-        for row, gen in (sampling.generators or {}).items():
-            noise[row].exponential_(generator=gen)
+        noise = exponential_noise(probs.shape[0], probs.shape[1], sampling, probs.device)
     return (probs / noise).argmax(dim=-1)
