@@ -181,3 +181,14 @@ def test_unknown_kv_move_setting_is_a_clear_error():
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "MEDUSA_VLLM_KV_MOVE='grpah': use 'graph'" in res.stderr, res.stderr[-2000:]
+
+
+def test_bad_sampled_graph_rows_setting_is_a_clear_error():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MEDUSA_VLLM_SAMPLED_GRAPH_ROWS="4k")
+    res = subprocess.run([sys.executable, "-c", "import medusa_vllm.vllm_plugin.runner"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "MEDUSA_VLLM_SAMPLED_GRAPH_ROWS='4k': use a whole number" in res.stderr, res.stderr[-2000:]

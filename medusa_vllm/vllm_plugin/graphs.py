@@ -38,7 +38,11 @@ KV_MOVE_IN_GRAPH = _KV_MOVE == "graph"
 # step has (bf16: 4096 rows are 0.4 GB for SmolLM2's 49k vocabulary, 1.2 GB for Qwen2.5's 152k);
 # larger steps run the same function eagerly, which costs ~700 kernel launches a step
 # (H100, 63-node tree, batch 32: 25 ms of host time a step under the profiler)
-SAMPLED_GRAPH_ROWS = int(os.environ.get("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "4096") or 0)
+_ROWS = os.environ.get("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "4096") or "0"
+if not _ROWS.isdigit():
+    raise ValueError(f"MEDUSA_VLLM_SAMPLED_GRAPH_ROWS={_ROWS!r}: use a whole number of logits rows "
+                     "(default 4096; 0 runs sampled steps without CUDA graphs), or unset it")
+SAMPLED_GRAPH_ROWS = int(_ROWS)
 
 
 class MedusaGraphsMixin:
