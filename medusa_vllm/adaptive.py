@@ -13,6 +13,9 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   length per tree (the heads' calibrated estimate at first, then the observed one). It picks the
   choice with the most tokens per second, ``τ / seconds per step``, so a large batch on which
   every tree costs more than it returns decodes plainly, and a small one keeps its big tree.
+  A tree must beat no drafts by ``SPECULATION_MARGIN`` (10%): clean-step timing leaves out what
+  a change of choice and the steps around a prefill cost, and medians of a few steps are
+  noisy, so a near tie goes to plain decoding, which never loses to vLLM without speculation.
   Each choice is measured a few steps first (the budget rule's choice, then no drafts, then the
   trees from the smallest up), except one that cannot win: a bigger tree never costs less than
   a smaller one (or no drafts) measured in the same bucket, so a tree whose τ over that bound
@@ -45,7 +48,8 @@ MIN_SAMPLES = 4  # clean steps measured per (bucket, choice) before it is compar
 RUN = 6  # steps a measuring run of one choice lasts (its first two are not timed: a transition)
 WINDOW = 16  # recent steps kept per (bucket, choice)
 MAX_TRIES = 3  # measuring runs after which a choice that yields no clean steps is left out
-REMEASURE = 500  # decisions in a bucket between re-measurements of the runner-up
+REMEASURE = 200  # decisions in a bucket between re-measurements of the runner-up
+SPECULATION_MARGIN = 1.1  # a tree's tokens/s over no drafts' needed to choose the tree
 PRIOR_WEIGHT = 64  # requests' worth of weight of the calibrated τ against the observed one
 SKIP_SLACK = 0.95  # a tree is skipped unmeasured if τ / (SKIP_SLACK * its cost bound) < the best
 # batch size buckets: 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, 17-24, 25-32, 33-48, ...
@@ -113,8 +117,8 @@ class StepCosts:
     def choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
         """The choice for the next step: a measuring run in progress, else the next unmeasured
         choice that could win (``start``, then no drafts, then the trees from the smallest up),
-        else the most tokens per second (the runner-up every REMEASURE decisions, so its cost
-        stays current)."""
+        else the most tokens per second, no drafts' counted SPECULATION_MARGIN higher (the
+        runner-up every REMEASURE decisions, so its cost stays current)."""
         b = bucket_of(num_reqs)
         run = self._runs.setdefault(b, [start, 0, 0])
         run[2] += 1
@@ -122,7 +126,8 @@ class StepCosts:
             run[1] -= 1
             return run[0]
         seconds = {c: self.seconds(num_reqs, c) for c in self.choices}  # medians, once a step
-        scores = {c: tau(c) / s for c, s in seconds.items() if s}
+        scores = {c: tau(c) / s * (SPECULATION_MARGIN if c == NO_TREE else 1.0)
+                  for c, s in seconds.items() if s}
         best = max(scores.values(), default=0.0)
         for c in [start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
             if (seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES

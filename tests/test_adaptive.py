@@ -82,7 +82,7 @@ def test_measured_rule_turns_speculation_off_where_every_tree_costs_more_than_it
     assert [round(p.tau(k), 2) for k in (0, 1, 2, NO_TREE)] == [2.06, 1.82, 1.48, 1.0]
     # batch 64: a plain step 4 ms, trees 4x / 3.5x / 3x that -> no drafts wins
     cost = {0: 16e-3, 1: 14e-3, 2: 12e-3, NO_TREE: 4e-3}.get
-    chosen = simulate(p, 64, cost, 200)
+    chosen = simulate(p, 64, cost, REMEASURE - 2)  # no re-measurement yet
     # the budget rule's choice first, then no drafts; the bigger trees cost at least the 3-node
     # tree's 12 ms, so τ 2.06 / 12 ms and 1.82 / 12 ms cannot beat 1 / 4 ms: never measured
     assert chosen[: 2 * RUN] == [2] * RUN + [NO_TREE] * RUN
@@ -92,7 +92,7 @@ def test_measured_rule_turns_speculation_off_where_every_tree_costs_more_than_it
     # batch 1: a tree step 1.3x a plain one -> the 63-node tree (τ 2.06 / 1.3 beats 1 / 1); the
     # 3-node tree (1.48 / its 2 ms bound < 2.06 / 2.6) is skipped, sparse-15 (1.82 / 2 ms) is not
     cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
-    chosen1 = simulate(p, 1, cost1, 200)
+    chosen1 = simulate(p, 1, cost1, REMEASURE - 1)
     assert chosen1[: 3 * RUN] == [0] * RUN + [NO_TREE] * RUN + [1] * RUN
     assert set(chosen1[3 * RUN:]) == {0}
     # buckets are independent: batch 64 still decodes plainly
@@ -118,6 +118,38 @@ def test_measured_rule_remeasures_the_runner_up_and_follows_a_change():
     costs[0] = 20e-3
     chosen = simulate(p, 1, costs.get, 4 * REMEASURE)
     assert chosen[-RUN:] != [0] * RUN
+
+
+def test_a_near_tie_goes_to_no_drafts():
+    from medusa_vllm.adaptive import SPECULATION_MARGIN
+
+    # batch 64, no drafts 4.46 ms a step (an H100, 45a52b6); the two big trees cost too much,
+    # the smallest (τ 1.48) returns 15% or 5% more tokens per second than no drafts
+    def run(tree_ms: float) -> list[int]:
+        cost = {0: 50e-3, 1: 50e-3, 2: tree_ms, NO_TREE: 4.46e-3}.get
+        return simulate(measured(), 64, cost, REMEASURE - 2)
+
+    even = measured().tau(2) * 4.46e-3  # the smallest tree's cost at equal tokens per second
+    assert SPECULATION_MARGIN >= 1.1
+    win, tie = run(even / 1.15), run(even / 1.05)  # 15% and 5% more tokens per second
+    assert set(win[3 * RUN:]) == {2}
+    assert set(tie[3 * RUN:]) == {NO_TREE}
+
+
+def test_measured_schedule_accounts_every_step():
+    from medusa_vllm.vllm_plugin.scheduler import IDLE_FACTOR, MeasuredSchedule
+
+    m = MeasuredSchedule(measured(), [0] * 65)
+    clock = 0.0
+    for choice in [None] + [0] * 6 + [NO_TREE] * 5:  # a prefill, six tree steps, five plain ones
+        m.step(clock, 40, choice)
+        clock += 2e-3 if choice == NO_TREE else 5e-3
+    clock += IDLE_FACTOR * 10 * 2e-3  # the engine waits for requests after the last one
+    m.step(clock, 40, NO_TREE)
+    spent = m.spent_summary()["33-48"]
+    assert spent["mixed"] == {"steps": 1, "ms": 5.0}
+    assert spent["63"] == {"steps": 6, "ms": 5.0}  # transitions included
+    assert spent["0"] == {"steps": 5, "ms": pytest.approx(2.0)}  # the idle gap is not timed
 
 
 def test_idle_gaps_do_not_count_as_step_costs():

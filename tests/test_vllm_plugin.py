@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2_contingency
 
+from medusa_vllm.adaptive import MIN_SAMPLES
 from medusa_vllm.prompts import chat, mt_bench_questions
 from tests.vllm_engine import CPU_ENGINE, run_engine, spec_tau
 
@@ -412,6 +413,12 @@ def test_adaptive_tree_identical_to_no_speculation(baseline, adaptive):
         assert measured["policy"] == "measured" and len(timed) >= 2, measured
         assert 1.1 < measured["tau"]["15"] < 4, measured
         assert measured["lookup"][-1][2] in (0, 3, 7, 15), measured
+        # every timed choice is in the per-bucket account of all steps, with at least its
+        # timed steps; prefills ran as "mixed" steps
+        spent = measured["steps"]
+        for bucket, per in measured["ms_per_step"].items():
+            assert all(spent[bucket][n]["steps"] >= MIN_SAMPLES for n in per), (bucket, spent)
+        assert any("mixed" in per for per in spent.values()), spent
     # uniform greedy steps of the smaller trees ran the fixed-shape verify+heads function too,
     # each on a cached plan (no plan built from the batch, no vLLM metadata made anew)
     by_tree = stats["uniform_greedy"]["by_tree"]

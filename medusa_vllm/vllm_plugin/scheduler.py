@@ -26,6 +26,8 @@ from medusa_vllm.vllm_plugin.step import can_speculate
 
 logger = init_logger(__name__)
 LOG_EVERY = 5000  # steps between log lines of the measured table
+MIN_TIMED = 4  # intervals of a (bucket, choice) always timed before idle gaps are told apart
+IDLE_FACTOR = 4  # an interval this many times its key's mean: the engine sat idle
 
 
 class MeasuredSchedule:
@@ -38,6 +40,8 @@ class MeasuredSchedule:
         # (bucket, choice) of the two steps before the current one (None: not clean)
         self._before: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
         self._steps = 0
+        self._last: tuple[float, int, str] | None = None  # (start, num_reqs, label) of every step
+        self.spent: dict[tuple[int, str], list] = {}  # (bucket, label) -> [steps, timed, seconds]
 
     def step(self, now: float, num_reqs: int, choice: int | None) -> None:
         """A step was scheduled at ``now`` (``choice``: its draft count's tree, NO_TREE, or None
@@ -46,6 +50,10 @@ class MeasuredSchedule:
         drafts were made for the earlier choice), and under asynchronous scheduling the time
         between two schedules is mostly the previous step's execution (the scheduler waits for
         its output), so the second step's interval still holds the transition's cost."""
+        self._account(now)
+        if num_reqs:
+            label = "mixed" if choice is None else str(self.policy.drafts_of(choice))
+            self._last = (now, num_reqs, label)
         if self._cur is not None:
             start, n, c = self._cur
             key = (bucket_of(n), c)
@@ -57,6 +65,32 @@ class MeasuredSchedule:
         self._cur = (now, num_reqs, choice) if choice is not None and num_reqs else None
         if num_reqs:
             self._decide(num_reqs)
+
+    def _account(self, now: float) -> None:
+        """Every step's interval, clean or not, by bucket and draft count ("mixed": a prefill,
+        a new request or mixed draft counts): where the time went, transitions included. An
+        interval over IDLE_FACTOR times its key's mean so far is the engine waiting for
+        requests: counted as a step, not timed."""
+        if self._last is None:
+            return
+        start, n, label = self._last
+        self._last = None
+        e = self.spent.setdefault((bucket_of(n), label), [0, 0, 0.0])
+        e[0] += 1
+        dt = now - start
+        if e[1] < MIN_TIMED or dt <= IDLE_FACTOR * e[2] / e[1]:
+            e[1] += 1
+            e[2] += dt
+
+    def spent_summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{"49-64": {"0": {"steps": 310, "ms": 4.5}, "7": {...}, "mixed": {...}}, ...}``:
+        steps run and mean ms per step of each choice per bucket (for stats)."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for (b, label), (steps, timed, seconds) in sorted(self.spent.items()):
+            lo, hi = bucket_range(b)
+            out.setdefault(f"{lo}-{hi}" if lo != hi else str(lo), {})[label] = {
+                "steps": steps, "ms": round(1e3 * seconds / timed, 3) if timed else None}
+        return out
 
     def _decide(self, num_reqs: int) -> None:
         k = self.policy.choose(num_reqs)
@@ -117,7 +151,8 @@ class MedusaSchedulerMixin:
 
     def medusa_adaptive_summary(self) -> dict | None:
         m = self.medusa_measured
-        return None if m is None else m.policy.summary() | {"lookup": as_ranges(m.lookup[1:])}
+        return None if m is None else m.policy.summary() | {
+            "lookup": as_ranges(m.lookup[1:]), "steps": m.spent_summary()}
 
 
 def _add_engine_core_utility() -> None:
