@@ -15,7 +15,7 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   every tree costs more than it returns decodes plainly, and a small one keeps its big tree.
   A tree must beat no drafts by ``SPECULATION_MARGIN`` (10%): clean-step timing leaves out what
   a change of choice and the steps around a prefill cost, and medians of a few steps are
-  noisy, so a near tie goes to plain decoding, which never loses to vLLM without speculation.
+  noisy, so a near tie goes to plain decoding, which costs about what vLLM's plain step does.
   Each choice is measured a few steps first (the budget rule's choice, then no drafts, then the
   trees from the smallest up), except one that cannot win: a bigger tree never costs less than
   a smaller one (or no drafts) measured in the same bucket, so a tree whose τ over that bound

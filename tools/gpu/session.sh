@@ -46,7 +46,9 @@ if [ "$bench" = graph_check ]; then
 fi
 if [ "$bench" = step_cost_ab ]; then
     # this tree against .carry/ab_tree (tools/gpu/pack_ab_tree.sh), tree configs in turns
-    # old, new, old, new, each in its own engine; $2: step_cost args without --configs/--out
+    # old, new, old, new, each in its own engine; $2: step_cost args without --configs/--out.
+    # TP_TIMEOUT bounds each run: the first starts two engines (plain, then old tree), about
+    # 250 s on an H100 (200 s cut its tree off at 45a52b6); the others about 120 s each
     python3 tools/gpu/make_zero_heads.py "$MODEL" /tmp/zero_heads
     cp medusa_vllm/_C.abi3.so .carry/ab_tree/medusa_vllm/
     old=$(cat .carry/ab_tree/REV); new=$(cat .git_commit 2>/dev/null || echo head)
