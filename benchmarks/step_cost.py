@@ -57,8 +57,10 @@ def _batch_sizes(rows: list[dict], name: str) -> list[int]:
     return sorted({r["batch_size"] for r in rows if r.get("config") == name and "batch_size" in r})
 
 
-def summarize(rows: list[dict]) -> dict:
-    """The issue's headline figures from the rows of one or several runs."""
+def summarize(rows: list[dict], device: str | None = None) -> dict:
+    """The issue's headline figures from the rows of one or several runs (on ``device``, by
+    default this machine's)."""
+    device = device or device_name()
 
     def ms(name, b):
         return next((r["ms_per_step"] for r in rows if r.get("config") == name and r.get("batch_size") == b), None)
@@ -92,9 +94,10 @@ def summarize(rows: list[dict]) -> dict:
             for b in _batch_sizes(rows, "tree64_async_sampled")
         },
         "async": any(r.get("config") == "tree64_async" and "ms_per_step" in r for r in rows),
-        "cuda_graphs": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; greedy "
-                       "verification + heads in medusa_vllm's per-batch-size graphs",
-        "device": device_name(),
+        "cuda_graphs": not device.startswith("cpu"),
+        "cuda_graphs_mode": "vLLM default FULL_AND_PIECEWISE: uniform tree steps in FULL graphs; "
+                            "verification + heads in medusa_vllm's per-batch-size graphs",
+        "device": device,
     }
 
 
@@ -110,7 +113,7 @@ def merge(paths: list[str], out: Path) -> None:
     rows = [row for r in runs for row in r["rows"] if "config" in row]
     profiles = {k: v for r in runs for row in r["rows"] for k, v in row.get("profiles", {}).items()}
     device = devices.pop()
-    summary = dict(summarize(rows), device=device)
+    summary = summarize(rows, device)
     if profiles:
         rows.append({"profiles": profiles})
     config = {"merged_from": [{"command": r["command"], "git_commit": r["git_commit"],

@@ -237,6 +237,7 @@ def test_step_cost_and_tp_check_drive_measure_as_it_is_called(monkeypatch, tmp_p
         for b in (1, 2)]
     assert all("error" not in r and r["ms_per_step"] > 0 for r in rows), rows
     assert set(result["summary"]["tree64_async_sampled_vs_plain_sampled"]) == {"1", "2"}
+    assert result["summary"]["cuda_graphs"] is False  # the bool: this run is on the CPU
 
     _in_process(monkeypatch, tp_check)
     args = SimpleNamespace(gpu=False, batch_sizes=[1, 2], max_tokens=8, rounds=2, timeout=60)
