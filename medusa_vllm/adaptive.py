@@ -48,6 +48,7 @@ MIN_SAMPLES = 4  # clean steps measured per (bucket, choice) before it is compar
 RUN = 6  # steps a measuring run of one choice lasts (its first two are not timed: a transition)
 WINDOW = 16  # recent steps kept per (bucket, choice)
 MAX_TRIES = 3  # measuring runs after which a choice that yields no clean steps is left out
+IDLE_FACTOR = 4  # a step this many times its choice's usual time: the engine sat idle before it
 REMEASURE = 200  # decisions in a bucket between re-measurements of the runner-up
 SPECULATION_MARGIN = 1.1  # a tree's tokens/s over no drafts' needed to choose the tree
 PRIOR_WEIGHT = 64  # requests' worth of weight of the calibrated τ against the observed one
@@ -85,6 +86,12 @@ def bucket_range(b: int) -> tuple[int, int]:
     return (_EDGES[b - 1] + 1 if b else 1), _EDGES[b]
 
 
+def bucket_label(b: int) -> str:
+    """``"5-6"``, or ``"4"`` for a bucket of one batch size (the stats' keys)."""
+    lo, hi = bucket_range(b)
+    return f"{lo}-{hi}" if lo != hi else str(lo)
+
+
 class StepCosts:
     """Recent seconds per step of each choice in each batch-size bucket, and the choice to run
     next (pure bookkeeping: the runner feeds it wall-clock step times)."""
@@ -99,7 +106,7 @@ class StepCosts:
     def observe(self, num_reqs: int, choice: int, seconds: float) -> None:
         key = (bucket_of(num_reqs), choice)
         s = self._seconds.setdefault(key, deque(maxlen=WINDOW))
-        if len(s) >= MIN_SAMPLES and seconds > 4 * statistics.median(s):
+        if len(s) >= MIN_SAMPLES and seconds > IDLE_FACTOR * statistics.median(s):
             # one such step: the engine sat idle before it (not a step's cost); several in a
             # row: the cost itself changed, so the old samples go
             self._outliers[key] = self._outliers.get(key, 0) + 1
@@ -154,9 +161,7 @@ class StepCosts:
         out: dict[str, dict[str, float]] = {}
         for (b, c), s in sorted(self._seconds.items()):
             if len(s) >= MIN_SAMPLES:
-                lo, hi = bucket_range(b)
-                out.setdefault(f"{lo}-{hi}" if lo != hi else str(lo), {})[label(c)] = round(
-                    1e3 * statistics.median(s), 3)
+                out.setdefault(bucket_label(b), {})[label(c)] = round(1e3 * statistics.median(s), 3)
         return out
 
 

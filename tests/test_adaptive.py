@@ -137,7 +137,8 @@ def test_a_near_tie_goes_to_no_drafts():
 
 
 def test_measured_schedule_accounts_every_step():
-    from medusa_vllm.vllm_plugin.scheduler import IDLE_FACTOR, MeasuredSchedule
+    from medusa_vllm.adaptive import IDLE_FACTOR
+    from medusa_vllm.vllm_plugin.scheduler import MeasuredSchedule
 
     m = MeasuredSchedule(measured(), [0] * 65)
     clock = 0.0

@@ -172,23 +172,16 @@ def test_measured_adaptive_tree_refuses_a_foreign_scheduler_class(model, heads):
         _config(model, spec, scheduler_cls="my.Scheduler")
 
 
-def test_unknown_kv_move_setting_is_a_clear_error():
+@pytest.mark.parametrize("name, value, message", [
+    ("MEDUSA_VLLM_KV_MOVE", "grpah", "MEDUSA_VLLM_KV_MOVE='grpah': use 'graph'"),
+    ("MEDUSA_VLLM_SAMPLED_GRAPH_ROWS", "4k", "MEDUSA_VLLM_SAMPLED_GRAPH_ROWS='4k': use a whole number"),
+])
+def test_bad_runner_setting_is_a_clear_error(name, value, message):
     import subprocess
     import sys
 
-    env = dict(os.environ, MEDUSA_VLLM_KV_MOVE="grpah")
+    env = dict(os.environ, **{name: value})
     res = subprocess.run([sys.executable, "-c", "import medusa_vllm.vllm_plugin.runner"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert "MEDUSA_VLLM_KV_MOVE='grpah': use 'graph'" in res.stderr, res.stderr[-2000:]
-
-
-def test_bad_sampled_graph_rows_setting_is_a_clear_error():
-    import subprocess
-    import sys
-
-    env = dict(os.environ, MEDUSA_VLLM_SAMPLED_GRAPH_ROWS="4k")
-    res = subprocess.run([sys.executable, "-c", "import medusa_vllm.vllm_plugin.runner"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0
-    assert "MEDUSA_VLLM_SAMPLED_GRAPH_ROWS='4k': use a whole number" in res.stderr, res.stderr[-2000:]
+    assert message in res.stderr, res.stderr[-2000:]

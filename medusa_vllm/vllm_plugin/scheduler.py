@@ -20,14 +20,21 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy, as_ranges, bucket_of, bucket_range
+from medusa_vllm.adaptive import (
+    IDLE_FACTOR,
+    MIN_SAMPLES,
+    NO_TREE,
+    AdaptiveTreePolicy,
+    as_ranges,
+    bucket_label,
+    bucket_of,
+    bucket_range,
+)
 from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import can_speculate
 
 logger = init_logger(__name__)
 LOG_EVERY = 5000  # steps between log lines of the measured table
-MIN_TIMED = 4  # intervals of a (bucket, choice) always timed before idle gaps are told apart
-IDLE_FACTOR = 4  # an interval this many times its key's mean: the engine sat idle
 
 
 class MeasuredSchedule:
@@ -36,11 +43,11 @@ class MeasuredSchedule:
     def __init__(self, policy: AdaptiveTreePolicy, lookup: list[int]) -> None:
         self.policy = policy
         self.lookup = lookup  # the scheduler's dense table: lookup[batch size] = draft count
-        self._cur: tuple[float, int, int] | None = None  # (start, num_reqs, choice) if clean
+        # the step in flight: (start, num_reqs, choice; None if not clean)
+        self._cur: tuple[float, int, int | None] | None = None
         # (bucket, choice) of the two steps before the current one (None: not clean)
         self._before: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None)
         self._steps = 0
-        self._last: tuple[float, int, str] | None = None  # (start, num_reqs, label) of every step
         self.spent: dict[tuple[int, str], list] = {}  # (bucket, label) -> [steps, timed, seconds]
 
     def step(self, now: float, num_reqs: int, choice: int | None) -> None:
@@ -50,35 +57,28 @@ class MeasuredSchedule:
         drafts were made for the earlier choice), and under asynchronous scheduling the time
         between two schedules is mostly the previous step's execution (the scheduler waits for
         its output), so the second step's interval still holds the transition's cost."""
-        self._account(now)
-        if num_reqs:
-            label = "mixed" if choice is None else str(self.policy.drafts_of(choice))
-            self._last = (now, num_reqs, label)
+        key = None
         if self._cur is not None:
             start, n, c = self._cur
-            key = (bucket_of(n), c)
-            if self._before == (key, key):
-                self.policy.observe_step(n, c, now - start)
-            self._before = (self._before[1], key)
-        else:
-            self._before = (self._before[1], None)
-        self._cur = (now, num_reqs, choice) if choice is not None and num_reqs else None
+            self._account(n, c, now - start)
+            if c is not None:
+                key = (bucket_of(n), c)
+                if self._before == (key, key):
+                    self.policy.observe_step(n, c, now - start)
+        self._before = (self._before[1], key)
+        self._cur = (now, num_reqs, choice) if num_reqs else None
         if num_reqs:
             self._decide(num_reqs)
 
-    def _account(self, now: float) -> None:
+    def _account(self, num_reqs: int, choice: int | None, dt: float) -> None:
         """Every step's interval, clean or not, by bucket and draft count ("mixed": a prefill,
         a new request or mixed draft counts): where the time went, transitions included. An
         interval over IDLE_FACTOR times its key's mean so far is the engine waiting for
         requests: counted as a step, not timed."""
-        if self._last is None:
-            return
-        start, n, label = self._last
-        self._last = None
-        e = self.spent.setdefault((bucket_of(n), label), [0, 0, 0.0])
+        label = "mixed" if choice is None else str(self.policy.drafts_of(choice))
+        e = self.spent.setdefault((bucket_of(num_reqs), label), [0, 0, 0.0])
         e[0] += 1
-        dt = now - start
-        if e[1] < MIN_TIMED or dt <= IDLE_FACTOR * e[2] / e[1]:
+        if e[1] < MIN_SAMPLES or dt <= IDLE_FACTOR * e[2] / e[1]:
             e[1] += 1
             e[2] += dt
 
@@ -87,8 +87,7 @@ class MeasuredSchedule:
         steps run and mean ms per step of each choice per bucket (for stats)."""
         out: dict[str, dict[str, dict[str, float]]] = {}
         for (b, label), (steps, timed, seconds) in sorted(self.spent.items()):
-            lo, hi = bucket_range(b)
-            out.setdefault(f"{lo}-{hi}" if lo != hi else str(lo), {})[label] = {
+            out.setdefault(bucket_label(b), {})[label] = {
                 "steps": steps, "ms": round(1e3 * seconds / timed, 3) if timed else None}
         return out
 
