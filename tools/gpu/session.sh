@@ -7,6 +7,7 @@
 #   bash tools/gpu/session.sh throughput  "<benchmarks/throughput.py args>"
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
+#   bash tools/gpu/session.sh step_log    "<tools/gpu/step_log.py args>"  (every step of the rounds)
 #   bash tools/gpu/session.sh step_cost_ab "<step_cost args>"  (this tree vs .carry/ab_tree: pack_ab_tree.sh)
 #   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
@@ -42,6 +43,15 @@ if [ "$bench" = graph_check ]; then
     timeout "${TP_TIMEOUT:-240}" python3 tools/gpu/graph_check.py "$MODEL" "$heads" ${2:-default-63 4} \
         > "$OUT/graph_check.log" 2>&1
     echo "graph_check rc=$?"; grep -a "graph check\|CUDA graph\|Error\|Traceback" "$OUT/graph_check.log" | cut -c1-400 | tail -20
+    exit 0
+fi
+if [ "$bench" = step_log ]; then
+    # tools/gpu/step_log.py: every step of throughput.py's rounds, per configuration
+    # shellcheck disable=SC2086
+    timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/step_log.py --model "$MODEL" --heads "$heads" \
+        --out "$OUT/step_log_${gpu:-gpu}.json" $2 > "$OUT/step_log.log" 2>&1
+    echo "step_log rc=$?"; grep -a -v "^INFO\|^(EngineCore\|^WARNING\|^(Worker" "$OUT/step_log.log" \
+        | grep -a "round\|steps\|slow\|Error" | cut -c1-330 | tail -120
     exit 0
 fi
 if [ "$bench" = step_cost_ab ]; then

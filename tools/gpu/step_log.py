@@ -1,0 +1,153 @@
+"""Where a throughput round's time goes, step by step: each configuration's engine (as
+benchmarks/throughput.py builds it, one spawned process each) runs throughput.py's warm-up and
+rounds while its worker logs every step — host times of execute_model and sample_tokens, the
+interval to the next step, the step's kind (medusa_vllm's step key and the paths it took, or the
+query length for vLLM's own runner), requests and tokens. Prints per round the wall time, the
+steps and the time by kind, and the slowest steps; writes everything to --out.
+Usage: python tools/gpu/step_log.py --model M --heads H --configs baseline adaptive-async \
+           --batch-sizes 8 64 --rounds 4 --max-tokens 128 --out step_log.json"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def install(worker) -> None:
+    """Wraps the worker's runner: one record per step (perf_counter seconds)."""
+    runner = worker.model_runner
+    log: list[dict] = []
+    worker._step_log = log
+    exec_model, sample = runner.execute_model, runner.sample_tokens
+
+    def execute_model(so, *a, **k):
+        t0 = time.perf_counter()
+        paths = getattr(runner, "medusa_paths", None)
+        before = dict(paths.counts) if paths is not None else {}
+        out = exec_model(so, *a, **k)
+        counts = so.num_scheduled_tokens
+        rec = {"t0": t0, "t1": time.perf_counter(), "reqs": len(counts),
+               "tokens": so.total_num_scheduled_tokens, "new": len(so.scheduled_new_reqs),
+               "q": max(counts.values()) if counts else 0}
+        if paths is not None:
+            rec["key"] = paths.key
+            rec["paths"] = sorted(w for (kk, w), n in paths.counts.items() if before.get((kk, w)) != n)
+        else:
+            rec["key"] = "prefill" if rec["new"] or rec["q"] > 1 else "decode"
+        log.append(rec)
+        return out
+
+    def sample_tokens(*a, **k):
+        t0 = time.perf_counter()
+        out = sample(*a, **k)
+        if log:
+            log[-1]["s0"], log[-1]["s1"] = t0, time.perf_counter()
+        return out
+
+    runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
+
+
+def mark(worker) -> int:
+    return len(worker._step_log)
+
+
+def dump(worker) -> list[dict]:
+    return worker._step_log
+
+
+def run_config(kw: dict, prompts: list[str], batch_sizes: list[int], rounds: int,
+               max_tokens: int) -> dict:
+    from benchmarks.throughput import EngineBench, requests_for
+
+    bench = EngineBench(kw, prompts, max_tokens, {})
+    bench.warmup(batch_sizes)
+    llm = bench.llm
+    llm.collective_rpc(install)
+    marks = []
+    for b in batch_sizes:
+        todo = requests_for(prompts, b * rounds)
+        for r in range(rounds):
+            m0 = llm.collective_rpc(mark)[0]
+            s = time.perf_counter()
+            llm.generate(todo[r * b : (r + 1) * b], bench.sp, use_tqdm=False)
+            marks.append({"b": b, "round": r, "wall": time.perf_counter() - s, "start": s,
+                          "first": m0, "end": llm.collective_rpc(mark)[0]})
+    from medusa_vllm.vllm_plugin import adaptive_summary
+
+    try:
+        adaptive = adaptive_summary(llm)
+    except Exception:  # noqa: BLE001 - not a medusa_vllm engine
+        adaptive = None
+    return {"marks": marks, "log": llm.collective_rpc(dump)[0], "adaptive": adaptive}
+
+
+def report(name: str, res: dict, top: int) -> dict:
+    log, out = res["log"], []
+    for m in res["marks"]:
+        steps = log[m["first"] : m["end"]]
+        by: dict[str, list[float]] = {}
+        for i, s in enumerate(steps):
+            nxt = steps[i + 1]["t0"] if i + 1 < len(steps) else None
+            s["interval_ms"] = 1e3 * (nxt - s["t0"]) if nxt else None
+            s["host_ms"] = 1e3 * ((s["t1"] - s["t0"]) + (s.get("s1", 0) - s.get("s0", 0)))
+            e = by.setdefault(s["key"], [0, 0.0, 0.0])
+            e[0] += 1
+            e[1] += s["interval_ms"] or 0.0
+            e[2] += s["host_ms"]
+        lead = 1e3 * (steps[0]["t0"] - m["start"]) if steps else None
+        slow = sorted((s for s in steps if s["interval_ms"]), key=lambda s: -s["interval_ms"])[:top]
+        row = {"config": name, "b": m["b"], "round": m["round"], "wall_ms": 1e3 * m["wall"],
+               "steps": len(steps), "lead_ms": lead,
+               "by_key": {k: {"steps": n, "interval_ms": round(t, 2), "host_ms": round(h, 2)}
+                          for k, (n, t, h) in sorted(by.items())},
+               "slowest": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in s.items()
+                            if k not in ("t0", "t1", "s0", "s1")} for s in slow]}
+        out.append(row)
+        print(f"{name:>16} bs={m['b']:>3} round {m['round']}: {row['wall_ms']:8.1f} ms wall, "
+              f"{len(steps)} steps, first step after {lead or 0:.1f} ms", flush=True)
+        for k, v in row["by_key"].items():
+            print(f"{'':>20}{k:>8}: {v['steps']:>4} steps {v['interval_ms']:9.1f} ms "
+                  f"(host {v['host_ms']:8.1f})")
+        for s in row["slowest"]:
+            print(f"{'':>20}slow: {s}")
+    return {"rounds": out, "adaptive": res["adaptive"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--heads", required=True)
+    ap.add_argument("--configs", nargs="+", default=["baseline", "adaptive-async"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 64])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # callables over collective_rpc
+    from benchmarks.common import run_isolated
+    from benchmarks.throughput import engine_kwargs, prompts_for
+
+    targs = argparse.Namespace(model=args.model, batch_sizes=args.batch_sizes, max_model_len=2048,
+                               gpu_memory_utilization=0.3, acceptance="rejection",
+                               adaptive_tree="default-63", adaptive_max_tokens=0, builtin_k=4,
+                               num_prompts=80, tensor_parallel_size=1,
+                               distributed_executor_backend=None)
+    prompts = prompts_for(targs)
+    results = {}
+    for name in args.configs:
+        kw = engine_kwargs(targs, name, args.heads, None)
+        res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens,
+                           env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+        results[name] = report(name, res, args.top)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
