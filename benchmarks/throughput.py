@@ -109,6 +109,23 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     return kw
 
 
+def engine_for(args, name: str, heads: str, builtin: str | None, gpu: bool) -> tuple[dict, dict]:
+    """(engine keywords, environment) of configuration ``name``: "<config>+NAME=VALUE..." is
+    the configuration with environment variables set (an A/B of one configuration under two
+    settings, e.g. medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=graph)."""
+    config, env = config_env(name)
+    env.update({"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {})
+    if not gpu:
+        env.update(cpu_tp_env(args.tensor_parallel_size))
+        if getattr(args, "interleave", False) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB per engine: several share the memory
+    kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
+                       .removesuffix("-async"), heads, builtin)
+    if config == "baseline-v1async" or config.endswith("-async") or config.startswith("medusa-async:"):
+        kw["async_scheduling"] = True
+    return kw, env
+
+
 def parallel_kwargs(args) -> dict:
     """--tensor-parallel-size and --distributed-executor-backend as engine arguments (none when
     left at their defaults: vLLM's own choice; step_cost.py's args have neither)."""
@@ -480,21 +497,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.interleave:  # the engines share the device: each gets its part of the memory
         args.gpu_memory_utilization = min(args.gpu_memory_utilization, 0.9 / len(args.configs))
-    engines = {}
-    for name in args.configs:
-        # "<config>+NAME=VALUE...": the configuration with environment variables set (an A/B of
-        # one configuration under two settings, e.g. medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=graph)
-        config, env = config_env(name)
-        env.update({"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {})
-        if not gpu:
-            env.update(cpu_tp_env(args.tensor_parallel_size))
-            if args.interleave and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-                env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB per engine: several share the memory
-        kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
-                           .removesuffix("-async"), heads, builtin)
-        if config == "baseline-v1async" or config.endswith("-async") or config.startswith("medusa-async:"):
-            kw["async_scheduling"] = True
-        engines[name] = (kw, env)
+    engines = {name: engine_for(args, name, heads, builtin, gpu) for name in args.configs}
 
     if args.interleave:
         results = measure_interleaved(engines, prompts, args, per_batch,

@@ -19,14 +19,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+# the runner's parts timed per step (those it has; host seconds, nested parts counted in each)
+PARTS = ("_update_states", "_prepare_inputs", "_medusa_plan", "_prepare_input_ids",
+         "_determine_batch_execution_and_padding", "_build_attention_metadata", "_preprocess",
+         "_model_forward", "_sample", "_medusa_propose", "_bookkeeping_sync",
+         "propose_draft_token_ids", "_copy_draft_token_ids_to_cpu",
+         "_update_states_after_model_execute")
+
+
 def install(worker) -> None:
     """Wraps the worker's runner: one record per step (perf_counter seconds)."""
     runner = worker.model_runner
     log: list[dict] = []
     worker._step_log = log
     exec_model, sample = runner.execute_model, runner.sample_tokens
+    cur: dict[str, float] = {}  # host seconds of the runner's parts in the step in flight
+
+    def timed(name: str):
+        f = getattr(runner, name)
+
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                cur[name] = cur.get(name, 0.0) + time.perf_counter() - t
+        setattr(runner, name, g)
+
+    for name in PARTS:
+        if hasattr(runner, name):
+            timed(name)
 
     def execute_model(so, *a, **k):
+        cur.clear()
         t0 = time.perf_counter()
         paths = getattr(runner, "medusa_paths", None)
         before = dict(paths.counts) if paths is not None else {}
@@ -40,6 +65,7 @@ def install(worker) -> None:
             rec["paths"] = sorted(w for (kk, w), n in paths.counts.items() if before.get((kk, w)) != n)
         else:
             rec["key"] = "prefill" if rec["new"] or rec["q"] > 1 else "decode"
+        rec["parts"] = cur.copy()
         log.append(rec)
         return out
 
@@ -48,6 +74,8 @@ def install(worker) -> None:
         out = sample(*a, **k)
         if log:
             log[-1]["s0"], log[-1]["s1"] = t0, time.perf_counter()
+            log[-1]["parts"].update({f"{n} (sample)": v for n, v in cur.items()
+                                     if v != log[-1]["parts"].get(n)})
         return out
 
     runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
@@ -96,16 +124,19 @@ def report(name: str, res: dict, top: int) -> dict:
             nxt = steps[i + 1]["t0"] if i + 1 < len(steps) else None
             s["interval_ms"] = 1e3 * (nxt - s["t0"]) if nxt else None
             s["host_ms"] = 1e3 * ((s["t1"] - s["t0"]) + (s.get("s1", 0) - s.get("s0", 0)))
-            e = by.setdefault(s["key"], [0, 0.0, 0.0])
+            e = by.setdefault(s["key"], [0, 0.0, 0.0, {}])
             e[0] += 1
             e[1] += s["interval_ms"] or 0.0
             e[2] += s["host_ms"]
+            for n, v in s.get("parts", {}).items():
+                e[3][n] = e[3].get(n, 0.0) + v
         lead = 1e3 * (steps[0]["t0"] - m["start"]) if steps else None
         slow = sorted((s for s in steps if s["interval_ms"]), key=lambda s: -s["interval_ms"])[:top]
         row = {"config": name, "b": m["b"], "round": m["round"], "wall_ms": 1e3 * m["wall"],
                "steps": len(steps), "lead_ms": lead,
-               "by_key": {k: {"steps": n, "interval_ms": round(t, 2), "host_ms": round(h, 2)}
-                          for k, (n, t, h) in sorted(by.items())},
+               "by_key": {k: {"steps": n, "interval_ms": round(t, 2), "host_ms": round(h, 2),
+                              "parts_ms_per_step": {p: round(1e3 * v / n, 3) for p, v in parts.items()}}
+                          for k, (n, t, h, parts) in sorted(by.items())},
                "slowest": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in s.items()
                             if k not in ("t0", "t1", "s0", "s1")} for s in slow]}
         out.append(row)
@@ -113,7 +144,7 @@ def report(name: str, res: dict, top: int) -> dict:
               f"{len(steps)} steps, first step after {lead or 0:.1f} ms", flush=True)
         for k, v in row["by_key"].items():
             print(f"{'':>20}{k:>8}: {v['steps']:>4} steps {v['interval_ms']:9.1f} ms "
-                  f"(host {v['host_ms']:8.1f})")
+                  f"(host {v['host_ms']:8.1f}) parts/step {v['parts_ms_per_step']}")
         for s in row["slowest"]:
             print(f"{'':>20}slow: {s}")
     return {"rounds": out, "adaptive": res["adaptive"]}
@@ -132,7 +163,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # callables over collective_rpc
     from benchmarks.common import run_isolated
-    from benchmarks.throughput import engine_kwargs, prompts_for
+    import torch
+
+    from benchmarks.throughput import engine_for, prompts_for
 
     targs = argparse.Namespace(model=args.model, batch_sizes=args.batch_sizes, max_model_len=2048,
                                gpu_memory_utilization=0.3, acceptance="rejection",
@@ -142,9 +175,9 @@ def main() -> None:
     prompts = prompts_for(targs)
     results = {}
     for name in args.configs:
-        kw = engine_kwargs(targs, name, args.heads, None)
+        kw, env = engine_for(targs, name, args.heads, None, torch.cuda.is_available())
         res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens,
-                           env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+                           env=env | {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
         results[name] = report(name, res, args.top)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
