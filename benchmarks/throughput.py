@@ -159,13 +159,25 @@ class EngineBench:
         self.sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **sampling)
         self._acc: dict | None = None
 
-    def warmup(self, batch_sizes: list[int]) -> None:
-        """Every measured batch size once (JIT kernels, graphs, first-use allocations)."""
+    def warmup(self, batch_sizes: list[int], rounds: int = 0) -> None:
+        """Every measured batch size once, 8 tokens (first-use allocations, kernels), then
+        ``rounds`` whole rounds of it (the measured requests and sampling), not measured: what a
+        server has behind it after its first minutes. On a fresh H100 the first rounds held
+        one-off host stalls of 0.4-0.5 s inside vLLM's forward and input preparation, and the
+        load-adaptive tree measures its candidate trees (step_log_h100_fa59925.json); their
+        tokens/s stay in the row (``warmup_round_tokens_per_s``)."""
         from vllm import SamplingParams
 
+        self._warm: dict[int, list[float]] = {}
         for b in sorted(set(batch_sizes)):
             self.llm.generate(requests_for(self.prompts, b),
                               SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+        for b in batch_sizes:
+            for _ in range(rounds):
+                s = time.perf_counter()
+                res = self.llm.generate(requests_for(self.prompts, b), self.sp, use_tqdm=False)
+                tokens = sum(len(o.outputs[0].token_ids) for o in res)
+                self._warm.setdefault(b, []).append(tokens / (time.perf_counter() - s))
 
     def begin(self, b: int) -> None:
         self._acc = {"b": b, "before": _spec_counts(metric_values(self.llm)), "tokens": 0,
@@ -202,6 +214,7 @@ class EngineBench:
             "tokens_per_s": statistics.median(rates),
             "tokens_per_s_overall": acc["tokens"] / acc["elapsed"],
             "round_tokens_per_s": rates,
+            "warmup_round_tokens_per_s": getattr(self, "_warm", {}).get(acc["b"], []),
             "tpot_ms_median": 1000 * statistics.median(tpot),
             "tpot_ms_p90": 1000 * tpot[min(len(tpot) - 1, int(0.9 * len(tpot)))],
             "tau": (1 + accepted / drafts) if drafts else None,
@@ -256,10 +269,10 @@ def requests_for(prompts: list[str], n: int) -> list[str]:
 
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
             sampling: dict, prompts_per_batch: dict[int, int],
-            profile_batch_sizes: tuple[int, ...] = ()) -> dict:
+            profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0) -> dict:
     """Runs in its own process: one engine, every batch size, round after round."""
     bench = EngineBench(kw, prompts, max_tokens, sampling)
-    bench.warmup(batch_sizes)
+    bench.warmup(batch_sizes, warmup_rounds)
     rows = []
     for b in batch_sizes:
         todo = requests_for(prompts, prompts_per_batch[b])
@@ -310,7 +323,7 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
                 results[config] = {"engine_start_s": None, "rows": []}
             except Exception as e:  # noqa: BLE001
                 fail(config, e)
-        each("warmup", args.batch_sizes)
+        each("warmup", args.batch_sizes, getattr(args, "warmup_rounds", 0))
         for b in tqdm(args.batch_sizes, desc="batch sizes"):
             todo = requests_for(prompts, per_batch[b])
             each("begin", b)
@@ -460,6 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--builtin-k", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of b requests per batch size b (tokens/s: the median round)")
+    ap.add_argument("--warmup-rounds", type=int, default=1,
+                    help="whole rounds per batch size and configuration run before the measured "
+                         "ones (their tokens/s kept in the rows as warmup_round_tokens_per_s)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
@@ -510,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
             kw, env = engines[config]
             try:
                 results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
-                                               sampling, per_batch, env=env)
+                                               sampling, per_batch, (), args.warmup_rounds, env=env)
             except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
                 print(f"[{config}] failed: {e}", file=sys.stderr)
                 results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}

@@ -103,8 +103,9 @@ class FakeBench:
             raise ValueError("engine did not start")
         self.kw = kw
 
-    def warmup(self, batch_sizes):
-        pass
+    def warmup(self, batch_sizes, rounds=0):
+        self.warmup_rounds = rounds
+        self.rounds_before = 0
 
     def begin(self, b):
         self.b, self.rates, self.outputs = b, [], []
@@ -123,7 +124,8 @@ class FakeBench:
                 "round_tokens_per_s": self.rates, "tau": None, "outputs": self.outputs}
 
     def stats(self):
-        return {"engine_start_s": 0.5, "medusa_stats": {"rounds": self.rounds}}
+        return {"engine_start_s": 0.5, "medusa_stats": {"rounds": self.rounds},
+                "warmup_rounds": self.warmup_rounds}
 
     def finish(self):
         return self.stats() | {"profiles": {}}
@@ -154,6 +156,20 @@ def test_interleaved_engines_take_turns_and_pair_their_rounds():
     assert x["speedup_paired_rounds"] == pytest.approx([1.5, 1.5, 1.5])  # 3 rounds of 1 request
     assert summary["interleaved"] and summary["speedup_paired"]["medusa:x"] == {1: pytest.approx(1.5),
                                                                               2: pytest.approx(1.5)}
+    assert res["baseline"]["warmup_rounds"] == 0  # args without --warmup-rounds: none
+
+
+def test_warmup_rounds_reach_every_engine():
+    """--warmup-rounds goes to each engine's warmup, before any measured round."""
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import measure_interleaved
+
+    engines = {"baseline": ({"rate": 10.0}, {}), "medusa:x": ({"rate": 15.0}, {})}
+    args = SimpleNamespace(batch_sizes=[1], max_tokens=4, temperature=0.0, interleave=True,
+                           warmup_rounds=2)
+    res = measure_interleaved(engines, ["a", "bb"], args, {1: 2}, bench_cls=FakeBench)
+    assert {c: r["warmup_rounds"] for c, r in res.items()} == {"baseline": 2, "medusa:x": 2}
 
 
 def test_isolated_objects_live_in_their_own_processes():

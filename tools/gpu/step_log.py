@@ -24,7 +24,9 @@ PARTS = ("_update_states", "_prepare_inputs", "_medusa_plan", "_prepare_input_id
          "_determine_batch_execution_and_padding", "_build_attention_metadata", "_preprocess",
          "_model_forward", "_sample", "_medusa_propose", "_bookkeeping_sync",
          "propose_draft_token_ids", "_copy_draft_token_ids_to_cpu",
-         "_update_states_after_model_execute")
+         "_update_states_after_model_execute", "_calc_spec_decode_metadata",
+         "_compute_prev_positions", "_get_valid_sampled_token_count", "_medusa_uniform_plan",
+         "_medusa_upload")
 
 
 def install(worker) -> None:
@@ -162,7 +164,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # callables over collective_rpc
-    from benchmarks.common import run_isolated
+    from benchmarks.common import run_isolated, write_envelope
     import torch
 
     from benchmarks.throughput import engine_for, prompts_for
@@ -179,7 +181,31 @@ def main() -> None:
         res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens,
                            env=env | {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
         results[name] = report(name, res, args.top)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    write_envelope(Path(args.out), "step_log", vars(args) | {"log": "per round: steps by kind, slowest steps"},
+                   *rows_and_summary(results))
+
+
+def rows_and_summary(results: dict) -> tuple[list, dict]:
+    """The envelope's rows (one per configuration and round) and summary: per configuration
+    and batch size the rounds' wall ms and the mean interval of each step kind over them."""
+    rows = [r for res in results.values() for r in res["rounds"]]
+    summary: dict = {"rounds_wall_ms": {}, "step_ms_by_kind": {}, "adaptive": {}}
+    for name, res in results.items():
+        for r in res["rounds"]:
+            summary["rounds_wall_ms"].setdefault(name, {}).setdefault(r["b"], []).append(round(r["wall_ms"], 1))
+            kinds = summary["step_ms_by_kind"].setdefault(name, {}).setdefault(r["b"], {})
+            for k, v in r["by_key"].items():
+                e = kinds.setdefault(k, [0, 0.0])
+                e[0] += v["steps"]
+                e[1] += v["interval_ms"]
+        for kinds in summary["step_ms_by_kind"].get(name, {}).values():
+            for k, (n, ms) in list(kinds.items()):
+                kinds[k] = {"steps": n, "ms": round(ms / n, 3)}
+        summary["adaptive"][name] = res.get("adaptive")
+    from training.report import device_name
+
+    summary["device"] = device_name()
+    return rows, summary
 
 
 if __name__ == "__main__":
