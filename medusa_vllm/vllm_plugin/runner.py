@@ -48,6 +48,7 @@ from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
+from medusa_vllm.vllm_plugin.compile_warmup import warm_batch_change_compiles
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.graphs import KV_MOVE_IN_GRAPH, MedusaGraphsMixin
 from medusa_vllm.vllm_plugin.penalties import check_tree_logits, min_p_of, needs_tree_processing, tree_logits
@@ -169,6 +170,7 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         self._medusa_proposed = False
         self._medusa_kv_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._medusa_kv_checked = False
+        self._medusa_compiles_warm = False  # vLLM's async spec-decode helper compiled (once)
         self.medusa_stats = MedusaStats(max(t.depth for t in trees), self.device)
         # uniform greedy steps (every request verifies tree k whole): verification + next drafts
         # as one function of fixed shapes, replayed from a CUDA graph per batch size on the GPU
@@ -195,7 +197,11 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
                     f"{group.backend.get_name()}; do not pass --attention-backend with medusa_vllm"
                 )
             builder.medusa = self.medusa_attn
-
+        if self.use_async_spec_decode and not self._medusa_compiles_warm:
+            # here, once: after the model, before CUDA graph capture and any step
+            self._medusa_compiles_warm = True
+            warm_batch_change_compiles(self.num_computed_tokens, self.num_accepted_tokens.gpu,
+                                       self.prev_positions.gpu, self.prev_num_draft_tokens.gpu)
 
     # ------------------------------------------------------------------ FULL graphs per query length
 
