@@ -31,7 +31,9 @@ def warm_batch_change_compiles(num_computed_tokens: torch.Tensor, num_accepted_t
     ``prev_num_draft_tokens`` [R] int32 (whole); the previous step's valid counts [m] int32 and
     the CPU values [n] int32 are fresh tensors there too. Returns the number of calls made
     (combos needing more requests than the buffers hold are left out)."""
-    from vllm.v1.spec_decode.utils import update_num_computed_tokens_for_batch_change as fn
+    from vllm.v1.spec_decode.utils import (
+        update_num_computed_tokens_for_batch_change as fn,
+    )
 
     computed, accepted = num_computed_tokens.clone(), num_accepted_tokens.clone()
     positions, drafts = prev_positions.clone().zero_(), prev_num_draft_tokens.clone()

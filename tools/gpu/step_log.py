@@ -10,7 +10,6 @@ Usage: python tools/gpu/step_log.py --model M --heads H --configs baseline adapt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,9 +50,11 @@ def install(worker) -> None:
     for name in PARTS:
         if hasattr(runner, name):
             timed(name)
+    compiles = _watch_compiles()  # JIT compiles (Triton kernels, dynamo frames) in the step
 
     def execute_model(so, *a, **k):
         cur.clear()
+        compiles.clear()
         t0 = time.perf_counter()
         paths = getattr(runner, "medusa_paths", None)
         before = dict(paths.counts) if paths is not None else {}
@@ -78,9 +79,41 @@ def install(worker) -> None:
             log[-1]["s0"], log[-1]["s1"] = t0, time.perf_counter()
             log[-1]["parts"].update({f"{n} (sample)": v for n, v in cur.items()
                                      if v != log[-1]["parts"].get(n)})
+            if compiles:
+                log[-1]["compiles"] = list(compiles)
         return out
 
     runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
+
+
+def _watch_compiles() -> list:
+    """[(kind, name, ms)] of the JIT compiles since the list was last cleared: Triton kernels
+    compiled (not found in the process's cache; a disk-cache hit counts too) and frames dynamo
+    compiled (torch.compile'd functions, recompiles included)."""
+    seen: list = []
+    try:
+        from triton.runtime.jit import JITFunction
+
+        do_compile = JITFunction._do_compile
+
+        def traced(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return do_compile(self, *a, **k)
+            finally:
+                seen.append(("triton", getattr(self, "__name__", "?"), 1e3 * (time.perf_counter() - t)))
+        JITFunction._do_compile = traced
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from torch._dynamo.callback import on_compile_end, on_compile_start
+
+        start = [0.0]
+        on_compile_start(lambda *a, **k: start.__setitem__(0, time.perf_counter()))
+        on_compile_end(lambda *a, **k: seen.append(("dynamo", "frame", 1e3 * (time.perf_counter() - start[0]))))
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return seen
 
 
 def mark(worker) -> int:
@@ -164,9 +197,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # callables over collective_rpc
-    from benchmarks.common import run_isolated, write_envelope
     import torch
 
+    from benchmarks.common import run_isolated, write_envelope
     from benchmarks.throughput import engine_for, prompts_for
 
     targs = argparse.Namespace(model=args.model, batch_sizes=args.batch_sizes, max_model_len=2048,
