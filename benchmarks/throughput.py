@@ -20,7 +20,9 @@ With ``--interleave`` every configuration's engine is alive at once (each in its
 its share of GPU memory) and per batch size they take turns round by round; each row then also
 has ``speedup_paired``, the median of per-round ratios against the baseline's same round.
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
-decode together; tokens/s is the median over the rounds (each round's rate is kept: the same
+decode together, after ``--warmup-rounds`` (default 1) unmeasured rounds of each batch size
+(one-off compiles and the load-adaptive tree's first measurements stay out of the numbers; their
+tokens/s are kept as ``warmup_round_tokens_per_s``); tokens/s is the median over the rounds (each round's rate is kept: the same
 baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
 a 12-digit digest per request (``output_digests``) to compare outputs across runs and files
 (benchmarks/tp_check.py: TP=1 against TP=2). ``--sampling-json '{"repetition_penalty": 1.1}'``
