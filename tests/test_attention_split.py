@@ -60,3 +60,41 @@ def test_uniform_tree_step_goes_whole_to_the_kernel():
     md = _split_build(SimpleNamespace(medusa=_ctx(TreeAttnStep(2, 2 * Q, all_reqs=True))),
                       _vllm_build, 0, _cm(), False)
     assert isinstance(md, MedusaMetadata) and md.rest is None and md.num_actual_tokens == 2 * Q
+
+
+def test_the_slice_for_vllms_backend_starts_aligned():
+    """A step that mixes tree decodes with other requests hands vLLM's backend its slice of the
+    metadata; vLLM slices views (``seq_lens[nd:]`` starts 4*nd bytes in), and Triton would
+    compile a kernel variant for an unaligned pointer: the slice gets 16-byte aligned copies,
+    same values."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    lens = [1 + Q, 1 + Q, 1 + Q, 40, 50]  # 3 tree decodes, 2 prefills
+    q = [Q, Q, Q, 20, 30]
+    qsl = torch.tensor([0, *torch.tensor(q).cumsum(0).tolist()], dtype=torch.int32)
+    n = int(qsl[-1])
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=torch.tensor(lens, dtype=torch.int32), num_reqs=5, num_actual_tokens=n,
+        max_query_len=max(q), max_seq_len=max(lens),
+        block_table_tensor=torch.arange(5 * 8, dtype=torch.int32).view(5, 8),
+        slot_mapping=torch.arange(n, dtype=torch.int64),
+        seq_lens_cpu_upper_bound=torch.tensor(lens, dtype=torch.int32),
+    )
+    seen = {}
+
+    def parent(prefix, sliced, fast):
+        seen["cm"] = sliced
+        return "vllm"
+
+    assert cm.seq_lens[3:].data_ptr() % 16 != 0  # what vLLM's slice alone would hand over
+    md = _split_build(SimpleNamespace(medusa=_ctx(TreeAttnStep(3, 3 * Q))), parent, 0, cm, False)
+    assert isinstance(md, MedusaMetadata) and md.rest == "vllm" and md.tree.num_tokens == 3 * Q
+    rest = seen["cm"]
+    assert rest.num_reqs == 2 and rest.seq_lens.tolist() == [40, 50]
+    assert rest.query_start_loc.tolist() == [0, 20, 50]
+    assert torch.equal(rest.block_table_tensor, cm.block_table_tensor[3:])
+    assert torch.equal(rest.slot_mapping, cm.slot_mapping[3 * Q:])
+    for name, v in vars(rest).items():
+        if isinstance(v, torch.Tensor):
+            assert v.data_ptr() % 16 == 0, name

@@ -24,6 +24,7 @@ Cache layouts (the kernel takes [num_blocks, block_size, kv_heads, head_dim] str
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +103,26 @@ def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttent
         sliced = _make_metadata_with_slice(
             UBatchSlice(slice(nd, cm.num_reqs), slice(ndt, cm.num_actual_tokens)), cm
         )
-        rest = parent_build(0, sliced, fast_build)
+        rest = parent_build(0, _aligned(sliced), fast_build)
     return MedusaMetadata(tree, rest, cm.num_actual_tokens, cm.slot_mapping)
+
+
+def _aligned(cm):
+    """``cm`` with a fresh copy of each tensor that does not start on a 16-byte boundary.
+    vLLM's slice of a step's metadata holds views of the batch's buffers from the first request
+    past the tree decodes on (``seq_lens[nd:]`` starts 4 * nd bytes in), and Triton specializes
+    its kernels' pointer arguments on 16-byte alignment: an unaligned view would make vLLM's
+    Triton attention compile a variant that no plain step needs, a host stall of some hundred
+    ms the first time in a process (a candidate for the 412 ms stall of a step with 7 tree
+    decodes and a new request in ``benchmarks/results/step_log_h100_fa59925.json``). A few
+    small copies, in steps that mix tree decodes with other requests only."""
+    bad = {k: v for k, v in vars(cm).items() if isinstance(v, torch.Tensor) and v.data_ptr() % 16}
+    if not bad:
+        return cm
+    out = copy.copy(cm)
+    for k, v in bad.items():
+        setattr(out, k, v.clone())
+    return out
 
 
 class TreeImplMixin:
