@@ -160,6 +160,7 @@ class EngineBench:
         self.kw, self.prompts, self.sampling = kw, prompts, sampling  # SamplingParams keywords
         self.sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **sampling)
         self._acc: dict | None = None
+        self._warm: dict[int, list[float]] = {}  # batch size -> warm-up rounds' tokens/s
 
     def warmup(self, batch_sizes: list[int], rounds: int = 0) -> None:
         """Every measured batch size once, 8 tokens (first-use allocations, kernels), then
@@ -170,7 +171,6 @@ class EngineBench:
         tokens/s stay in the row (``warmup_round_tokens_per_s``)."""
         from vllm import SamplingParams
 
-        self._warm: dict[int, list[float]] = {}
         for b in sorted(set(batch_sizes)):
             self.llm.generate(requests_for(self.prompts, b),
                               SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
@@ -216,7 +216,7 @@ class EngineBench:
             "tokens_per_s": statistics.median(rates),
             "tokens_per_s_overall": acc["tokens"] / acc["elapsed"],
             "round_tokens_per_s": rates,
-            "warmup_round_tokens_per_s": getattr(self, "_warm", {}).get(acc["b"], []),
+            "warmup_round_tokens_per_s": self._warm.get(acc["b"], []),
             "tpot_ms_median": 1000 * statistics.median(tpot),
             "tpot_ms_p90": 1000 * tpot[min(len(tpot) - 1, int(0.9 * len(tpot)))],
             "tau": (1 + accepted / drafts) if drafts else None,

@@ -105,7 +105,6 @@ class FakeBench:
 
     def warmup(self, batch_sizes, rounds=0):
         self.warmup_rounds = rounds
-        self.rounds_before = 0
 
     def begin(self, b):
         self.b, self.rates, self.outputs = b, [], []
