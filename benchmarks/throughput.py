@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     if heads is None:
         sys.exit("no heads: pass --heads (the bundled heads are missing from this install)")
     sampling = sampling_of(args)  # a bad --sampling-json stops here, before any engine starts
+    if args.warmup_rounds < 0:
+        sys.exit(f"--warmup-rounds {args.warmup_rounds}: give 0 (no warm-up rounds) or more")
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 16])
     args.configs = args.configs or (DEFAULT_CONFIGS if gpu else
                                     ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15", "adaptive"])

@@ -258,3 +258,10 @@ def test_step_cost_and_tp_check_drive_measure_as_it_is_called(monkeypatch, tmp_p
     args = SimpleNamespace(gpu=False, batch_sizes=[1, 2], max_tokens=8, rounds=2, timeout=60)
     rows = tp_check.measure_variant(args, Variant.parse("tp1-medusa"), {"rate": 10.0}, ["a", "bb"])
     assert [r["batch_size"] for r in rows] == [1, 2] and rows[0]["tensor_parallel_size"] == 1
+
+
+def test_negative_warmup_rounds_is_a_clear_error():
+    from benchmarks.throughput import main
+
+    with pytest.raises(SystemExit, match="--warmup-rounds -1: give 0"):
+        main(["--warmup-rounds", "-1", "--model", "m", "--heads", "h"])
