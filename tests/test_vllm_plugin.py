@@ -370,6 +370,8 @@ def test_async_scheduling_identical_to_no_speculation(baseline, asynchronous):
     by_tree = stats["uniform_greedy"]["by_tree"]  # the uniform steps moved KV after their function
     assert by_tree and not any("+KV move" in name for name in by_tree), stats
     assert stats["uniform_greedy"]["steps"] > 0, stats
+    # the uniform steps' input ids (roots and drafts from the device) came by slice copies
+    assert sum(p.get("input ids sliced", 0) for p in stats["step_paths"].values()) > 0, stats
     assert stats["penalty_rows_checked"] > 0, stats  # penalties checked under async scheduling too
     for j in [*_greedy_jobs(), len(BATCHES) + 3, PENALTY_JOB]:  # greedy, aborts, penalties
         assert asynchronous.outputs[j] == baseline.outputs[j], f"job {j}"
@@ -428,6 +430,8 @@ def test_adaptive_tree_identical_to_no_speculation(baseline, adaptive):
     for n, p in paths.items():
         assert p.get("verify fixed-shape", 0) <= p.get("plan cached", 0), paths
     assert not paths.get("0", {}).get("verify general"), paths  # a step without drafts verifies nothing
+    sliced = sum(p.get("input ids sliced", 0) for p in paths.values())
+    assert sliced > 0 if mode == "async" else sliced == 0, paths  # async: ids of uniform steps
     assert stats["tree_steps"] > 0 and stats["mean_accepted_length"] > 1.1, stats
     for j in _greedy_jobs():
         assert result.outputs[j] == baseline.outputs[j], f"{mode}: job {j}"

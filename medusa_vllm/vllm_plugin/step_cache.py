@@ -96,3 +96,18 @@ def uniform_drafts(input_ids: torch.Tensor, b: int, q: int) -> torch.Tensor:
     """The draft token ids of a uniform step as vLLM's spec-decode metadata holds them:
     ``input_ids`` [>= b*q] laid out ``[root, q - 1 drafts]`` per request -> [b * (q - 1)]."""
     return input_ids[: b * q].view(b, q)[:, 1:].reshape(-1)
+
+
+def copy_uniform_input_ids(input_ids: torch.Tensor, prev_sampled: torch.Tensor,
+                           prev_drafts: torch.Tensor, prev_width: int, b: int, q: int) -> None:
+    """Asynchronous scheduling, a uniform step: every one of the ``b`` requests decoded in the
+    step before, at the same batch row, and now runs its root and ``q - 1`` drafts. Writes what
+    vLLM's ``_prepare_input_ids`` scatters there with per-token index lists built on the host
+    and uploaded each step, as two slice copies: ``input_ids`` [>= b*q] int32 <- per request the
+    token it emitted last (``prev_sampled`` [>= b, 1], its next root) and the first ``q - 1`` of
+    the drafts proposed for it (``prev_drafts``: rows of ``prev_width`` in batch order, read
+    flat as vLLM reads them)."""
+    rows = input_ids[: b * q].view(b, q)
+    rows[:, 0].copy_(prev_sampled[:b, 0], non_blocking=True)
+    rows[:, 1:].copy_(prev_drafts.reshape(-1)[: b * prev_width].view(b, prev_width)[:, : q - 1],
+                      non_blocking=True)

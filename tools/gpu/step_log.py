@@ -87,9 +87,11 @@ def install(worker) -> None:
 
 
 def _watch_compiles() -> list:
-    """[(kind, name, ms)] of the JIT compiles since the list was last cleared: Triton kernels
-    compiled (not found in the process's cache; a disk-cache hit counts too) and frames dynamo
-    compiled (torch.compile'd functions, recompiles included)."""
+    """[(kind, name, ms, why)] of the JIT compiles since the list was last cleared: Triton kernels
+    compiled (not found in the process's cache; a disk-cache hit counts too), ``why`` the parts of
+    the kernel's specialization key that differ from the closest variant compiled before (argument
+    alignments, constexprs: what made this launch new); frames dynamo compiled (torch.compile'd
+    functions, recompiles included), ``why`` the function and the guard that failed (a recompile)."""
     seen: list = []
     try:
         from triton.runtime.jit import JITFunction
@@ -97,23 +99,63 @@ def _watch_compiles() -> list:
         do_compile = JITFunction._do_compile
 
         def traced(self, *a, **k):
+            key = a[0] if a else k.get("key")
+            try:
+                before = list(self.device_caches[a[2] if len(a) > 2 else k.get("device")][0])
+            except (AttributeError, IndexError, KeyError, TypeError):
+                before = []
             t = time.perf_counter()
             try:
                 return do_compile(self, *a, **k)
             finally:
-                seen.append(("triton", getattr(self, "__name__", "?"), 1e3 * (time.perf_counter() - t)))
+                seen.append(("triton", getattr(self, "__name__", "?"), 1e3 * (time.perf_counter() - t),
+                             key_diff(str(key), [str(b) for b in before])))
         JITFunction._do_compile = traced
     except (ImportError, AttributeError):
         pass
     try:
+        import logging
+
+        import torch
         from torch._dynamo.callback import on_compile_end, on_compile_start
 
-        start = [0.0]
-        on_compile_start(lambda *a, **k: start.__setitem__(0, time.perf_counter()))
-        on_compile_end(lambda *a, **k: seen.append(("dynamo", "frame", 1e3 * (time.perf_counter() - start[0]))))
+        reasons: list[str] = []  # dynamo's recompile messages (function, failed guard)
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                reasons.append(" ".join(record.getMessage().split())[:400])
+
+        torch._logging.set_logs(recompiles=True)
+        logging.getLogger("torch._dynamo.guards.__recompiles").addHandler(Keep())
+        start = [0.0, 0, ""]  # when, reasons already told (dynamo logs one before it compiles), id
+
+        def began(*a, **k):
+            start[0] = time.perf_counter()
+            start[2] = str(getattr(a[0], "compile_id", "")) if a else ""
+
+        def ended(*a, **k):
+            why = "; ".join(reasons[start[1]:]) or "first compile of a frame"
+            start[1] = len(reasons)
+            seen.append(("dynamo", f"frame {start[2]}", 1e3 * (time.perf_counter() - start[0]), why))
+        on_compile_start(began)
+        on_compile_end(ended)
     except (ImportError, AttributeError, TypeError):
         pass
     return seen
+
+
+def key_diff(key: str, before: list[str], width: int = 400) -> str:
+    """What in Triton's specialization key ``key`` differs from the closest of the keys compiled
+    ``before`` (the variant it is new against): ``"<earlier> -> <now>"`` per differing part."""
+    import difflib
+
+    if not before:
+        return "first variant"
+    best = max(before, key=lambda b: difflib.SequenceMatcher(None, b, key, autojunk=False).ratio())
+    m = difflib.SequenceMatcher(None, best, key, autojunk=False)
+    parts = [f"{best[max(i1 - 24, 0):i2 + 8]!r} -> {key[max(j1 - 24, 0):j2 + 8]!r}"
+             for op, i1, i2, j1, j2 in m.get_opcodes() if op != "equal"]
+    return f"{len(before)} earlier variants; " + "; ".join(parts)[:width]
 
 
 def mark(worker) -> int:
