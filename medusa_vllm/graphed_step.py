@@ -40,6 +40,14 @@ class TreeStepOutput:
         return self.tokens, self.accepted, self.num_accepted, self.drafts
 
 
+def handover(tokens: torch.Tensor, num_accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What asynchronous scheduling hands to the next step, per request: the last token it
+    emitted (its next root) and how many it emitted, both [B] int32, from ``tokens`` [B, D+1]
+    int32 (-1 pad) and ``num_accepted`` [B] int64 (the emitted count is num_accepted + 1)."""
+    last = tokens.gather(1, num_accepted.long()[:, None]).squeeze(1)
+    return last, (num_accepted + 1).int()
+
+
 def greedy_tree_step(
     argmax: torch.Tensor,  # [B*Q] int64 target argmax of every row (request-major)
     drafts: torch.Tensor,  # [B*(Q-1)] draft token of every tree node (request-major, BFS)

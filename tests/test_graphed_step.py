@@ -9,7 +9,9 @@ import torch
 
 import pytest
 
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
+from medusa_vllm.graphed_step import (
+    BatchGraphs, greedy_tree_step, handover, sampled_tree_step, sampling_params_tensor,
+)
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree import TokenTree
 from medusa_vllm.tree_tensors import TreeTensors
@@ -173,3 +175,16 @@ def test_batch_graphs_without_cuda_run_the_function():
     assert not graphs.capture(torch.ones(6), torch.zeros(3))
     a, b = graphs(torch.ones(6), torch.zeros(3))
     assert calls == [6] and torch.equal(a, torch.full((6,), 2.0)) and torch.equal(b, torch.ones(3))
+
+
+def test_handover_is_each_requests_last_token_and_count():
+    # what _bookkeeping_sync hands to vLLM's next step, read from the emitted tokens (-1 pad)
+    trees = TreeTensors.build(TREES)
+    logits, drafts, hidden, tree_ids = _inputs(trees, 16, seed=3)
+    out = greedy_tree_step(logits.argmax(-1), drafts, hidden, tree_ids, trees, _propose)
+    last, counts = handover(out.tokens, out.num_accepted)
+    assert last.dtype == counts.dtype == torch.int32 and last.shape == counts.shape == (16,)
+    emitted = out.tokens
+    assert torch.equal(counts.long(), (emitted >= 0).sum(dim=1))
+    assert torch.equal(last, emitted.gather(1, (counts.long() - 1)[:, None]).squeeze(1))
+    assert len(set(counts.tolist())) > 1  # paths of several lengths: the gather is exercised

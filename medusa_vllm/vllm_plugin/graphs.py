@@ -17,7 +17,7 @@ import os
 import torch
 from vllm.logger import init_logger
 
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, handover, sampled_tree_step
 
 logger = init_logger(__name__)
 
@@ -60,7 +60,7 @@ class MedusaGraphsMixin:
             k: BatchGraphs(
                 self._medusa_uniform_fn(k),
                 rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
-                max_batch=self.max_num_reqs, exact=3,
+                max_batch=self.max_num_reqs, exact=5,
                 name=f"verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes)",
                 pad=[None, -1, None, None, -1] if KV_MOVE_IN_GRAPH else None)
             for k in graph_trees
@@ -73,7 +73,7 @@ class MedusaGraphsMixin:
             (k, filtered): BatchGraphs(
                 self._medusa_uniform_fn(k, sampled=True, filtered=filtered),
                 rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1, 1, 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
-                max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // (1 + sizes[k])), exact=3,
+                max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // (1 + sizes[k])), exact=5,
                 name=f"sampled verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes"
                      f"{', top-k/top-p' if filtered else ''})",
                 pad=[None, -1, None, None, None, None, 1.0] + ([-1] if KV_MOVE_IN_GRAPH else []))
@@ -260,7 +260,9 @@ class MedusaGraphsMixin:
                 q = slot_mapping.shape[0] // b
                 starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
                 self._medusa_move_kv(slot_mapping, starts, out.accepted)
-            return out.as_tuple()
+            # tokens, accepted, num_accepted, the next step's roots and counts, drafts
+            return (out.tokens, out.accepted, out.num_accepted, *handover(out.tokens, out.num_accepted),
+                    out.drafts)
 
         def greedy_step(argmax, drafts, hidden, tree_ids, slot_mapping=None):
             b = tree_ids.shape[0]

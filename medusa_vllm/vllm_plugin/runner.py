@@ -162,6 +162,8 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
             self.medusa_policy.enabled = False
         self._medusa_sched_drafts = self.num_spec_tokens  # this step's num_spec_tokens_to_schedule
         self._medusa_emitted: torch.Tensor | None = None  # this step's tokens (async hand-over)
+        # a uniform step's (last token, emitted count) [B] int32 each, from its function
+        self._medusa_handover: tuple[torch.Tensor, torch.Tensor] | None = None
         self._medusa_graph_checks = 0  # FULL-graph steps re-run eagerly so far (GRAPH_CHECK)
         self._medusa_penalty_rows = 0  # penalized tree rows checked so far (CHECK_PENALTIES)
         self._medusa_masks_set = False  # mask_ids may hold nonzero ids (a plan wrote them)
@@ -462,6 +464,7 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         return super().sample_tokens(grammar_output)
 
     def _sample(self, logits, spec_decode_metadata):
+        self._medusa_handover = None
         out = self._medusa_sample_step(logits, spec_decode_metadata)
         self._medusa_emitted = out.sampled_token_ids if spec_decode_metadata is not None else None
         return out
@@ -470,15 +473,19 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         # Asynchronous scheduling: the next step's inputs come from the device — the last token
         # each request emitted (its next root) and how many it emitted (vLLM corrects its
         # optimistic token counts with it), handed over as vLLM's EAGLE path does
-        emitted = self._medusa_emitted
-        self._medusa_emitted = None
+        # (a uniform step's function computed both: _medusa_handover)
+        emitted, handed = self._medusa_emitted, self._medusa_handover
+        self._medusa_emitted = self._medusa_handover = None
         if self.use_async_scheduling and emitted is not None:
-            counts = (emitted >= 0).sum(dim=1)  # [B] accepted + 1 (0: discarded request)
-            last = emitted.gather(1, (counts - 1).clamp_min(0)[:, None]).squeeze(1)  # [B]
-            self._copy_valid_sampled_token_count(last.int(), counts.int())
+            if handed is not None:
+                last, counts = handed  # [B] int32 each
+            else:
+                counts = (emitted >= 0).sum(dim=1).int()  # [B] accepted + 1 (0: discarded request)
+                last = emitted.gather(1, (counts.long() - 1).clamp_min(0)[:, None]).squeeze(1).int()
+            self._copy_valid_sampled_token_count(last, counts)
             if self.valid_sampled_token_count_event is None:  # vLLM skips the hand-over then
-                self.valid_sampled_token_count_gpu = counts.int()
-                self.input_batch.prev_sampled_token_ids = last.int()[:, None]
+                self.valid_sampled_token_count_gpu = counts
+                self.input_batch.prev_sampled_token_ids = last[:, None]
         return super()._bookkeeping_sync(*args, **kwargs)
 
     def _medusa_sample_step(self, logits, spec_decode_metadata):
@@ -541,7 +548,9 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
             out = self._medusa_sampled_graphs[(k, sampling.filtered)](
                 target, drafts_in, self._medusa_hidden, step["tree_ids"], sampling_params_tensor(sampling),
                 rand.accept.flatten(1), rand.noise, *in_graph)
-        tokens, accepted, num_accepted, drafts = out
+        tokens, accepted, num_accepted, last, counts, drafts = out
+        if self.use_async_scheduling:  # for _bookkeeping_sync; copies, as the drafts below
+            self._medusa_handover = (last.clone(), counts.clone())
         if not KV_MOVE_IN_GRAPH:
             self._medusa_move_kv(slots, self.query_start_loc.gpu[: num_reqs + 1], accepted)
         self.medusa_stats.observe(num_accepted, step["spec_ok"])
