@@ -43,7 +43,7 @@ def state(prev_positions, drafts_per_req, prev_width: int, seed: int = 0):
         input_ids=input_ids,
         enable_prompt_embeds=False,
         device=torch.device("cpu"),
-        _medusa_rows=np.arange(MAX_REQS, dtype=np.int64),
+        arange_np=np.arange(MAX_TOKENS, dtype=np.int64),  # vLLM's immutable [0, 1, 2, ...]
     )
     spec = {r: list(range(n)) for r, n in zip(req_ids, drafts_per_req)}
     so = SimpleNamespace(scheduled_spec_decode_tokens=spec)

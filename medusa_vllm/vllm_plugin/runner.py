@@ -138,7 +138,6 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
             backend=_attention_backend(self.medusa_cfg.attention, vllm_config, self.device),
         )
         self._medusa_mask_ids_np = np.zeros(self.max_num_reqs, dtype=np.int32)
-        self._medusa_rows = np.arange(self.max_num_reqs, dtype=np.int64)  # batch rows 0..R-1
         self._medusa_ids_sliced = False  # this step's input ids came by slice copies
         # the plan of a step: one pinned copy (positions, masks, 3 per-request arrays); a uniform
         # step (every request verifies one whole tree) reads per-batch-size device tensors
@@ -323,7 +322,7 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
                 or not isinstance(drafts, torch.Tensor) or width < q - 1
                 or drafts.numel() < num_reqs * width or prev_sampled.shape[0] < num_reqs):
             return False
-        if not np.array_equal(self.prev_positions.np[:num_reqs], self._medusa_rows[:num_reqs]):
+        if not np.array_equal(self.prev_positions.np[:num_reqs], self.arange_np[:num_reqs]):
             return False
         spec = scheduler_output.scheduled_spec_decode_tokens
         if not all(len(spec.get(r, ())) == q - 1 for r in self.input_batch.req_ids[:num_reqs]):
