@@ -10,6 +10,8 @@ Configurations (each its own engine, one after the other, same machine):
   builtin           vLLM's built-in Medusa (top-1 chain of K heads), the same heads in its layout
   medusa:<tree>     medusa_vllm with a tree (preset, chain-N, or the heads' calibrated "calibrated")
   medusa-async:<tree>  the same under vLLM's asynchronous scheduler
+  medusa-v2:<tree>  the same on vLLM's V2 model runner ("runner": "v2"; asynchronous scheduler,
+                    GPU only; plain greedy requests speculate)
   adaptive          medusa_vllm with the load-adaptive tree (synchronous scheduling), measured
                     rule: per batch size the tree (or no drafts) with the most tokens/s by the
                     engine's own step times
@@ -52,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
     write_envelope,
 )
 
+MEDUSA_TREE_CONFIGS = ("medusa:", "medusa-async:", "medusa-v2:")  # medusa_vllm with a fixed tree
 DEFAULT_CONFIGS = ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15",
                    "medusa:sparse-31", "medusa:default-63", "adaptive", "adaptive-async"]
 
@@ -121,9 +124,13 @@ def engine_for(args, name: str, heads: str, builtin: str | None, gpu: bool) -> t
         env.update(cpu_tp_env(args.tensor_parallel_size))
         if getattr(args, "interleave", False) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB per engine: several share the memory
+    v2 = config.startswith("medusa-v2:")
     kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
-                       .removesuffix("-async"), heads, builtin)
-    if config == "baseline-v1async" or config.endswith("-async") or config.startswith("medusa-async:"):
+                       .replace("medusa-v2:", "medusa:").removesuffix("-async"), heads, builtin)
+    if v2:
+        kw["speculative_config"]["runner"] = "v2"
+    if (config == "baseline-v1async" or config.endswith("-async") or v2
+            or config.startswith("medusa-async:")):
         kw["async_scheduling"] = True
     return kw, env
 
@@ -402,12 +409,12 @@ def summarize(results: dict, args) -> tuple[list, dict]:
                 "output_digests": [output_digest(o) for o in r["outputs"]],  # compare across runs
             })
 
-    def best(b: int, pick=lambda c: c.startswith(("medusa:", "medusa-async:"))) -> float | None:
+    def best(b: int, pick=lambda c: c.startswith(MEDUSA_TREE_CONFIGS)) -> float | None:
         xs = [r["speedup"] for r in rows if r["batch_size"] == b and pick(r["config"]) and r["speedup"]]
         return max(xs) if xs else None
 
     tau1 = [r["tau"] for r in rows
-            if r["batch_size"] == 1 and r["config"].startswith(("medusa:", "medusa-async:")) and r["tau"]]
+            if r["batch_size"] == 1 and r["config"].startswith(MEDUSA_TREE_CONFIGS) and r["tau"]]
     summary = {
         "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
         "speedup_bs64": best(64, lambda c: c.startswith("adaptive")),

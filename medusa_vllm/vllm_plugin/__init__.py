@@ -21,6 +21,7 @@ import functools
 from typing import Any
 
 _REGISTERED = False
+_V2_RUNNER = False  # this process built a medusa_vllm config with "runner": "v2"
 
 
 def register() -> None:
@@ -34,6 +35,7 @@ def register() -> None:
     _patch_engine_config(EngineArgs)
     _patch_async_scheduling_check()
     _patch_min_p_and_logit_bias()
+    _patch_runner_choice()
     _register_attention_backend()
     from medusa_vllm.vllm_plugin.stops import patch_stop_strings
 
@@ -155,6 +157,44 @@ def _patch_async_scheduling_check() -> None:
     VllmConfig._maybe_override_dynamic_sd_cudagraph_mode = override
 
 
+def _medusa_runner(vllm_config: Any) -> str | None:
+    """The runner a medusa_vllm config asks for ("v1"/"v2"), None for any other config."""
+    extra = (getattr(vllm_config, "additional_config", None) or {}).get("medusa_vllm")
+    return extra.get("runner", "v1") if extra else None
+
+
+def _patch_runner_choice() -> None:
+    """vLLM 0.26 runs speculative methods outside its EAGLE family on the V1 runner and refuses
+    them on V2. A medusa_vllm config picks its runner itself ("runner": "v1" by default, or
+    "v2": :mod:`.runner_v2`), in every process (the scheduler follows the runner's protocol too),
+    and is not in V2's list of unsupported features."""
+    from vllm.config import VllmConfig
+
+    prop = VllmConfig.use_v2_model_runner
+    if getattr(prop.fget, "_medusa_vllm", False):
+        return
+
+    @functools.wraps(prop.fget)
+    def use_v2_model_runner(self):
+        runner = _medusa_runner(self)
+        return prop.fget(self) if runner is None else runner == "v2"
+
+    use_v2_model_runner._medusa_vllm = True
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+
+    original = VllmConfig._get_v2_model_runner_unsupported_features
+
+    @functools.wraps(original)
+    def unsupported(self):
+        out = original(self)
+        if _medusa_runner(self) == "v2":
+            method = getattr(self.speculative_config, "method", None)
+            out = [f for f in out if f != f"speculative method '{method}'"]
+        return out
+
+    VllmConfig._get_v2_model_runner_unsupported_features = unsupported
+
+
 def _is_medusa_spec(speculative_config: Any) -> bool:
     from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS
 
@@ -180,6 +220,9 @@ def _patch_min_p_and_logit_bias() -> None:
     @functools.wraps(original_check)
     def _validate_spec_decode(self, speculative_config):
         if speculative_config is not None and _is_medusa_spec(speculative_config):
+            if _V2_RUNNER and self.structured_outputs is not None:
+                raise ValueError('medusa_vllm: structured output is not served by the V2 runner; '
+                                 'start the engine with "runner": "v1" in --speculative-config')
             return None
         return original_check(self, speculative_config)
 
@@ -223,6 +266,12 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
     hidden, vocab = target_sizes(str(engine_args.model), engine_args.trust_remote_code,
                                  engine_args.revision)
     cfg = resolve(spec, str(engine_args.model), hidden, vocab)
+    if cfg.runner == "v2":
+        global _V2_RUNNER
+        _V2_RUNNER = True
+    if cfg.runner == "v2" and current_platform.is_cpu():
+        raise MedusaConfigError('medusa_vllm: "runner": "v2" needs a GPU (vLLM\'s V2 runner prepares '
+                                'inputs with Triton kernels); on the CPU use "runner": "v1"')
     engine_args.speculative_config = {
         "method": "custom_class",
         "model": PROPOSER_CLASS,

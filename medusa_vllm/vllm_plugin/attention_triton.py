@@ -39,7 +39,12 @@ class MedusaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         step = self.medusa.step if self.medusa is not None else None
-        if step is None or not step.all_reqs:
+        cm = common_attn_metadata
+        q = self.medusa.masks.shape[1] if self.medusa is not None else 0
+        # only a uniform batch at the largest tree's query length is a tree step (vLLM's V2
+        # runner marks its whole capture; a FULL graph of any other shape keeps vLLM's kernel)
+        uniform = cm.max_query_len <= q and cm.num_actual_tokens == cm.num_reqs * cm.max_query_len
+        if step is None or not step.all_reqs or not uniform:
             return super().build_for_cudagraph_capture(common_attn_metadata)
         # a tree-step graph: the dummy's seq_lens (= its query length) are valid tree-kernel
         # inputs; vLLM's Triton override would set them to 1, below the query length

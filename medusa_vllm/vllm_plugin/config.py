@@ -27,6 +27,10 @@ ACCEPTANCE_RULES = ("rejection", "typical")
 # (debugging: it syncs the host, so eager mode only), "xformers" = xformers' tree attention
 # (xformers 0.0.35, GPU, eager mode only; 6.4x slower than ours on the H100)
 ATTENTION_CHOICES = ("auto", "kernel", "reference", "xformers")
+# vLLM 0.26's model runner the trees run in: "v1" (vLLM's choice for any method but its EAGLE
+# family: every feature) or "v2" (its GPU-side input preparation; one tree, plain greedy
+# requests speculate, others decode exactly without drafts; GPU only: vllm_plugin/runner_v2.py)
+RUNNERS = ("v1", "v2")
 # keys of our speculative config; vLLM's own keys we accept alongside them
 _VLLM_KEYS = ("method", "model", "num_speculative_tokens")
 
@@ -55,8 +59,14 @@ class MedusaSpecConfig:
     topk: int = 10  # candidates taken per head
     # GPU: verification + next drafts of uniform greedy steps replayed as one CUDA graph per batch
     cuda_graphs: bool = True
+    runner: str = "v1"  # RUNNERS
 
     def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise MedusaConfigError(f"medusa_vllm: runner {self.runner!r} is not one of {RUNNERS}")
+        if self.runner == "v2" and (self.adaptive or self.adaptive_trees):
+            raise MedusaConfigError('medusa_vllm: the load-adaptive tree runs on the V1 runner only; '
+                                    'drop "adaptive" or use "runner": "v1"')
         if self.acceptance not in ACCEPTANCE_RULES:
             raise MedusaConfigError(
                 f"medusa_vllm: acceptance {self.acceptance!r} is not one of {ACCEPTANCE_RULES}"
@@ -113,6 +123,7 @@ _USER_KEYS = {
     "adaptive_policy",
     "attention",
     "cuda_graphs",
+    "runner",
 }
 
 
@@ -187,6 +198,7 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         head_accuracies=heads_cfg.head_accuracies,
         attention=spec.get("attention", "auto"),
         cuda_graphs=cuda_graphs,
+        runner=str(spec.get("runner", "v1")),
     )
 
 

@@ -106,3 +106,36 @@ def can_speculate(sp, logprobs_mode: str = "raw_logprobs") -> bool:
         and sp.structured_outputs is None
         and not getattr(sp, "thinking_token_budget", None)
     )
+
+
+def plain_greedy(sp, logprobs_mode: str = "raw_logprobs") -> bool:
+    """A request whose every token is the argmax of the raw logits and that asks for nothing
+    per token beyond it: what the V2 runner's tree steps reproduce exactly (temperature 0, no
+    penalties, logit bias, allowed or bad words, min_tokens, logprobs or structured output)."""
+    from vllm.sampling_params import _SAMPLING_EPS
+
+    return (
+        can_speculate(sp, logprobs_mode)
+        and sp.temperature < _SAMPLING_EPS
+        and sp.logprobs is None
+        and sp.repetition_penalty == 1.0
+        and sp.presence_penalty == 0.0
+        and sp.frequency_penalty == 0.0
+        and not sp.logit_bias
+        and not sp.allowed_token_ids
+    )
+
+
+def tree_lead(has_drafts: np.ndarray, num_scheduled: np.ndarray, max_query: int) -> int:
+    """How many leading requests of a V2 step go to the tree kernel: through the last request
+    with drafts (V2 orders requests with the full query length first, shorter ones by length,
+    so that run holds every request with drafts; any short prefill chunk among them gets the
+    causal mask). Raises if a request of that run is longer than the kernel's query."""
+    if not has_drafts.any():
+        return 0
+    lead = len(has_drafts) - int(np.argmax(has_drafts[::-1]))
+    if int(num_scheduled[:lead].max()) > max_query:
+        raise RuntimeError(
+            f"medusa_vllm: a request with drafts sits behind a query longer than {max_query} tokens "
+            "(vLLM's V2 batch order, sort_batch_req_ids, changed?)")
+    return lead

@@ -33,6 +33,8 @@ class MedusaStatsMixin:
         from medusa_vllm import kernels
 
         runner = self.model_runner
+        if hasattr(runner, "medusa_summary"):  # the V2 runner (runner_v2.py)
+            return runner.medusa_summary()
         attention = (runner.medusa_attn.backend if runner.medusa_attn.backend != "kernel" else
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
         return runner.medusa_stats.summary() | {
@@ -51,6 +53,14 @@ class MedusaStatsMixin:
 
 class MedusaGPUWorker(MedusaStatsMixin, Worker):
     def init_device(self) -> None:
+        if self.vllm_config.use_v2_model_runner:  # "runner": "v2" (the plugin decides)
+            from vllm.v1.worker.gpu import model_runner as v2_model_runner
+
+            from medusa_vllm.vllm_plugin.runner_v2 import MedusaV2ModelRunner
+
+            with _swapped(v2_model_runner, "GPUModelRunner", MedusaV2ModelRunner):
+                super().init_device()
+            return
         from medusa_vllm.vllm_plugin.runner import MedusaGPUModelRunner
 
         with _swapped(gpu_model_runner, "GPUModelRunner", MedusaGPUModelRunner):

@@ -1,6 +1,8 @@
 """GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
 settings (bf16, CUDA graphs), plus τ. The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
-inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE"""
+inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE
+[SPEC_JSON] (more speculative-config keys, e.g. '{"runner":"v2"}'; "async_scheduling": true turns
+vLLM's asynchronous scheduler on for the Medusa engine)"""
 import json
 import sys
 import time
@@ -18,13 +20,17 @@ def run(kw, prompts, n):
     start = time.time() - t
     t = time.time()
     out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)
-    return {"start_s": start, "gen_s": time.time() - t, "metrics": metric_values(llm),
+    gen = time.time() - t
+    stats = llm.collective_rpc("medusa_stats")[0] if kw.get("speculative_config") else None
+    return {"start_s": start, "gen_s": gen, "metrics": metric_values(llm), "medusa_stats": stats,
             "tokens": [list(o.outputs[0].token_ids) for o in out],
             "text0": out[0].outputs[0].text}
 
 
 if __name__ == "__main__":
     model, heads, tree = sys.argv[1:4]
+    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    use_async = bool(extra.pop("async_scheduling", False))
     from transformers import AutoTokenizer
 
     from medusa_vllm.prompts import chat
@@ -35,12 +41,14 @@ if __name__ == "__main__":
     kw = dict(model=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.25,
               seed=0, disable_log_stats=False, max_num_seqs=16, max_num_batched_tokens=2048)
     base = run_isolated(run, dict(kw, attention_backend="TRITON_ATTN"), prompts, 48)
-    med = run_isolated(run, dict(kw, speculative_config={"method": "medusa_vllm", "model": heads,
-                                                          "tree": tree}), prompts, 48,
+    med = run_isolated(run, dict(kw, async_scheduling=use_async,
+                                 speculative_config={"method": "medusa_vllm", "model": heads,
+                                                     "tree": tree, **extra}), prompts, 48,
                        env={"MEDUSA_VLLM_SYNC_DEBUG": "1"})
     m = med["metrics"]
     d = m.get("vllm:spec_decode_num_drafts", 0)
     same = sum(a == b for a, b in zip(base["tokens"], med["tokens"]))
     print(json.dumps({"identical": same, "of": len(prompts), "tau": 1 + m.get("vllm:spec_decode_num_accepted_tokens", 0) / d if d else None,
                       "base_gen_s": base["gen_s"], "med_gen_s": med["gen_s"], "base_start_s": base["start_s"],
-                      "med_start_s": med["start_s"], "base_text": base["text0"][:120], "med_text": med["text0"][:120]}, indent=1))
+                      "med_start_s": med["start_s"], "base_text": base["text0"][:120], "med_text": med["text0"][:120],
+                      "medusa_stats": med["medusa_stats"]}, indent=1))

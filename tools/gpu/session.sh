@@ -9,7 +9,7 @@
 #   bash tools/gpu/session.sh step_cost   "<benchmarks/step_cost.py args>"   (untrained heads made here)
 #   bash tools/gpu/session.sh step_log    "<tools/gpu/step_log.py args>"  (every step of the rounds)
 #   bash tools/gpu/session.sh step_cost_ab "<step_cost args>"  (this tree vs .carry/ab_tree: pack_ab_tree.sh)
-#   bash tools/gpu/session.sh smoke       "<tree>"                          (tools/gpu/plugin_smoke.py)
+#   bash tools/gpu/session.sh smoke       "<tree> [SPEC_JSON]"              (tools/gpu/plugin_smoke.py)
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
 #   bash tools/gpu/session.sh sampled_check "[tree]"                        (tools/gpu/sampled_check.py)
 # Results (--out, default <bench>_<gpu>.json) and the log go to $OUT; TP_TIMEOUT (s) bounds the
@@ -25,7 +25,9 @@ heads=${SESSION_HEADS:-medusa_vllm/data/heads/smollm2-135m-instruct}
 MODEL=${SESSION_MODEL:-$MODEL}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i "[ABHL][0-9]\{2,3\}" | head -1 | tr A-Z a-z)
 if [ "$bench" = smoke ]; then
-    timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" "${2:-sparse-15}" \
+    # $2: "<tree> [SPEC_JSON]" (no spaces inside the JSON)
+    # shellcheck disable=SC2086
+    timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" ${2:-sparse-15} \
         > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/smoke.log" | tail -40
     exit 0

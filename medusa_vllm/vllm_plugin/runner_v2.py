@@ -1,0 +1,349 @@
+"""medusa_vllm on vLLM 0.26's V2 model runner (``"runner": "v2"`` in the speculative config; GPU).
+
+vLLM gives its V2 runner (``vllm/v1/worker/gpu/``) only to EAGLE-type drafters; every other
+method, Medusa included, falls back to the V1 runner, whose host work per step is larger
+(``benchmarks/results/step_log_h100_v1_vs_v2_eec25a7.json``: about 1 ms a step at batch 64).
+V2 prepares a step's inputs on the GPU: positions, input ids (the last sampled token and the
+drafts, read from its device-side request state), slot mappings, and its bookkeeping after
+sampling. Medusa trees fit into that with four overrides of :class:`GPUModelRunner` (V2), the
+plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
+(:class:`MedusaV2Speculator`):
+
+1. ``prepare_attn``: vLLM computed the slot mappings from linear positions (the KV of node j
+   goes to slot ``base + j``); we then add ``depth(j) - j`` to the positions of tree nodes
+   (RoPE sees ``base + depth``), write each request's mask id (1: the tree, 0: causal) only when
+   it changed, and tell the attention builders how many leading requests are tree decodes
+   (vLLM's V2 sorts requests with the full query length first, shorter ones by length).
+2. ``sample``: every request's tree verified from the target argmax (:mod:`medusa_vllm.packed_step`),
+   the accepted path's KV moved into the consecutive slots vLLM's bookkeeping expects (it
+   advances ``num_computed`` by ``query_len - num_rejected``, ``num_rejected = nodes - accepted``),
+   and the next drafts from the heads at each request's last accepted node. A uniform step
+   (every request verifies the whole tree) runs all of that as one fixed-shape function, replayed
+   from a CUDA graph per batch size. A step with a request the tree rows do not reproduce
+   exactly (sampling, penalties, logit bias, logprobs: anything but plain greedy) accepts no
+   drafts at all and takes every root token from vLLM's own sampler, so such requests are served
+   exactly, without speedup.
+3. ``capture_model``: vLLM's FULL graphs of uniform steps (every request 1 + nodes tokens) hold
+   the tree kernel; then the verify+heads graphs.
+4. ``add_requests``: which requests are plain greedy.
+
+Scope: one tree (no load-adaptive tree yet), one GPU, 1-D RoPE, no structured output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+from vllm.v1.worker.gpu import model_runner as v2_model_runner
+from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
+from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
+from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+from vllm.v1.worker.gpu.sample.output import SamplerOutput
+from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
+
+from medusa_vllm import kernels
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
+from medusa_vllm.packed_step import greedy_packed, reject_all, tree_positions_delta
+from medusa_vllm.tree_tensors import TreeTensors, causal_masks
+from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
+from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
+from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
+from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
+from medusa_vllm.vllm_plugin.step import plain_greedy, position_offsets, tree_lead
+
+logger = init_logger(__name__)
+
+
+class MedusaV2Speculator(DraftModelSpeculator):
+    """What V2's runner calls a speculator: owns the heads; ``propose`` returns the drafts the
+    runner's ``sample`` already computed (or, after a step without drafts, the heads' drafts at
+    each request's last token). Nothing of :class:`DraftModelSpeculator`'s draft-model
+    machinery is used; subclassing it makes the runner load the heads with the target and
+    hand us its attention set-up."""
+
+    def __init__(self, vllm_config, device: torch.device) -> None:  # noqa: D107 - no super(): no draft model
+        self.vllm_config = vllm_config
+        self.device = device
+        self.speculative_config = vllm_config.speculative_config
+        self.proposer = MedusaTreeProposer(vllm_config)
+        self.model: torch.nn.Module | None = None  # the heads, once loaded
+        self.draft_logits = None  # read by V2's chain rejection sampler, which we replace
+        self.supports_mm_inputs = False
+        self.runner: MedusaV2ModelRunner | None = None
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        self.proposer.load_model(target_model)
+        self.model = self.proposer.heads
+
+    def set_attn(self, *args, **kwargs) -> None:
+        return None  # the heads attend nothing
+
+    def init_cudagraph_manager(self, cudagraph_mode) -> None:
+        return None  # the runner captures the verify+heads graphs (capture_model)
+
+    def capture(self) -> None:
+        return None
+
+    def propose(self, input_batch, attn_metadata, slot_mappings, last_hidden_states, aux_hidden_states,
+                num_sampled, num_rejected, last_sampled, next_prefill_tokens, temperature, seeds,
+                num_tokens_across_dp=None, dummy_run: bool = False, skip_attn_for_dummy_run: bool = False,
+                mm_inputs=None, is_profile: bool = False) -> torch.Tensor:
+        assert self.runner is not None, "MedusaV2ModelRunner sets runner"
+        return self.runner._medusa_propose(input_batch, last_hidden_states, dummy_run)
+
+
+@contextlib.contextmanager
+def _swapped(module: object, name: str, replacement) -> object:
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class MedusaV2ModelRunner(GPUModelRunner):
+    def __init__(self, vllm_config, device: torch.device) -> None:
+        with _swapped(v2_model_runner, "init_speculator", MedusaV2Speculator):
+            super().__init__(vllm_config, device)
+        cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
+        self.medusa_cfg = cfg
+        trees = cfg.trees
+        if len(trees) != 1:
+            raise MedusaConfigError("medusa_vllm: the V2 runner verifies one tree; the load-adaptive "
+                                    'tree runs on the V1 runner ("runner": "v1")')
+        q = 1 + self.num_speculative_steps  # 1 + tree nodes: vLLM's decode_query_len
+        if q != 1 + len(trees[0]):
+            raise MedusaConfigError(f"medusa_vllm: num_speculative_tokens {q - 1} != tree nodes {len(trees[0])}")
+        self.medusa_max_query = q
+        self.medusa_trees = TreeTensors.build(trees, device, q_max=q)
+        self.medusa_offsets = torch.from_numpy(position_offsets(trees)[0]).to(device)  # [Q] depth - j
+        masks = torch.cat([causal_masks(q), self.medusa_trees.masks.cpu()])
+        self.medusa_attn = MedusaAttnContext(
+            kernels.pack_tree_masks(masks).to(device), self.max_num_reqs,
+            backend=_attention_backend(cfg.attention, vllm_config, device))
+        self._medusa_mask_np = np.zeros(self.max_num_reqs, dtype=np.int32)  # what mask_ids holds
+        self._medusa_plain = np.zeros(self.max_num_reqs, dtype=bool)  # per request slot
+        self._medusa_tree_ids = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        # which (head, rank) each node reads
+        self._medusa_head_idx = (self.medusa_trees.depths[0, 1:] - 1).clamp_min(0)
+        self._medusa_rank_idx = self.medusa_trees.ranks[0, 1:].clamp_min(0)
+        self._medusa_slots: torch.Tensor | None = None  # this step's slot mapping (KV group 0)
+        self._medusa_next: torch.Tensor | None = None  # drafts computed by this step's sample
+        self._medusa_kv_views = None
+        self._medusa_kv_checked = False
+        self._medusa_fallback_warned = False
+        self.medusa_stats = MedusaStats(self.medusa_trees.max_depth, device)
+        self.medusa_paths = StepPaths()
+        self._medusa_graphs = BatchGraphs(
+            self._medusa_uniform_fn, rows_per_req=[q, q, q, q], max_batch=self.max_num_reqs, exact=3,
+            name=f"verify+heads+KV move ({q - 1} nodes, V2)", pad=[None, -1, None, -1])
+        self._medusa_graphs.enabled = (device.type == "cuda" and cfg.cuda_graphs
+                                       and vllm_config.parallel_config.world_size == 1)
+        if self.speculator is not None:
+            self.speculator.runner = self
+
+    # ------------------------------------------------------------------ set-up
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        if getattr(self.model_state, "rope_state", None) is not None:
+            raise MedusaConfigError("medusa_vllm: the V2 runner supports 1-D RoPE models only (this one "
+                                    'has multi-dimensional positions); use "runner": "v1"')
+
+    def initialize_kv_cache(self, kv_cache_config) -> None:
+        super().initialize_kv_cache(kv_cache_config)
+        for groups in self.attn_groups:
+            for group in groups:
+                builder = group.get_metadata_builder(0)
+                if not hasattr(builder, "medusa"):
+                    raise RuntimeError(
+                        f"medusa_vllm needs its tree attention backend, but vLLM selected "
+                        f"{group.backend.get_name()}; do not pass --attention-backend with medusa_vllm")
+                builder.medusa = self.medusa_attn
+
+    def capture_model(self) -> int:
+        # FULL graphs of uniform steps run every request through the tree kernel (the builder
+        # checks that a capture batch is uniform at the tree's query length)
+        self.medusa_attn.step = TreeAttnStep.for_capture()
+        try:
+            size = super().capture_model()
+        finally:
+            self.medusa_attn.step = None
+        if self._medusa_graphs.enabled and self.cudagraph_manager.needs_capture():
+            self._medusa_capture_graphs()
+        return size
+
+    def _medusa_capture_graphs(self) -> None:
+        q = self.medusa_max_query
+        sizes = self.compilation_config.cudagraph_capture_sizes or []
+        batches = sorted({n // q for n in sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs}, reverse=True)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        hidden = self.model_config.get_hidden_size()
+        captured = []
+        for b in batches:
+            inputs = (torch.randint(0, 8, (b * q,), device=self.device, generator=g),
+                      torch.randint(0, 8, (b * q,), device=self.device, generator=g, dtype=torch.int32),
+                      torch.randn(b * q, hidden, device=self.device, generator=g, dtype=self.dtype),
+                      torch.full((b * q,), -1, dtype=torch.int64, device=self.device))  # no KV moved
+            if self._medusa_graphs.capture(*inputs):
+                captured.append(b)
+        logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", self._medusa_graphs.name, captured)
+
+    def add_requests(self, scheduler_output) -> None:
+        super().add_requests(scheduler_output)
+        for new in scheduler_output.scheduled_new_reqs:
+            idx = self.req_states.req_id_to_index[new.req_id]
+            self._medusa_plain[idx] = plain_greedy(new.sampling_params, self.model_config.logprobs_mode)
+
+    # ------------------------------------------------------------------ inputs of a step
+    def prepare_attn(self, input_batch):
+        block_tables, slot_mappings = super().prepare_attn(input_batch)  # slots from linear positions
+        self._medusa_slots = slot_mappings[0]
+        ctx = self.medusa_attn
+        if input_batch.num_draft_tokens == 0:
+            ctx.step = None  # a plain step: vLLM's attention throughout
+            self.medusa_paths.key = "0"
+            return block_tables, slot_mappings
+        has = input_batch.num_draft_tokens_per_req > 0  # [R]
+        r = input_batch.num_reqs
+        lead = tree_lead(has, input_batch.num_scheduled_tokens, self.medusa_max_query)
+        want = has[:lead].astype(np.int32)  # 1: tree 0, 0: causal (a short prefill chunk)
+        if not np.array_equal(self._medusa_mask_np[:lead], want):
+            self._medusa_mask_np[:lead] = want
+            async_copy_to_gpu(want, out=ctx.mask_ids[:lead])
+        with region("medusa: tree positions"):
+            delta = tree_positions_delta(input_batch.expanded_local_pos, self.medusa_offsets)
+            input_batch.positions.index_add_(0, input_batch.logits_indices, delta)
+        ctx.step = TreeAttnStep(lead, int(input_batch.query_start_loc_np[lead]), all_reqs=lead == r)
+        uniform = lead == r and bool(has.all()) and input_batch.num_tokens == r * self.medusa_max_query
+        self.medusa_paths.key = str(self.medusa_max_query - 1) if uniform else "mixed"
+        return block_tables, slot_mappings
+
+    # ------------------------------------------------------------------ verification
+    def sample(self, hidden_states, input_batch, grammar_output):
+        self._medusa_next = None
+        if input_batch.num_draft_tokens == 0:
+            return super().sample(hidden_states, input_batch, grammar_output)
+        if grammar_output is not None:
+            raise RuntimeError("medusa_vllm: structured output is not supported by the V2 runner "
+                               '(use "runner": "v1")')
+        r, q = input_batch.num_reqs, self.medusa_max_query
+        n_logits = input_batch.logits_indices.shape[0]
+        plain = bool(self._medusa_plain[input_batch.idx_mapping_np].all())
+        uniform = plain and n_logits == r * q == input_batch.num_tokens
+        cu = input_batch.cu_num_logits
+        if uniform:  # every row is a logits row, in order
+            self.medusa_paths.count("verify fixed-shape")
+            hidden = hidden_states[:n_logits]
+            with region("medusa: verify+heads"):
+                argmax = self.model.compute_logits(hidden).argmax(dim=-1)
+                tokens, accepted, num_accepted, drafts = self._medusa_graphs(
+                    argmax, input_batch.input_ids[:n_logits], hidden, self._medusa_slots[:n_logits])
+                tokens = tokens.clone()  # AsyncOutput copies it on a side stream, past the next replay
+                self._medusa_next = drafts.clone()
+            has = torch.ones_like(num_accepted, dtype=torch.bool)
+        else:
+            self.medusa_paths.count("verify general" if plain else "verify none (not plain greedy)")
+            with region("medusa: verify"):
+                tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, plain)
+        self.medusa_stats.observe(num_accepted, has)
+        num_sampled, num_rejected = get_num_sampled_and_rejected(
+            (num_accepted + 1).int(), input_batch.seq_lens, cu, input_batch.idx_mapping,
+            self.req_states.prefill_len.gpu)
+        out = SamplerOutput(sampled_token_ids=tokens, logprobs_tensors=self._medusa_logprobs,
+                            num_nans=None, num_sampled=num_sampled, num_rejected=num_rejected)
+        self._medusa_logprobs = None
+        return out, num_sampled, num_rejected
+
+    _medusa_logprobs = None  # the root rows' logprobs of a step that accepted nothing
+
+    def _medusa_general(self, hidden_states, input_batch, plain: bool):
+        """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool)."""
+        r = input_batch.num_reqs
+        cu = input_batch.cu_num_logits
+        hidden = hidden_states[input_batch.logits_indices]  # [L, H] rows of the logits
+        logits = self.model.compute_logits(hidden)
+        out, last_row = greedy_packed(logits.argmax(dim=-1), input_batch.input_ids[input_batch.logits_indices],
+                                      cu, self._medusa_tree_ids[:r], self.medusa_trees)
+        has = (cu[1:] - cu[:-1]) > 1
+        if not plain:
+            if not self._medusa_fallback_warned:
+                self._medusa_fallback_warned = True
+                logger.warning("medusa_vllm (V2 runner): a step has a request that is not plain greedy "
+                               "(sampling, penalties, logit bias or logprobs); such steps accept no drafts "
+                               "and take every token from vLLM's sampler")
+            root = self.sampler(logits[cu[:-1].long()], _root_batch(input_batch))
+            out, last_row = reject_all(out, root.sampled_token_ids[:, 0], cu)
+            self._medusa_logprobs = root.logprobs_tensors
+            has = torch.zeros_like(has)
+        self._medusa_move_kv(self._medusa_slots, input_batch.query_start_loc[: r + 1], out.accepted.int())
+        self._medusa_next = self._medusa_head_drafts(hidden[last_row])
+        return out.tokens, out.num_accepted, has
+
+    def _medusa_uniform_fn(self, argmax, tokens_in, hidden, slots):
+        """A uniform step as one fixed-shape function (CUDA graph per batch size): B requests,
+        each Q rows (root + every node): verify, move the accepted KV, draft the next tree."""
+        q = self.medusa_max_query
+        b = argmax.shape[0] // q
+        drafts_in = tokens_in.view(b, q)[:, 1:].reshape(-1)
+        out = greedy_tree_step(argmax, drafts_in, hidden, self._medusa_tree_ids[:b], self.medusa_trees,
+                               self._medusa_head_drafts)
+        starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=argmax.device)
+        self._medusa_move_kv(slots, starts, out.accepted)
+        return out.tokens.long(), out.accepted, out.num_accepted, out.drafts
+
+    def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
+        if self._medusa_kv_views is None:
+            backend = self.attn_groups[0][0].backend
+            self._medusa_kv_views = [backend.kv_views(kv) for kv in self.kv_caches]
+        k_caches, v_caches = zip(*self._medusa_kv_views)
+        kernels.move_accepted_kv(list(k_caches), list(v_caches), slot_mapping, query_start_loc, accepted,
+                                 check=not self._medusa_kv_checked)
+        self._medusa_kv_checked = True
+
+    # ------------------------------------------------------------------ drafting
+    def _medusa_head_drafts(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H] -> [B, T] int64 drafts of the tree (BFS); non-finite head logits give token 0
+        (fed to the next forward as is, rejected in practice: verification stays exact)."""
+        topk, finite = self.speculator.proposer.head_topk(hidden, self.medusa_cfg.topk)
+        drafts = topk[:, self._medusa_head_idx, self._medusa_rank_idx]
+        return torch.where(finite[:, None], drafts, 0)
+
+    def _medusa_propose(self, input_batch, hidden_states, dummy_run: bool) -> torch.Tensor:
+        drafts, self._medusa_next = self._medusa_next, None
+        if drafts is not None and not dummy_run:
+            return drafts
+        # no drafts verified this step (prefill, or a step without drafts): one logits row per
+        # request, at its last token
+        return self._medusa_head_drafts(hidden_states[input_batch.logits_indices[: input_batch.num_reqs]])
+
+    # ------------------------------------------------------------------ reporting
+    def medusa_summary(self) -> dict:
+        from medusa_vllm import kernels as k
+
+        return self.medusa_stats.summary() | {
+            "runner": "v2",
+            "attention": "kernel" if k.have_extension() else "reference ops (no compiled extension)",
+            "uniform_greedy": self._medusa_graphs.summary(),
+            "async_scheduling": bool(self.scheduler_config.async_scheduling),
+            "step_paths": self.medusa_paths.summary(),
+        }
+
+
+def _root_batch(input_batch):
+    """The step's input batch seen through each request's root row only (vLLM's sampler: one
+    logits row per request, with all its sampling options)."""
+    r = input_batch.num_reqs
+    cu = input_batch.cu_num_logits
+    return dataclasses.replace(
+        input_batch,
+        expanded_idx_mapping=input_batch.idx_mapping,
+        expanded_local_pos=torch.zeros(r, dtype=torch.int32, device=cu.device),
+        logits_indices=input_batch.logits_indices[cu[:-1].long()],
+        cu_num_logits=torch.arange(r + 1, dtype=torch.int32, device=cu.device),
+        cu_num_logits_np=np.arange(r + 1, dtype=np.int32),
+    )
