@@ -248,7 +248,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
             self.medusa_paths.count("verify general" if plain else "verify none (not plain greedy)")
-            with region("medusa: verify"):
+            # (vLLM's sampler, which a step that is not plain greedy calls, is not ours to guard)
+            with region("medusa: verify") if plain else contextlib.nullcontext():
                 tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, plain)
         self.medusa_stats.observe(num_accepted, has)
         num_sampled, num_rejected = get_num_sampled_and_rejected(
