@@ -12,7 +12,8 @@ works on, with device index arithmetic only (no host syncs, no vLLM):
 - :func:`tree_positions_delta`: what RoPE must add to vLLM's linear positions (``depth - j``);
 - :func:`slot_rows`: each request's logits row of slot j (clamped) and whether it exists;
 - :func:`greedy_packed`: the greedy rule on any mix of requests (no drafts, some, all);
-- :func:`hidden_rows`: the token row whose hidden state feeds each request's next drafts.
+- :func:`hidden_rows`: the token row whose hidden state feeds each request's next drafts;
+- :func:`num_sampled_and_rejected`: what V2's bookkeeping needs of a verified step.
 """
 
 from __future__ import annotations
@@ -81,3 +82,19 @@ def reject_all(out: VerifyOutput, root_tokens: torch.Tensor,
     zero = torch.zeros_like(out.num_accepted)
     return (VerifyOutput(torch.full_like(out.accepted, -1), zero, torch.zeros_like(out.last_node), tokens),
             cu_num_logits[:-1].long())
+
+
+def num_sampled_and_rejected(
+    num_accepted: torch.Tensor,  # [R] accepted nodes
+    seq_lens: torch.Tensor,  # [R] context + query of each request
+    cu_num_logits: torch.Tensor,  # [R+1]
+    prefill_len: torch.Tensor,  # [R] each request's prompt length
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_sampled [R] int32: tokens emitted, num_rejected [R] int32: logits rows not kept), as
+    vLLM's V2 ``get_num_sampled_and_rejected`` counts them: a request still inside its prompt
+    (a chunk that ends before ``prefill_len``) emits nothing and rejects nothing. V2 then
+    advances each request's computed tokens by ``query_len - num_rejected``."""
+    chunk = seq_lens < prefill_len
+    num_sampled = torch.where(chunk, 0, num_accepted + 1).int()
+    rows = (cu_num_logits[1:] - cu_num_logits[:-1]).int()
+    return num_sampled, torch.where(chunk, 0, rows - num_sampled).int()

@@ -89,6 +89,11 @@ def test_cli_flag_speculative_model(model, heads):
         ({"method": "medusa_vllm", "cuda_graphs": "false"}, "cuda_graphs must be true or false"),
         ({"method": "medusa_vllm", "adaptive": True, "adaptive_policy": "fastest"},
          "adaptive_policy 'fastest' is not one of"),
+        ({"method": "medusa_vllm", "runner": "v3"}, "runner 'v3' is not one of ('v1', 'v2')"),
+        ({"method": "medusa_vllm", "runner": "v2", "adaptive": True},
+         "the load-adaptive tree runs on the V1 runner only"),
+        # this machine has no GPU (the V2 runner prepares inputs with Triton kernels)
+        ({"method": "medusa_vllm", "runner": "v2"}, '"runner": "v2" needs a GPU'),
     ],
 )
 def test_bad_settings_refuse_to_start_with_one_clear_line(model, heads, spec, message):
@@ -185,3 +190,16 @@ def test_bad_runner_setting_is_a_clear_error(name, value, message):
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-2000:]
+
+
+def test_the_config_picks_the_runner(model, heads):
+    """Which vLLM runner a config gets: vLLM's choice (V1) for "runner": "v1", V2 for "v2" —
+    asked of the same VllmConfig property every vLLM process (scheduler, worker) reads — and a
+    medusa_vllm V2 config is not in V2's list of unsupported features."""
+    cfg = _config(model, {"method": "medusa_vllm", "model": str(heads), "tree": "sparse-15"})
+    assert cfg.use_v2_model_runner is False
+    cfg.additional_config["medusa_vllm"]["runner"] = "v2"
+    assert cfg.use_v2_model_runner is True
+    assert "speculative method 'custom_class'" not in cfg._get_v2_model_runner_unsupported_features()
+    cfg.additional_config["medusa_vllm"]["runner"] = "v1"
+    assert "speculative method 'custom_class'" in cfg._get_v2_model_runner_unsupported_features()

@@ -40,14 +40,13 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.worker.gpu import model_runner as v2_model_runner
 from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
-from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
 
 from medusa_vllm import kernels
 from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
-from medusa_vllm.packed_step import greedy_packed, reject_all, tree_positions_delta
+from medusa_vllm.packed_step import greedy_packed, num_sampled_and_rejected, reject_all, tree_positions_delta
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
@@ -111,6 +110,16 @@ class MedusaV2ModelRunner(GPUModelRunner):
         with _swapped(v2_model_runner, "init_speculator", MedusaV2Speculator):
             super().__init__(vllm_config, device)
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
+        self._medusa_init(cfg, _attention_backend(cfg.attention, vllm_config, device),
+                          graphs=(device.type == "cuda" and cfg.cuda_graphs
+                                  and vllm_config.parallel_config.world_size == 1))
+        if self.speculator is not None:
+            self.speculator.runner = self
+
+    def _medusa_init(self, cfg: MedusaSpecConfig, attention: str, graphs: bool) -> None:
+        """medusa_vllm's state (after vLLM's ``__init__``: reads ``num_speculative_steps``,
+        ``max_num_reqs`` and ``device``)."""
+        device = self.device
         self.medusa_cfg = cfg
         trees = cfg.trees
         if len(trees) != 1:
@@ -123,9 +132,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self.medusa_trees = TreeTensors.build(trees, device, q_max=q)
         self.medusa_offsets = torch.from_numpy(position_offsets(trees)[0]).to(device)  # [Q] depth - j
         masks = torch.cat([causal_masks(q), self.medusa_trees.masks.cpu()])
-        self.medusa_attn = MedusaAttnContext(
-            kernels.pack_tree_masks(masks).to(device), self.max_num_reqs,
-            backend=_attention_backend(cfg.attention, vllm_config, device))
+        self.medusa_attn = MedusaAttnContext(kernels.pack_tree_masks(masks).to(device), self.max_num_reqs,
+                                             backend=attention)
         self._medusa_mask_np = np.zeros(self.max_num_reqs, dtype=np.int32)  # what mask_ids holds
         self._medusa_plain = np.zeros(self.max_num_reqs, dtype=bool)  # per request slot
         self._medusa_tree_ids = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -134,18 +142,16 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_rank_idx = self.medusa_trees.ranks[0, 1:].clamp_min(0)
         self._medusa_slots: torch.Tensor | None = None  # this step's slot mapping (KV group 0)
         self._medusa_next: torch.Tensor | None = None  # drafts computed by this step's sample
+        self._medusa_logprobs = None  # the root rows' logprobs of a step that accepted nothing
         self._medusa_kv_views = None
         self._medusa_kv_checked = False
         self._medusa_fallback_warned = False
         self.medusa_stats = MedusaStats(self.medusa_trees.max_depth, device)
         self.medusa_paths = StepPaths()
         self._medusa_graphs = BatchGraphs(
-            self._medusa_uniform_fn, rows_per_req=[q, q, q, q], max_batch=self.max_num_reqs, exact=3,
+            self._medusa_uniform_fn, rows_per_req=[q, q, q, q], max_batch=self.max_num_reqs, exact=4,
             name=f"verify+heads+KV move ({q - 1} nodes, V2)", pad=[None, -1, None, -1])
-        self._medusa_graphs.enabled = (device.type == "cuda" and cfg.cuda_graphs
-                                       and vllm_config.parallel_config.world_size == 1)
-        if self.speculator is not None:
-            self.speculator.runner = self
+        self._medusa_graphs.enabled = graphs
 
     # ------------------------------------------------------------------ set-up
     def load_model(self, *args, **kwargs) -> None:
@@ -203,25 +209,33 @@ class MedusaV2ModelRunner(GPUModelRunner):
     def prepare_attn(self, input_batch):
         block_tables, slot_mappings = super().prepare_attn(input_batch)  # slots from linear positions
         self._medusa_slots = slot_mappings[0]
+        self._medusa_prepare_tree(input_batch)
+        return block_tables, slot_mappings
+
+    def _medusa_prepare_tree(self, input_batch) -> None:
+        """Tree positions, mask ids and the attention builders' split of a step whose slot
+        mappings vLLM has computed."""
         ctx = self.medusa_attn
         if input_batch.num_draft_tokens == 0:
             ctx.step = None  # a plain step: vLLM's attention throughout
             self.medusa_paths.key = "0"
-            return block_tables, slot_mappings
+            return
         has = input_batch.num_draft_tokens_per_req > 0  # [R]
         r = input_batch.num_reqs
         lead = tree_lead(has, input_batch.num_scheduled_tokens, self.medusa_max_query)
         want = has[:lead].astype(np.int32)  # 1: tree 0, 0: causal (a short prefill chunk)
         if not np.array_equal(self._medusa_mask_np[:lead], want):
             self._medusa_mask_np[:lead] = want
-            async_copy_to_gpu(want, out=ctx.mask_ids[:lead])
+            if ctx.mask_ids.is_cuda:
+                async_copy_to_gpu(want, out=ctx.mask_ids[:lead])
+            else:
+                ctx.mask_ids[:lead].copy_(torch.from_numpy(want))
         with region("medusa: tree positions"):
             delta = tree_positions_delta(input_batch.expanded_local_pos, self.medusa_offsets)
             input_batch.positions.index_add_(0, input_batch.logits_indices, delta)
         ctx.step = TreeAttnStep(lead, int(input_batch.query_start_loc_np[lead]), all_reqs=lead == r)
         uniform = lead == r and bool(has.all()) and input_batch.num_tokens == r * self.medusa_max_query
         self.medusa_paths.key = str(self.medusa_max_query - 1) if uniform else "mixed"
-        return block_tables, slot_mappings
 
     # ------------------------------------------------------------------ verification
     def sample(self, hidden_states, input_batch, grammar_output):
@@ -236,14 +250,15 @@ class MedusaV2ModelRunner(GPUModelRunner):
         plain = bool(self._medusa_plain[input_batch.idx_mapping_np].all())
         uniform = plain and n_logits == r * q == input_batch.num_tokens
         cu = input_batch.cu_num_logits
-        if uniform:  # every row is a logits row, in order
+        if uniform:  # every row is a logits row, in order; no prefill chunk
             self.medusa_paths.count("verify fixed-shape")
             hidden = hidden_states[:n_logits]
             with region("medusa: verify+heads"):
                 argmax = self.model.compute_logits(hidden).argmax(dim=-1)
-                tokens, accepted, num_accepted, drafts = self._medusa_graphs(
+                tokens, num_accepted, num_sampled, num_rejected, drafts = self._medusa_graphs(
                     argmax, input_batch.input_ids[:n_logits], hidden, self._medusa_slots[:n_logits])
-                tokens = tokens.clone()  # AsyncOutput copies it on a side stream, past the next replay
+                # copies: AsyncOutput reads them on a side stream, past the next replay
+                tokens, num_sampled, num_rejected = tokens.clone(), num_sampled.clone(), num_rejected.clone()
                 self._medusa_next = drafts.clone()
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
@@ -251,16 +266,14 @@ class MedusaV2ModelRunner(GPUModelRunner):
             # (vLLM's sampler, which a step that is not plain greedy calls, is not ours to guard)
             with region("medusa: verify") if plain else contextlib.nullcontext():
                 tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, plain)
+                num_sampled, num_rejected = num_sampled_and_rejected(
+                    num_accepted, input_batch.seq_lens[:r], cu,
+                    self.req_states.prefill_len.gpu[input_batch.idx_mapping])
         self.medusa_stats.observe(num_accepted, has)
-        num_sampled, num_rejected = get_num_sampled_and_rejected(
-            (num_accepted + 1).int(), input_batch.seq_lens, cu, input_batch.idx_mapping,
-            self.req_states.prefill_len.gpu)
         out = SamplerOutput(sampled_token_ids=tokens, logprobs_tensors=self._medusa_logprobs,
                             num_nans=None, num_sampled=num_sampled, num_rejected=num_rejected)
         self._medusa_logprobs = None
         return out, num_sampled, num_rejected
-
-    _medusa_logprobs = None  # the root rows' logprobs of a step that accepted nothing
 
     def _medusa_general(self, hidden_states, input_batch, plain: bool):
         """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool)."""
@@ -295,7 +308,9 @@ class MedusaV2ModelRunner(GPUModelRunner):
                                self._medusa_head_drafts)
         starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=argmax.device)
         self._medusa_move_kv(slots, starts, out.accepted)
-        return out.tokens.long(), out.accepted, out.num_accepted, out.drafts
+        num_sampled = (out.num_accepted + 1).int()
+        # tokens, accepted count, V2's emitted and rejected counts per request, the next drafts
+        return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
 
     def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
         if self._medusa_kv_views is None:

@@ -1,0 +1,250 @@
+"""medusa_vllm's V2 runner (vllm_plugin/runner_v2.py) on the CPU: its own parts of a step —
+tree positions, mask ids and the attention split; verification, KV move, the hand-over counts
+and the next drafts — on V2 input batches laid out as vLLM 0.26's V2 runner lays them out.
+
+vLLM's V2 runner itself needs Triton on a GPU, so the runner here is built without vLLM's
+``__init__`` (``_medusa_init`` only) around a stand-in target (logits from a table) and heads (drafts
+that name the hidden row they came from): what is checked is medusa_vllm's code against the
+general verifier and the reference KV move, not vLLM's.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from vllm.v1.worker.gpu.input_batch import InputBatch
+
+from medusa_vllm.kernels import move_accepted_kv_ref
+from medusa_vllm.tree import get_tree
+from medusa_vllm.tree_tensors import TreeTensors
+from medusa_vllm.verify import verify_greedy
+from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
+from medusa_vllm.vllm_plugin.runner_v2 import MedusaV2ModelRunner
+
+TREE = get_tree("sparse-15")
+Q = TREE.num_nodes + 1
+VOCAB, HIDDEN, NB, BS = 12, 8, 16, 8
+
+
+class _Target:
+    """Logits whose argmax at hidden row i is ``table[i]`` (hidden[:, 0] holds the row id)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.table[hidden[:, 0].long()], VOCAB).float()
+
+
+class _Heads:
+    """Head k's rank-j candidate for hidden row i: 100 * i + 10 * k + j (the row is readable)."""
+
+    def head_topk(self, hidden: torch.Tensor, topk: int):
+        i = hidden[:, 0].long()[:, None, None]
+        k = torch.arange(4)[None, :, None]
+        j = torch.arange(topk)[None, None, :]
+        return 100 * i + 10 * k + j, torch.ones(hidden.shape[0], dtype=torch.bool)
+
+
+def _runner(table: torch.Tensor, prefill_len: list[int]) -> MedusaV2ModelRunner:
+    r = MedusaV2ModelRunner.__new__(MedusaV2ModelRunner)
+    r.device, r.num_speculative_steps, r.max_num_reqs = torch.device("cpu"), Q - 1, 4
+    r._medusa_init(MedusaSpecConfig(heads="unused", tree=TREE.choices()), "kernel", graphs=False)
+    r.model = _Target(table)
+    r.speculator = SimpleNamespace(proposer=_Heads())
+    r.req_states = SimpleNamespace(prefill_len=SimpleNamespace(gpu=torch.tensor(prefill_len)))
+    r.kv_caches = [torch.randn(2, NB, BS, 2, 4)]
+    r.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(kv_views=lambda kv: (kv[0], kv[1])))]]
+    r._medusa_plain[:] = True
+    return r
+
+
+def _batch(reqs: list[tuple[int, int, int]], seed: int = 0) -> InputBatch:
+    """A V2 step of requests (query tokens, drafts, computed tokens) in V2's batch order, as its
+    prepare_inputs builds it: logits rows for the root and drafts of a request with drafts, one
+    row (the last token) otherwise; linear positions."""
+    g = torch.Generator().manual_seed(seed)
+    num = np.array([q for q, _, _ in reqs], dtype=np.int32)
+    drafts = np.array([d for _, d, _ in reqs], dtype=np.int32)
+    computed = np.array([c for _, _, c in reqs], dtype=np.int32)
+    r, t = len(reqs), int(num.sum())
+    qsl = np.concatenate([[0], np.cumsum(num)]).astype(np.int32)
+    n_logits = drafts + 1
+    cu = np.concatenate([[0], np.cumsum(n_logits)]).astype(np.int32)
+    logits_indices = np.concatenate([qsl[i + 1] - n_logits[i] + np.arange(n_logits[i]) for i in range(r)])
+    positions = np.concatenate([computed[i] + np.arange(num[i]) for i in range(r)])
+    return InputBatch(
+        req_ids=[f"r{i}" for i in range(r)], num_reqs=r, num_reqs_after_padding=r,
+        idx_mapping=torch.arange(r, dtype=torch.int32), idx_mapping_np=np.arange(r, dtype=np.int32),
+        expanded_idx_mapping=torch.arange(r, dtype=torch.int32).repeat_interleave(torch.from_numpy(n_logits)),
+        expanded_local_pos=torch.from_numpy(np.concatenate([np.arange(n) for n in n_logits]).astype(np.int32)),
+        num_scheduled_tokens=num, num_tokens=t, num_tokens_after_padding=t,
+        num_draft_tokens=int(drafts.sum()), num_draft_tokens_per_req=drafts,
+        query_start_loc=torch.from_numpy(qsl), query_start_loc_np=qsl,
+        seq_lens=torch.from_numpy(computed + num), seq_lens_cpu_upper_bound=torch.from_numpy(computed + num),
+        dcp_local_seq_lens=None, num_computed_tokens_np=computed, prefill_len_np=computed,
+        num_computed_prefill_tokens_np=computed, is_prefilling_np=np.zeros(r, dtype=bool), max_seq_len_np=None,
+        input_ids=torch.randint(0, VOCAB, (t,), generator=g, dtype=torch.int32),
+        positions=torch.from_numpy(positions.astype(np.int64)), is_padding=torch.zeros(t, dtype=torch.bool),
+        logits_indices=torch.from_numpy(logits_indices.astype(np.int64)),
+        cu_num_logits=torch.from_numpy(cu), cu_num_logits_np=cu,
+        has_structured_output_reqs=False, prompt_lens=None,
+    )
+
+
+def _hidden(t: int) -> torch.Tensor:
+    h = torch.randn(t, HIDDEN)
+    h[:, 0] = torch.arange(t)
+    return h
+
+
+def _accepting_drafts(batch: InputBatch, table: torch.Tensor) -> None:
+    """Half the drafts copy their parent's target token, so paths of several lengths are accepted."""
+    g = torch.Generator().manual_seed(1)
+    rows = batch.logits_indices
+    for r in range(batch.num_reqs):
+        s, e = int(batch.cu_num_logits_np[r]), int(batch.cu_num_logits_np[r + 1])
+        for j in range(1, e - s):
+            if torch.rand((), generator=g) < 0.6:
+                batch.input_ids[rows[s + j]] = table[rows[s + int(TREE.parents[j])]]
+
+
+def _expected(batch: InputBatch, table: torch.Tensor):
+    """The general verifier on the same step, in its own layout."""
+    r = batch.num_reqs
+    row_of_node = torch.full((r, Q), -1, dtype=torch.int64)
+    drafts = torch.zeros((r, Q - 1), dtype=torch.int64)
+    for i in range(r):
+        s, e = int(batch.cu_num_logits_np[i]), int(batch.cu_num_logits_np[i + 1])
+        toks = batch.logits_indices[s:e]
+        row_of_node[i, : e - s] = toks
+        drafts[i, : e - s - 1] = batch.input_ids[toks[1:]].long()
+    logits = torch.nn.functional.one_hot(table, VOCAB).float()
+    ref = verify_greedy(logits, row_of_node, drafts, torch.from_numpy(batch.num_draft_tokens_per_req).long(),
+                        torch.zeros(r, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q))
+    return ref, row_of_node
+
+
+def _slots(batch: InputBatch) -> torch.Tensor:
+    return torch.randperm(NB * BS, generator=torch.Generator().manual_seed(2))[: batch.num_tokens]
+
+
+def test_tree_positions_mask_ids_and_attention_split():
+    r = _runner(torch.zeros(1, dtype=torch.int64), [0] * 4)
+    # two whole trees, a prefill chunk of 5 tokens, a truncated tree (V2 order: full length first)
+    batch = _batch([(Q, Q - 1, 30), (Q, Q - 1, 40), (5, 0, 0), (9, 8, 50)])
+    linear = batch.positions.clone()
+    r._medusa_prepare_tree(batch)
+    depth = torch.from_numpy(TREE.depths)
+    want = torch.cat([30 + depth, 40 + depth, torch.arange(5), 50 + depth[:9]])
+    assert torch.equal(batch.positions, want)
+    assert torch.equal(batch.positions[2 * Q:2 * Q + 5], linear[2 * Q:2 * Q + 5])  # the chunk keeps its own
+    assert r.medusa_attn.mask_ids.tolist() == [1, 1, 0, 1]  # the chunk is causal in the kernel
+    step = r.medusa_attn.step
+    assert (step.num_reqs, step.num_tokens, step.all_reqs) == (4, 2 * Q + 14, True)
+    assert r.medusa_paths.key == "mixed"
+    # the same mask pattern again: no copy (a stale device value would stay)
+    r.medusa_attn.mask_ids[0] = 7
+    r._medusa_prepare_tree(_batch([(Q, Q - 1, 30), (Q, Q - 1, 40), (5, 0, 0), (9, 8, 50)]))
+    assert r.medusa_attn.mask_ids[0] == 7
+    r.medusa_attn.mask_ids[0] = 1
+    r._medusa_prepare_tree(_batch([(Q, Q - 1, 3), (Q, Q - 1, 4)]))
+    assert r.medusa_paths.key == str(Q - 1) and r.medusa_attn.mask_ids[:2].tolist() == [1, 1]
+    # a step without drafts is vLLM's own
+    plain = _batch([(1, 0, 7), (1, 0, 9)])
+    before = plain.positions.clone()
+    r._medusa_prepare_tree(plain)
+    assert r.medusa_attn.step is None and torch.equal(plain.positions, before)
+
+
+def _run_sample(reqs, prefill_len, plain=True, seed=0):
+    batch = _batch(reqs, seed)
+    table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(seed + 5))
+    _accepting_drafts(batch, table)
+    r = _runner(table, prefill_len)
+    r._medusa_plain[: len(reqs)] = plain
+    r._medusa_slots = _slots(batch)
+    hidden = _hidden(batch.num_tokens)
+    kv_before = r.kv_caches[0].clone()
+    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
+    drafts = r._medusa_propose(batch, hidden, dummy_run=False)
+    return r, batch, table, kv_before, out, num_sampled, num_rejected, drafts
+
+
+def _check_kv(r, batch, kv_before, accepted):
+    k_ref, v_ref = kv_before[0].clone(), kv_before[1].clone()
+    move_accepted_kv_ref([k_ref], [v_ref], r._medusa_slots, batch.query_start_loc, accepted.int())
+    assert torch.equal(r.kv_caches[0][0], k_ref) and torch.equal(r.kv_caches[0][1], v_ref)
+
+
+def _node_drafts(rows: torch.Tensor) -> torch.Tensor:
+    """The drafts _Heads gives for hidden rows ``rows`` in the tree's (head, rank) order."""
+    head = torch.from_numpy(TREE.depths[1:] - 1)
+    rank = torch.from_numpy(TREE.ranks[1:])
+    return 100 * rows[:, None] + 10 * head[None, :] + rank[None, :]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_uniform_step_verifies_moves_kv_and_drafts_from_the_last_accepted_node(seed):
+    reqs = [(Q, Q - 1, 20 + i) for i in range(3)]
+    r, batch, table, kv_before, out, num_sampled, num_rejected, drafts = _run_sample(reqs, [0] * 4, seed=seed)
+    ref, row_of_node = _expected(batch, table)
+    assert r.medusa_paths.counts == {("mixed", "verify fixed-shape"): 1}  # the graphed function's path
+    assert torch.equal(out.sampled_token_ids, ref.tokens)
+    assert num_sampled.tolist() == (ref.num_accepted + 1).tolist()
+    assert num_rejected.tolist() == (Q - 1 - ref.num_accepted).tolist()
+    assert ref.num_accepted.max() > 0
+    _check_kv(r, batch, kv_before, ref.accepted)
+    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
+    assert torch.equal(drafts, _node_drafts(last_rows))
+    assert r.medusa_stats.summary()["tree_steps"] == 3
+
+
+def test_mixed_step_with_a_prefill_chunk_and_a_truncated_tree():
+    # request 1 is a chunk inside its 40-token prompt: it emits nothing and moves nothing
+    reqs = [(Q, Q - 1, 20), (5, 0, 10), (9, 8, 30)]
+    r, batch, table, kv_before, out, num_sampled, num_rejected, drafts = _run_sample(reqs, [0, 40, 0, 0])
+    ref, row_of_node = _expected(batch, table)
+    assert r.medusa_paths.counts == {("mixed", "verify general"): 1}
+    assert torch.equal(out.sampled_token_ids, ref.tokens)
+    assert num_sampled.tolist() == [int(ref.num_accepted[0]) + 1, 0, int(ref.num_accepted[2]) + 1]
+    assert num_rejected.tolist() == [Q - 1 - int(ref.num_accepted[0]), 0, 8 - int(ref.num_accepted[2])]
+    _check_kv(r, batch, kv_before, ref.accepted)
+    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
+    assert last_rows[1] == batch.query_start_loc[2] - 1  # the chunk's last token
+    assert torch.equal(drafts, _node_drafts(last_rows))
+    assert r.medusa_stats.summary()["tree_steps"] == 2  # requests verified with a tree
+
+
+def test_a_step_that_is_not_plain_greedy_accepts_nothing_and_keeps_vllms_tokens():
+    reqs = [(Q, Q - 1, 20), (Q, Q - 1, 30)]
+    batch = _batch(reqs)
+    table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(5))
+    _accepting_drafts(batch, table)
+    r = _runner(table, [0] * 4)
+    r._medusa_plain[1] = False  # e.g. a sampled request
+    seen = {}
+
+    def sampler(logits, root_batch):
+        seen["rows"], seen["indices"] = logits.shape[0], root_batch.logits_indices.tolist()
+        return SimpleNamespace(sampled_token_ids=torch.tensor([[5], [6]]), logprobs_tensors="lp")
+
+    r.sampler = sampler
+    r._medusa_slots = _slots(batch)
+    kv_before = r.kv_caches[0].clone()
+    hidden = _hidden(batch.num_tokens)
+    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
+    assert seen == {"rows": 2, "indices": [0, Q]}  # vLLM's sampler saw the root rows
+    assert out.sampled_token_ids[:, 0].tolist() == [5, 6] and (out.sampled_token_ids[:, 1:] == -1).all()
+    assert num_sampled.tolist() == [1, 1] and num_rejected.tolist() == [Q - 1, Q - 1]
+    assert out.logprobs_tensors == "lp"
+    assert torch.equal(r.kv_caches[0], kv_before)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(torch.tensor([0, Q])))
+    assert r.medusa_stats.summary()["tree_steps"] == 0
+
+
+def test_propose_after_a_step_without_drafts_reads_each_last_token():
+    r = _runner(torch.zeros(1, dtype=torch.int64), [0] * 4)
+    batch = _batch([(7, 0, 0), (3, 0, 0)])  # two prompts' prefills
+    hidden = _hidden(batch.num_tokens)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(torch.tensor([6, 9])))
