@@ -25,7 +25,10 @@ PARTS = ("_update_states", "_prepare_inputs", "_medusa_plan", "_prepare_input_id
          "propose_draft_token_ids", "_copy_draft_token_ids_to_cpu",
          "_update_states_after_model_execute", "_calc_spec_decode_metadata",
          "_compute_prev_positions", "_get_valid_sampled_token_count", "_medusa_uniform_plan",
-         "_medusa_upload")
+         "_medusa_upload",
+         # vLLM's V2 runner (and medusa_vllm's on it, runner_v2.py)
+         "update_requests", "add_requests", "finish_requests", "prepare_inputs", "prepare_attn",
+         "_medusa_prepare_tree", "sample", "_medusa_general", "postprocess_sampled")
 
 
 def install(worker) -> None:
