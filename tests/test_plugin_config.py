@@ -91,7 +91,7 @@ def test_cli_flag_speculative_model(model, heads):
          "adaptive_policy 'fastest' is not one of"),
         ({"method": "medusa_vllm", "runner": "v3"}, "runner 'v3' is not one of ('v1', 'v2')"),
         ({"method": "medusa_vllm", "runner": "v2", "adaptive": True},
-         "the load-adaptive tree runs on the V1 runner only"),
+         "the load-adaptive tree on the V2 runner follows vLLM's asynchronous scheduler; pass --async-scheduling"),
         # this machine has no GPU (the V2 runner prepares inputs with Triton kernels)
         ({"method": "medusa_vllm", "runner": "v2"}, '"runner": "v2" needs a GPU'),
     ],

@@ -46,10 +46,12 @@ class _Heads:
         return 100 * i + 10 * k + j, torch.ones(hidden.shape[0], dtype=torch.bool)
 
 
-def _runner(table: torch.Tensor, prefill_len: list[int]) -> MedusaV2ModelRunner:
+def _runner(table: torch.Tensor, prefill_len: list[int], adaptive: list[str] = ()) -> MedusaV2ModelRunner:
     r = MedusaV2ModelRunner.__new__(MedusaV2ModelRunner)
     r.device, r.num_speculative_steps, r.max_num_reqs = torch.device("cpu"), Q - 1, 4
-    r._medusa_init(MedusaSpecConfig(heads="unused", tree=TREE.choices()), "kernel", graphs=False)
+    cfg = MedusaSpecConfig(heads="unused", tree=TREE.choices(), adaptive=bool(adaptive),
+                           adaptive_trees=[get_tree(t).choices() for t in adaptive])
+    r._medusa_init(cfg, "kernel", graphs=False)
     r.model = _Target(table)
     r.speculator = SimpleNamespace(proposer=_Heads())
     r.req_states = SimpleNamespace(prefill_len=SimpleNamespace(gpu=torch.tensor(prefill_len)))
@@ -57,6 +59,13 @@ def _runner(table: torch.Tensor, prefill_len: list[int]) -> MedusaV2ModelRunner:
     r.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(kv_views=lambda kv: (kv[0], kv[1])))]]
     r._medusa_plain[:] = True
     return r
+
+
+def _record(r: MedusaV2ModelRunner, trees: list[int]) -> None:
+    """Request slots 0.. hold drafts made for ``trees`` (as the runner's propose records them:
+    on the host, and on the device where >= 0)."""
+    r._medusa_tree_np[: len(trees)] = trees
+    r._medusa_req_tree[: len(trees)] = torch.tensor(trees).clamp_min(0)
 
 
 def _batch(reqs: list[tuple[int, int, int]], seed: int = 0) -> InputBatch:
@@ -98,7 +107,7 @@ def _hidden(t: int) -> torch.Tensor:
     return h
 
 
-def _accepting_drafts(batch: InputBatch, table: torch.Tensor) -> None:
+def _accepting_drafts(batch: InputBatch, table: torch.Tensor, tree=TREE) -> None:
     """Half the drafts copy their parent's target token, so paths of several lengths are accepted."""
     g = torch.Generator().manual_seed(1)
     rows = batch.logits_indices
@@ -106,11 +115,12 @@ def _accepting_drafts(batch: InputBatch, table: torch.Tensor) -> None:
         s, e = int(batch.cu_num_logits_np[r]), int(batch.cu_num_logits_np[r + 1])
         for j in range(1, e - s):
             if torch.rand((), generator=g) < 0.6:
-                batch.input_ids[rows[s + j]] = table[rows[s + int(TREE.parents[j])]]
+                batch.input_ids[rows[s + j]] = table[rows[s + int(tree.parents[j])]]
 
 
-def _expected(batch: InputBatch, table: torch.Tensor):
-    """The general verifier on the same step, in its own layout."""
+def _expected(batch: InputBatch, table: torch.Tensor, trees=(TREE,), tree_ids=None):
+    """The general verifier on the same step, in its own layout (``tree_ids``: per request,
+    default the first tree)."""
     r = batch.num_reqs
     row_of_node = torch.full((r, Q), -1, dtype=torch.int64)
     drafts = torch.zeros((r, Q - 1), dtype=torch.int64)
@@ -120,8 +130,9 @@ def _expected(batch: InputBatch, table: torch.Tensor):
         row_of_node[i, : e - s] = toks
         drafts[i, : e - s - 1] = batch.input_ids[toks[1:]].long()
     logits = torch.nn.functional.one_hot(table, VOCAB).float()
+    ids = torch.zeros(r, dtype=torch.int64) if tree_ids is None else torch.tensor(tree_ids)
     ref = verify_greedy(logits, row_of_node, drafts, torch.from_numpy(batch.num_draft_tokens_per_req).long(),
-                        torch.zeros(r, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q))
+                        ids, TreeTensors.build(list(trees), q_max=Q))
     return ref, row_of_node
 
 
@@ -163,7 +174,9 @@ def _run_sample(reqs, prefill_len, plain=True, seed=0):
     _accepting_drafts(batch, table)
     r = _runner(table, prefill_len)
     r._medusa_plain[: len(reqs)] = plain
+    _record(r, [0] * len(reqs))  # drafts made for the tree
     r._medusa_slots = _slots(batch)
+    r._medusa_prepare_tree(batch)
     hidden = _hidden(batch.num_tokens)
     kv_before = r.kv_caches[0].clone()
     out, num_sampled, num_rejected = r.sample(hidden, batch, None)
@@ -177,11 +190,13 @@ def _check_kv(r, batch, kv_before, accepted):
     assert torch.equal(r.kv_caches[0][0], k_ref) and torch.equal(r.kv_caches[0][1], v_ref)
 
 
-def _node_drafts(rows: torch.Tensor) -> torch.Tensor:
-    """The drafts _Heads gives for hidden rows ``rows`` in the tree's (head, rank) order."""
-    head = torch.from_numpy(TREE.depths[1:] - 1)
-    rank = torch.from_numpy(TREE.ranks[1:])
-    return 100 * rows[:, None] + 10 * head[None, :] + rank[None, :]
+def _node_drafts(rows: torch.Tensor, tree=TREE) -> torch.Tensor:
+    """The drafts _Heads gives for hidden rows ``rows`` in ``tree``'s (head, rank) order, zero
+    past its nodes (V2's draft rows hold the largest tree's count)."""
+    head = torch.from_numpy(tree.depths[1:] - 1)
+    rank = torch.from_numpy(tree.ranks[1:])
+    d = 100 * rows[:, None] + 10 * head[None, :] + rank[None, :]
+    return torch.nn.functional.pad(d, (0, Q - 1 - tree.num_nodes))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -189,7 +204,7 @@ def test_uniform_step_verifies_moves_kv_and_drafts_from_the_last_accepted_node(s
     reqs = [(Q, Q - 1, 20 + i) for i in range(3)]
     r, batch, table, kv_before, out, num_sampled, num_rejected, drafts = _run_sample(reqs, [0] * 4, seed=seed)
     ref, row_of_node = _expected(batch, table)
-    assert r.medusa_paths.counts == {("mixed", "verify fixed-shape"): 1}  # the graphed function's path
+    assert r.medusa_paths.counts == {(str(Q - 1), "verify fixed-shape"): 1}  # the graphed function's path
     assert torch.equal(out.sampled_token_ids, ref.tokens)
     assert num_sampled.tolist() == (ref.num_accepted + 1).tolist()
     assert num_rejected.tolist() == (Q - 1 - ref.num_accepted).tolist()
@@ -223,6 +238,7 @@ def test_a_step_that_is_not_plain_greedy_accepts_nothing_and_keeps_vllms_tokens(
     _accepting_drafts(batch, table)
     r = _runner(table, [0] * 4)
     r._medusa_plain[1] = False  # e.g. a sampled request
+    _record(r, [0, 0])
     seen = {}
 
     def sampler(logits, root_batch):
@@ -231,6 +247,7 @@ def test_a_step_that_is_not_plain_greedy_accepts_nothing_and_keeps_vllms_tokens(
 
     r.sampler = sampler
     r._medusa_slots = _slots(batch)
+    r._medusa_prepare_tree(batch)
     kv_before = r.kv_caches[0].clone()
     hidden = _hidden(batch.num_tokens)
     out, num_sampled, num_rejected = r.sample(hidden, batch, None)
@@ -248,3 +265,75 @@ def test_propose_after_a_step_without_drafts_reads_each_last_token():
     batch = _batch([(7, 0, 0), (3, 0, 0)])  # two prompts' prefills
     hidden = _hidden(batch.num_tokens)
     assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(torch.tensor([6, 9])))
+
+
+SPARSE7, CHAIN3 = get_tree("sparse-7"), get_tree("chain-3")
+
+
+def test_step_trees_keeps_the_drafts_tree_unless_they_outgrow_it():
+    from medusa_vllm.vllm_plugin.runner_v2 import step_trees
+
+    sizes = np.array([15, 7, 3])
+    got = step_trees(np.array([7, 7, 0, 15, 3, 3]), np.array([1, 2, -1, 0, -1, 2]), sizes, 0)
+    # fits its tree; more drafts than chain-3 has; no drafts; the main tree; never proposed; fits
+    assert got.tolist() == [1, 0, 0, 0, 0, 2]
+
+
+def _adaptive_step(reqs, recorded, sched, seed=0):
+    batch = _batch(reqs, seed)
+    table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(seed + 5))
+    r = _runner(table, [0] * 4, adaptive=["sparse-7", "chain-3"])
+    assert r.medusa_tree_sizes == [15, 7, 3]
+    _record(r, recorded)
+    r._medusa_sched = sched  # the draft count vLLM's scheduler reserved for the next step
+    r._medusa_slots = _slots(batch)
+    return r, batch, table
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_smaller_trees_uniform_step(seed):
+    r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30), (8, 7, 40)], [1, 1, 1], sched=7, seed=seed)
+    _accepting_drafts(batch, table, tree=SPARSE7)
+    linear = batch.positions.clone()
+    r._medusa_prepare_tree(batch)
+    depth = torch.from_numpy(SPARSE7.depths)
+    assert torch.equal(batch.positions - linear, (depth - torch.arange(8)).repeat(3))
+    assert r.medusa_attn.mask_ids[:3].tolist() == [2, 2, 2]  # tree 1 (+1)
+    kv_before = r.kv_caches[0].clone()
+    hidden = _hidden(batch.num_tokens)
+    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
+    assert r.medusa_paths.counts == {("7", "verify fixed-shape"): 1}
+    ref, row_of_node = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [1, 1, 1])
+    assert torch.equal(out.sampled_token_ids[:, : ref.tokens.shape[1]], ref.tokens)
+    assert (out.sampled_token_ids[:, ref.tokens.shape[1]:] == -1).all()
+    assert num_rejected.tolist() == (7 - ref.num_accepted).tolist()
+    _check_kv(r, batch, kv_before, ref.accepted)
+    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows, SPARSE7))
+    assert r._medusa_tree_np[:3].tolist() == [1, 1, 1]
+
+
+def test_no_drafts_next_skips_the_heads_and_forgets_the_tree():
+    r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30)], [1, 1], sched=0)
+    r._medusa_prepare_tree(batch)
+    hidden = _hidden(batch.num_tokens)
+    r.speculator.proposer = None  # the heads must not run
+    r.sample(hidden, batch, None)
+    assert r.medusa_paths.counts == {("7", "verify general"): 1}  # not the steady-state function
+    assert torch.equal(r._medusa_propose(batch, hidden, False), torch.zeros(2, Q - 1, dtype=torch.int64))
+    assert r._medusa_tree_np[:2].tolist() == [-1, -1]
+
+
+def test_drafts_made_for_a_smaller_tree_are_verified_as_the_largest():
+    # a change of draft count: request 0 got 7 draft slots, but its drafts were made for chain-3
+    r, batch, table = _adaptive_step([(8, 7, 20)], [2], sched=7)
+    _accepting_drafts(batch, table, tree=TREE)
+    linear = batch.positions.clone()
+    r._medusa_prepare_tree(batch)
+    assert r._medusa_tree_np[0] == 0 and r._medusa_req_tree[0] == 0
+    assert r.medusa_attn.mask_ids[0] == 1
+    assert torch.equal(batch.positions - linear, torch.from_numpy(TREE.depths[:8]) - torch.arange(8))
+    out, _, _ = r.sample(_hidden(batch.num_tokens), batch, None)
+    assert r.medusa_paths.counts == {("mixed", "verify general"): 1}
+    ref, _ = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [0])
+    assert torch.equal(out.sampled_token_ids, ref.tokens)

@@ -269,6 +269,9 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
     if cfg.runner == "v2":
         global _V2_RUNNER
         _V2_RUNNER = True
+    if cfg.runner == "v2" and cfg.adaptive and not engine_args.async_scheduling:
+        raise MedusaConfigError('medusa_vllm: the load-adaptive tree on the V2 runner follows vLLM\'s '
+                                'asynchronous scheduler; pass --async-scheduling (async_scheduling=True)')
     if cfg.runner == "v2" and current_platform.is_cpu():
         raise MedusaConfigError('medusa_vllm: "runner": "v2" needs a GPU (vLLM\'s V2 runner prepares '
                                 'inputs with Triton kernels); on the CPU use "runner": "v1"')

@@ -41,9 +41,10 @@ class MedusaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         step = self.medusa.step if self.medusa is not None else None
         cm = common_attn_metadata
         q = self.medusa.masks.shape[1] if self.medusa is not None else 0
-        # only a uniform batch at the largest tree's query length is a tree step (vLLM's V2
-        # runner marks its whole capture; a FULL graph of any other shape keeps vLLM's kernel)
-        uniform = cm.max_query_len <= q and cm.num_actual_tokens == cm.num_reqs * cm.max_query_len
+        # only a uniform batch of 2..Q tokens per request is a tree step (vLLM's V2 runner marks
+        # its whole capture); a FULL graph of any other shape, plain decoding's (one token per
+        # request) included, keeps vLLM's kernel: such a step is then vLLM's own
+        uniform = 1 < cm.max_query_len <= q and cm.num_actual_tokens == cm.num_reqs * cm.max_query_len
         if step is None or not step.all_reqs or not uniform:
             return super().build_for_cudagraph_capture(common_attn_metadata)
         # a tree-step graph: the dummy's seq_lens (= its query length) are valid tree-kernel

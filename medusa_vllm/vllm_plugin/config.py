@@ -28,8 +28,9 @@ ACCEPTANCE_RULES = ("rejection", "typical")
 # (xformers 0.0.35, GPU, eager mode only; 6.4x slower than ours on the H100)
 ATTENTION_CHOICES = ("auto", "kernel", "reference", "xformers")
 # vLLM 0.26's model runner the trees run in: "v1" (vLLM's choice for any method but its EAGLE
-# family: every feature) or "v2" (its GPU-side input preparation; one tree, plain greedy
-# requests speculate, others decode exactly without drafts; GPU only: vllm_plugin/runner_v2.py)
+# family: every feature) or "v2" (its GPU-side input preparation; plain greedy requests
+# speculate, others decode exactly without drafts; the load-adaptive tree with asynchronous
+# scheduling; GPU only: vllm_plugin/runner_v2.py)
 RUNNERS = ("v1", "v2")
 # keys of our speculative config; vLLM's own keys we accept alongside them
 _VLLM_KEYS = ("method", "model", "num_speculative_tokens")
@@ -64,9 +65,6 @@ class MedusaSpecConfig:
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise MedusaConfigError(f"medusa_vllm: runner {self.runner!r} is not one of {RUNNERS}")
-        if self.runner == "v2" and (self.adaptive or self.adaptive_trees):
-            raise MedusaConfigError('medusa_vllm: the load-adaptive tree runs on the V1 runner only; '
-                                    'drop "adaptive" or use "runner": "v1"')
         if self.acceptance not in ACCEPTANCE_RULES:
             raise MedusaConfigError(
                 f"medusa_vllm: acceptance {self.acceptance!r} is not one of {ACCEPTANCE_RULES}"

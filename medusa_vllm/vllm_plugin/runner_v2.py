@@ -11,7 +11,7 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
 
 1. ``prepare_attn``: vLLM computed the slot mappings from linear positions (the KV of node j
    goes to slot ``base + j``); we then add ``depth(j) - j`` to the positions of tree nodes
-   (RoPE sees ``base + depth``), write each request's mask id (1: the tree, 0: causal) only when
+   (RoPE sees ``base + depth``), write each request's mask id (tree + 1, 0: causal) only when
    it changed, and tell the attention builders how many leading requests are tree decodes
    (vLLM's V2 sorts requests with the full query length first, shorter ones by length).
 2. ``sample``: every request's tree verified from the target argmax (:mod:`medusa_vllm.packed_step`),
@@ -23,11 +23,20 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
    exactly (sampling, penalties, logit bias, logprobs: anything but plain greedy) accepts no
    drafts at all and takes every root token from vLLM's own sampler, so such requests are served
    exactly, without speedup.
-3. ``capture_model``: vLLM's FULL graphs of uniform steps (every request 1 + nodes tokens) hold
-   the tree kernel; then the verify+heads graphs.
-4. ``add_requests``: which requests are plain greedy.
+3. ``capture_model``: vLLM's FULL graphs of uniform tree steps (every request 1 + nodes tokens)
+   hold the tree kernel, those of plain decoding (1 token) vLLM's own attention; then the
+   verify+heads graphs of each tree.
+4. ``add_requests``: which requests are plain greedy; ``execute_model``: the draft count vLLM's
+   scheduler reserved for the next step, whose tree the drafts of this step follow.
 
-Scope: one tree (no load-adaptive tree yet), one GPU, 1-D RoPE, no structured output.
+The load-adaptive tree runs as vLLM's dynamic speculative decoding (asynchronous scheduling):
+the scheduler's table (the budget rule's, rewritten by the measured rule in medusa_vllm's
+scheduler, as on V1) sets each step's draft count; a count names a tree (0: no drafts, a plain
+step that is vLLM's own: its attention, its sampler, no heads). Each request slot remembers the
+tree its stored drafts follow; a request that got more drafts than that tree has (placeholders
+after a change of count) verifies them as the largest tree, which stays exact.
+
+Scope: one GPU, 1-D RoPE, no structured output.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
 
 from medusa_vllm import kernels
+from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
 from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
 from medusa_vllm.packed_step import greedy_packed, num_sampled_and_rejected, reject_all, tree_positions_delta
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
@@ -122,24 +132,37 @@ class MedusaV2ModelRunner(GPUModelRunner):
         device = self.device
         self.medusa_cfg = cfg
         trees = cfg.trees
-        if len(trees) != 1:
-            raise MedusaConfigError("medusa_vllm: the V2 runner verifies one tree; the load-adaptive "
-                                    'tree runs on the V1 runner ("runner": "v1")')
-        q = 1 + self.num_speculative_steps  # 1 + tree nodes: vLLM's decode_query_len
-        if q != 1 + len(trees[0]):
-            raise MedusaConfigError(f"medusa_vllm: num_speculative_tokens {q - 1} != tree nodes {len(trees[0])}")
+        sizes = [len(t) for t in trees]
+        q = 1 + self.num_speculative_steps  # 1 + the largest tree's nodes: vLLM's decode_query_len
+        if q != 1 + max(sizes):
+            raise MedusaConfigError(f"medusa_vllm: num_speculative_tokens {q - 1} != largest tree {max(sizes)}")
         self.medusa_max_query = q
+        self.medusa_tree_sizes = sizes
+        self._medusa_sizes_np = np.array(sizes)
+        self._medusa_largest = int(np.argmax(sizes))
+        self.medusa_policy = AdaptiveTreePolicy(trees, cfg.adaptive, cfg.adaptive_max_tokens, device.type)
         self.medusa_trees = TreeTensors.build(trees, device, q_max=q)
-        self.medusa_offsets = torch.from_numpy(position_offsets(trees)[0]).to(device)  # [Q] depth - j
+        offsets = np.zeros((len(trees), q), dtype=np.int64)
+        for k, o in enumerate(position_offsets(trees)):
+            offsets[k, : len(o)] = o
+        self.medusa_offsets = torch.from_numpy(offsets.reshape(-1)).to(device)  # [NT * Q] depth - j
         masks = torch.cat([causal_masks(q), self.medusa_trees.masks.cpu()])
         self.medusa_attn = MedusaAttnContext(kernels.pack_tree_masks(masks).to(device), self.max_num_reqs,
                                              backend=attention)
         self._medusa_mask_np = np.zeros(self.max_num_reqs, dtype=np.int32)  # what mask_ids holds
         self._medusa_plain = np.zeros(self.max_num_reqs, dtype=bool)  # per request slot
-        self._medusa_tree_ids = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
-        # which (head, rank) each node reads
-        self._medusa_head_idx = (self.medusa_trees.depths[0, 1:] - 1).clamp_min(0)
-        self._medusa_rank_idx = self.medusa_trees.ranks[0, 1:].clamp_min(0)
+        # per request slot: the tree its stored drafts follow (host: -1 none; device: >= 0)
+        self._medusa_tree_np = np.full(self.max_num_reqs, -1, dtype=np.int64)
+        self._medusa_req_tree = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        self._medusa_step_trees: np.ndarray | None = None  # this step's tree per request
+        self._medusa_uniform_k: int | None = None  # the tree every request of this step verifies whole
+        self._medusa_tree_ids = [torch.full((self.max_num_reqs,), k, dtype=torch.int64, device=device)
+                                 for k in range(len(trees))]
+        self._medusa_no_drafts = torch.zeros((self.max_num_reqs, q - 1), dtype=torch.int64, device=device)
+        # which (head, rank) each node of each tree reads: [NT, Q-1]
+        self._medusa_head_idx = (self.medusa_trees.depths[:, 1:] - 1).clamp_min(0)
+        self._medusa_rank_idx = self.medusa_trees.ranks[:, 1:].clamp_min(0)
+        self._medusa_sched = max(sizes)  # drafts vLLM's scheduler reserved for the next step
         self._medusa_slots: torch.Tensor | None = None  # this step's slot mapping (KV group 0)
         self._medusa_next: torch.Tensor | None = None  # drafts computed by this step's sample
         self._medusa_logprobs = None  # the root rows' logprobs of a step that accepted nothing
@@ -148,10 +171,15 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_fallback_warned = False
         self.medusa_stats = MedusaStats(self.medusa_trees.max_depth, device)
         self.medusa_paths = StepPaths()
-        self._medusa_graphs = BatchGraphs(
-            self._medusa_uniform_fn, rows_per_req=[q, q, q, q], max_batch=self.max_num_reqs, exact=4,
-            name=f"verify+heads+KV move ({q - 1} nodes, V2)", pad=[None, -1, None, -1])
-        self._medusa_graphs.enabled = graphs
+        # uniform steps of tree k that draft tree k next (the steady state): one function each,
+        # CUDA-graphed per batch size
+        self._medusa_graphs = {}
+        for k in self.medusa_policy.order:
+            n = 1 + sizes[k]
+            self._medusa_graphs[k] = BatchGraphs(
+                self._medusa_uniform_fn(k), rows_per_req=[n, n, n, n], max_batch=self.max_num_reqs, exact=4,
+                name=f"verify+heads+KV move ({sizes[k]} nodes, V2)", pad=[None, -1, None, -1])
+            self._medusa_graphs[k].enabled = graphs
 
     # ------------------------------------------------------------------ set-up
     def load_model(self, *args, **kwargs) -> None:
@@ -172,19 +200,21 @@ class MedusaV2ModelRunner(GPUModelRunner):
                 builder.medusa = self.medusa_attn
 
     def capture_model(self) -> int:
-        # FULL graphs of uniform steps run every request through the tree kernel (the builder
-        # checks that a capture batch is uniform at the tree's query length)
+        # FULL graphs of uniform tree steps run every request through the tree kernel (the
+        # builder takes a capture batch that is uniform with 2..Q tokens per request)
         self.medusa_attn.step = TreeAttnStep.for_capture()
         try:
             size = super().capture_model()
         finally:
             self.medusa_attn.step = None
-        if self._medusa_graphs.enabled and self.cudagraph_manager.needs_capture():
-            self._medusa_capture_graphs()
+        if self.cudagraph_manager.needs_capture():
+            for k, graphs in self._medusa_graphs.items():
+                if graphs.enabled:
+                    self._medusa_capture_graphs(k, graphs)
         return size
 
-    def _medusa_capture_graphs(self) -> None:
-        q = self.medusa_max_query
+    def _medusa_capture_graphs(self, k: int, graphs: BatchGraphs) -> None:
+        q = 1 + self.medusa_tree_sizes[k]
         sizes = self.compilation_config.cudagraph_capture_sizes or []
         batches = sorted({n // q for n in sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs}, reverse=True)
         g = torch.Generator(device=self.device).manual_seed(0)
@@ -195,15 +225,21 @@ class MedusaV2ModelRunner(GPUModelRunner):
                       torch.randint(0, 8, (b * q,), device=self.device, generator=g, dtype=torch.int32),
                       torch.randn(b * q, hidden, device=self.device, generator=g, dtype=self.dtype),
                       torch.full((b * q,), -1, dtype=torch.int64, device=self.device))  # no KV moved
-            if self._medusa_graphs.capture(*inputs):
+            if graphs.capture(*inputs):
                 captured.append(b)
-        logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", self._medusa_graphs.name, captured)
+        logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", graphs.name, captured)
 
     def add_requests(self, scheduler_output) -> None:
         super().add_requests(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
             self._medusa_plain[idx] = plain_greedy(new.sampling_params, self.model_config.logprobs_mode)
+            self._medusa_tree_np[idx] = -1
+
+    def execute_model(self, scheduler_output, *args, dummy_run: bool = False, **kwargs):
+        if not dummy_run:  # under asynchronous scheduling: the next step's draft count
+            self._medusa_sched = scheduler_output.num_spec_tokens_to_schedule
+        return super().execute_model(scheduler_output, *args, dummy_run=dummy_run, **kwargs)
 
     # ------------------------------------------------------------------ inputs of a step
     def prepare_attn(self, input_batch):
@@ -213,29 +249,63 @@ class MedusaV2ModelRunner(GPUModelRunner):
         return block_tables, slot_mappings
 
     def _medusa_prepare_tree(self, input_batch) -> None:
-        """Tree positions, mask ids and the attention builders' split of a step whose slot
-        mappings vLLM has computed."""
+        """Each request's tree, tree positions, mask ids and the attention builders' split of a
+        step whose slot mappings vLLM has computed."""
         ctx = self.medusa_attn
+        self._medusa_step_trees = self._medusa_uniform_k = None
         if input_batch.num_draft_tokens == 0:
             ctx.step = None  # a plain step: vLLM's attention throughout
             self.medusa_paths.key = "0"
             return
-        has = input_batch.num_draft_tokens_per_req > 0  # [R]
+        n = input_batch.num_draft_tokens_per_req  # [R]
+        has = n > 0
         r = input_batch.num_reqs
+        idx = input_batch.idx_mapping_np
+        rec = self._medusa_tree_np[idx]
+        trees = step_trees(n, rec, self._medusa_sizes_np, self._medusa_largest)
+        self._medusa_step_trees = trees
+        changed = has & (trees != rec)
+        if changed.any():  # drafts verified as another tree than they were made for (rare)
+            self._medusa_tree_np[idx[changed]] = trees[changed]
+            self._medusa_write(self._medusa_req_tree, np.clip(self._medusa_tree_np[idx], 0, None),
+                               index=input_batch.idx_mapping)
         lead = tree_lead(has, input_batch.num_scheduled_tokens, self.medusa_max_query)
-        want = has[:lead].astype(np.int32)  # 1: tree 0, 0: causal (a short prefill chunk)
+        want = np.where(has[:lead], trees[:lead] + 1, 0).astype(np.int32)  # tree + 1, 0: causal
         if not np.array_equal(self._medusa_mask_np[:lead], want):
             self._medusa_mask_np[:lead] = want
-            if ctx.mask_ids.is_cuda:
-                async_copy_to_gpu(want, out=ctx.mask_ids[:lead])
-            else:
-                ctx.mask_ids[:lead].copy_(torch.from_numpy(want))
+            self._medusa_write(ctx.mask_ids[:lead], want)
         with region("medusa: tree positions"):
-            delta = tree_positions_delta(input_batch.expanded_local_pos, self.medusa_offsets)
+            row_tree = self._medusa_req_tree[input_batch.expanded_idx_mapping]  # [L]
+            delta = tree_positions_delta(row_tree * self.medusa_max_query + input_batch.expanded_local_pos,
+                                         self.medusa_offsets)
             input_batch.positions.index_add_(0, input_batch.logits_indices, delta)
         ctx.step = TreeAttnStep(lead, int(input_batch.query_start_loc_np[lead]), all_reqs=lead == r)
-        uniform = lead == r and bool(has.all()) and input_batch.num_tokens == r * self.medusa_max_query
-        self.medusa_paths.key = str(self.medusa_max_query - 1) if uniform else "mixed"
+        k = self._medusa_uniform_k = self._medusa_uniform_tree(input_batch)
+        self.medusa_paths.key = str(self.medusa_tree_sizes[k]) if k is not None else "mixed"
+
+    def _medusa_write(self, out: torch.Tensor, values: np.ndarray, index: torch.Tensor | None = None) -> None:
+        """Host values into a device tensor (at rows ``index`` if given), without a host sync."""
+        src = torch.from_numpy(np.ascontiguousarray(values))
+        if out.is_cuda:
+            src = async_copy_to_gpu(src, device=out.device)
+        if index is None:
+            out.copy_(src)
+        else:
+            out[index.long()] = src.to(out.dtype)
+
+    def _medusa_uniform_tree(self, input_batch) -> int | None:
+        """The tree k every request of this step verifies whole (all decoding, all plain greedy:
+        the fixed-shape function applies when the next drafts follow k too), or None."""
+        trees = self._medusa_step_trees
+        if trees is None or input_batch.num_draft_tokens_per_req is None:
+            return None
+        k = int(trees[0])
+        q = 1 + self.medusa_tree_sizes[k]
+        r = input_batch.num_reqs
+        if (input_batch.num_tokens != r * q or input_batch.logits_indices.shape[0] != r * q
+                or not (trees == k).all() or not (input_batch.num_draft_tokens_per_req == q - 1).all()):
+            return None
+        return k
 
     # ------------------------------------------------------------------ verification
     def sample(self, hidden_states, input_batch, grammar_output):
@@ -245,21 +315,23 @@ class MedusaV2ModelRunner(GPUModelRunner):
         if grammar_output is not None:
             raise RuntimeError("medusa_vllm: structured output is not supported by the V2 runner "
                                '(use "runner": "v1")')
-        r, q = input_batch.num_reqs, self.medusa_max_query
-        n_logits = input_batch.logits_indices.shape[0]
+        r = input_batch.num_reqs
         plain = bool(self._medusa_plain[input_batch.idx_mapping_np].all())
-        uniform = plain and n_logits == r * q == input_batch.num_tokens
+        k = self._medusa_uniform_k if plain else None  # (from _medusa_prepare_tree)
+        if k is not None and self.medusa_policy.tree_of_num_drafts(self._medusa_sched) != k:
+            k = None  # the next drafts follow another tree (or none): not the steady-state function
         cu = input_batch.cu_num_logits
-        if uniform:  # every row is a logits row, in order; no prefill chunk
+        if k is not None:  # every row is a logits row, in order; no prefill chunk
             self.medusa_paths.count("verify fixed-shape")
+            n_logits = input_batch.logits_indices.shape[0]
             hidden = hidden_states[:n_logits]
             with region("medusa: verify+heads"):
                 argmax = self.model.compute_logits(hidden).argmax(dim=-1)
-                tokens, num_accepted, num_sampled, num_rejected, drafts = self._medusa_graphs(
+                tokens, num_accepted, num_sampled, num_rejected, drafts = self._medusa_graphs[k](
                     argmax, input_batch.input_ids[:n_logits], hidden, self._medusa_slots[:n_logits])
                 # copies: AsyncOutput reads them on a side stream, past the next replay
                 tokens, num_sampled, num_rejected = tokens.clone(), num_sampled.clone(), num_rejected.clone()
-                self._medusa_next = drafts.clone()
+                self._medusa_next = (k, drafts.clone())
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
             self.medusa_paths.count("verify general" if plain else "verify none (not plain greedy)")
@@ -282,7 +354,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
         hidden = hidden_states[input_batch.logits_indices]  # [L, H] rows of the logits
         logits = self.model.compute_logits(hidden)
         out, last_row = greedy_packed(logits.argmax(dim=-1), input_batch.input_ids[input_batch.logits_indices],
-                                      cu, self._medusa_tree_ids[:r], self.medusa_trees)
+                                      cu, self._medusa_req_tree[input_batch.idx_mapping], self.medusa_trees)
         has = (cu[1:] - cu[:-1]) > 1
         if not plain:
             if not self._medusa_fallback_warned:
@@ -295,22 +367,27 @@ class MedusaV2ModelRunner(GPUModelRunner):
             self._medusa_logprobs = root.logprobs_tensors
             has = torch.zeros_like(has)
         self._medusa_move_kv(self._medusa_slots, input_batch.query_start_loc[: r + 1], out.accepted.int())
-        self._medusa_next = self._medusa_head_drafts(hidden[last_row])
+        self._medusa_next = self._medusa_next_drafts(hidden[last_row])
         return out.tokens, out.num_accepted, has
 
-    def _medusa_uniform_fn(self, argmax, tokens_in, hidden, slots):
-        """A uniform step as one fixed-shape function (CUDA graph per batch size): B requests,
-        each Q rows (root + every node): verify, move the accepted KV, draft the next tree."""
-        q = self.medusa_max_query
-        b = argmax.shape[0] // q
-        drafts_in = tokens_in.view(b, q)[:, 1:].reshape(-1)
-        out = greedy_tree_step(argmax, drafts_in, hidden, self._medusa_tree_ids[:b], self.medusa_trees,
-                               self._medusa_head_drafts)
-        starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=argmax.device)
-        self._medusa_move_kv(slots, starts, out.accepted)
-        num_sampled = (out.num_accepted + 1).int()
-        # tokens, accepted count, V2's emitted and rejected counts per request, the next drafts
-        return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
+    def _medusa_uniform_fn(self, k: int):
+        """A uniform step of tree k as one fixed-shape function (CUDA graph per batch size): B
+        requests, each 1 + nodes rows (root + every node): verify, move the accepted KV, draft
+        tree k again."""
+        q = 1 + self.medusa_tree_sizes[k]
+
+        def step(argmax, tokens_in, hidden, slots):
+            b = argmax.shape[0] // q
+            drafts_in = tokens_in.view(b, q)[:, 1:].reshape(-1)
+            out = greedy_tree_step(argmax, drafts_in, hidden, self._medusa_tree_ids[k][:b], self.medusa_trees,
+                                   lambda h: self._medusa_head_drafts(h, k))
+            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=argmax.device)
+            self._medusa_move_kv(slots, starts, out.accepted)
+            num_sampled = (out.num_accepted + 1).int()
+            # tokens, accepted count, V2's emitted and rejected counts per request, the next drafts
+            return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
+
+        return step
 
     def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
         if self._medusa_kv_views is None:
@@ -322,32 +399,65 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_kv_checked = True
 
     # ------------------------------------------------------------------ drafting
-    def _medusa_head_drafts(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, H] -> [B, T] int64 drafts of the tree (BFS); non-finite head logits give token 0
-        (fed to the next forward as is, rejected in practice: verification stays exact)."""
+    def _medusa_head_drafts(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, H] -> [B, Q-1] int64 drafts of tree k (BFS), zero past its nodes; non-finite head
+        logits give token 0 (fed to the next forward as is, rejected in practice: exact)."""
+        size = self.medusa_tree_sizes[k]
         topk, finite = self.speculator.proposer.head_topk(hidden, self.medusa_cfg.topk)
-        drafts = topk[:, self._medusa_head_idx, self._medusa_rank_idx]
-        return torch.where(finite[:, None], drafts, 0)
+        drafts = topk[:, self._medusa_head_idx[k, :size], self._medusa_rank_idx[k, :size]]
+        drafts = torch.where(finite[:, None], drafts, 0)
+        pad = self.medusa_max_query - 1 - size
+        return torch.nn.functional.pad(drafts, (0, pad)) if pad else drafts
+
+    def _medusa_next_drafts(self, hidden: torch.Tensor):
+        """(tree, drafts [B, Q-1]) for the next step: the tree of the draft count vLLM's
+        scheduler reserved (no heads at all for none)."""
+        k = self.medusa_policy.tree_of_num_drafts(self._medusa_sched)
+        if k == NO_TREE:
+            return NO_TREE, self._medusa_no_drafts[: hidden.shape[0]]
+        return k, self._medusa_head_drafts(hidden, k)
 
     def _medusa_propose(self, input_batch, hidden_states, dummy_run: bool) -> torch.Tensor:
-        drafts, self._medusa_next = self._medusa_next, None
-        if drafts is not None and not dummy_run:
-            return drafts
-        # no drafts verified this step (prefill, or a step without drafts): one logits row per
-        # request, at its last token
-        return self._medusa_head_drafts(hidden_states[input_batch.logits_indices[: input_batch.num_reqs]])
+        nxt, self._medusa_next = self._medusa_next, None
+        if dummy_run:  # profiling and warm-up: the heads' cost and memory, no state
+            return self._medusa_head_drafts(hidden_states[input_batch.logits_indices[: input_batch.num_reqs]],
+                                            self._medusa_largest)
+        if nxt is None:
+            # no drafts verified this step (prefill, or a step without drafts): one logits row
+            # per request, at its last token
+            nxt = self._medusa_next_drafts(hidden_states[input_batch.logits_indices[: input_batch.num_reqs]])
+        k, drafts = nxt
+        idx = input_batch.idx_mapping_np
+        if not (self._medusa_tree_np[idx] == k).all():  # the slots' record of their drafts' tree
+            self._medusa_tree_np[idx] = k
+            if k != NO_TREE:
+                self._medusa_req_tree.index_fill_(0, input_batch.idx_mapping.long(), k)
+        return drafts
 
     # ------------------------------------------------------------------ reporting
     def medusa_summary(self) -> dict:
         from medusa_vllm import kernels as k
 
+        graphs = {g.name: g.summary() for g in self._medusa_graphs.values()}
         return self.medusa_stats.summary() | {
             "runner": "v2",
             "attention": "kernel" if k.have_extension() else "reference ops (no compiled extension)",
-            "uniform_greedy": self._medusa_graphs.summary(),
+            "uniform_greedy": {"steps": sum(g["steps"] for g in graphs.values()),
+                               "graph_replays": sum(g["graph_replays"] for g in graphs.values()),
+                               "by_tree": graphs},
             "async_scheduling": bool(self.scheduler_config.async_scheduling),
             "step_paths": self.medusa_paths.summary(),
+            "draft_schedule": getattr(self.speculative_config, "num_speculative_tokens_per_batch_size", None),
         }
+
+
+def step_trees(num_drafts: np.ndarray, recorded: np.ndarray, sizes: np.ndarray, largest: int) -> np.ndarray:
+    """[R] the tree each request's scheduled drafts are verified as: the one they were made for,
+    unless vLLM scheduled more drafts than it has nodes (placeholder slots after a change of
+    draft count, or drafts never made): then the largest tree, whose first nodes any drafts
+    are (verification stays exact; they are rejected in practice). 0 for requests without drafts."""
+    fits = (recorded >= 0) & (num_drafts <= sizes[np.clip(recorded, 0, None)])
+    return np.where(num_drafts > 0, np.where(fits, recorded, largest), 0)
 
 
 def _root_batch(input_batch):
