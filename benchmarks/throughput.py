@@ -18,6 +18,8 @@ Configurations (each its own engine, one after the other, same machine):
   adaptive-async    the same under the asynchronous scheduler (vLLM's dynamic speculative
                     decoding reserves the policy's draft count per batch size)
   adaptive-budget   the load-adaptive tree with the token-budget rule (also -async)
+  adaptive-v2, adaptive-budget-v2  the load-adaptive tree on vLLM's V2 model runner
+                    (asynchronous scheduler, GPU only)
 With ``--interleave`` every configuration's engine is alive at once (each in its own process,
 its share of GPU memory) and per batch size they take turns round by round; each row then also
 has ``speedup_paired``, the median of per-round ratios against the baseline's same round.
@@ -124,9 +126,10 @@ def engine_for(args, name: str, heads: str, builtin: str | None, gpu: bool) -> t
         env.update(cpu_tp_env(args.tensor_parallel_size))
         if getattr(args, "interleave", False) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB per engine: several share the memory
-    v2 = config.startswith("medusa-v2:")
+    v2 = config.startswith("medusa-v2:") or (config.startswith("adaptive") and config.endswith("-v2"))
     kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-async:", "medusa:")
-                       .replace("medusa-v2:", "medusa:").removesuffix("-async"), heads, builtin)
+                       .replace("medusa-v2:", "medusa:").removesuffix("-v2").removesuffix("-async"),
+                       heads, builtin)
     if v2:
         kw["speculative_config"]["runner"] = "v2"
     if (config == "baseline-v1async" or config.endswith("-async") or v2
