@@ -155,6 +155,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_tree_np = np.full(self.max_num_reqs, -1, dtype=np.int64)
         self._medusa_req_tree = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         self._medusa_step_trees: np.ndarray | None = None  # this step's tree per request
+        self._medusa_deltas: dict[tuple[int, int], torch.Tensor] = {}  # uniform steps' position deltas
         self._medusa_uniform_k: int | None = None  # the tree every request of this step verifies whole
         self._medusa_tree_ids = [torch.full((self.max_num_reqs,), k, dtype=torch.int64, device=device)
                                  for k in range(len(trees))]
@@ -274,24 +275,41 @@ class MedusaV2ModelRunner(GPUModelRunner):
         if not np.array_equal(self._medusa_mask_np[:lead], want):
             self._medusa_mask_np[:lead] = want
             self._medusa_write(ctx.mask_ids[:lead], want)
-        with region("medusa: tree positions"):
-            row_tree = self._medusa_req_tree[input_batch.expanded_idx_mapping]  # [L]
-            delta = tree_positions_delta(row_tree * self.medusa_max_query + input_batch.expanded_local_pos,
-                                         self.medusa_offsets)
-            input_batch.positions.index_add_(0, input_batch.logits_indices, delta)
-        ctx.step = TreeAttnStep(lead, int(input_batch.query_start_loc_np[lead]), all_reqs=lead == r)
         k = self._medusa_uniform_k = self._medusa_uniform_tree(input_batch)
         self.medusa_paths.key = str(self.medusa_tree_sizes[k]) if k is not None else "mixed"
+        with region("medusa: tree positions"):
+            if k is not None:  # every row is a logits row: add tree k's offsets, tiled (cached)
+                delta = self._medusa_uniform_delta(k, r)
+                input_batch.positions[: delta.shape[0]] += delta
+            else:
+                row_tree = self._medusa_req_tree[input_batch.expanded_idx_mapping]  # [L]
+                delta = tree_positions_delta(row_tree * self.medusa_max_query + input_batch.expanded_local_pos,
+                                             self.medusa_offsets)
+                input_batch.positions.index_add_(0, input_batch.logits_indices, delta)
+        ctx.step = TreeAttnStep(lead, int(input_batch.query_start_loc_np[lead]), all_reqs=lead == r)
+
+    def _medusa_uniform_delta(self, k: int, r: int) -> torch.Tensor:
+        """[r * (1 + nodes)] int64: tree k's ``depth - slot`` for r requests (made once per k, r)."""
+        key = (k, r)
+        delta = self._medusa_deltas.get(key)
+        if delta is None:
+            q = 1 + self.medusa_tree_sizes[k]
+            start = k * self.medusa_max_query
+            delta = self._medusa_deltas[key] = self.medusa_offsets[start: start + q].repeat(r)
+        return delta
 
     def _medusa_write(self, out: torch.Tensor, values: np.ndarray, index: torch.Tensor | None = None) -> None:
         """Host values into a device tensor (at rows ``index`` if given), without a host sync."""
-        src = torch.from_numpy(np.ascontiguousarray(values))
+        src = torch.from_numpy(np.ascontiguousarray(values)).to(out.dtype)
+        if index is None:
+            if out.is_cuda:
+                async_copy_to_gpu(src, out=out)
+            else:
+                out.copy_(src)
+            return
         if out.is_cuda:
             src = async_copy_to_gpu(src, device=out.device)
-        if index is None:
-            out.copy_(src)
-        else:
-            out[index.long()] = src.to(out.dtype)
+        out[index.long()] = src
 
     def _medusa_uniform_tree(self, input_batch) -> int | None:
         """The tree k every request of this step verifies whole (all decoding, all plain greedy:
