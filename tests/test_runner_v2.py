@@ -337,3 +337,30 @@ def test_drafts_made_for_a_smaller_tree_are_verified_as_the_largest():
     assert r.medusa_paths.counts == {("mixed", "verify general"): 1}
     ref, _ = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [0])
     assert torch.equal(out.sampled_token_ids, ref.tokens)
+
+
+def test_the_speculator_owns_the_heads_and_hands_over_the_runners_drafts(bundled_model_dir, tmp_path):
+    """What V2's runner calls a speculator: built as vLLM builds one (config, device), it loads
+    the heads beside the target (DraftModelSpeculator: the runner calls load_model) and its
+    propose returns what the runner drafted."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
+
+    import medusa_vllm.vllm_plugin as plugin
+    from medusa_vllm.checkpoint import save_heads
+    from medusa_vllm.heads import MedusaHeads, MedusaHeadsConfig
+    from medusa_vllm.vllm_plugin.runner_v2 import MedusaV2Speculator
+
+    plugin.register()
+    save_heads(MedusaHeads(MedusaHeadsConfig(hidden_size=576, vocab_size=49152)), tmp_path)
+    cfg = EngineArgs(model=str(bundled_model_dir), max_model_len=256,
+                     speculative_config={"method": "medusa_vllm", "model": str(tmp_path), "tree": "sparse-7"}
+                     ).create_engine_config()
+    spec = MedusaV2Speculator(cfg, torch.device("cpu"))
+    assert isinstance(spec, DraftModelSpeculator) and spec.draft_logits is None and not spec.supports_mm_inputs
+    spec.load_model(SimpleNamespace(compute_logits=lambda h: h @ torch.ones(576, 49152, dtype=h.dtype)))
+    assert spec.model is spec.proposer.heads and spec.model.config.num_heads == 4
+    seen = {}
+    spec.runner = SimpleNamespace(_medusa_propose=lambda b, h, d: seen.setdefault("args", (b, h, d)))
+    spec.propose("batch", None, None, "hidden", None, None, None, None, None, None, None, dummy_run=True)
+    assert seen["args"] == ("batch", "hidden", True)

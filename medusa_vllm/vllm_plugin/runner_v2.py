@@ -85,8 +85,11 @@ class MedusaV2Speculator(DraftModelSpeculator):
         self.runner: MedusaV2ModelRunner | None = None
 
     def load_model(self, target_model: torch.nn.Module) -> None:
-        self.proposer.load_model(target_model)
-        self.model = self.proposer.heads
+        self.model = self.load_draft_model(target_model, set())
+
+    def load_draft_model(self, target_model: torch.nn.Module, target_attn_layer_names) -> torch.nn.Module:
+        self.proposer.load_model(target_model)  # the heads read the target's hidden state, no attention
+        return self.proposer.heads
 
     def set_attn(self, *args, **kwargs) -> None:
         return None  # the heads attend nothing
