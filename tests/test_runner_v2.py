@@ -17,9 +17,11 @@ from vllm.v1.worker.gpu.input_batch import InputBatch
 from medusa_vllm.kernels import move_accepted_kv_ref
 from medusa_vllm.tree import get_tree
 from medusa_vllm.tree_tensors import TreeTensors
-from medusa_vllm.verify import verify_greedy
+from medusa_vllm.sampling import SamplingBatch, StepRandomness
+from medusa_vllm.verify import verify, verify_greedy
 from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.runner_v2 import MedusaV2ModelRunner
+from medusa_vllm.vllm_plugin.step import V2_GREEDY, V2_NO_SPEC, V2_SAMPLED
 
 TREE = get_tree("sparse-15")
 Q = TREE.num_nodes + 1
@@ -57,7 +59,7 @@ def _runner(table: torch.Tensor, prefill_len: list[int], adaptive: list[str] = (
     r.req_states = SimpleNamespace(prefill_len=SimpleNamespace(gpu=torch.tensor(prefill_len)))
     r.kv_caches = [torch.randn(2, NB, BS, 2, 4)]
     r.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(kv_views=lambda kv: (kv[0], kv[1])))]]
-    r._medusa_plain[:] = True
+    r._medusa_mode[:] = V2_GREEDY
     return r
 
 
@@ -168,12 +170,11 @@ def test_tree_positions_mask_ids_and_attention_split():
     assert r.medusa_attn.step is None and torch.equal(plain.positions, before)
 
 
-def _run_sample(reqs, prefill_len, plain=True, seed=0):
+def _run_sample(reqs, prefill_len, seed=0):
     batch = _batch(reqs, seed)
     table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(seed + 5))
     _accepting_drafts(batch, table)
     r = _runner(table, prefill_len)
-    r._medusa_plain[: len(reqs)] = plain
     _record(r, [0] * len(reqs))  # drafts made for the tree
     r._medusa_slots = _slots(batch)
     r._medusa_prepare_tree(batch)
@@ -231,13 +232,13 @@ def test_mixed_step_with_a_prefill_chunk_and_a_truncated_tree():
     assert r.medusa_stats.summary()["tree_steps"] == 2  # requests verified with a tree
 
 
-def test_a_step_that_is_not_plain_greedy_accepts_nothing_and_keeps_vllms_tokens():
+def test_a_step_with_a_request_that_cannot_speculate_accepts_nothing_and_keeps_vllms_tokens():
     reqs = [(Q, Q - 1, 20), (Q, Q - 1, 30)]
     batch = _batch(reqs)
     table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(5))
     _accepting_drafts(batch, table)
     r = _runner(table, [0] * 4)
-    r._medusa_plain[1] = False  # e.g. a sampled request
+    r._medusa_mode[1] = V2_NO_SPEC  # e.g. a request with a repetition penalty
     _record(r, [0, 0])
     seen = {}
 
@@ -364,3 +365,103 @@ def test_the_speculator_owns_the_heads_and_hands_over_the_runners_drafts(bundled
     spec.runner = SimpleNamespace(_medusa_propose=lambda b, h, d: seen.setdefault("args", (b, h, d)))
     spec.propose("batch", None, None, "hidden", None, None, None, None, None, None, None, dummy_run=True)
     assert seen["args"] == ("batch", "hidden", True)
+
+
+def _uva(values, dtype):
+    a = np.array(values, dtype=dtype)
+    return SimpleNamespace(np=a, gpu=torch.from_numpy(a.copy()))
+
+
+def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
+    batch = _batch(reqs, seed)
+    table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(seed + 5))
+    _accepting_drafts(batch, table)
+    r = _runner(table, [0, 40, 0, 0])
+    r._medusa_mode[: len(modes)] = modes
+    n = r.max_num_reqs
+    pad = n - len(temps)
+    r.sampler = SimpleNamespace(sampling_states=SimpleNamespace(
+        vocab_size=VOCAB, temperature=_uva(list(temps) + [0.0] * pad, np.float32),
+        top_k=_uva([VOCAB] * n, np.int32), top_p=_uva(list(top_p or [1.0] * len(temps)) + [1.0] * pad, np.float32),
+        min_p=_uva([0.0] * n, np.float32)))
+    _record(r, [0] * len(reqs))
+    r._medusa_slots = _slots(batch)
+    r._medusa_prepare_tree(batch)
+    return r, batch, table
+
+
+def _sampled_reference(batch, table, sampling, rand=None):
+    r = batch.num_reqs
+    row_of_node = torch.full((r, Q), -1, dtype=torch.int64)
+    drafts = torch.zeros((r, Q - 1), dtype=torch.int64)
+    for i in range(r):
+        s, e = int(batch.cu_num_logits_np[i]), int(batch.cu_num_logits_np[i + 1])
+        toks = batch.logits_indices[s:e]
+        row_of_node[i, : e - s] = toks
+        drafts[i, : e - s - 1] = batch.input_ids[toks[1:]].long()
+    logits = torch.nn.functional.one_hot(table, VOCAB).float() * 3.0
+    ref = verify("rejection", logits, row_of_node, drafts, torch.from_numpy(batch.num_draft_tokens_per_req).long(),
+                 torch.zeros(r, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q), sampling, rand=rand)
+    return ref, row_of_node
+
+
+class _SharpTarget(_Target):
+    def compute_logits(self, hidden):
+        return super().compute_logits(hidden) * 3.0
+
+
+def test_sampled_requests_speculate_in_a_mixed_step():
+    # a sampled tree, a greedy prefill chunk (inside its prompt), a sampled truncated tree
+    r, batch, table = _sampled_runner([(Q, Q - 1, 20), (5, 0, 10), (9, 8, 30)],
+                                      [V2_SAMPLED, V2_GREEDY, V2_SAMPLED], [0.8, 0.0, 1.0])
+    r.model = _SharpTarget(table)
+    kv_before = r.kv_caches[0].clone()
+    hidden = _hidden(batch.num_tokens)
+    torch.manual_seed(7)
+    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
+    assert r.medusa_paths.counts == {("mixed", "verify general sampled"): 1}
+    torch.manual_seed(7)
+    sampling = SamplingBatch(torch.tensor([0.8, 0.0, 1.0]), torch.full((3,), VOCAB), torch.ones(3), None, False)
+    ref, row_of_node = _sampled_reference(batch, table, sampling)
+    assert torch.equal(out.sampled_token_ids, ref.tokens)
+    assert num_sampled.tolist() == [int(ref.num_accepted[0]) + 1, 0, int(ref.num_accepted[2]) + 1]
+    _check_kv(r, batch, kv_before, ref.accepted)
+    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_uniform_sampled_step_runs_the_fixed_shape_function(seed):
+    r, batch, table = _sampled_runner([(Q, Q - 1, 20), (Q, Q - 1, 30), (Q, Q - 1, 40)],
+                                      [V2_SAMPLED, V2_SAMPLED, V2_GREEDY], [0.7, 1.0, 0.0], top_p=[0.9, 1.0, 1.0],
+                                      seed=seed)
+    r.model = _SharpTarget(table)
+    kv_before = r.kv_caches[0].clone()
+    hidden = _hidden(batch.num_tokens)
+    torch.manual_seed(11)
+    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
+    assert r.medusa_paths.counts == {(str(Q - 1), "verify fixed-shape sampled"): 1}
+    torch.manual_seed(11)
+    sampling = SamplingBatch(torch.tensor([0.7, 1.0, 0.0]), torch.full((3,), VOCAB), torch.tensor([0.9, 1.0, 1.0]),
+                             None, True)
+    trees = TreeTensors.build([TREE], q_max=Q)
+    rand = StepRandomness.draw(3, trees.max_depth + 1, trees.children.shape[2], VOCAB, sampling, "cpu")
+    ref, row_of_node = _sampled_reference(batch, table, sampling, rand)
+    assert torch.equal(out.sampled_token_ids, ref.tokens)
+    assert num_rejected.tolist() == (Q - 1 - ref.num_accepted).tolist()
+    _check_kv(r, batch, kv_before, ref.accepted)
+    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows))
+
+
+def test_v2_modes():
+    from vllm import SamplingParams
+
+    from medusa_vllm.vllm_plugin.step import v2_mode
+
+    assert v2_mode(SamplingParams(temperature=0.0)) == V2_GREEDY
+    assert v2_mode(SamplingParams(temperature=0.8, top_p=0.95, top_k=20, min_p=0.05)) == V2_SAMPLED
+    for sp in (SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0.8, repetition_penalty=1.1),
+               SamplingParams(temperature=0.8, logprobs=1), SamplingParams(temperature=0.0, logit_bias={1: 2.0}),
+               SamplingParams.for_sampler_warmup(), None):
+        assert v2_mode(sp) == V2_NO_SPEC

@@ -14,19 +14,22 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
    (RoPE sees ``base + depth``), write each request's mask id (tree + 1, 0: causal) only when
    it changed, and tell the attention builders how many leading requests are tree decodes
    (vLLM's V2 sorts requests with the full query length first, shorter ones by length).
-2. ``sample``: every request's tree verified from the target argmax (:mod:`medusa_vllm.packed_step`),
-   the accepted path's KV moved into the consecutive slots vLLM's bookkeeping expects (it
-   advances ``num_computed`` by ``query_len - num_rejected``, ``num_rejected = nodes - accepted``),
-   and the next drafts from the heads at each request's last accepted node. A uniform step
-   (every request verifies the whole tree) runs all of that as one fixed-shape function, replayed
-   from a CUDA graph per batch size. A step with a request the tree rows do not reproduce
-   exactly (sampling, penalties, logit bias, logprobs: anything but plain greedy) accepts no
-   drafts at all and takes every root token from vLLM's own sampler, so such requests are served
-   exactly, without speedup.
+2. ``sample``: every request's tree verified (:mod:`medusa_vllm.packed_step`; greedy requests
+   by the target argmax, sampled ones by lossless rejection sampling or typical acceptance,
+   :func:`medusa_vllm.verify.verify`, with vLLM's per-request temperature, top-k, top-p and
+   min-p), the accepted path's KV moved into the consecutive slots vLLM's bookkeeping expects
+   (it advances ``num_computed`` by ``query_len - num_rejected``, ``num_rejected = nodes -
+   accepted``), and the next drafts from the heads at each request's last accepted node. A
+   uniform step (every request verifies one whole tree) runs all of that as one fixed-shape
+   function, replayed from a CUDA graph per batch size (sampled steps: with the step's random
+   numbers drawn first, as inputs). A step holding a request whose options the tree rows do
+   not reproduce (penalties, logit bias, allowed tokens, logprobs, a seed: ``step.v2_mode``)
+   accepts no drafts at all and takes every root token from vLLM's own sampler, so such
+   requests are served exactly, without speedup.
 3. ``capture_model``: vLLM's FULL graphs of uniform tree steps (every request 1 + nodes tokens)
    hold the tree kernel, those of plain decoding (1 token) vLLM's own attention; then the
    verify+heads graphs of each tree.
-4. ``add_requests``: which requests are plain greedy; ``execute_model``: the draft count vLLM's
+4. ``add_requests``: how each request is verified; ``execute_model``: the draft count vLLM's
    scheduler reserved for the next step, whose tree the drafts of this step follow.
 
 The load-adaptive tree runs as vLLM's dynamic speculative decoding (asynchronous scheduling):
@@ -55,14 +58,19 @@ from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
 
 from medusa_vllm import kernels
 from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step
-from medusa_vllm.packed_step import greedy_packed, num_sampled_and_rejected, reject_all, tree_positions_delta
+from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
+from medusa_vllm.packed_step import (
+    greedy_packed, num_sampled_and_rejected, reject_all, slot_rows, tree_positions_delta,
+)
+from medusa_vllm.sampling import SamplingBatch, StepRandomness
+from medusa_vllm.verify import verify
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
+from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
-from medusa_vllm.vllm_plugin.step import plain_greedy, position_offsets, tree_lead
+from medusa_vllm.vllm_plugin.step import V2_GREEDY, V2_NO_SPEC, V2_SAMPLED, position_offsets, tree_lead, v2_mode
 
 logger = init_logger(__name__)
 
@@ -153,7 +161,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self.medusa_attn = MedusaAttnContext(kernels.pack_tree_masks(masks).to(device), self.max_num_reqs,
                                              backend=attention)
         self._medusa_mask_np = np.zeros(self.max_num_reqs, dtype=np.int32)  # what mask_ids holds
-        self._medusa_plain = np.zeros(self.max_num_reqs, dtype=bool)  # per request slot
+        self._medusa_mode = np.zeros(self.max_num_reqs, dtype=np.int8)  # per request slot: step.v2_mode
         # per request slot: the tree its stored drafts follow (host: -1 none; device: >= 0)
         self._medusa_tree_np = np.full(self.max_num_reqs, -1, dtype=np.int64)
         self._medusa_req_tree = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -184,6 +192,21 @@ class MedusaV2ModelRunner(GPUModelRunner):
                 self._medusa_uniform_fn(k), rows_per_req=[n, n, n, n], max_batch=self.max_num_reqs, exact=4,
                 name=f"verify+heads+KV move ({sizes[k]} nodes, V2)", pad=[None, -1, None, -1])
             self._medusa_graphs[k].enabled = graphs
+        # uniform steps with sampled requests (any mix with greedy ones): from the logits, with
+        # the step's random numbers as inputs; per tree and per whether top-k/top-p apply (the
+        # sort), up to SAMPLED_GRAPH_ROWS logits rows (the shared logits buffer's size)
+        # inputs logits, drafts, hidden, tree ids, sampling parameters, uniforms, noise, slots
+        self._medusa_sampled_graphs = {}
+        for k in self.medusa_policy.order:
+            n = 1 + sizes[k]
+            for filtered in (False, True):
+                g = BatchGraphs(
+                    self._medusa_sampled_fn(k, filtered), rows_per_req=[n, n - 1, n, 1, 1, 1, 1, n],
+                    max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // n), exact=4,
+                    name=f"sampled verify+heads+KV move ({sizes[k]} nodes{', top-k/top-p' if filtered else ''}, V2)",
+                    pad=[None, -1, None, None, None, None, 1.0, -1])
+                g.enabled = graphs and g.max_batch > 0
+                self._medusa_sampled_graphs[(k, filtered)] = g
 
     # ------------------------------------------------------------------ set-up
     def load_model(self, *args, **kwargs) -> None:
@@ -214,30 +237,72 @@ class MedusaV2ModelRunner(GPUModelRunner):
         if self.cudagraph_manager.needs_capture():
             for k, graphs in self._medusa_graphs.items():
                 if graphs.enabled:
-                    self._medusa_capture_graphs(k, graphs)
+                    self._medusa_capture_graphs(k, graphs, self._medusa_greedy_example)
+            sampled = [g for g in self._medusa_sampled_graphs.values() if g.enabled]
+            for g in sampled:  # buffers for the largest batch actually captured
+                g.max_batch = max((b for b in self._medusa_graph_batches(g.rows_per_req[0]) if b <= g.max_batch),
+                                  default=0)
+            sampled = [g for g in sampled if g.max_batch > 0]
+            if sampled:
+                example = self._medusa_sampled_example(sampled)
+                for (k, _), g in self._medusa_sampled_graphs.items():
+                    if g in sampled:
+                        self._medusa_capture_graphs(k, g, example)
         return size
 
-    def _medusa_capture_graphs(self, k: int, graphs: BatchGraphs) -> None:
-        q = 1 + self.medusa_tree_sizes[k]
+    def _medusa_graph_batches(self, q: int) -> list[int]:
+        """Batch sizes whose uniform steps of q tokens per request vLLM captures, largest first."""
         sizes = self.compilation_config.cudagraph_capture_sizes or []
-        batches = sorted({n // q for n in sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs}, reverse=True)
+        return sorted({n // q for n in sizes if n % q == 0 and 0 < n // q <= self.max_num_reqs}, reverse=True)
+
+    def _medusa_capture_graphs(self, k: int, graphs: BatchGraphs, example) -> None:
+        q = 1 + self.medusa_tree_sizes[k]
         g = torch.Generator(device=self.device).manual_seed(0)
-        hidden = self.model_config.get_hidden_size()
         captured = []
-        for b in batches:
-            inputs = (torch.randint(0, 8, (b * q,), device=self.device, generator=g),
-                      torch.randint(0, 8, (b * q,), device=self.device, generator=g, dtype=torch.int32),
-                      torch.randn(b * q, hidden, device=self.device, generator=g, dtype=self.dtype),
-                      torch.full((b * q,), -1, dtype=torch.int64, device=self.device))  # no KV moved
-            if graphs.capture(*inputs):
+        for b in self._medusa_graph_batches(q):
+            slots = torch.full((b * q,), -1, dtype=torch.int64, device=self.device)  # no KV moved
+            if b <= graphs.max_batch and graphs.capture(*example(b, q, k, g), slots):
                 captured.append(b)
         logger.info("medusa_vllm: %s CUDA graphs captured for batch sizes %s", graphs.name, captured)
+
+    def _medusa_greedy_example(self, b: int, q: int, k: int, g: torch.Generator) -> tuple:
+        """Example inputs of a greedy uniform step (argmax, input ids, hidden)."""
+        return (torch.randint(0, 8, (b * q,), device=self.device, generator=g),
+                torch.randint(0, 8, (b * q,), device=self.device, generator=g, dtype=torch.int32),
+                torch.randn(b * q, self.model_config.get_hidden_size(), device=self.device, generator=g,
+                            dtype=self.dtype))
+
+    def _medusa_sampled_example(self, sets: list[BatchGraphs]):
+        """Example inputs of sampled uniform steps; the logits and noise buffers (rows of the
+        vocabulary) are shared by every set: one replays at a time, after loading its inputs."""
+        with torch.inference_mode():
+            probe = self.model.compute_logits(
+                torch.zeros(1, self.model_config.get_hidden_size(), device=self.device, dtype=self.dtype))
+        vocab, dtype = probe.shape[-1], probe.dtype
+        shared = torch.zeros(max(g.rows_per_req[0] * g.max_batch for g in sets), vocab, dtype=dtype,
+                             device=self.device)
+        noise = torch.ones(max(g.max_batch for g in sets), vocab, device=self.device)
+        for g in sets:
+            g.buffers = {0: shared, 6: noise}
+        levels, width = self.medusa_trees.max_depth + 1, self.medusa_trees.children.shape[2]
+        hidden = self.model_config.get_hidden_size()
+
+        def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
+            return (torch.randn(b * q, vocab, device=self.device, generator=g).to(dtype),
+                    torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
+                    torch.randn(b * q, hidden, device=self.device, generator=g, dtype=self.dtype),
+                    torch.full((b,), k, dtype=torch.int64, device=self.device),
+                    torch.tensor([1.0, 5.0, 0.9, 0.05], device=self.device).repeat(b, 1),
+                    torch.rand(b, levels * width, device=self.device, generator=g),
+                    torch.empty(b, vocab, device=self.device).exponential_(generator=g))
+
+        return example
 
     def add_requests(self, scheduler_output) -> None:
         super().add_requests(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
-            self._medusa_plain[idx] = plain_greedy(new.sampling_params, self.model_config.logprobs_mode)
+            self._medusa_mode[idx] = v2_mode(new.sampling_params, self.model_config.logprobs_mode)
             self._medusa_tree_np[idx] = -1
 
     def execute_model(self, scheduler_output, *args, dummy_run: bool = False, **kwargs):
@@ -337,28 +402,42 @@ class MedusaV2ModelRunner(GPUModelRunner):
             raise RuntimeError("medusa_vllm: structured output is not supported by the V2 runner "
                                '(use "runner": "v1")')
         r = input_batch.num_reqs
-        plain = bool(self._medusa_plain[input_batch.idx_mapping_np].all())
-        k = self._medusa_uniform_k if plain else None  # (from _medusa_prepare_tree)
+        modes = self._medusa_mode[input_batch.idx_mapping_np]
+        mode = V2_NO_SPEC if (modes == V2_NO_SPEC).any() else V2_SAMPLED if (modes == V2_SAMPLED).any() else V2_GREEDY
+        k = self._medusa_uniform_k if mode != V2_NO_SPEC else None  # (from _medusa_prepare_tree)
         if k is not None and self.medusa_policy.tree_of_num_drafts(self._medusa_sched) != k:
             k = None  # the next drafts follow another tree (or none): not the steady-state function
+        if k is not None and mode == V2_SAMPLED:
+            sampling = self._medusa_sampling(input_batch)
         cu = input_batch.cu_num_logits
         if k is not None:  # every row is a logits row, in order; no prefill chunk
-            self.medusa_paths.count("verify fixed-shape")
+            self.medusa_paths.count("verify fixed-shape" if mode == V2_GREEDY else "verify fixed-shape sampled")
             n_logits = input_batch.logits_indices.shape[0]
             hidden = hidden_states[:n_logits]
+            ids, slots = input_batch.input_ids[:n_logits], self._medusa_slots[:n_logits]
             with region("medusa: verify+heads"):
-                argmax = self.model.compute_logits(hidden).argmax(dim=-1)
-                tokens, num_accepted, num_sampled, num_rejected, drafts = self._medusa_graphs[k](
-                    argmax, input_batch.input_ids[:n_logits], hidden, self._medusa_slots[:n_logits])
+                logits = self.model.compute_logits(hidden)
+                if mode == V2_GREEDY:
+                    out = self._medusa_graphs[k](logits.argmax(dim=-1), ids, hidden, slots)
+                else:
+                    trees = self.medusa_trees
+                    rand = StepRandomness.draw(r, trees.max_depth + 1, trees.children.shape[2], logits.shape[1],
+                                               sampling, logits.device)
+                    q = n_logits // r
+                    out = self._medusa_sampled_graphs[(k, sampling.filtered)](
+                        logits, ids.view(r, q)[:, 1:].reshape(-1), hidden, self._medusa_tree_ids[k][:r],
+                        sampling_params_tensor(sampling), rand.accept.flatten(1), rand.noise, slots)
+                tokens, num_accepted, num_sampled, num_rejected, drafts = out
                 # copies: AsyncOutput reads them on a side stream, past the next replay
                 tokens, num_sampled, num_rejected = tokens.clone(), num_sampled.clone(), num_rejected.clone()
                 self._medusa_next = (k, drafts.clone())
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
-            self.medusa_paths.count("verify general" if plain else "verify none (not plain greedy)")
-            # (vLLM's sampler, which a step that is not plain greedy calls, is not ours to guard)
-            with region("medusa: verify") if plain else contextlib.nullcontext():
-                tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, plain)
+            self.medusa_paths.count({V2_GREEDY: "verify general", V2_SAMPLED: "verify general sampled",
+                                     V2_NO_SPEC: "verify none (a request that cannot speculate)"}[mode])
+            # (vLLM's sampler, which a step with such a request calls, is not ours to guard)
+            with region("medusa: verify") if mode != V2_NO_SPEC else contextlib.nullcontext():
+                tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, mode)
                 num_sampled, num_rejected = num_sampled_and_rejected(
                     num_accepted, input_batch.seq_lens[:r], cu,
                     self.req_states.prefill_len.gpu[input_batch.idx_mapping])
@@ -368,28 +447,47 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_logprobs = None
         return out, num_sampled, num_rejected
 
-    def _medusa_general(self, hidden_states, input_batch, plain: bool):
+    def _medusa_sampling(self, input_batch) -> SamplingBatch:
+        """The step's sampling parameters from vLLM's V2 sampling state (per request slot)."""
+        st = self.sampler.sampling_states
+        idx, idx_np = input_batch.idx_mapping, input_batch.idx_mapping_np
+        filtered = bool((st.top_k.np[idx_np] < st.vocab_size).any() or (st.top_p.np[idx_np] < 1.0).any())
+        min_p = st.min_p.gpu[idx] if bool((st.min_p.np[idx_np] > 0).any()) else None
+        return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], None,
+                             filtered, min_p)
+
+    def _medusa_general(self, hidden_states, input_batch, mode: int):
         """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool)."""
         r = input_batch.num_reqs
         cu = input_batch.cu_num_logits
         hidden = hidden_states[input_batch.logits_indices]  # [L, H] rows of the logits
         logits = self.model.compute_logits(hidden)
-        out, last_row = greedy_packed(logits.argmax(dim=-1), input_batch.input_ids[input_batch.logits_indices],
-                                      cu, self._medusa_req_tree[input_batch.idx_mapping], self.medusa_trees)
+        tokens_in = input_batch.input_ids[input_batch.logits_indices]
+        tree_ids = self._medusa_req_tree[input_batch.idx_mapping]
+        if mode == V2_SAMPLED:
+            q = self.medusa_max_query
+            rows, valid = slot_rows(cu, q, logits.shape[0])
+            cfg = self.medusa_cfg
+            out = verify(cfg.acceptance, logits, torch.where(valid, rows, -1), tokens_in[rows[:, 1:]].long(),
+                         valid.sum(dim=1) - 1, tree_ids, self.medusa_trees, self._medusa_sampling(input_batch),
+                         eps=cfg.typical_eps, delta=cfg.typical_delta)
+            last_row = cu[:-1].long() + out.last_node
+        else:
+            out, last_row = greedy_packed(logits.argmax(dim=-1), tokens_in, cu, tree_ids, self.medusa_trees)
         has = (cu[1:] - cu[:-1]) > 1
-        if not plain:
+        if mode == V2_NO_SPEC:
             if not self._medusa_fallback_warned:
                 self._medusa_fallback_warned = True
-                logger.warning("medusa_vllm (V2 runner): a step has a request that is not plain greedy "
-                               "(sampling, penalties, logit bias or logprobs); such steps accept no drafts "
-                               "and take every token from vLLM's sampler")
+                logger.warning("medusa_vllm (V2 runner): a step has a request whose options the tree rows do "
+                               "not reproduce (penalties, logit bias, logprobs, a seed, ...); such steps accept "
+                               "no drafts and take every token from vLLM's sampler")
             root = self.sampler(logits[cu[:-1].long()], _root_batch(input_batch))
             out, last_row = reject_all(out, root.sampled_token_ids[:, 0], cu)
             self._medusa_logprobs = root.logprobs_tensors
             has = torch.zeros_like(has)
         self._medusa_move_kv(self._medusa_slots, input_batch.query_start_loc[: r + 1], out.accepted.int())
         self._medusa_next = self._medusa_next_drafts(hidden[last_row])
-        return out.tokens, out.num_accepted, has
+        return out.tokens.long(), out.num_accepted, has
 
     def _medusa_uniform_fn(self, k: int):
         """A uniform step of tree k as one fixed-shape function (CUDA graph per batch size): B
@@ -406,6 +504,25 @@ class MedusaV2ModelRunner(GPUModelRunner):
             self._medusa_move_kv(slots, starts, out.accepted)
             num_sampled = (out.num_accepted + 1).int()
             # tokens, accepted count, V2's emitted and rejected counts per request, the next drafts
+            return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
+
+        return step
+
+    def _medusa_sampled_fn(self, k: int, filtered: bool):
+        """A uniform step of tree k with sampled requests (greedy ones by the greedy rule) as one
+        fixed-shape function of the logits and the step's random numbers: verify, move the
+        accepted KV, draft tree k again."""
+        q = 1 + self.medusa_tree_sizes[k]
+        cfg = self.medusa_cfg
+
+        def step(logits, drafts, hidden, tree_ids, params, accept, noise, slots):
+            b = tree_ids.shape[0]
+            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
+                                    lambda h: self._medusa_head_drafts(h, k), cfg.acceptance, filtered,
+                                    cfg.typical_eps, cfg.typical_delta)
+            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=logits.device)
+            self._medusa_move_kv(slots, starts, out.accepted)
+            num_sampled = (out.num_accepted + 1).int()
             return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
 
         return step
@@ -460,12 +577,16 @@ class MedusaV2ModelRunner(GPUModelRunner):
         from medusa_vllm import kernels as k
 
         graphs = {g.name: g.summary() for g in self._medusa_graphs.values()}
+        sampled = {g.name: g.summary() for g in self._medusa_sampled_graphs.values()}
         return self.medusa_stats.summary() | {
             "runner": "v2",
             "attention": "kernel" if k.have_extension() else "reference ops (no compiled extension)",
             "uniform_greedy": {"steps": sum(g["steps"] for g in graphs.values()),
                                "graph_replays": sum(g["graph_replays"] for g in graphs.values()),
                                "by_tree": graphs},
+            "uniform_sampled": {"steps": sum(g["steps"] for g in sampled.values()),
+                                "graph_replays": sum(g["graph_replays"] for g in sampled.values()),
+                                "by_tree": sampled},
             "async_scheduling": bool(self.scheduler_config.async_scheduling),
             "step_paths": self.medusa_paths.summary(),
             "draft_schedule": getattr(self.speculative_config, "num_speculative_tokens_per_batch_size", None),
