@@ -461,7 +461,24 @@ def test_v2_modes():
 
     assert v2_mode(SamplingParams(temperature=0.0)) == V2_GREEDY
     assert v2_mode(SamplingParams(temperature=0.8, top_p=0.95, top_k=20, min_p=0.05)) == V2_SAMPLED
-    for sp in (SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0.8, repetition_penalty=1.1),
+    assert v2_mode(SamplingParams(temperature=0.8, seed=3)) == V2_SAMPLED
+    for sp in (SamplingParams(temperature=0.8, repetition_penalty=1.1),
                SamplingParams(temperature=0.8, logprobs=1), SamplingParams(temperature=0.0, logit_bias={1: 2.0}),
                SamplingParams.for_sampler_warmup(), None):
         assert v2_mode(sp) == V2_NO_SPEC
+
+
+def test_a_seeded_request_draws_from_its_own_generator():
+    """A seeded request's verification reads its own generator (vLLM's sampler convention), so
+    its tokens do not depend on the global RNG or on the other requests."""
+    def run(global_seed):
+        r, batch, table = _sampled_runner([(Q, Q - 1, 20), (Q, Q - 1, 30)], [V2_SAMPLED, V2_SAMPLED], [1.0, 1.0])
+        r.model = _SharpTarget(table)
+        r._medusa_gens = {0: torch.Generator().manual_seed(5)}  # as add_requests makes it for seed=5
+        torch.manual_seed(global_seed)
+        out, _, _ = r.sample(_hidden(batch.num_tokens), batch, None)
+        return out.sampled_token_ids
+
+    a, b = run(1), run(2)
+    assert torch.equal(a[0], b[0])  # the seeded request
+    assert not all(torch.equal(run(s)[1], a[1]) for s in (2, 3, 4))  # the unseeded one moves

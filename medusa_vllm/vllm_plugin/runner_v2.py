@@ -23,7 +23,7 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
    uniform step (every request verifies one whole tree) runs all of that as one fixed-shape
    function, replayed from a CUDA graph per batch size (sampled steps: with the step's random
    numbers drawn first, as inputs). A step holding a request whose options the tree rows do
-   not reproduce (penalties, logit bias, allowed tokens, logprobs, a seed: ``step.v2_mode``)
+   not reproduce (penalties, logit bias, allowed tokens, logprobs: ``step.v2_mode``)
    accepts no drafts at all and takes every root token from vLLM's own sampler, so such
    requests are served exactly, without speedup.
 3. ``capture_model``: vLLM's FULL graphs of uniform tree steps (every request 1 + nodes tokens)
@@ -162,6 +162,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
                                              backend=attention)
         self._medusa_mask_np = np.zeros(self.max_num_reqs, dtype=np.int32)  # what mask_ids holds
         self._medusa_mode = np.zeros(self.max_num_reqs, dtype=np.int8)  # per request slot: step.v2_mode
+        self._medusa_gens: dict[int, torch.Generator] = {}  # request slot -> a seeded request's generator
         # per request slot: the tree its stored drafts follow (host: -1 none; device: >= 0)
         self._medusa_tree_np = np.full(self.max_num_reqs, -1, dtype=np.int64)
         self._medusa_req_tree = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -302,7 +303,13 @@ class MedusaV2ModelRunner(GPUModelRunner):
         super().add_requests(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             idx = self.req_states.req_id_to_index[new.req_id]
-            self._medusa_mode[idx] = v2_mode(new.sampling_params, self.model_config.logprobs_mode)
+            sp = new.sampling_params
+            self._medusa_mode[idx] = v2_mode(sp, self.model_config.logprobs_mode)
+            self._medusa_gens.pop(idx, None)
+            if self._medusa_mode[idx] == V2_SAMPLED and sp.seed is not None:
+                # a seeded request draws its verification's random numbers from its own
+                # generator: its tokens do not depend on what else is in the batch
+                self._medusa_gens[idx] = torch.Generator(device=self.device).manual_seed(sp.seed)
             self._medusa_tree_np[idx] = -1
 
     def execute_model(self, scheduler_output, *args, dummy_run: bool = False, **kwargs):
@@ -453,7 +460,10 @@ class MedusaV2ModelRunner(GPUModelRunner):
         idx, idx_np = input_batch.idx_mapping, input_batch.idx_mapping_np
         filtered = bool((st.top_k.np[idx_np] < st.vocab_size).any() or (st.top_p.np[idx_np] < 1.0).any())
         min_p = st.min_p.gpu[idx] if bool((st.min_p.np[idx_np] > 0).any()) else None
-        return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], None,
+        gens = None
+        if self._medusa_gens:
+            gens = {row: g for row, i in enumerate(idx_np.tolist()) if (g := self._medusa_gens.get(i)) is not None}
+        return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], gens or None,
                              filtered, min_p)
 
     def _medusa_general(self, hidden_states, input_batch, mode: int):

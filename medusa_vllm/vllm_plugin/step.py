@@ -147,13 +147,14 @@ V2_NO_SPEC, V2_GREEDY, V2_SAMPLED = 0, 1, 2
 
 def v2_mode(sp, logprobs_mode: str = "raw_logprobs") -> int:
     """How the V2 runner verifies a request: V2_GREEDY (plain greedy: the argmax of the raw
-    logits), V2_SAMPLED (temperature, top-k, top-p, min-p: lossless rejection sampling, or
-    typical acceptance, from the tree rows' target distributions) or V2_NO_SPEC (penalties,
-    logit bias, allowed tokens, logprobs, a seed, or anything :func:`can_speculate` refuses):
-    a step holding such a request accepts no drafts and takes its tokens from vLLM's sampler."""
+    logits), V2_SAMPLED (temperature, top-k, top-p, min-p, with or without a seed: lossless
+    rejection sampling, or typical acceptance, from the tree rows' target distributions) or
+    V2_NO_SPEC (penalties, logit bias, allowed tokens, logprobs, or anything
+    :func:`can_speculate` refuses): a step holding such a request accepts no drafts and takes
+    its tokens from vLLM's sampler."""
     if plain_greedy(sp, logprobs_mode):
         return V2_GREEDY
-    if (can_speculate(sp, logprobs_mode) and sp.logprobs is None and sp.seed is None
+    if (can_speculate(sp, logprobs_mode) and sp.logprobs is None
             and sp.repetition_penalty == 1.0 and sp.presence_penalty == 0.0
             and sp.frequency_penalty == 0.0 and not sp.logit_bias and not sp.allowed_token_ids):
         return V2_SAMPLED
