@@ -1,8 +1,8 @@
 """GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
 settings (bf16, CUDA graphs), plus τ. The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
 inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE
-[SPEC_JSON] (more speculative-config keys, e.g. '{"runner":"v2"}'; "async_scheduling": true turns
-vLLM's asynchronous scheduler on for the Medusa engine)"""
+[SPEC_JSON] (more speculative-config keys, e.g. '{"runner":"v2"}'; "async_scheduling" and
+"enforce_eager" in it are engine arguments of the Medusa engine)"""
 import json
 import sys
 import time
@@ -30,7 +30,8 @@ def run(kw, prompts, n):
 if __name__ == "__main__":
     model, heads, tree = sys.argv[1:4]
     extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-    use_async = bool(extra.pop("async_scheduling", False))
+    # engine arguments among them (the rest is speculative config)
+    engine = {k: extra.pop(k) for k in ("async_scheduling", "enforce_eager") if k in extra}
     from transformers import AutoTokenizer
 
     from medusa_vllm.prompts import chat
@@ -41,7 +42,7 @@ if __name__ == "__main__":
     kw = dict(model=model, dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.25,
               seed=0, disable_log_stats=False, max_num_seqs=16, max_num_batched_tokens=2048)
     base = run_isolated(run, dict(kw, attention_backend="TRITON_ATTN"), prompts, 48)
-    med = run_isolated(run, dict(kw, async_scheduling=use_async,
+    med = run_isolated(run, dict(kw, **engine,
                                  speculative_config={"method": "medusa_vllm", "model": heads,
                                                      "tree": tree, **extra}), prompts, 48,
                        env={"MEDUSA_VLLM_SYNC_DEBUG": "1"})
