@@ -120,9 +120,9 @@ def _accepting_drafts(batch: InputBatch, table: torch.Tensor, tree=TREE) -> None
                 batch.input_ids[rows[s + j]] = table[rows[s + int(tree.parents[j])]]
 
 
-def _expected(batch: InputBatch, table: torch.Tensor, trees=(TREE,), tree_ids=None):
-    """The general verifier on the same step, in its own layout (``tree_ids``: per request,
-    default the first tree)."""
+def _verifier_layout(batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step in the general verifier's layout: (row_of_node [R, Q] token rows, -1 beyond the
+    request; drafts [R, Q-1])."""
     r = batch.num_reqs
     row_of_node = torch.full((r, Q), -1, dtype=torch.int64)
     drafts = torch.zeros((r, Q - 1), dtype=torch.int64)
@@ -131,6 +131,14 @@ def _expected(batch: InputBatch, table: torch.Tensor, trees=(TREE,), tree_ids=No
         toks = batch.logits_indices[s:e]
         row_of_node[i, : e - s] = toks
         drafts[i, : e - s - 1] = batch.input_ids[toks[1:]].long()
+    return row_of_node, drafts
+
+
+def _expected(batch: InputBatch, table: torch.Tensor, trees=(TREE,), tree_ids=None):
+    """The general verifier on the same step, in its own layout (``tree_ids``: per request,
+    default the first tree)."""
+    r = batch.num_reqs
+    row_of_node, drafts = _verifier_layout(batch)
     logits = torch.nn.functional.one_hot(table, VOCAB).float()
     ids = torch.zeros(r, dtype=torch.int64) if tree_ids is None else torch.tensor(tree_ids)
     ref = verify_greedy(logits, row_of_node, drafts, torch.from_numpy(batch.num_draft_tokens_per_req).long(),
@@ -391,17 +399,11 @@ def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
 
 
 def _sampled_reference(batch, table, sampling, rand=None):
-    r = batch.num_reqs
-    row_of_node = torch.full((r, Q), -1, dtype=torch.int64)
-    drafts = torch.zeros((r, Q - 1), dtype=torch.int64)
-    for i in range(r):
-        s, e = int(batch.cu_num_logits_np[i]), int(batch.cu_num_logits_np[i + 1])
-        toks = batch.logits_indices[s:e]
-        row_of_node[i, : e - s] = toks
-        drafts[i, : e - s - 1] = batch.input_ids[toks[1:]].long()
+    row_of_node, drafts = _verifier_layout(batch)
     logits = torch.nn.functional.one_hot(table, VOCAB).float() * 3.0
     ref = verify("rejection", logits, row_of_node, drafts, torch.from_numpy(batch.num_draft_tokens_per_req).long(),
-                 torch.zeros(r, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q), sampling, rand=rand)
+                 torch.zeros(batch.num_reqs, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q), sampling,
+                 rand=rand)
     return ref, row_of_node
 
 
@@ -482,3 +484,22 @@ def test_a_seeded_request_draws_from_its_own_generator():
     a, b = run(1), run(2)
     assert torch.equal(a[0], b[0])  # the seeded request
     assert not all(torch.equal(run(s)[1], a[1]) for s in (2, 3, 4))  # the unseeded one moves
+
+
+def test_sampled_graph_examples_share_the_vocabulary_buffers():
+    """graphs.sampled_example (V1 and V2 runners): inputs in the sampled step's layout, and one
+    logits and one noise buffer for every graph set, sized for the largest."""
+    from medusa_vllm.graphed_step import BatchGraphs
+    from medusa_vllm.vllm_plugin.graphs import sampled_example
+
+    trees = TreeTensors.build([TREE, SPARSE7], q_max=Q)
+    sets = [BatchGraphs(lambda *x: x, [q, q - 1, q, 1, 1, 1, 1, q], max_batch=b, exact=4, name=str(q))
+            for q, b in ((Q, 3), (8, 5))]
+    model = SimpleNamespace(compute_logits=lambda h: torch.zeros(h.shape[0], VOCAB, dtype=torch.bfloat16))
+    example = sampled_example(sets, model, HIDDEN, "cpu", torch.float32, trees)
+    assert sets[0].buffers[0] is sets[1].buffers[0] and sets[0].buffers[0].shape == (max(3 * Q, 5 * 8), VOCAB)
+    assert sets[0].buffers[6].shape == (5, VOCAB) and sets[0].buffers[0].dtype == torch.bfloat16
+    x = example(2, 8, 1, torch.Generator().manual_seed(0))
+    assert [tuple(t.shape) for t in x] == [(16, VOCAB), (14,), (16, HIDDEN), (2,), (2, 4),
+                                            (2, (trees.max_depth + 1) * trees.children.shape[2]), (2, VOCAB)]
+    assert x[0].dtype == torch.bfloat16 and x[1].dtype == torch.int32 and x[3].tolist() == [1, 1]

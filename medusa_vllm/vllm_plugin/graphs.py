@@ -122,33 +122,8 @@ class MedusaGraphsMixin:
         )
 
     def _medusa_sampled_example(self, sets: list[BatchGraphs]):
-        """Example inputs of the sampled uniform steps' graphs, whose logits and noise buffers
-        (the large ones: rows of the vocabulary) all sets share: one call replays at a time and
-        loads its own inputs first. The logits' dtype and width are the model's (its logits
-        processor's output), read off one dummy row."""
-        with torch.inference_mode():
-            probe = self.model.compute_logits(
-                torch.zeros(1, self.model_config.get_hidden_size(), device=self.device, dtype=self.dtype))
-        vocab, dtype = probe.shape[-1], probe.dtype
-        logits_rows = max(g.rows_per_req[0] * g.max_batch for g in sets)
-        noise_rows = max(g.max_batch for g in sets)
-        shared = torch.zeros(logits_rows, vocab, dtype=dtype, device=self.device)
-        noise = torch.ones(noise_rows, vocab, device=self.device)
-        for graphs in sets:
-            graphs.buffers = {0: shared, 6: noise}
-        levels, width = self.medusa_trees.max_depth + 1, self.medusa_trees.children.shape[2]
-
-        def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
-            params = torch.tensor([1.0, 5.0, 0.9, 0.05], device=self.device).repeat(b, 1)
-            return (
-                torch.randn(b * q, vocab, device=self.device, generator=g).to(dtype),
-                *self._medusa_greedy_example(b, q, k, g)[1:],
-                params,
-                torch.rand(b, levels * width, device=self.device, generator=g),
-                torch.empty(b, vocab, device=self.device).exponential_(generator=g),
-            )
-
-        return example
+        return sampled_example(sets, self.model, self.model_config.get_hidden_size(), self.device, self.dtype,
+                               self.medusa_trees)
 
     def _medusa_graph_batch_sizes(self, k: int) -> list[int]:
         """Batch sizes B whose uniform step of the largest tree or of tree k (B * (1 + nodes)
@@ -276,3 +251,33 @@ class MedusaGraphsMixin:
             return finish(out, b, slot_mapping)
 
         return sampled_step if sampled else greedy_step
+
+
+def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dtype, trees):
+    """``example(b, q, k, generator)``: inputs of a sampled uniform step's graph (logits, drafts,
+    hidden, tree ids, sampling parameters, uniforms, noise), for the V1 and the V2 runner. The
+    logits and noise buffers (the large ones: rows of the vocabulary) all ``sets`` share: one
+    call replays at a time and loads its own inputs first. The logits' dtype and width are the
+    model's (its logits processor's output), read off one dummy row."""
+    with torch.inference_mode():
+        probe = model.compute_logits(torch.zeros(1, hidden_size, device=device, dtype=dtype))
+    vocab, logits_dtype = probe.shape[-1], probe.dtype
+    shared = torch.zeros(max(g.rows_per_req[0] * g.max_batch for g in sets), vocab, dtype=logits_dtype,
+                         device=device)
+    noise = torch.ones(max(g.max_batch for g in sets), vocab, device=device)
+    for graphs in sets:
+        graphs.buffers = {0: shared, 6: noise}
+    levels, width = trees.max_depth + 1, trees.children.shape[2]
+
+    def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
+        return (
+            torch.randn(b * q, vocab, device=device, generator=g).to(logits_dtype),
+            torch.randint(0, 8, (b * (q - 1),), device=device, generator=g, dtype=torch.int32),
+            torch.randn(b * q, hidden_size, device=device, generator=g, dtype=dtype),
+            torch.full((b,), k, dtype=torch.int64, device=device),
+            torch.tensor([1.0, 5.0, 0.9, 0.05], device=device).repeat(b, 1),
+            torch.rand(b, levels * width, device=device, generator=g),
+            torch.empty(b, vocab, device=device).exponential_(generator=g),
+        )
+
+    return example

@@ -67,9 +67,10 @@ from medusa_vllm.verify import verify
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS
+from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, sampled_example
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
+from medusa_vllm.vllm_plugin.worker import _swapped
 from medusa_vllm.vllm_plugin.step import V2_GREEDY, V2_NO_SPEC, V2_SAMPLED, position_offsets, tree_lead, v2_mode
 
 logger = init_logger(__name__)
@@ -114,16 +115,6 @@ class MedusaV2Speculator(DraftModelSpeculator):
                 mm_inputs=None, is_profile: bool = False) -> torch.Tensor:
         assert self.runner is not None, "MedusaV2ModelRunner sets runner"
         return self.runner._medusa_propose(input_batch, last_hidden_states, dummy_run)
-
-
-@contextlib.contextmanager
-def _swapped(module: object, name: str, replacement) -> object:
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 class MedusaV2ModelRunner(GPUModelRunner):
@@ -274,30 +265,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
                             dtype=self.dtype))
 
     def _medusa_sampled_example(self, sets: list[BatchGraphs]):
-        """Example inputs of sampled uniform steps; the logits and noise buffers (rows of the
-        vocabulary) are shared by every set: one replays at a time, after loading its inputs."""
-        with torch.inference_mode():
-            probe = self.model.compute_logits(
-                torch.zeros(1, self.model_config.get_hidden_size(), device=self.device, dtype=self.dtype))
-        vocab, dtype = probe.shape[-1], probe.dtype
-        shared = torch.zeros(max(g.rows_per_req[0] * g.max_batch for g in sets), vocab, dtype=dtype,
-                             device=self.device)
-        noise = torch.ones(max(g.max_batch for g in sets), vocab, device=self.device)
-        for g in sets:
-            g.buffers = {0: shared, 6: noise}
-        levels, width = self.medusa_trees.max_depth + 1, self.medusa_trees.children.shape[2]
-        hidden = self.model_config.get_hidden_size()
-
-        def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
-            return (torch.randn(b * q, vocab, device=self.device, generator=g).to(dtype),
-                    torch.randint(0, 8, (b * (q - 1),), device=self.device, generator=g, dtype=torch.int32),
-                    torch.randn(b * q, hidden, device=self.device, generator=g, dtype=self.dtype),
-                    torch.full((b,), k, dtype=torch.int64, device=self.device),
-                    torch.tensor([1.0, 5.0, 0.9, 0.05], device=self.device).repeat(b, 1),
-                    torch.rand(b, levels * width, device=self.device, generator=g),
-                    torch.empty(b, vocab, device=self.device).exponential_(generator=g))
-
-        return example
+        return sampled_example(sets, self.model, self.model_config.get_hidden_size(), self.device, self.dtype,
+                               self.medusa_trees)
 
     def add_requests(self, scheduler_output) -> None:
         super().add_requests(scheduler_output)
