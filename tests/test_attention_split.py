@@ -98,3 +98,19 @@ def test_the_slice_for_vllms_backend_starts_aligned():
     for name, v in vars(rest).items():
         if isinstance(v, torch.Tensor):
             assert v.data_ptr() % 16 == 0, name
+
+
+def test_a_capture_marked_as_a_whole_takes_tree_shapes_only():
+    """vLLM's V2 runner: one mark covers all of its capture, so only uniform batches of 2..Q
+    tokens per request are tree steps; plain decoding's graphs (one token) and mixed batches
+    keep vLLM's attention."""
+    from medusa_vllm.vllm_plugin.attention import tree_capture_shape
+
+    def cm(reqs, tokens, max_q):
+        return SimpleNamespace(num_reqs=reqs, num_actual_tokens=tokens, max_query_len=max_q)
+
+    assert tree_capture_shape(cm(4, 64, 16), 16) and tree_capture_shape(cm(2, 8, 4), 16)
+    assert not tree_capture_shape(cm(8, 8, 1), 16)  # plain decoding
+    assert not tree_capture_shape(cm(3, 40, 16), 16)  # not uniform
+    assert not tree_capture_shape(cm(1, 32, 32), 16)  # longer than the tree kernel's query
+    assert TreeAttnStep.for_capture(uniform_only=True).uniform_only and not TreeAttnStep.for_capture().uniform_only

@@ -39,12 +39,22 @@ class TreeAttnStep:
     num_reqs: int  # leading requests of the batch that go to the tree kernel
     num_tokens: int  # their query tokens
     all_reqs: bool = False  # every request (incl. CUDA-graph padding) goes to the tree kernel
+    # a capture marked as a whole (V2): only batches of 2..Q tokens per request are tree steps
+    uniform_only: bool = False
 
     @classmethod
-    def for_capture(cls) -> TreeAttnStep:
+    def for_capture(cls, uniform_only: bool = False) -> TreeAttnStep:
         """The step of vLLM's uniform-decode dummy runs, from which it captures FULL graphs:
-        the whole (dummy) batch in the tree kernel."""
-        return cls(0, 0, all_reqs=True)
+        the whole (dummy) batch in the tree kernel. ``uniform_only``: the mark covers a whole
+        capture (vLLM's V2 runner), whose batches of other shapes keep vLLM's attention."""
+        return cls(0, 0, all_reqs=True, uniform_only=uniform_only)
+
+
+def tree_capture_shape(cm: CommonAttentionMetadata, q: int) -> bool:
+    """A capture batch of a tree step's shape: uniform, 2..q tokens per request. Where a mark
+    covers a whole capture (vLLM's V2 runner), a FULL graph of any other shape, plain
+    decoding's one token per request included, keeps vLLM's kernel: such a step is vLLM's own."""
+    return 1 < cm.max_query_len <= q and cm.num_actual_tokens == cm.num_reqs * cm.max_query_len
 
 
 class MedusaAttnContext:

@@ -15,6 +15,7 @@ from medusa_vllm.vllm_plugin.attention import (
     MedusaAttnContext,
     TreeImplMixin,
     _split_build,
+    tree_capture_shape,
 )
 
 
@@ -39,13 +40,8 @@ class MedusaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         step = self.medusa.step if self.medusa is not None else None
-        cm = common_attn_metadata
-        q = self.medusa.masks.shape[1] if self.medusa is not None else 0
-        # only a uniform batch of 2..Q tokens per request is a tree step (vLLM's V2 runner marks
-        # its whole capture); a FULL graph of any other shape, plain decoding's (one token per
-        # request) included, keeps vLLM's kernel: such a step is then vLLM's own
-        uniform = 1 < cm.max_query_len <= q and cm.num_actual_tokens == cm.num_reqs * cm.max_query_len
-        if step is None or not step.all_reqs or not uniform:
+        if step is None or not step.all_reqs or (
+                step.uniform_only and not tree_capture_shape(common_attn_metadata, self.medusa.masks.shape[1])):
             return super().build_for_cudagraph_capture(common_attn_metadata)
         # a tree-step graph: the dummy's seq_lens (= its query length) are valid tree-kernel
         # inputs; vLLM's Triton override would set them to 1, below the query length

@@ -221,7 +221,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
     def capture_model(self) -> int:
         # FULL graphs of uniform tree steps run every request through the tree kernel (the
         # builder takes a capture batch that is uniform with 2..Q tokens per request)
-        self.medusa_attn.step = TreeAttnStep.for_capture()
+        self.medusa_attn.step = TreeAttnStep.for_capture(uniform_only=True)
         try:
             size = super().capture_model()
         finally:
