@@ -1,5 +1,6 @@
 """GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
-settings (bf16, CUDA graphs), plus τ. The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
+settings (bf16, CUDA graphs), plus τ; then sampled requests on the Medusa engine (seeded ones,
+run twice in another batch order, must repeat their tokens). The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
 inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE
 [SPEC_JSON] (more speculative-config keys, e.g. '{"runner":"v2"}'; "async_scheduling" and
 "enforce_eager" in it are engine arguments of the Medusa engine)"""
@@ -21,10 +22,20 @@ def run(kw, prompts, n):
     t = time.time()
     out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)
     gen = time.time() - t
-    stats = llm.collective_rpc("medusa_stats")[0] if kw.get("speculative_config") else None
-    return {"start_s": start, "gen_s": gen, "metrics": metric_values(llm), "medusa_stats": stats,
-            "tokens": [list(o.outputs[0].token_ids) for o in out],
-            "text0": out[0].outputs[0].text}
+    res = {"start_s": start, "gen_s": gen, "metrics": metric_values(llm),
+           "tokens": [list(o.outputs[0].token_ids) for o in out], "text0": out[0].outputs[0].text}
+    if kw.get("speculative_config"):
+        # sampled requests in the same engine (after the greedy numbers): seeded ones must
+        # repeat their tokens, whatever the batch around them
+        sampled = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=n, seed=(i if i % 2 else None))
+                   for i in range(len(prompts))]
+        first = llm.generate(prompts, sampled, use_tqdm=False)
+        again = llm.generate(prompts[::-1], sampled[::-1], use_tqdm=False)[::-1]
+        res["sampled_seeded_repeat"] = [
+            list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+            for i, (a, b) in enumerate(zip(first, again)) if i % 2]
+        res["medusa_stats"] = llm.collective_rpc("medusa_stats")[0]
+    return res
 
 
 if __name__ == "__main__":
@@ -52,4 +63,5 @@ if __name__ == "__main__":
     print(json.dumps({"identical": same, "of": len(prompts), "tau": 1 + m.get("vllm:spec_decode_num_accepted_tokens", 0) / d if d else None,
                       "base_gen_s": base["gen_s"], "med_gen_s": med["gen_s"], "base_start_s": base["start_s"],
                       "med_start_s": med["start_s"], "base_text": base["text0"][:120], "med_text": med["text0"][:120],
+                      "sampled_seeded_repeat": med["sampled_seeded_repeat"],
                       "medusa_stats": med["medusa_stats"]}, indent=1))
