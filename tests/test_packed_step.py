@@ -1,5 +1,5 @@
 """The V2 runner's packed tree step (medusa_vllm.packed_step) against the general verifier, and
-its host helpers (vllm_plugin.step.tree_lead, plain_greedy; runner_v2._root_batch)."""
+its host helpers (vllm_plugin.step.tree_lead; runner_v2._root_batch)."""
 import numpy as np
 import pytest
 import torch
@@ -95,18 +95,6 @@ def test_tree_lead_runs_through_the_last_request_with_drafts():
     assert tree_lead(np.array([False, False]), np.array([1, 80]), 64) == 0
     with pytest.raises(RuntimeError, match="longer than 64"):
         tree_lead(np.array([True, False, True]), np.array([64, 80, 30]), 64)
-
-
-def test_plain_greedy_only_for_argmax_requests():
-    from vllm import SamplingParams
-
-    from medusa_vllm.vllm_plugin.step import plain_greedy
-
-    assert plain_greedy(SamplingParams(temperature=0.0, max_tokens=4, stop=["x"]))
-    for sp in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.0, repetition_penalty=1.2),
-               SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0, logit_bias={3: 1.0}),
-               SamplingParams(temperature=0.0, min_tokens=3), SamplingParams.for_sampler_warmup(), None):
-        assert not plain_greedy(sp)
 
 
 def test_root_batch_keeps_one_row_per_request():

@@ -60,6 +60,7 @@ def _runner(table: torch.Tensor, prefill_len: list[int], adaptive: list[str] = (
     r.kv_caches = [torch.randn(2, NB, BS, 2, 4)]
     r.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(kv_views=lambda kv: (kv[0], kv[1])))]]
     r._medusa_mode[:] = V2_GREEDY
+    r.sampler = SimpleNamespace(penalties_state=SimpleNamespace(use_penalty=np.zeros(4, dtype=bool)))
     return r
 
 
@@ -388,7 +389,7 @@ def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
     r._medusa_mode[: len(modes)] = modes
     n = r.max_num_reqs
     pad = n - len(temps)
-    r.sampler = SimpleNamespace(sampling_states=SimpleNamespace(
+    r.sampler = SimpleNamespace(penalties_state=r.sampler.penalties_state, sampling_states=SimpleNamespace(
         vocab_size=VOCAB, temperature=_uva(list(temps) + [0.0] * pad, np.float32),
         top_k=_uva([VOCAB] * n, np.int32), top_p=_uva(list(top_p or [1.0] * len(temps)) + [1.0] * pad, np.float32),
         min_p=_uva([0.0] * n, np.float32)))
@@ -464,7 +465,9 @@ def test_v2_modes():
     assert v2_mode(SamplingParams(temperature=0.0)) == V2_GREEDY
     assert v2_mode(SamplingParams(temperature=0.8, top_p=0.95, top_k=20, min_p=0.05)) == V2_SAMPLED
     assert v2_mode(SamplingParams(temperature=0.8, seed=3)) == V2_SAMPLED
-    for sp in (SamplingParams(temperature=0.8, repetition_penalty=1.1),
+    assert v2_mode(SamplingParams(temperature=0.8, repetition_penalty=1.1)) == V2_SAMPLED
+    assert v2_mode(SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.2)) == V2_GREEDY
+    for sp in (SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.0, allowed_token_ids=[1]),
                SamplingParams(temperature=0.8, logprobs=1), SamplingParams(temperature=0.0, logit_bias={1: 2.0}),
                SamplingParams.for_sampler_warmup(), None):
         assert v2_mode(sp) == V2_NO_SPEC
@@ -503,3 +506,84 @@ def test_sampled_graph_examples_share_the_vocabulary_buffers():
     assert [tuple(t.shape) for t in x] == [(16, VOCAB), (14,), (16, HIDDEN), (2,), (2, 4),
                                             (2, (trees.max_depth + 1) * trees.children.shape[2]), (2, VOCAB)]
     assert x[0].dtype == torch.bfloat16 and x[1].dtype == torch.int32 and x[3].tolist() == [1, 1]
+
+
+def _penalty_state(n_slots, prompts, outputs, rep, freq, pres):
+    """V2's PenaltiesState for request slots 0.. (prompt token lists, output token lists)."""
+    words = (VOCAB + 31) // 32
+    mask = torch.zeros(n_slots, words, dtype=torch.int32)
+    counts = torch.zeros(n_slots, VOCAB, dtype=torch.int32)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        for t in set(p):
+            mask[i, t // 32] |= 1 << (t % 32)
+        for t in o:
+            counts[i, t] += 1
+    n = len(prompts)
+    pad = n_slots - n
+    return SimpleNamespace(
+        use_penalty=np.array([True] * n + [False] * pad),
+        prompt_bin_mask=mask, output_bin_counts=counts,
+        repetition_penalty=_uva(list(rep) + [1.0] * pad, np.float32),
+        frequency_penalty=_uva(list(freq) + [0.0] * pad, np.float32),
+        presence_penalty=_uva(list(pres) + [0.0] * pad, np.float32))
+
+
+def test_unpack_prompt_mask():
+    from medusa_vllm.vllm_plugin.penalties_v2 import unpack_prompt_mask
+
+    packed = torch.tensor([[0b101, -(1 << 31)], [0, 1]], dtype=torch.int32)  # bit 31 of word 1: token 63
+    m = unpack_prompt_mask(packed, 64)
+    assert torch.nonzero(m[0]).flatten().tolist() == [0, 2, 63] and torch.nonzero(m[1]).flatten().tolist() == [32]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_penalties_enter_each_tree_row_along_its_path(seed):
+    """Greedy requests with repetition, frequency and presence penalties: each row is penalized
+    with the request's prompt and output plus its own path (a dense reference, V2's kernel's
+    operations), then verified; rows the chain rule would count wrongly matter here."""
+    reqs = [(Q, Q - 1, 20), (Q, Q - 1, 30)]
+    batch = _batch(reqs, seed)
+    g = torch.Generator().manual_seed(seed + 9)
+    table = torch.randint(0, 3, (batch.num_tokens,), generator=g)  # few tokens: many repeats
+    batch.input_ids.copy_(torch.randint(0, 3, (batch.num_tokens,), generator=g, dtype=torch.int32))
+    _accepting_drafts(batch, table)
+    r = _runner(table, [0] * 4)
+    r.model = _SharpTarget(table)
+    prompts = [[0, 5, 7], [1, 1, 9]]
+    outputs = [[2, 2, 0], [1]]
+    state = _penalty_state(4, prompts, outputs, rep=[4.0, 3.0], freq=[1.0, 0.0], pres=[0.0, 1.5])
+    r.sampler = SimpleNamespace(penalties_state=state)
+    all_ids = torch.zeros(4, 64, dtype=torch.int32)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        all_ids[i, : len(p) + len(o)] = torch.tensor(p + o)
+    r.req_states.all_token_ids = SimpleNamespace(gpu=all_ids)
+    r.req_states.total_len = SimpleNamespace(gpu=torch.tensor([6, 4, 0, 0]))
+    _record(r, [0, 0])
+    r._medusa_slots = _slots(batch)
+    r._medusa_prepare_tree(batch)
+    out, _, _ = r.sample(_hidden(batch.num_tokens), batch, None)
+    # the dense reference: every row with its whole history spelled out
+    row_of_node, drafts = _verifier_layout(batch)
+    logits = torch.nn.functional.one_hot(table, VOCAB).float() * 3.0
+    for b in range(2):
+        for j in range(Q):
+            path, node = [], j
+            while node > 0:
+                path.append(int(drafts[b, node - 1]))
+                node = int(TREE.parents[node])
+            hist = outputs[b] + path
+            row = logits[row_of_node[b, j]]
+            counts = torch.bincount(torch.tensor(hist, dtype=torch.int64), minlength=VOCAB).float()
+            seen = (counts > 0) | torch.isin(torch.arange(VOCAB), torch.tensor(prompts[b]))
+            p = torch.where(seen, torch.tensor(state.repetition_penalty.np[b]), torch.tensor(1.0))
+            row = row * torch.where(row > 0, 1.0 / p, p)
+            row = row - float(state.frequency_penalty.np[b]) * counts
+            row = row - float(state.presence_penalty.np[b]) * (counts > 0)
+            logits[row_of_node[b, j]] = row
+    ref = verify_greedy(logits, row_of_node, drafts, torch.from_numpy(batch.num_draft_tokens_per_req).long(),
+                        torch.zeros(2, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q))
+    assert torch.equal(out.sampled_token_ids, ref.tokens)
+    unpenalized = verify_greedy(torch.nn.functional.one_hot(table, VOCAB).float(), row_of_node, drafts,
+                                torch.from_numpy(batch.num_draft_tokens_per_req).long(),
+                                torch.zeros(2, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q))
+    assert not torch.equal(unpenalized.tokens, ref.tokens)  # the penalties did change something

@@ -19,13 +19,14 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
    :func:`medusa_vllm.verify.verify`, with vLLM's per-request temperature, top-k, top-p and
    min-p), the accepted path's KV moved into the consecutive slots vLLM's bookkeeping expects
    (it advances ``num_computed`` by ``query_len - num_rejected``, ``num_rejected = nodes -
-   accepted``), and the next drafts from the heads at each request's last accepted node. A
-   uniform step (every request verifies one whole tree) runs all of that as one fixed-shape
-   function, replayed from a CUDA graph per batch size (sampled steps: with the step's random
-   numbers drawn first, as inputs). A step holding a request whose options the tree rows do
-   not reproduce (penalties, logit bias, allowed tokens, logprobs: ``step.v2_mode``)
-   accepts no drafts at all and takes every root token from vLLM's own sampler, so such
-   requests are served exactly, without speedup.
+   accepted``), and the next drafts from the heads at each request's last accepted node.
+   Repetition, presence and frequency penalties enter each tree row along its own path
+   (:mod:`.penalties_v2`). A uniform step (every request verifies one whole tree) runs all of
+   that as one fixed-shape function, replayed from a CUDA graph per batch size (sampled steps:
+   with the step's random numbers drawn first, as inputs). A step holding a request whose
+   options the tree rows do not reproduce (logit bias, allowed tokens, logprobs:
+   ``step.v2_mode``) accepts no drafts at all and takes every root token from vLLM's own
+   sampler, so such requests are served exactly, without speedup.
 3. ``capture_model``: vLLM's FULL graphs of uniform tree steps (every request 1 + nodes tokens)
    hold the tree kernel, those of plain decoding (1 token) vLLM's own attention; then the
    verify+heads graphs of each tree.
@@ -68,6 +69,7 @@ from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, sampled_example
+from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
 from medusa_vllm.vllm_plugin.worker import _swapped
@@ -392,7 +394,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             hidden = hidden_states[:n_logits]
             ids, slots = input_batch.input_ids[:n_logits], self._medusa_slots[:n_logits]
             with region("medusa: verify+heads"):
-                logits = self.model.compute_logits(hidden)
+                logits = self._medusa_penalized(self.model.compute_logits(hidden), input_batch)
                 if mode == V2_GREEDY:
                     out = self._medusa_graphs[k](logits.argmax(dim=-1), ids, hidden, slots)
                 else:
@@ -423,6 +425,21 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_logprobs = None
         return out, num_sampled, num_rejected
 
+    def _medusa_penalized(self, logits: torch.Tensor, input_batch) -> torch.Tensor:
+        """``logits`` [L, V] of the step's rows, each penalized along its own path when some
+        request has repetition, presence or frequency penalties (float32 then), else as is."""
+        state = self.sampler.penalties_state
+        if not any_penalty(state, input_batch.idx_mapping_np):
+            return logits
+        rs = self.req_states
+        width = min(int(input_batch.seq_lens_cpu_upper_bound[: input_batch.num_reqs].max()) + 1,
+                    rs.all_token_ids.gpu.shape[1])
+        pen = v2_penalties(state, rs.all_token_ids.gpu, rs.total_len.gpu, input_batch.idx_mapping, width,
+                           logits.shape[1])
+        return packed_tree_logits(logits, input_batch.input_ids[input_batch.logits_indices],
+                                  input_batch.cu_num_logits, input_batch.expanded_local_pos,
+                                  self._medusa_req_tree[input_batch.idx_mapping], self.medusa_trees, pen)
+
     def _medusa_sampling(self, input_batch) -> SamplingBatch:
         """The step's sampling parameters from vLLM's V2 sampling state (per request slot)."""
         st = self.sampler.sampling_states
@@ -440,7 +457,9 @@ class MedusaV2ModelRunner(GPUModelRunner):
         r = input_batch.num_reqs
         cu = input_batch.cu_num_logits
         hidden = hidden_states[input_batch.logits_indices]  # [L, H] rows of the logits
-        logits = self.model.compute_logits(hidden)
+        raw = self.model.compute_logits(hidden)
+        # (a step that speculates nothing leaves the penalties to vLLM's sampler, on raw logits)
+        logits = self._medusa_penalized(raw, input_batch) if mode != V2_NO_SPEC else raw
         tokens_in = input_batch.input_ids[input_batch.logits_indices]
         tree_ids = self._medusa_req_tree[input_batch.idx_mapping]
         if mode == V2_SAMPLED:
@@ -460,7 +479,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
                 logger.warning("medusa_vllm (V2 runner): a step has a request whose options the tree rows do "
                                "not reproduce (penalties, logit bias, logprobs, a seed, ...); such steps accept "
                                "no drafts and take every token from vLLM's sampler")
-            root = self.sampler(logits[cu[:-1].long()], _root_batch(input_batch))
+            root = self.sampler(raw[cu[:-1].long()], _root_batch(input_batch))
             out, last_row = reject_all(out, root.sampled_token_ids[:, 0], cu)
             self._medusa_logprobs = root.logprobs_tensors
             has = torch.zeros_like(has)

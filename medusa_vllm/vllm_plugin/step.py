@@ -108,24 +108,6 @@ def can_speculate(sp, logprobs_mode: str = "raw_logprobs") -> bool:
     )
 
 
-def plain_greedy(sp, logprobs_mode: str = "raw_logprobs") -> bool:
-    """A request whose every token is the argmax of the raw logits and that asks for nothing
-    per token beyond it: what the V2 runner's tree steps reproduce exactly (temperature 0, no
-    penalties, logit bias, allowed or bad words, min_tokens, logprobs or structured output)."""
-    from vllm.sampling_params import _SAMPLING_EPS
-
-    return (
-        can_speculate(sp, logprobs_mode)
-        and sp.temperature < _SAMPLING_EPS
-        and sp.logprobs is None
-        and sp.repetition_penalty == 1.0
-        and sp.presence_penalty == 0.0
-        and sp.frequency_penalty == 0.0
-        and not sp.logit_bias
-        and not sp.allowed_token_ids
-    )
-
-
 def tree_lead(has_drafts: np.ndarray, num_scheduled: np.ndarray, max_query: int) -> int:
     """How many leading requests of a V2 step go to the tree kernel: through the last request
     with drafts (V2 orders requests with the full query length first, shorter ones by length,
@@ -146,16 +128,15 @@ V2_NO_SPEC, V2_GREEDY, V2_SAMPLED = 0, 1, 2
 
 
 def v2_mode(sp, logprobs_mode: str = "raw_logprobs") -> int:
-    """How the V2 runner verifies a request: V2_GREEDY (plain greedy: the argmax of the raw
-    logits), V2_SAMPLED (temperature, top-k, top-p, min-p, with or without a seed: lossless
-    rejection sampling, or typical acceptance, from the tree rows' target distributions) or
-    V2_NO_SPEC (penalties, logit bias, allowed tokens, logprobs, or anything
-    :func:`can_speculate` refuses): a step holding such a request accepts no drafts and takes
-    its tokens from vLLM's sampler."""
-    if plain_greedy(sp, logprobs_mode):
-        return V2_GREEDY
-    if (can_speculate(sp, logprobs_mode) and sp.logprobs is None
-            and sp.repetition_penalty == 1.0 and sp.presence_penalty == 0.0
-            and sp.frequency_penalty == 0.0 and not sp.logit_bias and not sp.allowed_token_ids):
-        return V2_SAMPLED
-    return V2_NO_SPEC
+    """How the V2 runner verifies a request: V2_GREEDY (temperature 0: the target argmax),
+    V2_SAMPLED (temperature, top-k, top-p, min-p, seeded or not: lossless rejection sampling,
+    or typical acceptance), both with repetition, presence and frequency penalties per tree row;
+    or V2_NO_SPEC (logit bias, allowed tokens, logprobs, or anything :func:`can_speculate`
+    refuses): a step holding such a request accepts no drafts and takes its tokens from vLLM's
+    sampler."""
+    from vllm.sampling_params import _SAMPLING_EPS
+
+    if (not can_speculate(sp, logprobs_mode) or sp.logprobs is not None or sp.logit_bias
+            or sp.allowed_token_ids):
+        return V2_NO_SPEC
+    return V2_GREEDY if sp.temperature < _SAMPLING_EPS else V2_SAMPLED
