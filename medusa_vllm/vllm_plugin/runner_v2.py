@@ -358,8 +358,9 @@ class MedusaV2ModelRunner(GPUModelRunner):
         out[index.long()] = src
 
     def _medusa_uniform_tree(self, input_batch) -> int | None:
-        """The tree k every request of this step verifies whole (all decoding, all plain greedy:
-        the fixed-shape function applies when the next drafts follow k too), or None."""
+        """The tree k every request of this step verifies whole (all decoding, every row a
+        logits row: the fixed-shape functions of tree k apply when the next drafts follow k
+        too), or None."""
         trees = self._medusa_step_trees
         if trees is None or input_batch.num_draft_tokens_per_req is None:
             return None
