@@ -587,3 +587,39 @@ def test_penalties_enter_each_tree_row_along_its_path(seed):
                                 torch.from_numpy(batch.num_draft_tokens_per_req).long(),
                                 torch.zeros(2, dtype=torch.int64), TreeTensors.build([TREE], q_max=Q))
     assert not torch.equal(unpenalized.tokens, ref.tokens)  # the penalties did change something
+
+
+def test_new_requests_get_their_mode_generator_and_no_recorded_tree(monkeypatch):
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    monkeypatch.setattr(GPUModelRunner, "add_requests", lambda self, so: None)  # vLLM's own part
+    r = _runner(torch.zeros(1, dtype=torch.int64), [0] * 4)
+    r.req_states.req_id_to_index = {"a": 0, "b": 1, "c": 2}
+    r.model_config = SimpleNamespace(logprobs_mode="raw_logprobs")
+    r._medusa_tree_np[:3] = [0, 0, 0]
+    r._medusa_gens[1] = "stale"
+    new = [SimpleNamespace(req_id="a", sampling_params=SamplingParams(temperature=0.0)),
+           SimpleNamespace(req_id="b", sampling_params=SamplingParams(temperature=0.9, seed=4)),
+           SimpleNamespace(req_id="c", sampling_params=SamplingParams(temperature=0.0, logprobs=2))]
+    r.add_requests(SimpleNamespace(scheduled_new_reqs=new))
+    assert r._medusa_mode[:3].tolist() == [V2_GREEDY, V2_SAMPLED, V2_NO_SPEC]
+    assert r._medusa_tree_np[:3].tolist() == [-1, -1, -1]
+    g = r._medusa_gens[1]
+    assert isinstance(g, torch.Generator) and g.initial_seed() == 4 and 0 not in r._medusa_gens
+
+
+def test_dummy_runs_draft_the_largest_tree_and_summary():
+    r = _runner(torch.zeros(1, dtype=torch.int64), [0] * 4, adaptive=["sparse-7"])
+    batch = _batch([(4, 0, 0), (4, 0, 0)])
+    hidden = _hidden(batch.num_tokens)
+    r._medusa_next = (1, "left over")  # a dummy run neither uses nor keeps it
+    assert torch.equal(r._medusa_propose(batch, hidden, dummy_run=True), _node_drafts(torch.tensor([3, 7])))
+    assert r._medusa_next is None and r._medusa_tree_np[:2].tolist() == [-1, -1]
+    r.scheduler_config = SimpleNamespace(async_scheduling=True)
+    r.speculative_config = SimpleNamespace(num_speculative_tokens_per_batch_size=[(1, 8, 15), (9, 1 << 20, 0)])
+    summary = r.medusa_summary()
+    assert summary["runner"] == "v2" and summary["draft_schedule"][1][2] == 0
+    assert set(summary["uniform_greedy"]["by_tree"]) == {"verify+heads+KV move (15 nodes, V2)",
+                                                         "verify+heads+KV move (7 nodes, V2)"}
+    assert len(summary["uniform_sampled"]["by_tree"]) == 4  # two trees x with/without top-k/top-p
