@@ -60,7 +60,8 @@ def _runner(table: torch.Tensor, prefill_len: list[int], adaptive: list[str] = (
     r.kv_caches = [torch.randn(2, NB, BS, 2, 4)]
     r.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(kv_views=lambda kv: (kv[0], kv[1])))]]
     r._medusa_mode[:] = V2_GREEDY
-    r.sampler = SimpleNamespace(penalties_state=SimpleNamespace(use_penalty=np.zeros(4, dtype=bool)))
+    r.sampler = SimpleNamespace(penalties_state=SimpleNamespace(use_penalty=np.zeros(4, dtype=bool)),
+                                logit_bias_state=SimpleNamespace(use_logit_bias=np.zeros(4, dtype=bool)))
     return r
 
 
@@ -389,7 +390,8 @@ def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
     r._medusa_mode[: len(modes)] = modes
     n = r.max_num_reqs
     pad = n - len(temps)
-    r.sampler = SimpleNamespace(penalties_state=r.sampler.penalties_state, sampling_states=SimpleNamespace(
+    r.sampler = SimpleNamespace(penalties_state=r.sampler.penalties_state,
+                                logit_bias_state=r.sampler.logit_bias_state, sampling_states=SimpleNamespace(
         vocab_size=VOCAB, temperature=_uva(list(temps) + [0.0] * pad, np.float32),
         top_k=_uva([VOCAB] * n, np.int32), top_p=_uva(list(top_p or [1.0] * len(temps)) + [1.0] * pad, np.float32),
         min_p=_uva([0.0] * n, np.float32)))
@@ -467,8 +469,8 @@ def test_v2_modes():
     assert v2_mode(SamplingParams(temperature=0.8, seed=3)) == V2_SAMPLED
     assert v2_mode(SamplingParams(temperature=0.8, repetition_penalty=1.1)) == V2_SAMPLED
     assert v2_mode(SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.2)) == V2_GREEDY
-    for sp in (SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.0, allowed_token_ids=[1]),
-               SamplingParams(temperature=0.8, logprobs=1), SamplingParams(temperature=0.0, logit_bias={1: 2.0}),
+    assert v2_mode(SamplingParams(temperature=0.0, logit_bias={1: 2.0}, allowed_token_ids=[1, 2])) == V2_GREEDY
+    for sp in (SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.8, logprobs=1),
                SamplingParams.for_sampler_warmup(), None):
         assert v2_mode(sp) == V2_NO_SPEC
 
@@ -552,7 +554,7 @@ def test_penalties_enter_each_tree_row_along_its_path(seed):
     prompts = [[0, 5, 7], [1, 1, 9]]
     outputs = [[2, 2, 0], [1]]
     state = _penalty_state(4, prompts, outputs, rep=[4.0, 3.0], freq=[1.0, 0.0], pres=[0.0, 1.5])
-    r.sampler = SimpleNamespace(penalties_state=state)
+    r.sampler = SimpleNamespace(penalties_state=state, logit_bias_state=r.sampler.logit_bias_state)
     all_ids = torch.zeros(4, 64, dtype=torch.int32)
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         all_ids[i, : len(p) + len(o)] = torch.tensor(p + o)
@@ -623,3 +625,33 @@ def test_dummy_runs_draft_the_largest_tree_and_summary():
     assert set(summary["uniform_greedy"]["by_tree"]) == {"verify+heads+KV move (15 nodes, V2)",
                                                          "verify+heads+KV move (7 nodes, V2)"}
     assert len(summary["uniform_sampled"]["by_tree"]) == 4  # two trees x with/without top-k/top-p
+
+
+def test_logit_bias_enters_every_row_at_its_tree_position_before_the_penalties():
+    """V2's own logit-bias kernel (a stand-in here, recording its arguments) sees the step's
+    rows with their tree positions, on a copy, before the path penalties; results keep the
+    logits' dtype, as V2's in-place kernels store them."""
+    reqs = [(Q, Q - 1, 20), (Q, Q - 1, 30)]
+    batch = _batch(reqs)
+    table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(3))
+    r = _runner(table, [0] * 4)
+    seen = {}
+
+    class Bias:
+        use_logit_bias = np.array([False, True, False, False])
+
+        def apply_logit_bias(self, logits, expanded_idx_mapping, idx_mapping_np, pos):
+            seen["pos"], seen["rows"] = pos.clone(), expanded_idx_mapping.clone()
+            logits[expanded_idx_mapping == 1, 4] += 100.0  # request 1 prefers token 4
+
+    r.sampler.logit_bias_state = Bias()
+    _record(r, [0, 0])
+    r._medusa_slots = _slots(batch)
+    r._medusa_prepare_tree(batch)
+    raw = torch.randn(batch.num_tokens, VOCAB).to(torch.bfloat16)
+    out = r._medusa_penalized(raw, batch)
+    depth = torch.from_numpy(TREE.depths)
+    assert torch.equal(seen["pos"], torch.cat([20 + depth, 30 + depth]))  # tree positions
+    assert out.dtype == torch.bfloat16 and out is not raw
+    assert (out[Q:].float().argmax(dim=1) == 4).all() and torch.equal(out[:Q], raw[:Q])
+    assert not (raw[Q:].float().argmax(dim=1) == 4).all()  # the raw logits are untouched

@@ -20,12 +20,11 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
    min-p), the accepted path's KV moved into the consecutive slots vLLM's bookkeeping expects
    (it advances ``num_computed`` by ``query_len - num_rejected``, ``num_rejected = nodes -
    accepted``), and the next drafts from the heads at each request's last accepted node.
-   Repetition, presence and frequency penalties enter each tree row along its own path
-   (:mod:`.penalties_v2`). A uniform step (every request verifies one whole tree) runs all of
+   Logit biases and allowed tokens enter every row (V2's own kernel), repetition, presence
+   and frequency penalties each tree row along its own path (:mod:`.penalties_v2`). A uniform step (every request verifies one whole tree) runs all of
    that as one fixed-shape function, replayed from a CUDA graph per batch size (sampled steps:
    with the step's random numbers drawn first, as inputs). A step holding a request whose
-   options the tree rows do not reproduce (logit bias, allowed tokens, logprobs:
-   ``step.v2_mode``) accepts no drafts at all and takes every root token from vLLM's own
+   options the tree rows do not reproduce (logprobs, min-tokens, bad words: ``step.v2_mode``) accepts no drafts at all and takes every root token from vLLM's own
    sampler, so such requests are served exactly, without speedup.
 3. ``capture_model``: vLLM's FULL graphs of uniform tree steps (every request 1 + nodes tokens)
    hold the tree kernel, those of plain decoding (1 token) vLLM's own attention; then the
@@ -427,10 +426,20 @@ class MedusaV2ModelRunner(GPUModelRunner):
         return out, num_sampled, num_rejected
 
     def _medusa_penalized(self, logits: torch.Tensor, input_batch) -> torch.Tensor:
-        """``logits`` [L, V] of the step's rows, each penalized along its own path when some
-        request has repetition, presence or frequency penalties (float32 then), else as is."""
+        """``logits`` [L, V] of the step's rows as V2's sampler processes them before the
+        temperature, each tree row as if its path had been accepted: the requests' logit biases
+        and allowed tokens (V2's own kernel: they do not depend on the path, and min-tokens'
+        positions are the rows' tree positions), then repetition, presence and frequency
+        penalties along each row's own path (:mod:`.penalties_v2`), stored back in the logits'
+        dtype as V2's in-place kernels store them. ``logits`` itself when no request has any."""
+        idx_np = input_batch.idx_mapping_np
+        if self.sampler.logit_bias_state.use_logit_bias[idx_np].any():
+            logits = logits.clone()
+            self.sampler.logit_bias_state.apply_logit_bias(
+                logits, input_batch.expanded_idx_mapping, idx_np,
+                input_batch.positions[input_batch.logits_indices])
         state = self.sampler.penalties_state
-        if not any_penalty(state, input_batch.idx_mapping_np):
+        if not any_penalty(state, idx_np):
             return logits
         rs = self.req_states
         width = min(int(input_batch.seq_lens_cpu_upper_bound[: input_batch.num_reqs].max()) + 1,
@@ -439,7 +448,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
                            logits.shape[1])
         return packed_tree_logits(logits, input_batch.input_ids[input_batch.logits_indices],
                                   input_batch.cu_num_logits, input_batch.expanded_local_pos,
-                                  self._medusa_req_tree[input_batch.idx_mapping], self.medusa_trees, pen)
+                                  self._medusa_req_tree[input_batch.idx_mapping], self.medusa_trees,
+                                  pen).to(logits.dtype)
 
     def _medusa_sampling(self, input_batch) -> SamplingBatch:
         """The step's sampling parameters from vLLM's V2 sampling state (per request slot)."""
