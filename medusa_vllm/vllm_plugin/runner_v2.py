@@ -488,7 +488,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             if not self._medusa_fallback_warned:
                 self._medusa_fallback_warned = True
                 logger.warning("medusa_vllm (V2 runner): a step has a request whose options the tree rows do "
-                               "not reproduce (penalties, logit bias, logprobs, a seed, ...); such steps accept "
+                               "not reproduce (logprobs, bad words, min_tokens, ...); such steps accept "
                                "no drafts and take every token from vLLM's sampler")
             root = self.sampler(raw[cu[:-1].long()], _root_batch(input_batch))
             out, last_row = reject_all(out, root.sampled_token_ids[:, 0], cu)
