@@ -63,16 +63,17 @@ from medusa_vllm.packed_step import (
     greedy_packed, num_sampled_and_rejected, reject_all, slot_rows, tree_positions_delta,
 )
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
-from medusa_vllm.verify import verify
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
+from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, sampled_example
 from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
-from medusa_vllm.vllm_plugin.worker import _swapped
 from medusa_vllm.vllm_plugin.step import V2_GREEDY, V2_NO_SPEC, V2_SAMPLED, position_offsets, tree_lead, v2_mode
+from medusa_vllm.vllm_plugin.step_cache import uniform_drafts
+from medusa_vllm.vllm_plugin.worker import _swapped
 
 logger = init_logger(__name__)
 
@@ -84,7 +85,7 @@ class MedusaV2Speculator(DraftModelSpeculator):
     machinery is used; subclassing it makes the runner load the heads with the target and
     hand us its attention set-up."""
 
-    def __init__(self, vllm_config, device: torch.device) -> None:  # noqa: D107 - no super(): no draft model
+    def __init__(self, vllm_config, device: torch.device) -> None:  # no super(): no draft model
         self.vllm_config = vllm_config
         self.device = device
         self.speculative_config = vllm_config.speculative_config
@@ -401,9 +402,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
                     trees = self.medusa_trees
                     rand = StepRandomness.draw(r, trees.max_depth + 1, trees.children.shape[2], logits.shape[1],
                                                sampling, logits.device)
-                    q = n_logits // r
                     out = self._medusa_sampled_graphs[(k, sampling.filtered)](
-                        logits, ids.view(r, q)[:, 1:].reshape(-1), hidden, self._medusa_tree_ids[k][:r],
+                        logits, uniform_drafts(ids, r, n_logits // r), hidden, self._medusa_tree_ids[k][:r],
                         sampling_params_tensor(sampling), rand.accept.flatten(1), rand.noise, slots)
                 tokens, num_accepted, num_sampled, num_rejected, drafts = out
                 # copies: AsyncOutput reads them on a side stream, past the next replay
@@ -506,14 +506,9 @@ class MedusaV2ModelRunner(GPUModelRunner):
 
         def step(argmax, tokens_in, hidden, slots):
             b = argmax.shape[0] // q
-            drafts_in = tokens_in.view(b, q)[:, 1:].reshape(-1)
-            out = greedy_tree_step(argmax, drafts_in, hidden, self._medusa_tree_ids[k][:b], self.medusa_trees,
-                                   lambda h: self._medusa_head_drafts(h, k))
-            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=argmax.device)
-            self._medusa_move_kv(slots, starts, out.accepted)
-            num_sampled = (out.num_accepted + 1).int()
-            # tokens, accepted count, V2's emitted and rejected counts per request, the next drafts
-            return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
+            out = greedy_tree_step(argmax, uniform_drafts(tokens_in, b, q), hidden, self._medusa_tree_ids[k][:b],
+                                   self.medusa_trees, lambda h: self._medusa_head_drafts(h, k))
+            return self._medusa_finish(out, b, q, slots)
 
         return step
 
@@ -529,12 +524,18 @@ class MedusaV2ModelRunner(GPUModelRunner):
             out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
                                     lambda h: self._medusa_head_drafts(h, k), cfg.acceptance, filtered,
                                     cfg.typical_eps, cfg.typical_delta)
-            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=logits.device)
-            self._medusa_move_kv(slots, starts, out.accepted)
-            num_sampled = (out.num_accepted + 1).int()
-            return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
+            return self._medusa_finish(out, b, q, slots)
 
         return step
+
+    def _medusa_finish(self, out, b: int, q: int, slots: torch.Tensor) -> tuple:
+        """The end of a uniform step's function: move each request's accepted KV (its window of
+        ``q`` rows in ``slots``; -1: none), then (tokens, accepted count, V2's emitted and
+        rejected counts per request, the next drafts)."""
+        starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slots.device)
+        self._medusa_move_kv(slots, starts, out.accepted)
+        num_sampled = (out.num_accepted + 1).int()
+        return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
 
     def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
         if self._medusa_kv_views is None:
@@ -566,13 +567,13 @@ class MedusaV2ModelRunner(GPUModelRunner):
 
     def _medusa_propose(self, input_batch, hidden_states, dummy_run: bool) -> torch.Tensor:
         nxt, self._medusa_next = self._medusa_next, None
-        if dummy_run:  # profiling and warm-up: the heads' cost and memory, no state
-            return self._medusa_head_drafts(hidden_states[input_batch.logits_indices[: input_batch.num_reqs]],
-                                            self._medusa_largest)
-        if nxt is None:
-            # no drafts verified this step (prefill, or a step without drafts): one logits row
-            # per request, at its last token
-            nxt = self._medusa_next_drafts(hidden_states[input_batch.logits_indices[: input_batch.num_reqs]])
+        if dummy_run or nxt is None:
+            # no drafts verified this step (prefill, a step without drafts, a dummy run): one
+            # logits row per request, at its last token
+            last = hidden_states[input_batch.logits_indices[: input_batch.num_reqs]]
+            if dummy_run:  # profiling and warm-up: the heads' cost and memory, no state
+                return self._medusa_head_drafts(last, self._medusa_largest)
+            nxt = self._medusa_next_drafts(last)
         k, drafts = nxt
         idx = input_batch.idx_mapping_np
         if not (self._medusa_tree_np[idx] == k).all():  # the slots' record of their drafts' tree
