@@ -655,3 +655,24 @@ def test_logit_bias_enters_every_row_at_its_tree_position_before_the_penalties()
     assert out.dtype == torch.bfloat16 and out is not raw
     assert (out[Q:].float().argmax(dim=1) == 4).all() and torch.equal(out[:Q], raw[:Q])
     assert not (raw[Q:].float().argmax(dim=1) == 4).all()  # the raw logits are untouched
+
+
+def test_sampled_sets_are_sized_for_their_largest_captured_batch_then_captured():
+    """graphs.capture_sampled_sets (V1 and V2 runners): every set's buffers sized for the
+    largest batch it captures; enabled sets with one captured on one shared example."""
+    from medusa_vllm.graphed_step import BatchGraphs
+    from medusa_vllm.vllm_plugin.graphs import capture_sampled_sets
+
+    def bg(max_batch, enabled=True):
+        g = BatchGraphs(lambda *x: x, [1], max_batch=max_batch, exact=1, name=str(max_batch))
+        g.enabled = enabled
+        return g
+
+    sets = {(0, False): bg(64), (0, True): bg(3), (1, False): bg(64, enabled=False), (2, False): bg(64)}
+    sizes = {0: [16, 8, 4, 2, 1], 1: [8], 2: []}
+    made, captured = [], []
+    capture_sampled_sets(sets, sizes.__getitem__, lambda live: made.append(live) or "example",
+                         lambda k, g, ex: captured.append((k, g.max_batch, ex)))
+    assert [g.max_batch for g in sets.values()] == [16, 2, 8, 0]
+    assert made == [[sets[(0, False)], sets[(0, True)]]]  # the disabled and the empty set left out
+    assert captured == [(0, 16, "example"), (0, 2, "example")]

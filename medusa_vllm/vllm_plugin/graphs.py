@@ -100,15 +100,8 @@ class MedusaGraphsMixin:
         for k, graphs in self._medusa_graphs.items():
             if graphs.enabled:
                 self._medusa_capture_step_graphs(k, graphs, self._medusa_greedy_example)
-        # the sampled sets' buffers sized for the largest batch they capture, not max_batch
-        for (k, _), graphs in self._medusa_sampled_graphs.items():
-            graphs.max_batch = max((b for b in self._medusa_graph_batch_sizes(k) if b <= graphs.max_batch), default=0)
-        sampled = [g for g in self._medusa_sampled_graphs.values() if g.enabled and g.max_batch > 0]
-        if sampled:
-            example = self._medusa_sampled_example(sampled)
-            for (k, _), graphs in self._medusa_sampled_graphs.items():
-                if graphs in sampled:
-                    self._medusa_capture_step_graphs(k, graphs, example)
+        capture_sampled_sets(self._medusa_sampled_graphs, self._medusa_graph_batch_sizes,
+                             self._medusa_sampled_example, self._medusa_capture_step_graphs)
         return size
 
     def _medusa_greedy_example(self, b: int, q: int, k: int, g: torch.Generator) -> tuple:
@@ -251,6 +244,22 @@ class MedusaGraphsMixin:
             return finish(out, b, slot_mapping)
 
         return sampled_step if sampled else greedy_step
+
+
+def capture_sampled_sets(sets: dict, batch_sizes, make_example, capture) -> None:
+    """Captures the sampled uniform-step graph sets (``{(tree k, filtered): BatchGraphs}``) of
+    the V1 or V2 runner: each set's buffers sized for the largest of ``batch_sizes(k)`` it can
+    take, not its max_batch, then every enabled set with a batch size captured by
+    ``capture(k, graphs, example)`` on the examples ``make_example(those sets)`` makes (one
+    shared logits and noise buffer for all)."""
+    for (k, _), graphs in sets.items():
+        graphs.max_batch = max((b for b in batch_sizes(k) if b <= graphs.max_batch), default=0)
+    live = [g for g in sets.values() if g.enabled and g.max_batch > 0]
+    if live:
+        example = make_example(live)
+        for (k, _), graphs in sets.items():
+            if graphs in live:
+                capture(k, graphs, example)
 
 
 def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dtype, trees):

@@ -67,7 +67,7 @@ from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, sampled_example
+from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, capture_sampled_sets, sampled_example
 from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
@@ -232,16 +232,9 @@ class MedusaV2ModelRunner(GPUModelRunner):
             for k, graphs in self._medusa_graphs.items():
                 if graphs.enabled:
                     self._medusa_capture_graphs(k, graphs, self._medusa_greedy_example)
-            sampled = [g for g in self._medusa_sampled_graphs.values() if g.enabled]
-            for g in sampled:  # buffers for the largest batch actually captured
-                g.max_batch = max((b for b in self._medusa_graph_batches(g.rows_per_req[0]) if b <= g.max_batch),
-                                  default=0)
-            sampled = [g for g in sampled if g.max_batch > 0]
-            if sampled:
-                example = self._medusa_sampled_example(sampled)
-                for (k, _), g in self._medusa_sampled_graphs.items():
-                    if g in sampled:
-                        self._medusa_capture_graphs(k, g, example)
+            capture_sampled_sets(self._medusa_sampled_graphs,
+                                 lambda k: self._medusa_graph_batches(1 + self.medusa_tree_sizes[k]),
+                                 self._medusa_sampled_example, self._medusa_capture_graphs)
         return size
 
     def _medusa_graph_batches(self, q: int) -> list[int]:
