@@ -620,8 +620,11 @@ def test_dummy_runs_draft_the_largest_tree_and_summary():
     assert r._medusa_next is None and r._medusa_tree_np[:2].tolist() == [-1, -1]
     r.scheduler_config = SimpleNamespace(async_scheduling=True)
     r.speculative_config = SimpleNamespace(num_speculative_tokens_per_batch_size=[(1, 8, 15), (9, 1 << 20, 0)])
-    summary = r.medusa_summary()
-    assert summary["runner"] == "v2" and summary["draft_schedule"][1][2] == 0
+    from medusa_vllm.vllm_plugin.worker import MedusaStatsMixin
+
+    summary = MedusaStatsMixin.medusa_stats(SimpleNamespace(model_runner=r))  # the worker's RPC
+    assert summary["runner"] == "v2" and summary["draft_schedule"][1][2] == 0 and summary["async_scheduling"]
+    assert "penalty_rows_checked" not in summary
     assert set(summary["uniform_greedy"]["by_tree"]) == {"verify+heads+KV move (15 nodes, V2)",
                                                          "verify+heads+KV move (7 nodes, V2)"}
     assert len(summary["uniform_sampled"]["by_tree"]) == 4  # two trees x with/without top-k/top-p

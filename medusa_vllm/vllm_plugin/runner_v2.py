@@ -120,6 +120,8 @@ class MedusaV2Speculator(DraftModelSpeculator):
 
 
 class MedusaV2ModelRunner(GPUModelRunner):
+    medusa_runner = "v2"  # medusa_stats() names the runner
+
     def __init__(self, vllm_config, device: torch.device) -> None:
         with _swapped(v2_model_runner, "init_speculator", MedusaV2Speculator):
             super().__init__(vllm_config, device)
@@ -574,26 +576,6 @@ class MedusaV2ModelRunner(GPUModelRunner):
             if k != NO_TREE:
                 self._medusa_req_tree.index_fill_(0, input_batch.idx_mapping.long(), k)
         return drafts
-
-    # ------------------------------------------------------------------ reporting
-    def medusa_summary(self) -> dict:
-        from medusa_vllm import kernels as k
-
-        graphs = {g.name: g.summary() for g in self._medusa_graphs.values()}
-        sampled = {g.name: g.summary() for g in self._medusa_sampled_graphs.values()}
-        return self.medusa_stats.summary() | {
-            "runner": "v2",
-            "attention": "kernel" if k.have_extension() else "reference ops (no compiled extension)",
-            "uniform_greedy": {"steps": sum(g["steps"] for g in graphs.values()),
-                               "graph_replays": sum(g["graph_replays"] for g in graphs.values()),
-                               "by_tree": graphs},
-            "uniform_sampled": {"steps": sum(g["steps"] for g in sampled.values()),
-                                "graph_replays": sum(g["graph_replays"] for g in sampled.values()),
-                                "by_tree": sampled},
-            "async_scheduling": bool(self.scheduler_config.async_scheduling),
-            "step_paths": self.medusa_paths.summary(),
-            "draft_schedule": getattr(self.speculative_config, "num_speculative_tokens_per_batch_size", None),
-        }
 
 
 def step_trees(num_drafts: np.ndarray, recorded: np.ndarray, sizes: np.ndarray, largest: int) -> np.ndarray:

@@ -33,22 +33,23 @@ class MedusaStatsMixin:
         from medusa_vllm import kernels
 
         runner = self.model_runner
-        if hasattr(runner, "medusa_summary"):  # the V2 runner (runner_v2.py)
-            return runner.medusa_summary()
         attention = (runner.medusa_attn.backend if runner.medusa_attn.backend != "kernel" else
                      "kernel" if kernels.have_extension() else "reference ops (no compiled extension)")
-        return runner.medusa_stats.summary() | {
+        out = runner.medusa_stats.summary() | {
+            "runner": getattr(runner, "medusa_runner", "v1"),  # vLLM's V1 or V2 model runner
             "attention": attention, "uniform_greedy": _graphs_summary(runner._medusa_graphs),
             "uniform_sampled": _graphs_summary(runner._medusa_sampled_graphs),
-            "async_scheduling": bool(runner.use_async_scheduling),
+            "async_scheduling": bool(runner.scheduler_config.async_scheduling),
             # per draft count of a step: how its plan, forward (CUDA graph mode) and
             # verification ran (runner.StepPaths)
             "step_paths": runner.medusa_paths.summary(),
-            # MEDUSA_VLLM_CHECK_PENALTIES: tree rows checked against vLLM's penalties so far
-            "penalty_rows_checked": runner._medusa_penalty_rows,
             # adaptive + async: the batch-size -> draft count schedule vLLM's scheduler follows
             "draft_schedule": getattr(runner.speculative_config,
                                       "num_speculative_tokens_per_batch_size", None)}
+        if hasattr(runner, "_medusa_penalty_rows"):  # the V1 runner
+            # MEDUSA_VLLM_CHECK_PENALTIES: tree rows checked against vLLM's penalties so far
+            out["penalty_rows_checked"] = runner._medusa_penalty_rows
+        return out
 
 
 class MedusaGPUWorker(MedusaStatsMixin, Worker):
