@@ -11,7 +11,7 @@ Configurations (each its own engine, one after the other, same machine):
   medusa:<tree>     medusa_vllm with a tree (preset, chain-N, or the heads' calibrated "calibrated")
   medusa-async:<tree>  the same under vLLM's asynchronous scheduler
   medusa-v2:<tree>  the same on vLLM's V2 model runner ("runner": "v2"; asynchronous scheduler,
-                    GPU only; plain greedy requests speculate)
+                    GPU only; requests with logprobs do not speculate there)
   adaptive          medusa_vllm with the load-adaptive tree (synchronous scheduling), measured
                     rule: per batch size the tree (or no drafts) with the most tokens/s by the
                     engine's own step times
