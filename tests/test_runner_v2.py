@@ -282,7 +282,7 @@ SPARSE7, CHAIN3 = get_tree("sparse-7"), get_tree("chain-3")
 
 
 def test_step_trees_keeps_the_drafts_tree_unless_they_outgrow_it():
-    from medusa_vllm.vllm_plugin.runner_v2 import step_trees
+    from medusa_vllm.vllm_plugin.step import step_trees
 
     sizes = np.array([15, 7, 3])
     got = step_trees(np.array([7, 7, 0, 15, 3, 3]), np.array([1, 2, -1, 0, -1, 2]), sizes, 0)

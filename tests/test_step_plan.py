@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medusa_vllm.tree import TokenTree
-from medusa_vllm.vllm_plugin.step import choose_tree_for_drafts, plan_step, position_offsets, uniform_tree
+from medusa_vllm.vllm_plugin.step import plan_step, position_offsets, step_trees, uniform_tree
 
 TREES = [TokenTree.chain(3), TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0)])]
 OFFSETS = position_offsets(TREES)
@@ -59,11 +59,10 @@ def test_partial_drafts_use_the_tree_prefix():
     np.testing.assert_array_equal(plan.tree_ids, [1, 1])
 
 
-def test_choose_tree_for_drafts():
-    sizes = [len(t) for t in TREES]  # [3, 5]
-    assert choose_tree_for_drafts(0, 3, sizes) == 0
-    assert choose_tree_for_drafts(0, 5, sizes) == 1  # more drafts than its tree: placeholders
-    assert choose_tree_for_drafts(None, 2, sizes) == 1
+def test_step_trees():
+    sizes = np.array([len(t) for t in TREES])  # [3, 5]
+    # its own tree; more drafts than its tree: placeholders; never recorded
+    assert step_trees(np.array([3, 5, 2]), np.array([0, 0, -1]), sizes, 1).tolist() == [0, 1, 1]
 
 
 def test_uniform_step_cache_equals_the_plan_of_a_uniform_batch():

@@ -53,7 +53,7 @@ from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.graphs import KV_MOVE_IN_GRAPH, MedusaGraphsMixin
 from medusa_vllm.vllm_plugin.penalties import check_tree_logits, min_p_of, needs_tree_processing, tree_logits
 from medusa_vllm.vllm_plugin.step import (
-    can_speculate, choose_tree_for_drafts, plan_step, position_offsets, uniform_tree,
+    can_speculate, plan_step, position_offsets, step_trees, uniform_tree,
 )
 from medusa_vllm.vllm_plugin.step_cache import (
     PinnedUpload, UniformStepCache, copy_uniform_input_ids, uniform_drafts,
@@ -405,13 +405,9 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         req_ids = self.input_batch.req_ids[:num_reqs]
         spec = scheduler_output.scheduled_spec_decode_tokens
         num_drafts = np.array([len(spec.get(r, ())) for r in req_ids], dtype=np.int64)
-        tree_ids = np.array(
-            [
-                choose_tree_for_drafts(self._medusa_req_tree.get(r), int(n), self.medusa_tree_sizes)
-                for r, n in zip(req_ids, num_drafts)
-            ],
-            dtype=np.int64,
-        )
+        recorded = np.fromiter((self._medusa_req_tree.get(r, -1) for r in req_ids), dtype=np.int64, count=num_reqs)
+        sizes = np.asarray(self.medusa_tree_sizes)
+        tree_ids = step_trees(num_drafts, recorded, sizes, int(np.argmax(sizes)))
         done_prefill = (
             self.input_batch.num_computed_tokens_cpu[:num_reqs]
             >= self.input_batch.num_prompt_tokens[:num_reqs]

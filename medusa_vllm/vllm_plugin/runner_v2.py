@@ -71,7 +71,9 @@ from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, capture_sampled_s
 from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
-from medusa_vllm.vllm_plugin.step import V2_GREEDY, V2_NO_SPEC, V2_SAMPLED, position_offsets, tree_lead, v2_mode
+from medusa_vllm.vllm_plugin.step import (
+    V2_GREEDY, V2_NO_SPEC, V2_SAMPLED, position_offsets, step_trees, tree_lead, v2_mode,
+)
 from medusa_vllm.vllm_plugin.step_cache import uniform_drafts
 from medusa_vllm.vllm_plugin.worker import _swapped
 
@@ -576,15 +578,6 @@ class MedusaV2ModelRunner(GPUModelRunner):
             if k != NO_TREE:
                 self._medusa_req_tree.index_fill_(0, input_batch.idx_mapping.long(), k)
         return drafts
-
-
-def step_trees(num_drafts: np.ndarray, recorded: np.ndarray, sizes: np.ndarray, largest: int) -> np.ndarray:
-    """[R] the tree each request's scheduled drafts are verified as: the one they were made for,
-    unless vLLM scheduled more drafts than it has nodes (placeholder slots after a change of
-    draft count, or drafts never made): then the largest tree, whose first nodes any drafts
-    are (verification stays exact; they are rejected in practice). 0 for requests without drafts."""
-    fits = (recorded >= 0) & (num_drafts <= sizes[np.clip(recorded, 0, None)])
-    return np.where(num_drafts > 0, np.where(fits, recorded, largest), 0)
 
 
 def _root_batch(input_batch):

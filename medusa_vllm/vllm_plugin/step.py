@@ -71,12 +71,14 @@ def plan_step(
     )
 
 
-def choose_tree_for_drafts(recorded: int | None, num_drafts: int, sizes: list[int]) -> int:
-    """The tree a request's scheduled drafts follow: the one it was proposed with, unless vLLM
-    handed it more drafts than that tree has (placeholder drafts): then the largest tree."""
-    if recorded is not None and num_drafts <= sizes[recorded]:
-        return recorded
-    return int(np.argmax(sizes))
+def step_trees(num_drafts: np.ndarray, recorded: np.ndarray, sizes: np.ndarray, largest: int) -> np.ndarray:
+    """[B] the tree each request's scheduled drafts are verified as: the one they were made for
+    (``recorded``, -1: none), unless vLLM scheduled more drafts than it has nodes (placeholder
+    slots after a change of draft count, or drafts never made): then the largest tree, whose
+    first nodes any drafts are (verification stays exact; they are rejected in practice). 0 for
+    requests without drafts."""
+    fits = (recorded >= 0) & (num_drafts <= sizes[np.clip(recorded, 0, None)])
+    return np.where(num_drafts > 0, np.where(fits, recorded, largest), 0)
 
 
 def uniform_tree(plan: StepPlan, spec_ok: np.ndarray, num_drafts: np.ndarray, sizes: list[int]) -> int | None:
