@@ -114,3 +114,15 @@ def test_a_capture_marked_as_a_whole_takes_tree_shapes_only():
     assert not tree_capture_shape(cm(3, 40, 16), 16)  # not uniform
     assert not tree_capture_shape(cm(1, 32, 32), 16)  # longer than the tree kernel's query
     assert TreeAttnStep.for_capture(uniform_only=True).uniform_only and not TreeAttnStep.for_capture().uniform_only
+
+
+def test_a_v2_capture_of_plain_decoding_builds_vllms_metadata():
+    """The load-adaptive tree on V2 also captures plain decoding (one token per request) under
+    the whole-capture mark: its build, and Triton's capture override that sets the result's
+    seq_lens, must get vLLM's own metadata, not the tree kernel's (the H100 run at 0b14a3e
+    failed at start-up with "'MedusaMetadata' object has no attribute 'seq_lens'")."""
+    ctx = _ctx(TreeAttnStep.for_capture(uniform_only=True))
+    plain = SimpleNamespace(**{**vars(_cm(4)), "max_query_len": 1, "num_actual_tokens": 4})
+    assert _split_build(SimpleNamespace(medusa=ctx), _vllm_build, 0, plain, False) == "vllm"
+    tree = SimpleNamespace(**{**vars(_cm(2)), "max_query_len": Q})
+    assert isinstance(_split_build(SimpleNamespace(medusa=ctx), _vllm_build, 0, tree, False), MedusaMetadata)

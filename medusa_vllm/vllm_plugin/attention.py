@@ -95,6 +95,9 @@ def _split_build(builder, parent_build, common_prefix_len: int, cm: CommonAttent
     step = ctx.step if ctx is not None else None
     if step is None or (step.num_reqs == 0 and not step.all_reqs):
         return parent_build(common_prefix_len, cm, fast_build)
+    if step.uniform_only and not tree_capture_shape(cm, ctx.masks.shape[1]):
+        # a V2 capture of plain decoding (the load-adaptive tree's q = 1 graphs): vLLM's own
+        return parent_build(common_prefix_len, cm, fast_build)
     if step.all_reqs:  # cm.num_reqs includes the padding of a CUDA-graph batch
         nd, ndt = cm.num_reqs, cm.num_actual_tokens
     else:
