@@ -70,6 +70,14 @@ def hidden_rows(logits_indices: torch.Tensor, last_row: torch.Tensor) -> torch.T
     return logits_indices[last_row]
 
 
+def path_rows(cu_num_logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """[R * (D+1)] int64 logits row of each request's emitted tokens, in order: its root row,
+    then the row of each accepted node (``accepted`` [R, D] window offsets, root = 0, -1 pad;
+    a pad names the root row, whose value is then unused). ``cu_num_logits`` [R+1] int32."""
+    nodes = torch.cat([torch.zeros_like(accepted[:, :1]), accepted], dim=1).long().clamp_min(0)
+    return (cu_num_logits[:-1, None].long() + nodes).flatten()
+
+
 def reject_all(out: VerifyOutput, root_tokens: torch.Tensor,
                cu_num_logits: torch.Tensor) -> tuple[VerifyOutput, torch.Tensor]:
     """The same step with every draft rejected: each request emits ``root_tokens`` [R] (its root

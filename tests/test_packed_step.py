@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medusa_vllm.packed_step import greedy_packed, hidden_rows, reject_all, slot_rows, tree_positions_delta
+from medusa_vllm.packed_step import greedy_packed, hidden_rows, path_rows, reject_all, slot_rows, tree_positions_delta
 from medusa_vllm.tree import get_tree
 from medusa_vllm.tree_tensors import TreeTensors
 from medusa_vllm.verify import verify_greedy
@@ -111,3 +111,9 @@ def test_root_batch_keeps_one_row_per_request():
     assert root.logits_indices.tolist() == [0, 4, 5]
     assert root.cu_num_logits.tolist() == [0, 1, 2, 3] and root.cu_num_logits_np.tolist() == [0, 1, 2, 3]
     assert root.expanded_idx_mapping is batch.idx_mapping and root.expanded_local_pos.tolist() == [0, 0, 0]
+
+
+def test_path_rows_name_the_root_then_each_accepted_node():
+    cu = torch.tensor([0, 6, 7, 11], dtype=torch.int32)  # a tree, a prefill row, a truncated tree
+    accepted = torch.tensor([[2, 5, -1], [-1, -1, -1], [1, -1, -1]], dtype=torch.int32)
+    assert path_rows(cu, accepted).tolist() == [0, 2, 5, 0, 6, 6, 6, 6, 7, 8, 7, 7]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from vllm.v1.worker.gpu.input_batch import InputBatch
+from vllm.v1.worker.gpu.sample.states import NO_LOGPROBS
 
 from medusa_vllm.kernels import move_accepted_kv_ref
 from medusa_vllm.tree import get_tree
@@ -61,8 +62,15 @@ def _runner(table: torch.Tensor, prefill_len: list[int], adaptive: list[str] = (
     r.attn_groups = [[SimpleNamespace(backend=SimpleNamespace(kv_views=lambda kv: (kv[0], kv[1])))]]
     r._medusa_mode[:] = V2_GREEDY
     r.sampler = SimpleNamespace(penalties_state=SimpleNamespace(use_penalty=np.zeros(4, dtype=bool)),
-                                logit_bias_state=SimpleNamespace(use_logit_bias=np.zeros(4, dtype=bool)))
+                                logit_bias_state=SimpleNamespace(use_logit_bias=np.zeros(4, dtype=bool)),
+                                sampling_states=SimpleNamespace(**_logprob_state()), logprobs_mode="raw_logprobs")
     return r
+
+
+def _logprob_state(num=(NO_LOGPROBS,) * 4) -> dict:
+    """V2's per-slot logprob counts (SamplingStates.num_logprobs) and their batch maximum."""
+    a = np.array(num, dtype=np.int32)
+    return dict(num_logprobs=a, max_num_logprobs=lambda idx: int(np.max(a[idx])))
 
 
 def _record(r: MedusaV2ModelRunner, trees: list[int]) -> None:
@@ -390,9 +398,9 @@ def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
     r._medusa_mode[: len(modes)] = modes
     n = r.max_num_reqs
     pad = n - len(temps)
-    r.sampler = SimpleNamespace(penalties_state=r.sampler.penalties_state,
+    r.sampler = SimpleNamespace(penalties_state=r.sampler.penalties_state, logprobs_mode="raw_logprobs",
                                 logit_bias_state=r.sampler.logit_bias_state, sampling_states=SimpleNamespace(
-        vocab_size=VOCAB, temperature=_uva(list(temps) + [0.0] * pad, np.float32),
+        **_logprob_state(), vocab_size=VOCAB, temperature=_uva(list(temps) + [0.0] * pad, np.float32),
         top_k=_uva([VOCAB] * n, np.int32), top_p=_uva(list(top_p or [1.0] * len(temps)) + [1.0] * pad, np.float32),
         min_p=_uva([0.0] * n, np.float32)))
     _record(r, [0] * len(reqs))
@@ -470,7 +478,11 @@ def test_v2_modes():
     assert v2_mode(SamplingParams(temperature=0.8, repetition_penalty=1.1)) == V2_SAMPLED
     assert v2_mode(SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.2)) == V2_GREEDY
     assert v2_mode(SamplingParams(temperature=0.0, logit_bias={1: 2.0}, allowed_token_ids=[1, 2])) == V2_GREEDY
-    for sp in (SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.8, logprobs=1),
+    # logprobs in vLLM's raw modes come from each emitted token's row; the processed ones do not
+    assert v2_mode(SamplingParams(temperature=0.8, logprobs=1)) == V2_SAMPLED
+    assert v2_mode(SamplingParams(temperature=0.0, logprobs=0), "raw_logits") == V2_GREEDY
+    assert v2_mode(SamplingParams(temperature=0.0, logprobs=2), "processed_logprobs") == V2_NO_SPEC
+    for sp in (SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.0, logprob_token_ids=[3]),
                SamplingParams.for_sampler_warmup(), None):
         assert v2_mode(sp) == V2_NO_SPEC
 
@@ -554,7 +566,7 @@ def test_penalties_enter_each_tree_row_along_its_path(seed):
     prompts = [[0, 5, 7], [1, 1, 9]]
     outputs = [[2, 2, 0], [1]]
     state = _penalty_state(4, prompts, outputs, rep=[4.0, 3.0], freq=[1.0, 0.0], pres=[0.0, 1.5])
-    r.sampler = SimpleNamespace(penalties_state=state, logit_bias_state=r.sampler.logit_bias_state)
+    r.sampler.penalties_state = state
     all_ids = torch.zeros(4, 64, dtype=torch.int32)
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         all_ids[i, : len(p) + len(o)] = torch.tensor(p + o)
@@ -603,7 +615,7 @@ def test_new_requests_get_their_mode_generator_and_no_recorded_tree(monkeypatch)
     r._medusa_gens[1] = "stale"
     new = [SimpleNamespace(req_id="a", sampling_params=SamplingParams(temperature=0.0)),
            SimpleNamespace(req_id="b", sampling_params=SamplingParams(temperature=0.9, seed=4)),
-           SimpleNamespace(req_id="c", sampling_params=SamplingParams(temperature=0.0, logprobs=2))]
+           SimpleNamespace(req_id="c", sampling_params=SamplingParams(temperature=0.0, min_tokens=2))]
     r.add_requests(SimpleNamespace(scheduled_new_reqs=new))
     assert r._medusa_mode[:3].tolist() == [V2_GREEDY, V2_SAMPLED, V2_NO_SPEC]
     assert r._medusa_tree_np[:3].tolist() == [-1, -1, -1]
@@ -679,3 +691,71 @@ def test_sampled_sets_are_sized_for_their_largest_captured_batch_then_captured()
     assert [g.max_batch for g in sets.values()] == [16, 2, 8, 0]
     assert made == [[sets[(0, False)], sets[(0, True)]]]  # the disabled and the empty set left out
     assert captured == [(0, 16, "example"), (0, 2, "example")]
+
+
+class _RowTarget(_Target):
+    """Like _Target, plus a small term that differs per hidden row: a logprob says which row
+    it came from, and the argmax stays ``table``'s."""
+
+    def compute_logits(self, hidden):
+        i = hidden[:, 0:1]
+        return 3.0 * super().compute_logits(hidden) + 0.1 * torch.sin(i * torch.arange(1, VOCAB + 1))
+
+
+def _topk_scores_ref(logits, n, sampled, cu, logits_mode=False):
+    """vLLM V2's compute_topk_scores (Triton) in torch: sampled token first, then the top n."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    ids = sampled[:, None].long()
+    if n > 0:
+        ids = torch.cat([ids, logits.topk(n, dim=-1).indices], dim=1)
+    x = logits.float() if logits_mode else logits.float().log_softmax(dim=-1)
+    ranks = (logits > logits.gather(1, sampled[:, None].long())).sum(dim=1)
+    return LogprobsTensors(ids, x.gather(1, ids), ranks, cu)
+
+
+@pytest.mark.parametrize("reqs,prefill_len,path", [
+    ([(Q, Q - 1, 20 + i) for i in range(3)], [0] * 4, (str(Q - 1), "verify fixed-shape")),
+    ([(Q, Q - 1, 20), (5, 0, 10), (9, 8, 30)], [0, 40, 0, 0], ("mixed", "verify general")),
+])
+def test_logprobs_of_every_emitted_token_come_from_its_own_row(monkeypatch, reqs, prefill_len, path):
+    """Requests with logprobs speculate (vLLM's raw modes): each emitted token's logprobs are
+    those of the logits row that produced it, the root's for the first token, then each
+    accepted node's, in D+1 rows per request that V2's output side slices by the emitted count."""
+    import medusa_vllm.vllm_plugin.runner_v2 as rv2
+
+    monkeypatch.setattr(rv2, "compute_topk_scores", _topk_scores_ref)
+    batch = _batch(reqs)
+    table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(5))
+    _accepting_drafts(batch, table)
+    r = _runner(table, prefill_len)
+    r.model = _RowTarget(table)
+    r.sampler.sampling_states = SimpleNamespace(**_logprob_state((2, NO_LOGPROBS, 1, NO_LOGPROBS)))
+    _record(r, [0] * len(reqs))
+    r._medusa_slots = _slots(batch)
+    r._medusa_prepare_tree(batch)
+    hidden = _hidden(batch.num_tokens)
+    out, num_sampled, _ = r.sample(hidden, batch, None)
+    assert r.medusa_paths.counts == {path: 1}
+    ref, row_of_node = _expected(batch, table)
+    assert torch.equal(out.sampled_token_ids, ref.tokens) and ref.num_accepted.max() > 0
+    lp = out.logprobs_tensors
+    w = out.sampled_token_ids.shape[1]  # D + 1
+    assert lp.cu_num_generated_tokens == list(range(0, len(reqs) * w + 1, w))
+    assert lp.logprob_token_ids.shape[1] == 1 + 2  # the batch's largest request count
+    checked = 0
+    for i in range(len(reqs)):
+        nodes = [0] + ref.accepted[i].tolist()
+        for j in range(int(num_sampled[i])):
+            row = int(row_of_node[i, nodes[j]])
+            want = r.model.compute_logits(hidden[row:row + 1]).log_softmax(dim=-1)[0]
+            at = lp.cu_num_generated_tokens[i] + j
+            assert lp.logprob_token_ids[at, 0] == out.sampled_token_ids[i, j]
+            assert torch.allclose(lp.logprobs[at], want[lp.logprob_token_ids[at]])
+            checked += 1
+    assert checked == int(num_sampled.sum()) > len(reqs)
+
+
+def test_no_logprobs_asked_none_computed():
+    *_, out, _, _, _ = _run_sample([(Q, Q - 1, 20), (Q, Q - 1, 21)], [0] * 4)
+    assert out.logprobs_tensors is None

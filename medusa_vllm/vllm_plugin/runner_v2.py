@@ -53,14 +53,16 @@ from vllm.logger import init_logger
 from vllm.v1.worker.gpu import model_runner as v2_model_runner
 from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+from vllm.v1.worker.gpu.sample.logprob import compute_topk_scores
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
+from vllm.v1.worker.gpu.sample.states import NO_LOGPROBS
 from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
 
 from medusa_vllm import kernels
 from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
 from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
 from medusa_vllm.packed_step import (
-    greedy_packed, num_sampled_and_rejected, reject_all, slot_rows, tree_positions_delta,
+    greedy_packed, num_sampled_and_rejected, path_rows, reject_all, slot_rows, tree_positions_delta,
 )
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
@@ -187,7 +189,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
         for k in self.medusa_policy.order:
             n = 1 + sizes[k]
             self._medusa_graphs[k] = BatchGraphs(
-                self._medusa_uniform_fn(k), rows_per_req=[n, n, n, n], max_batch=self.max_num_reqs, exact=4,
+                self._medusa_uniform_fn(k), rows_per_req=[n, n, n, n], max_batch=self.max_num_reqs, exact=5,
                 name=f"verify+heads+KV move ({sizes[k]} nodes, V2)", pad=[None, -1, None, -1])
             self._medusa_graphs[k].enabled = graphs
         # uniform steps with sampled requests (any mix with greedy ones): from the logits, with
@@ -200,7 +202,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             for filtered in (False, True):
                 g = BatchGraphs(
                     self._medusa_sampled_fn(k, filtered), rows_per_req=[n, n - 1, n, 1, 1, 1, 1, n],
-                    max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // n), exact=4,
+                    max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // n), exact=5,
                     name=f"sampled verify+heads+KV move ({sizes[k]} nodes{', top-k/top-p' if filtered else ''}, V2)",
                     pad=[None, -1, None, None, None, None, 1.0, -1])
                 g.enabled = graphs and g.max_batch > 0
@@ -392,7 +394,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
             hidden = hidden_states[:n_logits]
             ids, slots = input_batch.input_ids[:n_logits], self._medusa_slots[:n_logits]
             with region("medusa: verify+heads"):
-                logits = self._medusa_penalized(self.model.compute_logits(hidden), input_batch)
+                raw = self.model.compute_logits(hidden)
+                logits = self._medusa_penalized(raw, input_batch)
                 if mode == V2_GREEDY:
                     out = self._medusa_graphs[k](logits.argmax(dim=-1), ids, hidden, slots)
                 else:
@@ -402,10 +405,11 @@ class MedusaV2ModelRunner(GPUModelRunner):
                     out = self._medusa_sampled_graphs[(k, sampling.filtered)](
                         logits, uniform_drafts(ids, r, n_logits // r), hidden, self._medusa_tree_ids[k][:r],
                         sampling_params_tensor(sampling), rand.accept.flatten(1), rand.noise, slots)
-                tokens, num_accepted, num_sampled, num_rejected, drafts = out
+                tokens, num_accepted, num_sampled, num_rejected, accepted, drafts = out
                 # copies: AsyncOutput reads them on a side stream, past the next replay
                 tokens, num_sampled, num_rejected = tokens.clone(), num_sampled.clone(), num_rejected.clone()
                 self._medusa_next = (k, drafts.clone())
+                self._medusa_logprobs = self._medusa_path_logprobs(raw, input_batch, accepted, tokens)
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
             self.medusa_paths.count({V2_GREEDY: "verify general", V2_SAMPLED: "verify general sampled",
@@ -460,6 +464,22 @@ class MedusaV2ModelRunner(GPUModelRunner):
         return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], gens or None,
                              filtered, min_p)
 
+    def _medusa_path_logprobs(self, raw: torch.Tensor, input_batch, accepted: torch.Tensor,
+                              tokens: torch.Tensor):
+        """V2's logprobs of every emitted token (vLLM's raw modes: the request speculates only
+        with those, ``v2_mode``), or None when no request asked: each from the raw logits of
+        the row that produced it (the root's for the first token, each accepted node's for the
+        next), ``R`` blocks of ``D+1`` rows that V2's output side slices per request by its
+        emitted count. ``raw`` [L, V] packed rows, ``accepted`` [R, D] node offsets (-1 pad),
+        ``tokens`` [R, D+1] (-1 pad)."""
+        n = self.sampler.sampling_states.max_num_logprobs(input_batch.idx_mapping_np)
+        if n == NO_LOGPROBS:
+            return None
+        r, w = tokens.shape
+        rows = path_rows(input_batch.cu_num_logits, accepted)
+        return compute_topk_scores(raw[rows], n, tokens.flatten().clamp_min(0), list(range(0, r * w + 1, w)),
+                                   logits_mode=self.sampler.logprobs_mode == "raw_logits")
+
     def _medusa_general(self, hidden_states, input_batch, mode: int):
         """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool)."""
         r = input_batch.num_reqs
@@ -485,12 +505,15 @@ class MedusaV2ModelRunner(GPUModelRunner):
             if not self._medusa_fallback_warned:
                 self._medusa_fallback_warned = True
                 logger.warning("medusa_vllm (V2 runner): a step has a request whose options the tree rows do "
-                               "not reproduce (logprobs, bad words, min_tokens, ...); such steps accept "
-                               "no drafts and take every token from vLLM's sampler")
+                               "not reproduce (bad words, min_tokens, logprob_token_ids, processed "
+                               "logprobs, ...); such steps accept no drafts and take every token from "
+                               "vLLM's sampler")
             root = self.sampler(raw[cu[:-1].long()], _root_batch(input_batch))
             out, last_row = reject_all(out, root.sampled_token_ids[:, 0], cu)
             self._medusa_logprobs = root.logprobs_tensors
             has = torch.zeros_like(has)
+        else:
+            self._medusa_logprobs = self._medusa_path_logprobs(raw, input_batch, out.accepted, out.tokens)
         self._medusa_move_kv(self._medusa_slots, input_batch.query_start_loc[: r + 1], out.accepted.int())
         self._medusa_next = self._medusa_next_drafts(hidden[last_row])
         return out.tokens.long(), out.num_accepted, has
@@ -528,11 +551,11 @@ class MedusaV2ModelRunner(GPUModelRunner):
     def _medusa_finish(self, out, b: int, q: int, slots: torch.Tensor) -> tuple:
         """The end of a uniform step's function: move each request's accepted KV (its window of
         ``q`` rows in ``slots``; -1: none), then (tokens, accepted count, V2's emitted and
-        rejected counts per request, the next drafts)."""
+        rejected counts per request, the accepted nodes, the next drafts)."""
         starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slots.device)
         self._medusa_move_kv(slots, starts, out.accepted)
         num_sampled = (out.num_accepted + 1).int()
-        return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.drafts
+        return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.accepted, out.drafts
 
     def _medusa_move_kv(self, slot_mapping, query_start_loc, accepted) -> None:
         if self._medusa_kv_views is None:

@@ -133,11 +133,12 @@ def v2_mode(sp, logprobs_mode: str = "raw_logprobs") -> int:
     """How the V2 runner verifies a request: V2_GREEDY (temperature 0: the target argmax),
     V2_SAMPLED (temperature, top-k, top-p, min-p, seeded or not: lossless rejection sampling,
     or typical acceptance), both with logit biases, allowed tokens and repetition, presence and
-    frequency penalties per tree row; or V2_NO_SPEC (logprobs, or anything
-    :func:`can_speculate` refuses: bad words, min_tokens, structured output): a step holding
-    such a request accepts no drafts and takes its tokens from vLLM's sampler."""
+    frequency penalties per tree row, and logprobs in vLLM's raw modes (from each emitted
+    token's row); or V2_NO_SPEC (anything :func:`can_speculate` refuses: bad words,
+    min_tokens, structured output, logprob_token_ids, processed logprobs): a step holding such
+    a request accepts no drafts and takes its tokens from vLLM's sampler."""
     from vllm.sampling_params import _SAMPLING_EPS
 
-    if not can_speculate(sp, logprobs_mode) or sp.logprobs is not None:
+    if not can_speculate(sp, logprobs_mode):
         return V2_NO_SPEC
     return V2_GREEDY if sp.temperature < _SAMPLING_EPS else V2_SAMPLED
