@@ -1,5 +1,6 @@
 """GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
-settings (bf16, CUDA graphs), plus τ; then sampled requests on the Medusa engine, whether the
+settings (bf16, CUDA graphs), plus τ, with 2 logprobs per token (compared where the tokens
+agree: the emitted token's logprob and the top-2 ids); then sampled requests on the Medusa engine, whether the
 seeded ones repeat their tokens in the same batch and in the batch reversed. The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
 inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE
 [SPEC_JSON] (more speculative-config keys, e.g. '{"runner":"v2"}'; "async_scheduling" and
@@ -20,10 +21,13 @@ def run(kw, prompts, n):
     llm = LLM(**kw)
     start = time.time() - t
     t = time.time()
-    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, logprobs=2), use_tqdm=False)
     gen = time.time() - t
     res = {"start_s": start, "gen_s": gen, "metrics": metric_values(llm),
-           "tokens": [list(o.outputs[0].token_ids) for o in out], "text0": out[0].outputs[0].text}
+           "tokens": [list(o.outputs[0].token_ids) for o in out], "text0": out[0].outputs[0].text,
+           # per request, per position: (the emitted token's logprob, the top-2 ids by rank)
+           "logprobs": [[(lp[t].logprob, sorted((k for k in lp if lp[k].rank <= 2), key=lambda k: lp[k].rank))
+                         for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in out]}
     if kw.get("speculative_config"):
         # sampled requests in the same engine (after the greedy numbers): seeded ones must
         # repeat their tokens, whatever the batch around them
@@ -64,8 +68,20 @@ if __name__ == "__main__":
     m = med["metrics"]
     d = m.get("vllm:spec_decode_num_drafts", 0)
     same = sum(a == b for a, b in zip(base["tokens"], med["tokens"]))
+    # logprobs where both engines emitted the same tokens so far (the common prefix)
+    diffs, top_same, n_pos = [], 0, 0
+    for ta, tb, la, lb in zip(base["tokens"], med["tokens"], base["logprobs"], med["logprobs"]):
+        for x, y, (pa, ka), (pb, kb) in zip(ta, tb, la, lb):
+            if x != y:
+                break
+            diffs.append(abs(pa - pb))
+            top_same += ka == kb
+            n_pos += 1
     print(json.dumps({"identical": same, "of": len(prompts), "tau": 1 + m.get("vllm:spec_decode_num_accepted_tokens", 0) / d if d else None,
                       "base_gen_s": base["gen_s"], "med_gen_s": med["gen_s"], "base_start_s": base["start_s"],
                       "med_start_s": med["start_s"], "base_text": base["text0"][:120], "med_text": med["text0"][:120],
+                      "logprobs_positions": n_pos, "logprob_max_abs_diff": max(diffs, default=None),
+                      "logprob_mean_abs_diff": sum(diffs) / n_pos if n_pos else None,
+                      "top2_ids_same": top_same,
                       "sampled_seeded_repeat": med["sampled_seeded_repeat"],
                       "medusa_stats": med["medusa_stats"]}, indent=1))
