@@ -78,18 +78,26 @@ def path_rows(cu_num_logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tens
     return (cu_num_logits[:-1, None].long() + nodes).flatten()
 
 
+def reject_rows(out: VerifyOutput, last_row: torch.Tensor, sel: torch.Tensor, root_tokens: torch.Tensor,
+                cu_num_logits: torch.Tensor) -> tuple[VerifyOutput, torch.Tensor]:
+    """The step with the drafts of requests ``sel`` [R] bool rejected: each of them emits its
+    ``root_tokens`` [R] entry (its root row's token from vLLM's own sampler) and accepts
+    nothing; the others keep ``out`` and ``last_row`` [R]. For requests whose options the tree
+    rows do not reproduce (bad words, min_tokens, ...): speculation then costs such a request
+    its drafts, never exactness. Returns the output and each request's last row."""
+    s = sel[:, None]
+    first = torch.where(sel, root_tokens.to(out.tokens.dtype), out.tokens[:, 0])
+    tokens = torch.cat([first[:, None], torch.where(s, -1, out.tokens[:, 1:])], dim=1)
+    return (VerifyOutput(torch.where(s, -1, out.accepted), torch.where(sel, 0, out.num_accepted),
+                         torch.where(sel, 0, out.last_node), tokens),
+            torch.where(sel, cu_num_logits[:-1].long(), last_row))
+
+
 def reject_all(out: VerifyOutput, root_tokens: torch.Tensor,
                cu_num_logits: torch.Tensor) -> tuple[VerifyOutput, torch.Tensor]:
-    """The same step with every draft rejected: each request emits ``root_tokens`` [R] (its root
-    row's token from vLLM's own sampler) and accepts nothing. For steps in which some request
-    needs what the tree rows do not reproduce (sampling, penalties, logprobs): speculation
-    then costs that step its drafts, never exactness. Returns the output and each request's
-    root row (last_row)."""
-    tokens = torch.full_like(out.tokens, -1)
-    tokens[:, 0] = root_tokens.to(tokens.dtype)
-    zero = torch.zeros_like(out.num_accepted)
-    return (VerifyOutput(torch.full_like(out.accepted, -1), zero, torch.zeros_like(out.last_node), tokens),
-            cu_num_logits[:-1].long())
+    """:func:`reject_rows` for every request."""
+    sel = torch.ones_like(root_tokens, dtype=torch.bool)
+    return reject_rows(out, cu_num_logits[:-1].long(), sel, root_tokens, cu_num_logits)
 
 
 def num_sampled_and_rejected(

@@ -250,33 +250,69 @@ def test_mixed_step_with_a_prefill_chunk_and_a_truncated_tree():
     assert r.medusa_stats.summary()["tree_steps"] == 2  # requests verified with a tree
 
 
-def test_a_step_with_a_request_that_cannot_speculate_accepts_nothing_and_keeps_vllms_tokens():
+class _RootSampler:
+    """vLLM's V2 sampler on the root rows, stood in: it records what it saw and gives each
+    request 5 + its place in the batch."""
+
+    def __init__(self, logprobs=(NO_LOGPROBS,) * 4) -> None:
+        self.seen = {}
+        self.sampling_states = SimpleNamespace(**_logprob_state(logprobs))
+        self.logprob_token_ids_state = SimpleNamespace(max_num_token_ids=lambda idx: 0)
+        self.logprobs_mode = "raw_logprobs"
+        self.penalties_state = SimpleNamespace(use_penalty=np.zeros(4, dtype=bool))
+        self.logit_bias_state = SimpleNamespace(use_logit_bias=np.zeros(4, dtype=bool))
+
+    def __call__(self, logits, root_batch):
+        self.seen = {"rows": logits.shape[0], "indices": root_batch.logits_indices.tolist()}
+        return SimpleNamespace(sampled_token_ids=5 + torch.arange(logits.shape[0])[:, None], logprobs_tensors="lp")
+
+
+def _nospec_step(logprobs=(NO_LOGPROBS,) * 4):
+    """Two whole trees; request 1 cannot speculate (e.g. min_tokens)."""
     reqs = [(Q, Q - 1, 20), (Q, Q - 1, 30)]
     batch = _batch(reqs)
     table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(5))
     _accepting_drafts(batch, table)
     r = _runner(table, [0] * 4)
-    r._medusa_mode[1] = V2_NO_SPEC  # e.g. a request with a repetition penalty
+    r._medusa_mode[1] = V2_NO_SPEC
     _record(r, [0, 0])
-    seen = {}
-
-    def sampler(logits, root_batch):
-        seen["rows"], seen["indices"] = logits.shape[0], root_batch.logits_indices.tolist()
-        return SimpleNamespace(sampled_token_ids=torch.tensor([[5], [6]]), logprobs_tensors="lp")
-
-    r.sampler = sampler
+    r.sampler = _RootSampler(logprobs)
     r._medusa_slots = _slots(batch)
     r._medusa_prepare_tree(batch)
     kv_before = r.kv_caches[0].clone()
     hidden = _hidden(batch.num_tokens)
     out, num_sampled, num_rejected = r.sample(hidden, batch, None)
-    assert seen == {"rows": 2, "indices": [0, Q]}  # vLLM's sampler saw the root rows
+    return r, batch, table, kv_before, hidden, out, num_sampled, num_rejected
+
+
+def test_a_request_that_cannot_speculate_gets_vllms_token_and_the_others_keep_their_drafts():
+    r, batch, table, kv_before, hidden, out, num_sampled, num_rejected = _nospec_step()
+    assert r.medusa_paths.counts == {(str(Q - 1), "verify general, some requests without drafts"): 1}
+    assert r.sampler.seen == {"rows": 2, "indices": [0, Q]}  # vLLM's sampler saw the root rows
+    ref, row_of_node = _expected(batch, table)
+    assert ref.num_accepted[0] > 0 and ref.num_accepted[1] > 0  # request 1 had drafts to accept
+    assert torch.equal(out.sampled_token_ids[0], ref.tokens[0])
+    assert out.sampled_token_ids[1, 0] == 6 and (out.sampled_token_ids[1, 1:] == -1).all()
+    assert num_sampled.tolist() == [int(ref.num_accepted[0]) + 1, 1]
+    assert num_rejected.tolist() == [Q - 1 - int(ref.num_accepted[0]), Q - 1]
+    assert out.logprobs_tensors is None  # nobody asked (vLLM's root logprobs are not used)
+    accepted = ref.accepted.clone()
+    accepted[1] = -1
+    _check_kv(r, batch, kv_before, accepted)
+    last = torch.tensor([int(row_of_node[0, ref.last_node[0]]), Q])
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last))
+    assert r.medusa_stats.summary()["tree_steps"] == 1  # request 0 only
+
+
+def test_a_step_whose_non_speculating_request_wants_logprobs_is_vllms_whole():
+    r, batch, table, kv_before, hidden, out, num_sampled, num_rejected = _nospec_step(
+        logprobs=(NO_LOGPROBS, 2, NO_LOGPROBS, NO_LOGPROBS))
+    assert r.medusa_paths.counts == {(str(Q - 1), "verify none (a request that cannot speculate)"): 1}
     assert out.sampled_token_ids[:, 0].tolist() == [5, 6] and (out.sampled_token_ids[:, 1:] == -1).all()
     assert num_sampled.tolist() == [1, 1] and num_rejected.tolist() == [Q - 1, Q - 1]
     assert out.logprobs_tensors == "lp"
     assert torch.equal(r.kv_caches[0], kv_before)
     assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(torch.tensor([0, Q])))
-    assert r.medusa_stats.summary()["tree_steps"] == 0
 
 
 def test_propose_after_a_step_without_drafts_reads_each_last_token():

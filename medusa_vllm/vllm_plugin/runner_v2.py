@@ -62,7 +62,7 @@ from medusa_vllm import kernels
 from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
 from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step, sampling_params_tensor
 from medusa_vllm.packed_step import (
-    greedy_packed, num_sampled_and_rejected, path_rows, reject_all, slot_rows, tree_positions_delta,
+    greedy_packed, num_sampled_and_rejected, path_rows, reject_all, reject_rows, slot_rows, tree_positions_delta,
 )
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
@@ -381,8 +381,14 @@ class MedusaV2ModelRunner(GPUModelRunner):
                                '(use "runner": "v1")')
         r = input_batch.num_reqs
         modes = self._medusa_mode[input_batch.idx_mapping_np]
-        mode = V2_NO_SPEC if (modes == V2_NO_SPEC).any() else V2_SAMPLED if (modes == V2_SAMPLED).any() else V2_GREEDY
-        k = self._medusa_uniform_k if mode != V2_NO_SPEC else None  # (from _medusa_prepare_tree)
+        mode = V2_SAMPLED if (modes == V2_SAMPLED).any() else V2_GREEDY
+        reject = None  # [R] bool: requests that cannot speculate, among others that can
+        if (nospec := modes == V2_NO_SPEC).any():
+            if nospec.all() or self._medusa_nospec_logprobs(input_batch.idx_mapping_np[nospec]):
+                mode = V2_NO_SPEC  # the whole step from vLLM's sampler (its logprobs too)
+            else:
+                reject = nospec
+        k = self._medusa_uniform_k if mode != V2_NO_SPEC and reject is None else None  # (_medusa_prepare_tree)
         if k is not None and self.medusa_policy.tree_of_num_drafts(self._medusa_sched) != k:
             k = None  # the next drafts follow another tree (or none): not the steady-state function
         if k is not None and mode == V2_SAMPLED:
@@ -413,10 +419,12 @@ class MedusaV2ModelRunner(GPUModelRunner):
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
             self.medusa_paths.count({V2_GREEDY: "verify general", V2_SAMPLED: "verify general sampled",
-                                     V2_NO_SPEC: "verify none (a request that cannot speculate)"}[mode])
+                                     V2_NO_SPEC: "verify none (a request that cannot speculate)"}[mode]
+                                    + (", some requests without drafts" if reject is not None else ""))
             # (vLLM's sampler, which a step with such a request calls, is not ours to guard)
-            with region("medusa: verify") if mode != V2_NO_SPEC else contextlib.nullcontext():
-                tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, mode)
+            guard = mode != V2_NO_SPEC and reject is None
+            with region("medusa: verify") if guard else contextlib.nullcontext():
+                tokens, num_accepted, has = self._medusa_general(hidden_states, input_batch, mode, reject)
                 num_sampled, num_rejected = num_sampled_and_rejected(
                     num_accepted, input_batch.seq_lens[:r], cu,
                     self.req_states.prefill_len.gpu[input_batch.idx_mapping])
@@ -480,8 +488,17 @@ class MedusaV2ModelRunner(GPUModelRunner):
         return compute_topk_scores(raw[rows], n, tokens.flatten().clamp_min(0), list(range(0, r * w + 1, w)),
                                    logits_mode=self.sampler.logprobs_mode == "raw_logits")
 
-    def _medusa_general(self, hidden_states, input_batch, mode: int):
-        """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool)."""
+    def _medusa_nospec_logprobs(self, idx_np: np.ndarray) -> bool:
+        """Whether a request of slots ``idx_np`` (ones that cannot speculate) wants logprobs: its
+        step then takes every request's tokens and logprobs from vLLM's sampler."""
+        st = self.sampler
+        return bool((st.sampling_states.num_logprobs[idx_np] != NO_LOGPROBS).any()
+                    or st.logprob_token_ids_state.max_num_token_ids(idx_np) > 0)
+
+    def _medusa_general(self, hidden_states, input_batch, mode: int, reject: np.ndarray | None = None):
+        """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool).
+        ``reject`` [R] bool: requests whose drafts are rejected and whose token is vLLM's
+        sampler's (their options are not reproduced on tree rows)."""
         r = input_batch.num_reqs
         cu = input_batch.cu_num_logits
         hidden = hidden_states[input_batch.logits_indices]  # [L, H] rows of the logits
@@ -501,18 +518,24 @@ class MedusaV2ModelRunner(GPUModelRunner):
         else:
             out, last_row = greedy_packed(logits.argmax(dim=-1), tokens_in, cu, tree_ids, self.medusa_trees)
         has = (cu[1:] - cu[:-1]) > 1
-        if mode == V2_NO_SPEC:
+        if mode == V2_NO_SPEC or reject is not None:
             if not self._medusa_fallback_warned:
                 self._medusa_fallback_warned = True
-                logger.warning("medusa_vllm (V2 runner): a step has a request whose options the tree rows do "
-                               "not reproduce (bad words, min_tokens, logprob_token_ids, processed "
-                               "logprobs, ...); such steps accept no drafts and take every token from "
-                               "vLLM's sampler")
+                logger.warning("medusa_vllm (V2 runner): a request's options are not reproduced on tree rows "
+                               "(bad words, min_tokens, logprob_token_ids, processed logprobs, ...); its "
+                               "drafts are rejected and its tokens come from vLLM's sampler (the whole "
+                               "step's, when such a request asks for logprobs)")
             root = self.sampler(raw[cu[:-1].long()], _root_batch(input_batch))
+        if mode == V2_NO_SPEC:
             out, last_row = reject_all(out, root.sampled_token_ids[:, 0], cu)
             self._medusa_logprobs = root.logprobs_tensors
             has = torch.zeros_like(has)
         else:
+            if reject is not None:
+                sel = torch.from_numpy(reject)
+                sel = async_copy_to_gpu(sel, device=cu.device) if cu.is_cuda else sel
+                out, last_row = reject_rows(out, last_row, sel, root.sampled_token_ids[:, 0], cu)
+                has = has & ~sel
             self._medusa_logprobs = self._medusa_path_logprobs(raw, input_batch, out.accepted, out.tokens)
         self._medusa_move_kv(self._medusa_slots, input_batch.query_start_loc[: r + 1], out.accepted.int())
         self._medusa_next = self._medusa_next_drafts(hidden[last_row])

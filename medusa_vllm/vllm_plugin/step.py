@@ -135,8 +135,8 @@ def v2_mode(sp, logprobs_mode: str = "raw_logprobs") -> int:
     or typical acceptance), both with logit biases, allowed tokens and repetition, presence and
     frequency penalties per tree row, and logprobs in vLLM's raw modes (from each emitted
     token's row); or V2_NO_SPEC (anything :func:`can_speculate` refuses: bad words,
-    min_tokens, structured output, logprob_token_ids, processed logprobs): a step holding such
-    a request accepts no drafts and takes its tokens from vLLM's sampler."""
+    min_tokens, structured output, logprob_token_ids, processed logprobs): such a request's
+    drafts are rejected and its tokens come from vLLM's sampler."""
     from vllm.sampling_params import _SAMPLING_EPS
 
     if not can_speculate(sp, logprobs_mode):
