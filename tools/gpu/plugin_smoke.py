@@ -1,6 +1,7 @@
 """GPU smoke test of the plugin: greedy outputs with and without Medusa on the same engine
 settings (bf16, CUDA graphs), plus τ, with 2 logprobs per token (compared where the tokens
-agree: the emitted token's logprob and the top-2 ids); then sampled requests on the Medusa engine, whether the
+agree: the emitted token's logprob and the top-2 ids), and again with every other request
+unable to speculate (min_tokens); then sampled requests on the Medusa engine, whether the
 seeded ones repeat their tokens in the same batch and in the batch reversed. The Medusa engine runs with MEDUSA_VLLM_SYNC_DEBUG=1: a host sync
 inside medusa_vllm's part of a step raises. Usage: python tools/gpu/plugin_smoke.py MODEL HEADS TREE
 [SPEC_JSON] (more speculative-config keys, e.g. '{"runner":"v2"}'; "async_scheduling" and
@@ -42,6 +43,12 @@ def run(kw, prompts, n):
             name: [list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
                    for i, (a, b) in enumerate(zip(first, other)) if i % 2]
             for name, other in (("same_order", same), ("reversed", reversed_))}
+        # greedy again with every other request unable to speculate (min_tokens: the V2 runner
+        # rejects that request's drafts and takes vLLM's token, the others keep theirs)
+        mixed = [SamplingParams(temperature=0, max_tokens=n, min_tokens=(2 if i % 2 else 0))
+                 for i in range(len(prompts))]
+        res["tokens_mixed_nospec"] = [list(o.outputs[0].token_ids)
+                                      for o in llm.generate(prompts, mixed, use_tqdm=False)]
         res["medusa_stats"] = llm.collective_rpc("medusa_stats")[0]
     return res
 
@@ -83,5 +90,7 @@ if __name__ == "__main__":
                       "logprobs_positions": n_pos, "logprob_max_abs_diff": max(diffs, default=None),
                       "logprob_mean_abs_diff": sum(diffs) / n_pos if n_pos else None,
                       "top2_ids_same": top_same,
+                      # the same greedy requests, every other one with min_tokens (cannot speculate)
+                      "identical_mixed_nospec": sum(a == b for a, b in zip(base["tokens"], med["tokens_mixed_nospec"])),
                       "sampled_seeded_repeat": med["sampled_seeded_repeat"],
                       "medusa_stats": med["medusa_stats"]}, indent=1))
