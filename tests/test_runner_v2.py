@@ -257,10 +257,12 @@ class _RootSampler:
     def __init__(self, logprobs=(NO_LOGPROBS,) * 4) -> None:
         self.seen = {}
         self.sampling_states = SimpleNamespace(**_logprob_state(logprobs))
-        self.logprob_token_ids_state = SimpleNamespace(max_num_token_ids=lambda idx: 0)
         self.logprobs_mode = "raw_logprobs"
         self.penalties_state = SimpleNamespace(use_penalty=np.zeros(4, dtype=bool))
         self.logit_bias_state = SimpleNamespace(use_logit_bias=np.zeros(4, dtype=bool))
+
+    def returns_logprobs(self, idx_np) -> bool:  # vLLM's, without logprob_token_ids
+        return self.sampling_states.max_num_logprobs(idx_np) != NO_LOGPROBS
 
     def __call__(self, logits, root_batch):
         self.seen = {"rows": logits.shape[0], "indices": root_batch.logits_indices.tolist()}

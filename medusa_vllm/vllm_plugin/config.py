@@ -29,8 +29,8 @@ ACCEPTANCE_RULES = ("rejection", "typical")
 ATTENTION_CHOICES = ("auto", "kernel", "reference", "xformers")
 # vLLM 0.26's model runner the trees run in: "v1" (vLLM's choice for any method but its EAGLE
 # family: every feature) or "v2" (its GPU-side input preparation; greedy and sampled requests
-# speculate, with penalties and logit biases, requests with logprobs decode exactly without
-# drafts; the load-adaptive tree with asynchronous scheduling; GPU only: vllm_plugin/runner_v2.py)
+# speculate, with penalties, logit biases and raw logprobs; no structured output; the
+# load-adaptive tree with asynchronous scheduling; GPU only: vllm_plugin/runner_v2.py)
 RUNNERS = ("v1", "v2")
 # keys of our speculative config; vLLM's own keys we accept alongside them
 _VLLM_KEYS = ("method", "model", "num_speculative_tokens")

@@ -21,11 +21,14 @@ plugin's choice of runner (``vllm_plugin/__init__.py``) and our speculator
    (it advances ``num_computed`` by ``query_len - num_rejected``, ``num_rejected = nodes -
    accepted``), and the next drafts from the heads at each request's last accepted node.
    Logit biases and allowed tokens enter every row (V2's own kernel), repetition, presence
-   and frequency penalties each tree row along its own path (:mod:`.penalties_v2`). A uniform step (every request verifies one whole tree) runs all of
-   that as one fixed-shape function, replayed from a CUDA graph per batch size (sampled steps:
-   with the step's random numbers drawn first, as inputs). A step holding a request whose
-   options the tree rows do not reproduce (logprobs, min-tokens, bad words: ``step.v2_mode``) accepts no drafts at all and takes every root token from vLLM's own
-   sampler, so such requests are served exactly, without speedup.
+   and frequency penalties each tree row along its own path (:mod:`.penalties_v2`); logprobs
+   (raw modes) come from each emitted token's own row. A uniform step (every request verifies
+   one whole tree) runs all of that as one fixed-shape function, replayed from a CUDA graph
+   per batch size (sampled steps: with the step's random numbers drawn first, as inputs). A
+   request whose options the tree rows do not reproduce (min-tokens, bad words, processed
+   logprobs: ``step.v2_mode``) has its drafts rejected and takes its root token from vLLM's
+   own sampler, so it is served exactly, without speedup; the step's other requests keep
+   their drafts (unless that request asks for logprobs: then the whole step is vLLM's).
 3. ``capture_model``: vLLM's FULL graphs of uniform tree steps (every request 1 + nodes tokens)
    hold the tree kernel, those of plain decoding (1 token) vLLM's own attention; then the
    verify+heads graphs of each tree.
@@ -352,9 +355,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             else:
                 out.copy_(src)
             return
-        if out.is_cuda:
-            src = async_copy_to_gpu(src, device=out.device)
-        out[index.long()] = src
+        out[index.long()] = _to_device(src, out.device)
 
     def _medusa_uniform_tree(self, input_batch) -> int | None:
         """The tree k every request of this step verifies whole (all decoding, every row a
@@ -384,7 +385,8 @@ class MedusaV2ModelRunner(GPUModelRunner):
         mode = V2_SAMPLED if (modes == V2_SAMPLED).any() else V2_GREEDY
         reject = None  # [R] bool: requests that cannot speculate, among others that can
         if (nospec := modes == V2_NO_SPEC).any():
-            if nospec.all() or self._medusa_nospec_logprobs(input_batch.idx_mapping_np[nospec]):
+            # (a non-speculating request's logprobs come from vLLM's sampler, for the whole step)
+            if nospec.all() or self.sampler.returns_logprobs(input_batch.idx_mapping_np[nospec]):
                 mode = V2_NO_SPEC  # the whole step from vLLM's sampler (its logprobs too)
             else:
                 reject = nospec
@@ -488,13 +490,6 @@ class MedusaV2ModelRunner(GPUModelRunner):
         return compute_topk_scores(raw[rows], n, tokens.flatten().clamp_min(0), list(range(0, r * w + 1, w)),
                                    logits_mode=self.sampler.logprobs_mode == "raw_logits")
 
-    def _medusa_nospec_logprobs(self, idx_np: np.ndarray) -> bool:
-        """Whether a request of slots ``idx_np`` (ones that cannot speculate) wants logprobs: its
-        step then takes every request's tokens and logprobs from vLLM's sampler."""
-        st = self.sampler
-        return bool((st.sampling_states.num_logprobs[idx_np] != NO_LOGPROBS).any()
-                    or st.logprob_token_ids_state.max_num_token_ids(idx_np) > 0)
-
     def _medusa_general(self, hidden_states, input_batch, mode: int, reject: np.ndarray | None = None):
         """Any step with drafts: (tokens [R, D+1] int64, num_accepted [R], has [R] bool).
         ``reject`` [R] bool: requests whose drafts are rejected and whose token is vLLM's
@@ -532,8 +527,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             has = torch.zeros_like(has)
         else:
             if reject is not None:
-                sel = torch.from_numpy(reject)
-                sel = async_copy_to_gpu(sel, device=cu.device) if cu.is_cuda else sel
+                sel = _to_device(torch.from_numpy(reject), cu.device)
                 out, last_row = reject_rows(out, last_row, sel, root.sampled_token_ids[:, 0], cu)
                 has = has & ~sel
             self._medusa_logprobs = self._medusa_path_logprobs(raw, input_batch, out.accepted, out.tokens)
@@ -624,6 +618,11 @@ class MedusaV2ModelRunner(GPUModelRunner):
             if k != NO_TREE:
                 self._medusa_req_tree.index_fill_(0, input_batch.idx_mapping.long(), k)
         return drafts
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor ``x`` on ``device`` without a host sync (a pinned, non-blocking copy to a GPU)."""
+    return async_copy_to_gpu(x, device=device) if device.type == "cuda" else x.to(device)
 
 
 def _root_batch(input_batch):
