@@ -46,9 +46,13 @@ CONFIGS = {
     # uniform steps run the sampled fixed-shape step (random numbers drawn first, CUDA graphs)
     "plain_v1_async_sampled": "baseline-v1async",
     "tree64_async_sampled": "medusa:default-63",
+    # vLLM's V2 model runner (asynchronous scheduler): its plain step against our V2 tree step
+    "plain_v2_async": "baseline",
+    "tree64_v2": "medusa-v2:default-63",
 }
 ADAPTIVE_MAX_TOKENS = {"tree16_in_tree64": 16, "nodraft_async": 1}
-ASYNC = {"plain_v1_async", "tree64_async", "nodraft_async", "plain_v1_async_sampled", "tree64_async_sampled"}
+ASYNC = {"plain_v1_async", "tree64_async", "nodraft_async", "plain_v1_async_sampled", "tree64_async_sampled",
+         "plain_v2_async"}
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # the *_sampled configs' requests
 
 
@@ -160,8 +164,11 @@ def main(argv=None) -> None:
         if args.profile:
             env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CUSTOM_SCOPES_FOR_PROFILING="1")
         args.adaptive_max_tokens = ADAPTIVE_MAX_TOKENS.get(name, 0)
-        kw = engine_kwargs(args, config.replace("-v1async", ""), args.heads, builtin)
-        if name in ASYNC:
+        kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-v2:", "medusa:"),
+                           args.heads, builtin)
+        if config.startswith("medusa-v2:"):
+            kw["speculative_config"]["runner"] = "v2"
+        if name in ASYNC or config.startswith("medusa-v2:"):
             kw["async_scheduling"] = True
         try:
             sampling = SAMPLED if name.endswith("_sampled") else {"temperature": 0.0}
