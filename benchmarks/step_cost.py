@@ -49,10 +49,12 @@ CONFIGS = {
     # vLLM's V2 model runner (asynchronous scheduler): its plain step against our V2 tree step
     "plain_v2_async": "baseline",
     "tree64_v2": "medusa-v2:default-63",
+    "plain_v2_async_sampled": "baseline",
+    "tree64_v2_sampled": "medusa-v2:default-63",
 }
 ADAPTIVE_MAX_TOKENS = {"tree16_in_tree64": 16, "nodraft_async": 1}
 ASYNC = {"plain_v1_async", "tree64_async", "nodraft_async", "plain_v1_async_sampled", "tree64_async_sampled",
-         "plain_v2_async"}
+         "plain_v2_async", "plain_v2_async_sampled"}
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # the *_sampled configs' requests
 
 
