@@ -7,11 +7,26 @@ vLLM's sampler, so a seeded request reproduces its own draws whatever else is in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 _EPS_TEMPERATURE = 1e-5
+
+# (x [M, V] float32 logits, k [M] int64 (vocab = off), p [M] float32 (1 = off)) -> x with the
+# tokens outside each row's top-k, then top-p nucleus, set to -inf (may work in place)
+TopKTopP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_top_k_top_p: TopKTopP | None = None  # an engine's own op (set_top_k_top_p); None: the sort below
+
+
+def set_top_k_top_p(fn: TopKTopP | None) -> TopKTopP | None:
+    """Filter every target distribution with ``fn`` instead of :func:`apply_top_k_top_p_ref`
+    (an engine adapter installs its engine's own op, so the verified distribution is the one
+    that engine samples from without speculation); returns the one it replaces."""
+    global _top_k_top_p
+    old, _top_k_top_p = _top_k_top_p, fn
+    return old
 
 
 @dataclass
@@ -60,7 +75,7 @@ def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
     if sampling.min_p is not None:
         x = _apply_min_p(x, sampling.min_p)
     if sampling.filtered:
-        x = _apply_top_k_top_p(x, torch.where(use_k, k, vocab), torch.where(use_p, p, 1.0))
+        x = (_top_k_top_p or apply_top_k_top_p_ref)(x, torch.where(use_k, k, vocab), torch.where(use_p, p, 1.0))
     return torch.softmax(x, dim=-1)
 
 
@@ -72,8 +87,9 @@ def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(probs < threshold, float("-inf"))
 
 
-def _apply_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p nucleus with -inf (sort-based)."""
+def apply_top_k_top_p_ref(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p nucleus with -inf (sort-based: one sort
+    of every row, the reference; slow on a GPU for many rows of a large vocabulary)."""
     sorted_x, order = x.sort(dim=-1, descending=True)  # [M, V]
     vocab = x.shape[-1]
     ranks = torch.arange(vocab, device=x.device).unsqueeze(0)

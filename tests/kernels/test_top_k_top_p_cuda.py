@@ -1,0 +1,91 @@
+"""vLLM's top-k/top-p op on a GPU, as the adapter installs it (medusa_vllm.vllm_plugin.top_k_top_p):
+its Triton kernel (8 rows and more) and its sort (fewer) keep the tokens medusa_vllm's sort
+reference keeps; the sampled tree step with it installed replays in a CUDA graph, equal to the
+eager step, without a host sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_vllm.graphed_step import sampled_tree_step
+from medusa_vllm.sampling import SamplingBatch, StepRandomness, apply_top_k_top_p_ref, set_top_k_top_p
+from medusa_vllm.tree import TokenTree
+from medusa_vllm.tree_tensors import TreeTensors
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+V = 49152  # SmolLM2's vocabulary: the size the kernel's tiles meet in serving
+
+
+@pytest.fixture
+def installed():
+    from medusa_vllm.vllm_plugin import top_k_top_p
+
+    old = set_top_k_top_p(None)
+    assert top_k_top_p.install(torch.device("cuda"), V)
+    yield top_k_top_p.vllm_top_k_top_p
+    set_top_k_top_p(old)
+
+
+def _rows(m: int, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scale = torch.tensor([0.5, 2.0, 6.0], device="cuda")[torch.arange(m, device="cuda") % 3].unsqueeze(1)
+    x = torch.randn(m, V, device="cuda", generator=g) * scale
+    k = torch.tensor([V, 1, 20, V, 200, 7], device="cuda")[torch.arange(m, device="cuda") % 6]
+    p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.95, 0.99, 0.3], device="cuda")[torch.arange(m, device="cuda") % 7]
+    return x, k, p
+
+
+@pytest.mark.parametrize("m", [1, 4, 8, 32, 300])
+def test_vllms_op_keeps_the_references_tokens(installed, m):
+    x, k, p = _rows(m, seed=m)
+    want = torch.isfinite(apply_top_k_top_p_ref(x.clone(), k, p))
+    got = torch.isfinite(installed(x.clone(), k, p))
+    diff = (got != want).sum(dim=1)
+    # top-p's boundary token may flip where the two sums of float32 masses round differently
+    assert int(diff.max()) <= 1, f"rows differ in {diff.tolist()} tokens"
+    assert int((diff > 0).sum()) <= max(1, m // 50)
+
+
+def test_sampled_step_with_vllms_op_replays_in_a_graph_without_syncs(installed):
+    tree = TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+    trees = TreeTensors.build([tree], "cuda")
+    q, b, h = 7, 16, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(b * q, V, device="cuda", generator=g) * 3
+    top = logits.argmax(-1)
+    logits[torch.arange(b * q, device="cuda"), top] += 6  # each row's likeliest token stands out
+    parent = torch.tensor([0, 0, 1, 1, 2, 3], device="cuda")  # the tree's nodes 1..6 (BFS)
+    drafts = top.view(b, q)[:, parent].reshape(-1).int()  # each node offers its parent's favourite
+    hidden = torch.randn(b * q, h, device="cuda", generator=g)
+    tree_ids = torch.zeros(b, dtype=torch.int64, device="cuda")
+    params = torch.stack([torch.full((b,), 0.8, device="cuda"), torch.full((b,), 50.0, device="cuda"),
+                          torch.full((b,), 0.95, device="cuda"), torch.zeros(b, device="cuda")], dim=1)
+    s = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2])
+    rand = StepRandomness.draw(b, trees.max_depth + 1, 2, V, s, "cuda")
+    w = torch.randn(h, V, device="cuda", generator=g)
+
+    def step():
+        out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.accept.view(b, -1), rand.noise,
+                                trees, lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
+        return out.as_tuple()
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for e, c in zip(eager, captured):
+        assert torch.equal(e, c)
+    assert int(eager[1].ne(-1).sum()) > 0  # some drafts were accepted

@@ -1,0 +1,71 @@
+"""The target distribution's top-k/top-p filter: vLLM's op (what the adapter installs on a GPU)
+keeps the same tokens as medusa_vllm's sort reference, and target_probs goes through an
+installed op. On a CPU vLLM's op is its PyTorch path; its Triton kernel, the one a GPU runs,
+is checked against the same reference in tests/kernels/test_top_k_top_p_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_vllm import sampling
+from medusa_vllm.sampling import SamplingBatch, apply_top_k_top_p_ref, set_top_k_top_p, target_probs
+
+V = 1000
+
+
+def _rows(m: int, seed: int):
+    """[m, V] logits without ties (sharp and flat rows) and per-row k, p with every mix of
+    off and on (k = V and p = 1 mean off)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 2.0, 6.0])[torch.arange(m) % 3].unsqueeze(1)
+    x = torch.randn(m, V, generator=g) * scale
+    k = torch.tensor([V, 1, 20, V, 200, 7])[torch.arange(m) % 6]
+    p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.95, 0.99, 0.3])[torch.arange(m) % 7]
+    return x, k, p
+
+
+@pytest.fixture
+def restore_filter():
+    old = set_top_k_top_p(None)
+    yield
+    set_top_k_top_p(old)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 42])
+def test_vllms_op_keeps_the_references_tokens(m):
+    from medusa_vllm.vllm_plugin.top_k_top_p import vllm_top_k_top_p
+
+    x, k, p = _rows(m, seed=m)
+    want = torch.isfinite(apply_top_k_top_p_ref(x.clone(), k, p))
+    got = torch.isfinite(vllm_top_k_top_p(x.clone(), k, p))
+    assert torch.equal(got, want)
+    kept = want.sum(dim=1)
+    assert (kept <= k).all() and (kept >= 1).all()
+    if m > 1:  # the rows exercise both filters (the one row of m = 1 has both off)
+        assert (kept < V).any() and (kept > 1).any()
+
+
+def test_target_probs_goes_through_an_installed_op(restore_filter):
+    x, k, p = _rows(12, seed=3)
+    s = SamplingBatch(torch.full((12,), 0.7), k, p)
+    want = target_probs(x, s)  # the reference
+    calls = []
+
+    def op(xx, kk, pp):
+        calls.append((kk.clone(), pp.clone()))
+        return apply_top_k_top_p_ref(xx, kk, pp)
+
+    set_top_k_top_p(op)
+    torch.testing.assert_close(target_probs(x, s), want, rtol=0, atol=0)
+    assert len(calls) == 1 and torch.equal(calls[0][0], k) and torch.equal(calls[0][1], p)
+    # a batch without top-k/top-p (filtered=False) never calls it
+    target_probs(x, SamplingBatch(s.temperature, s.top_k, s.top_p, filtered=False))
+    assert len(calls) == 1
+
+
+def test_install_leaves_a_cpu_engine_on_the_reference(restore_filter):
+    from medusa_vllm.vllm_plugin import top_k_top_p
+
+    assert top_k_top_p.install(torch.device("cpu"), V) is False
+    assert sampling._top_k_top_p is None
