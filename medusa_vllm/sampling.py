@@ -92,8 +92,8 @@ def apply_top_k_top_p_ref(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     of every row, the reference; slow on a GPU for many rows of a large vocabulary)."""
     sorted_x, order = x.sort(dim=-1, descending=True)  # [M, V]
     vocab = x.shape[-1]
-    ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
-    drop = ranks >= k.unsqueeze(1)
+    # top-k keeps every logit tied with the k-th largest (vLLM's rule: logits >= the k-th)
+    drop = sorted_x < sorted_x.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1))
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches p (the first token always stays)
     mass_before = probs.cumsum(dim=-1) - probs

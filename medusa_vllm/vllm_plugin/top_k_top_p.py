@@ -11,9 +11,13 @@ against is the one vLLM samples from without speculation, made by the same code,
 sampled step sorts only where vLLM's own sampler would.
 
 CUDA only: on a CPU vLLM's op is the same sort as the reference (and syncs for top-k alone).
+``MEDUSA_VLLM_TOP_K_TOP_P=reference`` keeps the reference on a GPU too (an A/B of the two in
+one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=reference``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -33,7 +37,11 @@ def install(device: torch.device, vocab: int) -> bool:
     device; elsewhere nothing changes and False comes back). The Triton kernel keeps a
     per-device scratch buffer that grows with the rows of a call: it is made here, at its
     largest (one row per SM), so that no CUDA graph capture allocates or replaces it."""
-    if device.type != "cuda":
+    choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "vllm") or "vllm"
+    if choice not in ("vllm", "reference"):
+        raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU, "
+                         f"the default) or 'reference' (medusa_vllm's sort)")
+    if device.type != "cuda" or choice == "reference":
         return False
     sampling.set_top_k_top_p(vllm_top_k_top_p)
     from vllm.triton_utils import HAS_TRITON

@@ -42,10 +42,17 @@ def test_vllms_op_keeps_the_references_tokens(installed, m):
     x, k, p = _rows(m, seed=m)
     want = torch.isfinite(apply_top_k_top_p_ref(x.clone(), k, p))
     got = torch.isfinite(installed(x.clone(), k, p))
-    diff = (got != want).sum(dim=1)
-    # top-p's boundary token may flip where the two sums of float32 masses round differently
-    assert int(diff.max()) <= 1, f"rows differ in {diff.tolist()} tokens"
-    assert int((diff > 0).sum()) <= max(1, m // 50)
+    # Two differences are allowed. A token tied with the k-th largest logit: the reference keeps
+    # every tie (as vLLM's sort path: logits >= the k-th), the Triton kernel may not. And top-p's boundary in
+    # a flat row, where float32 sums of thousands of masses round differently (on an H200,
+    # code 746342e: up to 8 tokens of 49,152 in rows keeping about 40,000, each about 1e-5 of
+    # the mass). Those must hold less than 1e-3 of the row's probability.
+    kth = torch.gather(x.sort(dim=-1, descending=True).values, 1, (k.clamp(max=V) - 1).unsqueeze(1))
+    tie = (x == kth) & (k < V).unsqueeze(1)
+    off = (got != want) & ~tie
+    mass = (torch.softmax(x, dim=-1) * off).sum(dim=1)
+    assert float(mass.max()) < 1e-3, f"tokens {off.sum(dim=1).tolist()} of mass {mass.tolist()} differ"
+    assert torch.equal(got.sum(dim=1) >= 1, torch.ones_like(got[:, 0]))
 
 
 def test_sampled_step_with_vllms_op_replays_in_a_graph_without_syncs(installed):
