@@ -73,7 +73,7 @@ from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin import top_k_top_p
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, capture_sampled_sets, sampled_example
+from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, capture_sampled_sets, one_memory_pool, sampled_example
 from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
@@ -240,12 +240,13 @@ class MedusaV2ModelRunner(GPUModelRunner):
         finally:
             self.medusa_attn.step = None
         if self.cudagraph_manager.needs_capture():
-            for k, graphs in self._medusa_graphs.items():
-                if graphs.enabled:
-                    self._medusa_capture_graphs(k, graphs, self._medusa_greedy_example)
-            capture_sampled_sets(self._medusa_sampled_graphs,
-                                 lambda k: self._medusa_graph_batches(1 + self.medusa_tree_sizes[k]),
-                                 self._medusa_sampled_example, self._medusa_capture_graphs)
+            with one_memory_pool([*self._medusa_graphs.values(), *self._medusa_sampled_graphs.values()]):
+                for k, graphs in self._medusa_graphs.items():
+                    if graphs.enabled:
+                        self._medusa_capture_graphs(k, graphs, self._medusa_greedy_example)
+                capture_sampled_sets(self._medusa_sampled_graphs,
+                                     lambda k: self._medusa_graph_batches(1 + self.medusa_tree_sizes[k]),
+                                     self._medusa_sampled_example, self._medusa_capture_graphs)
         return size
 
     def _medusa_graph_batches(self, q: int) -> list[int]:

@@ -55,6 +55,29 @@ def test_replays_match_eager_for_every_batch_size_and_call():
     assert graphs.summary()["graph_replays"] == len(calls) - 1
 
 
+def test_sets_sharing_one_memory_pool_replay_like_eager_in_any_order():
+    """The runners put all their sets in one memory pool (graphs.one_memory_pool): a set's
+    replay may overwrite what another set's graph left in the pool, never what its own call
+    reads, so calls alternating between sets, each copied before the next, equal eager."""
+    trees = TreeTensors.build([TREE], "cuda")
+    fns = [_step_fn(trees, torch.randn(H, V, device="cuda")) for _ in range(3)]
+    pool = torch.cuda.graph_pool_handle()
+    sets = [BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1], max_batch=8, exact=3, name=f"set {i}")
+            for i, fn in enumerate(fns)]
+    for graphs in sets:
+        graphs.pool = pool
+        for b in (8, 4, 1):
+            assert graphs.capture(*_inputs(b, 100 + b))
+    calls = [(0, 8), (1, 4), (2, 1), (0, 3), (2, 8), (1, 8), (0, 1), (1, 2), (2, 4), (0, 8)]
+    for seed, (i, b) in enumerate(calls):
+        inputs = _inputs(b, seed)
+        got = [t.clone() for t in sets[i](*inputs)]
+        want = fns[i](*inputs)
+        for x, y in zip(got, want):
+            assert x.shape == y.shape and torch.equal(x, y), (i, b, seed)
+    assert sum(g.summary()["graph_replays"] for g in sets) == len(calls)
+
+
 def test_replay_reads_the_live_contents_of_captured_buffers():
     stale = torch.zeros(1, device="cuda", dtype=torch.int64)
 
