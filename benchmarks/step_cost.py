@@ -139,6 +139,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="add a profiled round per batch size")
+    ap.add_argument("--eager", action="store_true",
+                    help="no CUDA graphs (vLLM's enforce_eager, medusa_vllm's cuda_graphs off): slower "
+                         "steps, but a --profile then lists each kernel (a graph replay hides them)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="write one envelope (--out) from the rows of these earlier runs")
     args = ap.parse_args(argv)
@@ -172,6 +175,10 @@ def main(argv=None) -> None:
             kw["speculative_config"]["runner"] = "v2"
         if name in ASYNC or config.startswith("medusa-v2:"):
             kw["async_scheduling"] = True
+        if args.eager:
+            kw["enforce_eager"] = True
+            if config.startswith(("medusa", "adaptive")):  # medusa_vllm's own key (not the built-in's)
+                kw["speculative_config"]["cuda_graphs"] = False
         try:
             sampling = SAMPLED if name.endswith("_sampled") else {"temperature": 0.0}
             res = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens, sampling,
