@@ -43,6 +43,13 @@ if not _ROWS.isdigit():
     raise ValueError(f"MEDUSA_VLLM_SAMPLED_GRAPH_ROWS={_ROWS!r}: use a whole number of logits rows "
                      "(default 4096; 0 runs sampled steps without CUDA graphs), or unset it")
 SAMPLED_GRAPH_ROWS = int(_ROWS)
+# MEDUSA_VLLM_GRAPH_POOL: "shared" (default): all verify graph sets of a runner in one CUDA graph
+# memory pool (one_memory_pool); "per-set": each set in its own pool, as before 2026-12-06 (more
+# memory; an A/B or a fallback should sharing ever be suspected)
+_POOL = os.environ.get("MEDUSA_VLLM_GRAPH_POOL", "shared") or "shared"
+if _POOL not in ("shared", "per-set"):
+    raise ValueError(f"MEDUSA_VLLM_GRAPH_POOL={_POOL!r}: use 'shared' (the default: one memory pool for all "
+                     "verify graphs) or 'per-set', or unset it")
 
 
 class MedusaGraphsMixin:
@@ -260,16 +267,18 @@ def one_memory_pool(sets):
     if not sets or not torch.cuda.is_available():
         yield
         return
-    pool = torch.cuda.graph_pool_handle()
-    for g in sets:
-        g.pool = pool
+    if _POOL == "shared":
+        pool = torch.cuda.graph_pool_handle()
+        for g in sets:
+            g.pool = pool
     torch.cuda.synchronize()
     free = torch.cuda.mem_get_info()[0]
     yield
     torch.cuda.synchronize()
     taken = free - torch.cuda.mem_get_info()[0]
-    logger.info("medusa_vllm: verify graphs of %d sets (%d graphs) in one memory pool: %.2f GiB",
-                len(sets), sum(len(g.graphs) for g in sets), taken / 2**30)
+    logger.info("medusa_vllm: verify graphs of %d sets (%d graphs) in %s: %.2f GiB", len(sets),
+                sum(len(g.graphs) for g in sets), "one memory pool" if _POOL == "shared" else "a pool each",
+                taken / 2**30)
 
 
 def capture_sampled_sets(sets: dict, batch_sizes, make_example, capture) -> None:
