@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,10 +51,12 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     cpu_tp_env,
     device_tag,
+    envelope,
     metric_values,
     output_digest,
     run_isolated,
     write_envelope,
+    write_json,
 )
 
 MEDUSA_TREE_CONFIGS = ("medusa:", "medusa-async:", "medusa-v2:")  # medusa_vllm with a fixed tree
@@ -414,31 +417,77 @@ def summarize(results: dict, args) -> tuple[list, dict]:
                 "output_digests": [output_digest(o) for o in r["outputs"]],  # compare across runs
             })
 
+    stats = {c: r["medusa_stats"] for c, r in results.items() if r.get("medusa_stats")}
+    return rows, headline(rows, interleaved, identical, stats)
+
+
+def headline(rows: list[dict], interleaved: bool, identical: list[bool], medusa_stats: dict) -> dict:
+    """The issue's summary keys from result rows (each row's speedups against its own run's
+    baseline); ``identical``: per greedy configuration and batch size, all outputs identical."""
+
     def best(b: int, pick=lambda c: c.startswith(MEDUSA_TREE_CONFIGS)) -> float | None:
         xs = [r["speedup"] for r in rows if r["batch_size"] == b and pick(r["config"]) and r["speedup"]]
         return max(xs) if xs else None
 
     tau1 = [r["tau"] for r in rows
             if r["batch_size"] == 1 and r["config"].startswith(MEDUSA_TREE_CONFIGS) and r["tau"]]
-    summary = {
+    configs = [c for c in dict.fromkeys(r["config"] for r in rows) if not c.startswith("baseline")]
+    return {
         "speedup_bs1": best(1), "speedup_bs8": best(8), "speedup_bs32": best(32),
         "speedup_bs64": best(64, lambda c: c.startswith("adaptive")),
         # the load-adaptive tree at every batch size (the keys above: fixed trees, bs 64 aside)
         "speedup_adaptive": {b: x for b in sorted({r["batch_size"] for r in rows})
                              if (x := best(b, lambda c: c.startswith("adaptive")))},
-        "speedup_builtin_medusa_bs1": best(1, lambda c: c == "builtin"),
+        "speedup_builtin_medusa_bs1": best(1, lambda c: c.split("#")[0] == "builtin"),
         "interleaved": interleaved,
         # interleaved runs: per configuration and batch size, the median per-round ratio
         "speedup_paired": {c: {r["batch_size"]: r["speedup_paired"] for r in rows
                                if r["config"] == c and r.get("speedup_paired")}
-                           for c in results if c != "baseline"} if interleaved else None,
+                           for c in configs} if interleaved else None,
         "tau_bs1": max(tau1) if tau1 else None,
         "greedy_identical": all(identical) if identical else None,
         "device": None,
         # per medusa_vllm config: tree steps, τ, and how many uniform greedy steps replayed the
         # verify+heads CUDA graphs (graph_batch_sizes: the sizes captured)
-        "medusa_stats": {c: r["medusa_stats"] for c, r in results.items() if r.get("medusa_stats")},
+        "medusa_stats": medusa_stats,
     }
+
+
+# what must agree between runs that --merge puts in one result
+MERGE_SAME = ("model", "heads", "max_tokens", "temperature", "sampling_json", "num_prompts", "acceptance",
+              "max_model_len", "interleave")
+
+
+def merge(paths: list[str], out: Path) -> tuple[list, dict]:
+    """One result from several runs of this script on one machine (a GPU call of 10 minutes
+    holds three or four engines, not all the configurations): each run's rows keep their
+    speedups against that run's own baseline; a configuration in several runs is named
+    ``config#run`` (run = its place in ``paths``, from 1); the summary is recomputed."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    for key in ("device", *(f"config.{k}" for k in MERGE_SAME)):
+        seen = {json.dumps(r[key] if key == "device" else r["config"].get(key.split(".", 1)[1]))
+                for r in runs}
+        if len(seen) > 1:
+            raise SystemExit(f"throughput.py --merge: the runs differ in {key} ({', '.join(sorted(seen))}); "
+                             f"merge only runs of one machine and one set-up")
+    count = Counter(c for r in runs for c in {x["config"] for x in r["rows"]})
+    rows, identical, stats = [], [], {}
+    for i, run in enumerate(runs, start=1):
+        for r in run["rows"]:
+            name = r["config"] if count[r["config"]] == 1 else f"{r['config']}#{i}"
+            rows.append({**r, "config": name})
+            if r.get("greedy_identical_requests") is not None:
+                identical.append(r["greedy_identical_requests"] == r["requests"])
+        for c, st in (run["summary"].get("medusa_stats") or {}).items():
+            stats[c if count[c] == 1 else f"{c}#{i}"] = st
+    interleaved = all(r["summary"].get("interleaved") for r in runs)
+    summary = headline(rows, interleaved, identical, stats)
+    summary["device"] = runs[0]["device"]
+    summary["cuda_graphs"] = all(r["summary"].get("cuda_graphs") for r in runs)
+    config = {k: runs[0]["config"].get(k) for k in MERGE_SAME} | {
+        "merged_from": [{"file": Path(p).name, "command": r["command"], "git_commit": r["git_commit"],
+                         "created": r["created"]} for p, r in zip(paths, runs)]}
+    write_json(out, envelope("throughput", device=runs[0]["device"], config=config, rows=rows, summary=summary))
     return rows, summary
 
 
@@ -500,7 +549,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="every configuration's engine alive at once, taking turns round by round "
                          "(speedup_paired: the median of per-round ratios against the baseline)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<dev>.json)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="write one result (--out, and its PNG) from these earlier runs on one machine: "
+                         "each run's rows against its own baseline, the summary recomputed")
     args = ap.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            ap.error("--merge needs --out (the merged result's path)")
+        out = Path(args.out)
+        rows, summary = merge(args.merge, out)
+        _print_table(rows, summary)
+        _plot_or_say(rows, out)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -549,17 +609,25 @@ def main(argv: list[str] | None = None) -> None:
             _print_rows(config, results[config]["rows"])
             save(results, args, heads, out, gpu)  # after every configuration: a cut-off run keeps its rows
     rows, summary = save(results, args, heads, out, gpu)
+    _plot_or_say(rows, out)
+    _print_table(rows, summary)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _plot_or_say(rows: list[dict], out: Path) -> None:
     try:
         plot(rows, out.with_suffix(".png"))
     except ImportError as e:  # the GPU box has no matplotlib: the JSON is the result
         print(f"no plot ({e}); the numbers are in {out}", file=sys.stderr)
+
+
+def _print_table(rows: list[dict], summary: dict) -> None:
     print(f"\n{'config':>22} {'bs':>4} {'tok/s':>9} {'speedup':>8} {'tau':>5}")
     for r in rows:
         sp = f"{r['speedup']:.2f}" if r["speedup"] else "-"
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
         print(f"{r['config']:>22} {r['batch_size']:>4} {r['tokens_per_s']:9.1f} {sp:>8} {tau:>5}")
     print("summary:", summary)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def _print_rows(config: str, rows: list[dict]) -> None:

@@ -265,3 +265,47 @@ def test_negative_warmup_rounds_is_a_clear_error():
 
     with pytest.raises(SystemExit, match="--warmup-rounds -1: give 0"):
         main(["--warmup-rounds", "-1", "--model", "m", "--heads", "h"])
+
+
+def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
+    """throughput.py --merge: runs with a few engines each (a GPU call's worth) become one result;
+    each row keeps its speedup against its own run's baseline, a configuration measured in two
+    runs is told apart, and runs of another machine or set-up are refused."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import envelope, write_json
+    from benchmarks.throughput import measure_interleaved, merge, summarize
+
+    args = SimpleNamespace(batch_sizes=[1, 8], max_tokens=4, temperature=0.0, interleave=True)
+    config = {"model": "m", "heads": "h", "max_tokens": 4, "temperature": 0.0, "sampling_json": None,
+              "num_prompts": 3, "acceptance": "rejection", "max_model_len": 64, "interleave": True}
+
+    def run(name, engines, device="GPU X", **changes):
+        res = measure_interleaved(engines, ["a", "bb", "ccc"], args, {1: 2, 8: 8}, bench_cls=FakeBench)
+        rows, summary = summarize(res, args)
+        summary["device"], summary["cuda_graphs"] = device, True
+        path = tmp_path / f"{name}.json"
+        write_json(path, envelope("throughput", device=device, config=config | changes, rows=rows,
+                                  summary=summary))
+        return str(path)
+
+    a = run("a", {"baseline": ({"rate": 10.0}, {}), "medusa-v2:default-63": ({"rate": 15.0}, {}),
+                  "adaptive-v2": ({"rate": 12.0}, {})})
+    b = run("b", {"baseline": ({"rate": 20.0}, {}), "builtin": ({"rate": 16.0}, {}),
+                  "medusa-v2:default-63": ({"rate": 24.0}, {})})
+    rows, summary = merge([a, b], tmp_path / "merged.json")
+    names = {r["config"] for r in rows}
+    assert names == {"baseline#1", "baseline#2", "medusa-v2:default-63#1", "medusa-v2:default-63#2",
+                     "adaptive-v2", "builtin"}
+    assert summary["speedup_bs1"] == pytest.approx(1.5)  # 15/10 beats 24/20 = 1.2: own baselines
+    assert summary["speedup_bs64"] is None and summary["speedup_adaptive"] == {1: pytest.approx(1.2),
+                                                                              8: pytest.approx(1.2)}
+    assert summary["speedup_builtin_medusa_bs1"] == pytest.approx(0.8)
+    assert summary["greedy_identical"] is True and summary["device"] == "GPU X"
+    assert set(summary["speedup_paired"]) == names - {"baseline#1", "baseline#2"}
+    written = json.loads((tmp_path / "merged.json").read_text())
+    assert [m["file"] for m in written["config"]["merged_from"]] == ["a.json", "b.json"]
+    with pytest.raises(SystemExit, match="device"):
+        merge([a, run("c", {"baseline": ({"rate": 1.0}, {})}, device="GPU Y")], tmp_path / "x.json")
+    with pytest.raises(SystemExit, match="max_tokens"):
+        merge([a, run("d", {"baseline": ({"rate": 1.0}, {})}, max_tokens=8)], tmp_path / "x.json")
