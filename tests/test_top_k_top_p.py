@@ -74,8 +74,8 @@ def test_install_leaves_a_cpu_engine_on_the_reference(restore_filter):
 def test_a_misspelt_choice_says_what_it_takes(restore_filter, monkeypatch):
     from medusa_vllm.vllm_plugin import top_k_top_p
 
-    monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "triton")
-    with pytest.raises(ValueError, match="'vllm'.*'reference'"):
+    monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "sort")
+    with pytest.raises(ValueError, match="'vllm'.*'triton'.*'reference'"):
         top_k_top_p.install(torch.device("cpu"), V)
     monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "reference")
     assert top_k_top_p.install(torch.device("cuda"), V) is False  # no CUDA touched: the reference stays

@@ -11,8 +11,11 @@ against is the one vLLM samples from without speculation, made by the same code,
 sampled step sorts only where vLLM's own sampler would.
 
 CUDA only: on a CPU vLLM's op is the same sort as the reference (and syncs for top-k alone).
-``MEDUSA_VLLM_TOP_K_TOP_P=reference`` keeps the reference on a GPU too (an A/B of the two in
-one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=reference``).
+``MEDUSA_VLLM_TOP_K_TOP_P`` picks the filter on a GPU: ``vllm`` (the default: vLLM's op with
+its dispatch), ``triton`` (vLLM's Triton kernel for any number of rows: below 8 rows vLLM
+sorts, and a batch-1 sampled step filters 1 row five times; the two differ only where float32
+sums round differently, see tests/kernels/test_top_k_top_p_cuda.py), ``reference`` (the sort).
+An A/B of them in one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=triton``.
 """
 
 from __future__ import annotations
@@ -32,20 +35,33 @@ def vllm_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch
     return apply_top_k_top_p(x, k, p)
 
 
+def triton_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """As :func:`vllm_top_k_top_p`, always through vLLM's Triton kernel (no sort at any row count)."""
+    from vllm.v1.sample.ops.topk_topp_triton import apply_top_k_top_p_triton
+
+    return apply_top_k_top_p_triton(x, k, p)
+
+
+CHOICES = {"vllm": vllm_top_k_top_p, "triton": triton_top_k_top_p, "reference": None}
+
+
 def install(device: torch.device, vocab: int) -> bool:
     """Filter medusa_vllm's target distributions with vLLM's op on ``device`` (a CUDA
     device; elsewhere nothing changes and False comes back). The Triton kernel keeps a
     per-device scratch buffer that grows with the rows of a call: it is made here, at its
     largest (one row per SM), so that no CUDA graph capture allocates or replaces it."""
     choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "vllm") or "vllm"
-    if choice not in ("vllm", "reference"):
+    if choice not in CHOICES:
         raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU, "
-                         f"the default) or 'reference' (medusa_vllm's sort)")
-    if device.type != "cuda" or choice == "reference":
+                         f"the default), 'triton' (its Triton kernel at any row count) or 'reference' "
+                         f"(medusa_vllm's sort)")
+    if device.type != "cuda" or CHOICES[choice] is None:
         return False
-    sampling.set_top_k_top_p(vllm_top_k_top_p)
     from vllm.triton_utils import HAS_TRITON
 
+    if choice == "triton" and not HAS_TRITON:
+        raise RuntimeError("MEDUSA_VLLM_TOP_K_TOP_P=triton: this vLLM has no Triton; use 'vllm'")
+    sampling.set_top_k_top_p(CHOICES[choice])
     if HAS_TRITON:
         from vllm.utils.platform_utils import num_compute_units
         from vllm.v1.sample.ops.topk_topp_triton import apply_top_k_top_p_triton
