@@ -250,3 +250,33 @@ def test_as_ranges_merges_equal_neighbours():
 
     assert as_ranges([63, 63, 15, 15, 15, 0]) == [(1, 2, 63), (3, 5, 15), (6, 6, 0)]
     assert as_ranges([7], first=4) == [(4, 4, 7)]
+
+
+def test_simulation_on_measured_costs_finds_the_best_choice(tmp_path, capsys):
+    """tools/adaptive_sim.py: the policy replayed on a run's measured step costs. With one clear
+    winner per batch size (batch 1: the 63-node tree; batch 64: no drafts) it settles on it and
+    comes within a few percent of that choice's tokens per second; a short run pays more for
+    its measuring runs than a long one."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("adaptive_sim", Path(__file__).parents[1] / "tools/adaptive_sim.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    adaptive = {"tau": {"63": 2.0, "15": 1.6},
+                "ms_per_step": {"1": {"0": 1.0, "63": 1.2, "15": 1.15}, "49-64": {"0": 2.0, "63": 8.0, "15": 4.0}}}
+    cost = sim.cost_table(adaptive)
+    assert cost(1, 63) == pytest.approx(1.2e-3) and cost(40, 15) == pytest.approx(4.0e-3)  # nearest bucket
+    tau = {63: 2.0, 15: 1.6}
+    long, chosen = sim.simulate([63, 15], tau, cost, 1, 400, 0.05, seed=0)
+    assert chosen.most_common(1)[0][0] == 63 and long * 1.2e-3 == pytest.approx(2.0, rel=0.05)
+    short, _ = sim.simulate([63, 15], tau, cost, 1, 40, 0.05, seed=0)
+    assert short < long
+    big, chosen64 = sim.simulate([63, 15], tau, cost, 64, 400, 0.05, seed=0)
+    assert chosen64.most_common(1)[0][0] == 0 and big * 2.0e-3 / 64 == pytest.approx(1.0, rel=0.05)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"summary": {"medusa_stats": {"adaptive-v2": {"adaptive": adaptive}}}}))
+    sim.main([str(path), "--batch-sizes", "1", "64", "--steps", "100", "--seeds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:1] == ["1"] and lines[2].split()[3] == "63" and lines[3].split()[3] == "0"

@@ -1,0 +1,99 @@
+"""The measured load-adaptive policy on a GPU run's own step costs, in simulation (CPU, seconds).
+
+A throughput JSON from an ``adaptive`` configuration keeps what the policy measured: the median
+ms per clean step of each choice (tree, or no drafts) per batch-size bucket, and τ per tree.
+This replays the policy (``medusa_vllm.adaptive.AdaptiveTreePolicy``, the same code the
+scheduler runs) for a steady batch, with those costs plus Gaussian noise, and prints per
+batch size the tokens per second of the policy, of every fixed choice and of the best one (the
+oracle), each over no drafts. A choice the run did not measure in a bucket takes the nearest
+bucket's cost. It tells the policy's own loss (measuring runs, noisy medians) from what the
+end-to-end run lost elsewhere (transitions, prefills, batches that shrink through buckets).
+
+    python tools/adaptive_sim.py benchmarks/results/throughput_h100_adaptive_v2_4359400.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy, bucket_label, bucket_of  # noqa: E402
+from medusa_vllm.tree import get_tree  # noqa: E402
+
+PRESETS = {63: "default-63", 31: "sparse-31", 15: "sparse-15", 7: "sparse-7", 3: "chain-3"}
+
+
+def cost_table(adaptive: dict):
+    """(batch size, drafts) -> seconds per step, from the run's ``ms_per_step`` (nearest bucket
+    when the run did not measure that choice in that bucket; None if it never did)."""
+    ms = adaptive["ms_per_step"]
+
+    def cost(num_reqs: int, drafts: int) -> float | None:
+        b = bucket_of(num_reqs)
+        for dist in range(0, 40):
+            for bb in sorted({b - dist, b + dist}):
+                row = ms.get(bucket_label(bb), {}) if bb >= 0 else {}
+                if str(drafts) in row:
+                    return row[str(drafts)] / 1e3
+        return None
+
+    return cost
+
+
+def simulate(sizes: list[int], tau: dict[int, float], cost, num_reqs: int, steps: int, noise: float,
+             seed: int) -> tuple[float, Counter]:
+    """Tokens per second of the measured policy at a steady ``num_reqs``, and its choices."""
+    rng = random.Random(seed)
+    policy = AdaptiveTreePolicy([get_tree(PRESETS[n]) for n in sizes], True, 0, "cuda", policy="measured")
+    policy.tau_prior = [tau[n] for n in sizes]  # the τ the run observed
+    tokens = seconds = 0.0
+    chosen: Counter = Counter()
+    for _ in range(steps):
+        k = policy.choose(num_reqs)
+        drafts = policy.drafts_of(k)
+        dt = cost(num_reqs, drafts) * max(0.1, 1 + rng.gauss(0, noise))
+        policy.observe_step(num_reqs, k, dt)
+        tokens += num_reqs * (1.0 if k == NO_TREE else tau[drafts])
+        seconds += dt
+        chosen[drafts] += 1
+    return tokens / seconds, chosen
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result", help="a throughput JSON with an adaptive configuration")
+    ap.add_argument("--config", default=None, help="its name (default: the first adaptive one)")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--steps", type=int, default=400, help="steps per batch size (a round of 128 "
+                    "tokens is about 70 at τ 1.8)")
+    ap.add_argument("--noise", type=float, default=0.05, help="relative spread of a step's time")
+    ap.add_argument("--seeds", type=int, default=5)
+    args = ap.parse_args(argv)
+    stats = json.loads(Path(args.result).read_text())["summary"]["medusa_stats"]
+    name = args.config or next(c for c in stats if c.startswith("adaptive"))
+    adaptive = stats[name]["adaptive"]
+    tau = {int(n): t for n, t in adaptive["tau"].items()}
+    sizes = sorted(tau, reverse=True)
+    cost = cost_table(adaptive)
+    print(f"{name}: trees {sizes}, τ {tau}; {args.steps} steps, noise {args.noise}, {args.seeds} seeds")
+    print(f"{'batch':>5} {'policy':>7} {'oracle':>7} {'best':>5}  fixed choices (tokens/s over no drafts)")
+    for b in args.batch_sizes:
+        plain = 1.0 / cost(b, 0)
+        fixed = {n: (1.0 if n == 0 else tau[n]) / c / plain for n in [0, *sizes] if (c := cost(b, n))}
+        best = max(fixed, key=fixed.get)
+        runs = [simulate(sizes, tau, cost, b, args.steps, args.noise, s) for s in range(args.seeds)]
+        policy = sum(r[0] for r in runs) / len(runs) / b / plain
+        chosen = sum((r[1] for r in runs), Counter())
+        share = ", ".join(f"{n}: {c / sum(chosen.values()):.0%}" for n, c in chosen.most_common(3))
+        print(f"{b:>5} {policy:7.3f} {fixed[best]:7.3f} {best:>5}  "
+              + " ".join(f"{n}:{x:.2f}" for n, x in fixed.items()) + f"   chose {share}")
+
+
+if __name__ == "__main__":
+    main()
