@@ -114,11 +114,11 @@ class BatchGraphs:
     front by :meth:`capture` (vLLM's start-up, beside its own graphs: capturing while serving
     would stall steps). Each input's leading dimension is ``rows_per_req[i] * B``; inputs are
     copied into static buffers sized for ``max_batch``; the outputs are the graph's own tensors
-    (every output's leading dimension is B), valid until the next call (of any set
-    given the same ``pool``: a CUDA graph memory pool handle, set before the first capture).
-    ``fn`` must be free of host syncs, each request's outputs and side effects must depend on its own input rows
-    only, and a side effect must be idempotent on the capture's example inputs (run three times
-    there): a call with a B that has no graph replays the next larger one, whose extra requests
+    (every output's leading dimension is B), valid until the next call (of any set given the
+    same ``pool``: a CUDA graph memory pool handle, set before the first capture). ``fn`` must
+    be free of host syncs, each request's outputs and side effects must depend on its own input
+    rows only, and a side effect must be idempotent on the capture's example inputs (run three
+    times there): a call with a B that has no graph replays the next larger one, whose extra requests
     read what earlier calls left in the buffers (zeros at first: valid inputs), and returns the
     first B rows. ``pad`` (one value or None per input) fills those extra requests' rows
     before such a replay: a side effect of ``fn`` (the accepted-KV move) keyed on them can be
