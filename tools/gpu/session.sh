@@ -12,6 +12,7 @@
 #   bash tools/gpu/session.sh smoke       "<tree> [SPEC_JSON]"              (tools/gpu/plugin_smoke.py)
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
 #   bash tools/gpu/session.sh sampled_check "[tree]"                        (tools/gpu/sampled_check.py)
+#   bash tools/gpu/session.sh pytest "[test paths]"                         (default tests/kernels)
 # Results (--out, default <bench>_<gpu>.json) and the log go to $OUT; TP_TIMEOUT (s) bounds the
 # benchmark; SESSION_MODEL / SESSION_HEADS replace the bundled model and heads (e.g. /tmp/qwen_hf
 # from tools/gpu/stage_qwen.sh and heads trained by training/gpu_recipe.sh).
@@ -30,6 +31,14 @@ if [ "$bench" = smoke ]; then
     timeout "${TP_TIMEOUT:-540}" python3 tools/gpu/plugin_smoke.py "$MODEL" "$heads" ${2:-sparse-15} \
         > "$OUT/smoke.log" 2>&1
     echo "smoke rc=$?"; grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/smoke.log" | tail -40
+    exit 0
+fi
+if [ "$bench" = pytest ]; then
+    # $2: test paths (default: the GPU kernel and graph tests); the summary lines go to $OUT too
+    # shellcheck disable=SC2086
+    timeout "${TP_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rf ${2:-tests/kernels} \
+        > "$OUT/pytest.log" 2>&1
+    echo "pytest rc=$?"; grep -a -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/pytest.log" | cut -c1-300 | tail -40
     exit 0
 fi
 if [ "$bench" = sampled_check ]; then
