@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     RESULTS, device_name, device_tag, envelope, run_isolated, write_envelope, write_json,
 )
-from benchmarks.throughput import builtin_layout, engine_kwargs, measure, prompts_for  # noqa: E402
+from benchmarks.throughput import builtin_layout, engine_for, measure, prompts_for  # noqa: E402
 
 CONFIGS = {
     "plain_default": "baseline",
@@ -149,8 +149,8 @@ def main(argv=None) -> None:
         return merge(args.merge, Path(args.out) if args.out else RESULTS / f"step_cost_{device_tag()}.json")
     if not args.heads:
         ap.error("--heads (untrained heads) is required to measure")
-    # fields engine_kwargs reads
-    args.max_model_len, args.gpu_memory_utilization = 2048, 0.3
+    # fields engine_for reads
+    args.max_model_len, args.gpu_memory_utilization, args.tensor_parallel_size = 2048, 0.3, 1
     args.acceptance, args.adaptive_tree, args.builtin_k, args.temperature = "rejection", "default-63", 4, 0.0
 
     from medusa_vllm.bundled import bundled_model_path
@@ -161,19 +161,17 @@ def main(argv=None) -> None:
     per_batch = {b: b * args.rounds for b in args.batch_sizes}
     builtin = builtin_layout(args.heads, args.model, out.parent / ".work")
     rows, profiles = [], {}
+    gpu = device_tag() != "cpu"
     for name in args.configs:
         config = CONFIGS[name]
-        env = {"VLLM_USE_V2_MODEL_RUNNER": "0"} if name.startswith("plain_v1_async") else {}
+        args.adaptive_max_tokens = ADAPTIVE_MAX_TOKENS.get(name, 0)
+        # (engine_for: V1 for baseline-v1async, "runner": "v2" and async scheduling for medusa-v2:)
+        kw, env = engine_for(args, config, args.heads, builtin, gpu)
         if config.startswith("medusa"):
             env["MEDUSA_VLLM_SYNC_DEBUG"] = "warn"  # a host sync inside medusa_vllm's step warns
         if args.profile:
             env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_CUSTOM_SCOPES_FOR_PROFILING="1")
-        args.adaptive_max_tokens = ADAPTIVE_MAX_TOKENS.get(name, 0)
-        kw = engine_kwargs(args, config.replace("-v1async", "").replace("medusa-v2:", "medusa:"),
-                           args.heads, builtin)
-        if config.startswith("medusa-v2:"):
-            kw["speculative_config"]["runner"] = "v2"
-        if name in ASYNC or config.startswith("medusa-v2:"):
+        if name in ASYNC:
             kw["async_scheduling"] = True
         if args.eager:
             kw["enforce_eager"] = True

@@ -240,7 +240,7 @@ def test_step_cost_and_tp_check_drive_measure_as_it_is_called(monkeypatch, tmp_p
     _in_process(monkeypatch, step_cost)
     monkeypatch.setattr(step_cost, "builtin_layout", lambda *a: None)
     monkeypatch.setattr(step_cost, "prompts_for", lambda args: ["a", "bb", "ccc", "dddd"])
-    monkeypatch.setattr(step_cost, "engine_kwargs", lambda args, config, heads, builtin: {"rate": 10.0})
+    monkeypatch.setattr(step_cost, "engine_for", lambda args, config, heads, builtin, gpu: ({"rate": 10.0}, {}))
     out = tmp_path / "step_cost.json"
     step_cost.main(["--model", "m", "--heads", "h", "--configs", "plain_default", "tree64_async",
                     "plain_v1_async_sampled", "tree64_async_sampled",

@@ -64,10 +64,8 @@ def install(device: torch.device, vocab: int) -> bool:
     sampling.set_top_k_top_p(CHOICES[choice])
     if HAS_TRITON:
         from vllm.utils.platform_utils import num_compute_units
-        from vllm.v1.sample.ops.topk_topp_triton import apply_top_k_top_p_triton
 
         rows = num_compute_units(device.index)
-        x = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
-        apply_top_k_top_p_triton(x, torch.full((rows,), vocab, dtype=torch.int32, device=device),
-                                 torch.ones(rows, device=device))
+        triton_top_k_top_p(torch.zeros(rows, vocab, dtype=torch.float32, device=device),
+                           torch.full((rows,), vocab, dtype=torch.int32, device=device), torch.ones(rows, device=device))
     return True
