@@ -75,14 +75,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--noise", type=float, default=0.05, help="relative spread of a step's time")
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args(argv)
-    stats = json.loads(Path(args.result).read_text())["summary"]["medusa_stats"]
-    name = args.config or next(c for c in stats if c.startswith("adaptive"))
-    adaptive = stats[name]["adaptive"]
+    stats = json.loads(Path(args.result).read_text())["summary"].get("medusa_stats") or {}
+    name = args.config or next((c for c in stats if c.startswith("adaptive")), None)
+    adaptive = (stats.get(name) or {}).get("adaptive") if name else None
+    if not adaptive or not adaptive.get("ms_per_step"):
+        sys.exit(f"{args.result}: no measured adaptive configuration{f' named {name}' if name else ''} in "
+                 f"summary.medusa_stats ({', '.join(stats) or 'none'}); give a throughput JSON of an "
+                 f"adaptive run (adaptive_policy measured), or --config")
     tau = {int(n): t for n, t in adaptive["tau"].items()}
     sizes = sorted(tau, reverse=True)
     cost = cost_table(adaptive)
     print(f"{name}: trees {sizes}, τ {tau}; {args.steps} steps, noise {args.noise}, {args.seeds} seeds")
     print(f"{'batch':>5} {'policy':>7} {'oracle':>7} {'best':>5}  fixed choices (tokens/s over no drafts)")
+    if cost(1, 0) is None:
+        sys.exit(f"{args.result}: the run never timed a step without drafts; nothing to compare with")
     for b in args.batch_sizes:
         plain = 1.0 / cost(b, 0)
         fixed = {n: (1.0 if n == 0 else tau[n]) / c / plain for n in [0, *sizes] if (c := cost(b, n))}
