@@ -370,15 +370,53 @@ def test_a_smaller_trees_uniform_step(seed):
     assert r._medusa_tree_np[:3].tolist() == [1, 1, 1]
 
 
-def test_no_drafts_next_skips_the_heads_and_forgets_the_tree():
+def test_no_drafts_next_after_a_uniform_step_forgets_the_tree():
     r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30)], [1, 1], sched=0)
+    _accepting_drafts(batch, table, tree=SPARSE7)
+    r._medusa_prepare_tree(batch)
+    hidden = _hidden(batch.num_tokens)
+    out, _, _ = r.sample(hidden, batch, None)
+    # the uniform function of tree 1 still verifies the step (its CUDA graph on a GPU)
+    assert r.medusa_paths.counts == {("7", "verify fixed-shape, next tree changes"): 1}
+    ref, _ = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [1, 1])
+    assert torch.equal(out.sampled_token_ids[:, : ref.tokens.shape[1]], ref.tokens)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), torch.zeros(2, Q - 1, dtype=torch.int64))
+    assert r._medusa_tree_np[:2].tolist() == [-1, -1]
+
+
+def test_a_general_step_with_no_drafts_next_skips_the_heads():
+    # a prefill chunk beside a tree: the general path, which drafts only what comes next
+    r, batch, table = _adaptive_step([(8, 7, 20), (5, 0, 0)], [1, -1], sched=0)
+    r.req_states.prefill_len.gpu = torch.tensor([0, 40, 0, 0])
     r._medusa_prepare_tree(batch)
     hidden = _hidden(batch.num_tokens)
     r.speculator.proposer = None  # the heads must not run
     r.sample(hidden, batch, None)
-    assert r.medusa_paths.counts == {("7", "verify general"): 1}  # not the steady-state function
+    assert r.medusa_paths.counts == {("mixed", "verify general"): 1}
     assert torch.equal(r._medusa_propose(batch, hidden, False), torch.zeros(2, Q - 1, dtype=torch.int64))
-    assert r._medusa_tree_np[:2].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("sched, nxt", [(15, TREE), (3, CHAIN3)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_uniform_step_whose_next_tree_changes_drafts_the_new_tree(sched, nxt, seed):
+    """The scheduler changed the draft count (adaptive tree): the step still runs tree 1's
+    uniform function, and the next drafts are the new tree's, gathered from the same heads'
+    top-k at each request's last accepted node."""
+    r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30), (8, 7, 40)], [1, 1, 1], sched=sched, seed=seed)
+    _accepting_drafts(batch, table, tree=SPARSE7)
+    r._medusa_prepare_tree(batch)
+    kv_before = r.kv_caches[0].clone()
+    hidden = _hidden(batch.num_tokens)
+    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
+    assert r.medusa_paths.counts == {("7", "verify fixed-shape, next tree changes"): 1}
+    ref, row_of_node = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [1, 1, 1])
+    assert torch.equal(out.sampled_token_ids[:, : ref.tokens.shape[1]], ref.tokens)
+    assert num_rejected.tolist() == (7 - ref.num_accepted).tolist()
+    _check_kv(r, batch, kv_before, ref.accepted)
+    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows, nxt))
+    k = [TREE, SPARSE7, CHAIN3].index(nxt)
+    assert r._medusa_tree_np[:3].tolist() == [k] * 3 and r._medusa_req_tree[:3].tolist() == [k] * 3
 
 
 def test_drafts_made_for_a_smaller_tree_are_verified_as_the_largest():

@@ -188,8 +188,9 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_fallback_warned = False
         self.medusa_stats = MedusaStats(self.medusa_trees.max_depth, device)
         self.medusa_paths = StepPaths()
-        # uniform steps of tree k that draft tree k next (the steady state): one function each,
-        # CUDA-graphed per batch size
+        # uniform steps of tree k: one function each, CUDA-graphed per batch size; it drafts tree
+        # k next (the steady state) and returns the heads' top-k, from which a step whose next
+        # draft count names another tree gathers that tree's drafts
         self._medusa_graphs = {}
         for k in self.medusa_policy.order:
             n = 1 + sizes[k]
@@ -394,13 +395,16 @@ class MedusaV2ModelRunner(GPUModelRunner):
             else:
                 reject = nospec
         k = self._medusa_uniform_k if mode != V2_NO_SPEC and reject is None else None  # (_medusa_prepare_tree)
-        if k is not None and self.medusa_policy.tree_of_num_drafts(self._medusa_sched) != k:
-            k = None  # the next drafts follow another tree (or none): not the steady-state function
         if k is not None and mode == V2_SAMPLED:
             sampling = self._medusa_sampling(input_batch)
         cu = input_batch.cu_num_logits
         if k is not None:  # every row is a logits row, in order; no prefill chunk
-            self.medusa_paths.count("verify fixed-shape" if mode == V2_GREEDY else "verify fixed-shape sampled")
+            # the tree of the next drafts: k in the steady state; another one (or none) when the
+            # scheduler changed the draft count (load-adaptive tree): then the function of tree k
+            # still runs, and the next drafts are gathered from its heads' top-k
+            nxt = self.medusa_policy.tree_of_num_drafts(self._medusa_sched)
+            self.medusa_paths.count(("verify fixed-shape" if mode == V2_GREEDY else "verify fixed-shape sampled")
+                                    + (", next tree changes" if nxt != k else ""))
             n_logits = input_batch.logits_indices.shape[0]
             hidden = hidden_states[:n_logits]
             ids, slots = input_batch.input_ids[:n_logits], self._medusa_slots[:n_logits]
@@ -416,10 +420,15 @@ class MedusaV2ModelRunner(GPUModelRunner):
                     out = self._medusa_sampled_graphs[(k, sampling.filtered)](
                         logits, uniform_drafts(ids, r, n_logits // r), hidden, self._medusa_tree_ids[k][:r],
                         sampling_params_tensor(sampling), rand.accept.flatten(1), rand.noise, slots)
-                tokens, num_accepted, num_sampled, num_rejected, accepted, drafts = out
+                tokens, num_accepted, num_sampled, num_rejected, accepted, drafts, topk, finite = out
                 # copies: AsyncOutput reads them on a side stream, past the next replay
                 tokens, num_sampled, num_rejected = tokens.clone(), num_sampled.clone(), num_rejected.clone()
-                self._medusa_next = (k, drafts.clone())
+                if nxt == k:
+                    self._medusa_next = (k, drafts.clone())
+                elif nxt == NO_TREE:
+                    self._medusa_next = (NO_TREE, self._medusa_no_drafts[:r])
+                else:  # (a new tensor, read before the next replay on this stream)
+                    self._medusa_next = (nxt, self._medusa_tree_drafts(topk, finite, nxt))
                 self._medusa_logprobs = self._medusa_path_logprobs(raw, input_batch, accepted, tokens)
             has = torch.ones_like(num_accepted, dtype=torch.bool)
         else:
@@ -541,30 +550,32 @@ class MedusaV2ModelRunner(GPUModelRunner):
     def _medusa_uniform_fn(self, k: int):
         """A uniform step of tree k as one fixed-shape function (CUDA graph per batch size): B
         requests, each 1 + nodes rows (root + every node): verify, move the accepted KV, draft
-        tree k again."""
+        tree k again; outputs :meth:`_medusa_finish`'s, then the heads' top-k and finite flags."""
         q = 1 + self.medusa_tree_sizes[k]
 
         def step(argmax, tokens_in, hidden, slots):
             b = argmax.shape[0] // q
+            heads = []
             out = greedy_tree_step(argmax, uniform_drafts(tokens_in, b, q), hidden, self._medusa_tree_ids[k][:b],
-                                   self.medusa_trees, lambda h: self._medusa_head_drafts(h, k))
-            return self._medusa_finish(out, b, q, slots)
+                                   self.medusa_trees, lambda h: self._medusa_heads_drafts(h, k, heads))
+            return (*self._medusa_finish(out, b, q, slots), *heads)
 
         return step
 
     def _medusa_sampled_fn(self, k: int, filtered: bool):
         """A uniform step of tree k with sampled requests (greedy ones by the greedy rule) as one
         fixed-shape function of the logits and the step's random numbers: verify, move the
-        accepted KV, draft tree k again."""
+        accepted KV, draft tree k again (outputs as :meth:`_medusa_uniform_fn`'s)."""
         q = 1 + self.medusa_tree_sizes[k]
         cfg = self.medusa_cfg
 
         def step(logits, drafts, hidden, tree_ids, params, accept, noise, slots):
             b = tree_ids.shape[0]
+            heads = []
             out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
-                                    lambda h: self._medusa_head_drafts(h, k), cfg.acceptance, filtered,
+                                    lambda h: self._medusa_heads_drafts(h, k, heads), cfg.acceptance, filtered,
                                     cfg.typical_eps, cfg.typical_delta)
-            return self._medusa_finish(out, b, q, slots)
+            return (*self._medusa_finish(out, b, q, slots), *heads)
 
         return step
 
@@ -590,8 +601,19 @@ class MedusaV2ModelRunner(GPUModelRunner):
     def _medusa_head_drafts(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """[B, H] -> [B, Q-1] int64 drafts of tree k (BFS), zero past its nodes; non-finite head
         logits give token 0 (fed to the next forward as is, rejected in practice: exact)."""
-        size = self.medusa_tree_sizes[k]
+        return self._medusa_tree_drafts(*self.speculator.proposer.head_topk(hidden, self.medusa_cfg.topk), k)
+
+    def _medusa_heads_drafts(self, hidden: torch.Tensor, k: int, keep: list) -> torch.Tensor:
+        """:meth:`_medusa_head_drafts`, keeping the heads' (top-k [B, K, topk], finite [B]) in
+        ``keep``: a uniform step's function returns them, so drafts of another tree can be
+        gathered from them when the scheduler changes the draft count (:meth:`sample`)."""
         topk, finite = self.speculator.proposer.head_topk(hidden, self.medusa_cfg.topk)
+        keep.extend((topk, finite))
+        return self._medusa_tree_drafts(topk, finite, k)
+
+    def _medusa_tree_drafts(self, topk: torch.Tensor, finite: torch.Tensor, k: int) -> torch.Tensor:
+        """The heads' top-k [B, K, topk] and finite [B] -> [B, Q-1] int64 drafts of tree k."""
+        size = self.medusa_tree_sizes[k]
         drafts = topk[:, self._medusa_head_idx[k, :size], self._medusa_rank_idx[k, :size]]
         drafts = torch.where(finite[:, None], drafts, 0)
         pad = self.medusa_max_query - 1 - size
