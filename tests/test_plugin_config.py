@@ -203,3 +203,18 @@ def test_the_config_picks_the_runner(model, heads):
     assert "speculative method 'custom_class'" not in cfg._get_v2_model_runner_unsupported_features()
     cfg.additional_config["medusa_vllm"]["runner"] = "v1"
     assert "speculative method 'custom_class'" in cfg._get_v2_model_runner_unsupported_features()
+
+
+def test_plugin_info_lines_print_like_vllms():
+    """medusa_vllm's loggers sit outside vLLM's "vllm" logger: after register() their INFO
+    lines print through vLLM's handler (before, only warnings reached stderr)."""
+    import subprocess
+    import sys
+
+    code = ("from medusa_vllm.vllm_plugin import register; register();"
+            "from vllm.logger import init_logger;"
+            "init_logger('medusa_vllm.vllm_plugin.graphs').info('medusa_vllm: hello %d', 7)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "medusa_vllm: hello 7" in line]
+    assert len(lines) == 1 and "INFO" in lines[0], (out.stdout + out.stderr)[-2000:]

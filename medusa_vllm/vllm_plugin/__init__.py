@@ -18,6 +18,7 @@ engine lives in :mod:`.runner` (model runner), :mod:`.proposer` (heads), :mod:`.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 _REGISTERED = False
@@ -29,6 +30,7 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
+    share_vllm_logging()
     from vllm.engine.arg_utils import EngineArgs
 
     _patch_cli(EngineArgs)
@@ -40,6 +42,23 @@ def register() -> None:
     from medusa_vllm.vllm_plugin.stops import patch_stop_strings
 
     patch_stop_strings()
+
+
+def share_vllm_logging() -> None:
+    """medusa_vllm's log lines print where and as vLLM's do: its loggers ("medusa_vllm.*") are
+    not under vLLM's "vllm" logger, whose handler vLLM configures, so without this only their
+    warnings reached stderr (Python's last-resort handler) and the INFO lines — graphs
+    captured, graph memory, the adaptive tree's table — were lost. Leaves a "medusa_vllm"
+    logger that already has handlers (an application's own set-up) alone."""
+    import vllm.logger  # noqa: F401 - configures the "vllm" logger (VLLM_CONFIGURE_LOGGING)
+
+    ours, theirs = logging.getLogger("medusa_vllm"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
 
 
 def _register_attention_backend() -> None:
