@@ -347,9 +347,13 @@ def _adaptive_step(reqs, recorded, sched, seed=0):
     return r, batch, table
 
 
+@pytest.mark.parametrize("sched, nxt", [(7, SPARSE7), (15, TREE), (3, CHAIN3)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_smaller_trees_uniform_step(seed):
-    r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30), (8, 7, 40)], [1, 1, 1], sched=7, seed=seed)
+def test_a_smaller_trees_uniform_step(seed, sched, nxt):
+    """Tree 1's uniform function verifies the step whatever tree the scheduler's next draft
+    count names (the adaptive tree changing its choice: 15 or 3); the next drafts are that
+    tree's, gathered from the same heads' top-k at each request's last accepted node."""
+    r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30), (8, 7, 40)], [1, 1, 1], sched=sched, seed=seed)
     _accepting_drafts(batch, table, tree=SPARSE7)
     linear = batch.positions.clone()
     r._medusa_prepare_tree(batch)
@@ -359,15 +363,17 @@ def test_a_smaller_trees_uniform_step(seed):
     kv_before = r.kv_caches[0].clone()
     hidden = _hidden(batch.num_tokens)
     out, num_sampled, num_rejected = r.sample(hidden, batch, None)
-    assert r.medusa_paths.counts == {("7", "verify fixed-shape"): 1}
+    path = "verify fixed-shape" + (", next tree changes" if sched != 7 else "")
+    assert r.medusa_paths.counts == {("7", path): 1}
     ref, row_of_node = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [1, 1, 1])
     assert torch.equal(out.sampled_token_ids[:, : ref.tokens.shape[1]], ref.tokens)
     assert (out.sampled_token_ids[:, ref.tokens.shape[1]:] == -1).all()
     assert num_rejected.tolist() == (7 - ref.num_accepted).tolist()
     _check_kv(r, batch, kv_before, ref.accepted)
     last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
-    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows, SPARSE7))
-    assert r._medusa_tree_np[:3].tolist() == [1, 1, 1]
+    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows, nxt))
+    k = [TREE, SPARSE7, CHAIN3].index(nxt)
+    assert r._medusa_tree_np[:3].tolist() == [k] * 3 and r._medusa_req_tree[:3].tolist() == [k] * 3
 
 
 def test_no_drafts_next_after_a_uniform_step_forgets_the_tree():
@@ -394,29 +400,6 @@ def test_a_general_step_with_no_drafts_next_skips_the_heads():
     r.sample(hidden, batch, None)
     assert r.medusa_paths.counts == {("mixed", "verify general"): 1}
     assert torch.equal(r._medusa_propose(batch, hidden, False), torch.zeros(2, Q - 1, dtype=torch.int64))
-
-
-@pytest.mark.parametrize("sched, nxt", [(15, TREE), (3, CHAIN3)])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_uniform_step_whose_next_tree_changes_drafts_the_new_tree(sched, nxt, seed):
-    """The scheduler changed the draft count (adaptive tree): the step still runs tree 1's
-    uniform function, and the next drafts are the new tree's, gathered from the same heads'
-    top-k at each request's last accepted node."""
-    r, batch, table = _adaptive_step([(8, 7, 20), (8, 7, 30), (8, 7, 40)], [1, 1, 1], sched=sched, seed=seed)
-    _accepting_drafts(batch, table, tree=SPARSE7)
-    r._medusa_prepare_tree(batch)
-    kv_before = r.kv_caches[0].clone()
-    hidden = _hidden(batch.num_tokens)
-    out, num_sampled, num_rejected = r.sample(hidden, batch, None)
-    assert r.medusa_paths.counts == {("7", "verify fixed-shape, next tree changes"): 1}
-    ref, row_of_node = _expected(batch, table, (TREE, SPARSE7, CHAIN3), [1, 1, 1])
-    assert torch.equal(out.sampled_token_ids[:, : ref.tokens.shape[1]], ref.tokens)
-    assert num_rejected.tolist() == (7 - ref.num_accepted).tolist()
-    _check_kv(r, batch, kv_before, ref.accepted)
-    last_rows = row_of_node.gather(1, ref.last_node[:, None]).squeeze(1)
-    assert torch.equal(r._medusa_propose(batch, hidden, False), _node_drafts(last_rows, nxt))
-    k = [TREE, SPARSE7, CHAIN3].index(nxt)
-    assert r._medusa_tree_np[:3].tolist() == [k] * 3 and r._medusa_req_tree[:3].tolist() == [k] * 3
 
 
 def test_drafts_made_for_a_smaller_tree_are_verified_as_the_largest():
