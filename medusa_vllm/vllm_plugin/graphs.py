@@ -224,32 +224,40 @@ class MedusaGraphsMixin:
         k (greedy: from each row's argmax; ``sampled``: from the logits, ``filtered``: some
         request uses top-k/top-p), with KV_MOVE_IN_GRAPH move each request's accepted KV
         (``slot_mapping`` [B*Q]: its window's slots, -1: none), and draft the tree
-        ``_medusa_graph_next_tree`` names."""
+        ``_medusa_graph_next_tree`` names. Outputs: tokens, accepted, num_accepted, the next
+        step's roots and counts, drafts, then the heads' top-k and finite flags (from which
+        the runner gathers another tree's drafts when the next step's tree differs)."""
         cfg = self.medusa_cfg
 
-        def propose(b: int):
+        def propose(b: int, keep: list):
             k_next = self._medusa_graph_next_tree(k, b)
-            return lambda h: self._medusa_head_drafts(h, k_next)
 
-        def finish(out, b: int, slot_mapping):
+            def draft(h):
+                topk, finite = self.drafter.head_topk(h, cfg.topk)
+                keep.extend((topk, finite))
+                return self._medusa_tree_drafts(topk, finite, k_next)
+
+            return draft
+
+        def finish(out, b: int, slot_mapping, keep: list):
             if slot_mapping is not None:
                 q = slot_mapping.shape[0] // b
                 starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slot_mapping.device)
                 self._medusa_move_kv(slot_mapping, starts, out.accepted)
-            # tokens, accepted, num_accepted, the next step's roots and counts, drafts
             return (out.tokens, out.accepted, out.num_accepted, *handover(out.tokens, out.num_accepted),
-                    out.drafts)
+                    out.drafts, *keep)
 
         def greedy_step(argmax, drafts, hidden, tree_ids, slot_mapping=None):
-            b = tree_ids.shape[0]
-            out = greedy_tree_step(argmax, drafts, hidden, tree_ids, self.medusa_trees, propose(b))
-            return finish(out, b, slot_mapping)
+            b, keep = tree_ids.shape[0], []
+            out = greedy_tree_step(argmax, drafts, hidden, tree_ids, self.medusa_trees, propose(b, keep))
+            return finish(out, b, slot_mapping, keep)
 
         def sampled_step(logits, drafts, hidden, tree_ids, params, accept, noise, slot_mapping=None):
-            b = tree_ids.shape[0]
+            b, keep = tree_ids.shape[0], []
             out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
-                                    propose(b), cfg.acceptance, filtered, cfg.typical_eps, cfg.typical_delta)
-            return finish(out, b, slot_mapping)
+                                    propose(b, keep), cfg.acceptance, filtered, cfg.typical_eps,
+                                    cfg.typical_delta)
+            return finish(out, b, slot_mapping, keep)
 
         return sampled_step if sampled else greedy_step
 

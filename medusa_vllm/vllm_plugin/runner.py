@@ -513,9 +513,6 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         k = step["uniform_tree"]
         return (
             k in self._medusa_graphs
-            # the function drafts the next tree it was built for: usable when the next drafts
-            # follow it (the scheduler's draft count, or the budget rule)
-            and self._medusa_peek_next_tree(num_reqs) == self._medusa_graph_next_tree(k, num_reqs)
             and self._medusa_hidden is not None
             and self.drafter.heads is not None
             and step.get("slot_mapping") is not None
@@ -545,16 +542,25 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
             out = self._medusa_sampled_graphs[(k, sampling.filtered)](
                 target, drafts_in, self._medusa_hidden, step["tree_ids"], sampling_params_tensor(sampling),
                 rand.accept.flatten(1), rand.noise, *in_graph)
-        tokens, accepted, num_accepted, last, counts, drafts = out
+        tokens, accepted, num_accepted, last, counts, drafts, topk, finite = out
         if self.use_async_scheduling:  # for _bookkeeping_sync; copies, as the drafts below
             self._medusa_handover = (last.clone(), counts.clone())
         if not KV_MOVE_IN_GRAPH:
             self._medusa_move_kv(slots, self.query_start_loc.gpu[: num_reqs + 1], accepted)
         self.medusa_stats.observe(num_accepted, step["spec_ok"])
-        self._medusa_next_tree(num_reqs)
-        # the graph's output, read by take_draft_token_ids this step; under async scheduling
-        # vLLM also copies it on a side stream that the next replay does not wait for: a copy
-        self._medusa_drafts = drafts.clone() if self.use_async_scheduling else drafts
+        nxt = self._medusa_next_tree(num_reqs)
+        drafted = self._medusa_graph_drafted(k)
+        if nxt != drafted:
+            # the next drafts follow another tree (the measured adaptive tree changed its
+            # choice; the budget rule: its graphs draft their captured batch size's tree):
+            # gathered from the same heads' top-k, a new tensor
+            if drafted is not None:
+                self.medusa_paths.count("next tree changes")
+            self._medusa_drafts = self._medusa_tree_drafts(topk, finite, nxt)
+        else:
+            # the graph's output, read by take_draft_token_ids this step; under async scheduling
+            # vLLM also copies it on a side stream that the next replay does not wait for: a copy
+            self._medusa_drafts = drafts.clone() if self.use_async_scheduling else drafts
         logprobs = None
         if self.input_batch.sampling_metadata.max_num_logprobs is not None:
             rows = torch.arange(logits.shape[0], device=logits.device).view(num_reqs, -1)  # [B, Q]
@@ -570,6 +576,14 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         if self.medusa_cfg.adaptive and self.medusa_cfg.adaptive_policy == "measured":
             return k
         return self.medusa_policy.static_choice(num_reqs)
+
+    def _medusa_graph_drafted(self, k: int) -> int | None:
+        """The tree whose drafts the uniform function of tree k returns whatever the batch size
+        (None: it depends on the captured batch size that served the step: the budget rule)."""
+        cfg = self.medusa_cfg
+        if cfg.adaptive and cfg.adaptive_policy != "measured":
+            return None
+        return self._medusa_graph_next_tree(k, 1)
 
     def _medusa_peek_next_tree(self, num_reqs: int) -> int:
         """The tree :meth:`_medusa_next_tree` will record for the next drafts."""
@@ -702,7 +716,13 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         read with the drafts in one copy); no columns for NO_TREE."""
         if k == NO_TREE:
             return torch.zeros((hidden.shape[0], 0), dtype=torch.int64, device=hidden.device)
-        topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
+        return self._medusa_tree_drafts(*self.drafter.head_topk(hidden, self.medusa_cfg.topk), k)
+
+    def _medusa_tree_drafts(self, topk, finite, k: int):
+        """The heads' top-k [B, K, topk] and finite [B] -> drafts [B, T_k] of tree k (as
+        :meth:`_medusa_head_drafts`; no columns for NO_TREE)."""
+        if k == NO_TREE:
+            return topk.new_zeros((topk.shape[0], 0))
         size = self.medusa_tree_sizes[k]
         drafts = topk[:, self.medusa_head_idx[k, :size], self.medusa_rank_idx[k, :size]]
         # async scheduling feeds the drafts to the next forward as they are: any valid token
