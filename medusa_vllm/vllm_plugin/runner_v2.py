@@ -557,7 +557,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             b = argmax.shape[0] // q
             heads = []
             out = greedy_tree_step(argmax, uniform_drafts(tokens_in, b, q), hidden, self._medusa_tree_ids[k][:b],
-                                   self.medusa_trees, lambda h: self._medusa_heads_drafts(h, k, heads))
+                                   self.medusa_trees, lambda h: self._medusa_head_drafts(h, k, heads))
             return (*self._medusa_finish(out, b, q, slots), *heads)
 
         return step
@@ -573,7 +573,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
             b = tree_ids.shape[0]
             heads = []
             out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
-                                    lambda h: self._medusa_heads_drafts(h, k, heads), cfg.acceptance, filtered,
+                                    lambda h: self._medusa_head_drafts(h, k, heads), cfg.acceptance, filtered,
                                     cfg.typical_eps, cfg.typical_delta)
             return (*self._medusa_finish(out, b, q, slots), *heads)
 
@@ -598,17 +598,15 @@ class MedusaV2ModelRunner(GPUModelRunner):
         self._medusa_kv_checked = True
 
     # ------------------------------------------------------------------ drafting
-    def _medusa_head_drafts(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    def _medusa_head_drafts(self, hidden: torch.Tensor, k: int, keep: list | None = None) -> torch.Tensor:
         """[B, H] -> [B, Q-1] int64 drafts of tree k (BFS), zero past its nodes; non-finite head
-        logits give token 0 (fed to the next forward as is, rejected in practice: exact)."""
-        return self._medusa_tree_drafts(*self.speculator.proposer.head_topk(hidden, self.medusa_cfg.topk), k)
-
-    def _medusa_heads_drafts(self, hidden: torch.Tensor, k: int, keep: list) -> torch.Tensor:
-        """:meth:`_medusa_head_drafts`, keeping the heads' (top-k [B, K, topk], finite [B]) in
-        ``keep``: a uniform step's function returns them, so drafts of another tree can be
-        gathered from them when the scheduler changes the draft count (:meth:`sample`)."""
+        logits give token 0 (fed to the next forward as is, rejected in practice: exact).
+        ``keep``: gets the heads' (top-k [B, K, topk], finite [B]), which a uniform step's
+        function returns, so drafts of another tree can be gathered from them when the
+        scheduler changes the draft count (:meth:`sample`)."""
         topk, finite = self.speculator.proposer.head_topk(hidden, self.medusa_cfg.topk)
-        keep.extend((topk, finite))
+        if keep is not None:
+            keep.extend((topk, finite))
         return self._medusa_tree_drafts(topk, finite, k)
 
     def _medusa_tree_drafts(self, topk: torch.Tensor, finite: torch.Tensor, k: int) -> torch.Tensor:
