@@ -214,9 +214,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int warp_row0 = (threadIdx.x / 32) * Cfg::kWarpRows;  // first row of this warp in the CTA
   const bool warp_active = w.row0 + warp_row0 < w.rows;
 
-  // Prologue: mask rows (plain stores), Q and the first kStages - 1 KV tiles (async groups;
-  // Q rides in group 0 with the first tile).
-  load_mask_rows<T, Cfg>(p, w, s_mask);
+  // Prologue: Q and the first kStages - 1 KV tiles (async groups; Q rides in group 0 with the
+  // first tile), then the mask rows (plain loads and stores, in the shadow of the copies; read
+  // after the loop's first barrier).
   load_q_tile<T, Cfg>(p, w, s_q);
 #pragma unroll
   for (int st = 0; st < Cfg::kStages - 1; ++st) {
@@ -224,6 +224,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       load_kv_tile<T, Cfg>(p, sp, w, w.tile_begin + st, s_k + st * kStageElems, s_v + st * kStageElems);
     cp_async_commit();
   }
+  load_mask_rows<T, Cfg>(p, w, s_mask);
 
   float o[Cfg::kMTiles][Cfg::kDTiles][4];
   float m_run[Cfg::kMTiles][2];
@@ -276,9 +277,26 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
-// Combines the split partials of each (token, q head) row: one warp per row, kHeadDim / 32
-// consecutive elements per lane. Tokens past query_start_loc[B] (batch padding) are untouched.
+// Combines the split partials of each (token, q head) row: one warp per row. The lanes read
+// the log2-sum-exps of splits lane, lane + 32, ... in one round of loads (a small batch gets up
+// to a full wave of splits, most of them empty: -inf), then add the partial O of the non-empty
+// splits only, kHeadDim / 32 consecutive elements per lane. Tokens past query_start_loc[B]
+// (batch padding) are untouched.
 constexpr int kMergeWarps = 4;
+constexpr int kSplitsPerLane = kMaxSplits / 32;
+static_assert(kMaxSplits % 32 == 0, "the merge gives each lane kMaxSplits / 32 splits");
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int m = 16; m > 0; m /= 2) x = fmaxf(x, __shfl_xor_sync(kFullWarp, x, m));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int m = 16; m > 0; m /= 2) x += __shfl_xor_sync(kFullWarp, x, m);
+  return x;
+}
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kMergeWarps * 32)
@@ -287,29 +305,47 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   const int64_t num_rows = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= num_rows) return;
+  if (row >= num_rows) return;  // whole warps leave: the shuffles below see all 32 lanes
   const int token = static_cast<int>(row / p.num_q_heads);
   const int head = static_cast<int>(row % p.num_q_heads);
   if (token >= p.query_start_loc[p.num_requests]) return;
 
+  float weight[kSplitsPerLane];  // log2-sum-exp, then the split's weight (0: empty split)
   float lse_max = -INFINITY;
-  for (int s = 0; s < sp.num_splits; ++s) lse_max = fmaxf(lse_max, sp.partial_lse[s * num_rows + row]);
-  float acc[kPerLane] = {};
-  float weight_sum = 0.f;
-  for (int s = 0; s < sp.num_splits; ++s) {
-    const float lse = sp.partial_lse[s * num_rows + row];
-    if (lse == -INFINITY) continue;  // empty split (also covers lse_max == -inf)
-    const float weight = exp2f(lse - lse_max);
-    weight_sum += weight;
-    const float* src = sp.partial_o + (s * num_rows + row) * kHeadDim + lane * kPerLane;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[i] += weight * src[i];
+  for (int i = 0; i < kSplitsPerLane; ++i) {
+    const int s = lane + 32 * i;
+    weight[i] = s < sp.num_splits ? sp.partial_lse[s * num_rows + row] : -INFINITY;
+    lse_max = fmaxf(lse_max, weight[i]);
+  }
+  lse_max = warp_max(lse_max);
+  float weight_sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kSplitsPerLane; ++i) {
+    weight[i] = weight[i] == -INFINITY ? 0.f : exp2f(weight[i] - lse_max);  // NaN rows stay NaN
+    weight_sum += weight[i];
+  }
+  weight_sum = warp_sum(weight_sum);
+
+  float acc[kPerLane] = {};
+#pragma unroll
+  for (int i = 0; i < kSplitsPerLane; ++i) {
+    if (32 * i >= sp.num_splits) break;
+    unsigned pending = __ballot_sync(kFullWarp, weight[i] != 0.f);
+    while (pending != 0u) {
+      const int src = __ffs(pending) - 1;
+      pending &= pending - 1;
+      const float w = __shfl_sync(kFullWarp, weight[i], src);
+      const float* o = sp.partial_o + ((32 * i + src) * num_rows + row) * kHeadDim + lane * kPerLane;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) acc[k] += w * o[k];
+    }
   }
   const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
   T* dst = p.out + static_cast<int64_t>(token) * p.out_stride_token +
            static_cast<int64_t>(head) * p.out_stride_head + lane * kPerLane;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) dst[i] = MmaOps<T>::from_float(acc[i] * inv);
+  for (int k = 0; k < kPerLane; ++k) dst[k] = MmaOps<T>::from_float(acc[k] * inv);
 }
 
 }  // namespace cuda

@@ -21,7 +21,6 @@
 namespace medusa_vllm {
 namespace cuda {
 
-constexpr int kMaxSplits = 128;
 constexpr int64_t kMaxWorkspaceBytes = int64_t{1} << 30;  // fp32 partials cap
 constexpr int kMaxDevices = 64;
 

@@ -9,6 +9,7 @@ namespace medusa_vllm {
 namespace cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxSplits = 128;  // KV splits per launch at most (the merge reads kMaxSplits / 32 per lane)
 
 // Split-KV launch parameters (host-known except the partial contents).
 struct SplitKV {

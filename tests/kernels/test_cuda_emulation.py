@@ -90,6 +90,17 @@ def test_split_kv_merge(emu, splits, dtype):
     check(emu, p, splits=splits)
 
 
+def test_a_wave_of_splits_most_of_them_empty(emu):
+    # A small batch as the launch splits it: 40 splits (past one lane's 32 in the merge). The
+    # first request's 364 keys fill 6 one-tile splits and leave 34 empty; the second's 2,230
+    # keys (35 tiles) fill 35 one-tile splits, the last three in the merge's second lane round.
+    p = kt.make_tree_attention_problem(
+        q_lens=[64, 30], ctx_lens=[300, 2200], tree_ids=[0, 0], masks=[kt.medusa_mask(63)], num_q_heads=9,
+        num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16, device="cpu", seed=40,
+    )
+    check(emu, p, splits=40)
+
+
 @pytest.mark.parametrize("heads", [(8, 8), (7, 1), (9, 3)])
 def test_gqa_and_two_word_masks(emu, heads):
     gen = torch.Generator().manual_seed(1)

@@ -77,6 +77,31 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
   return other;
 }
 
+inline float __shfl_sync(unsigned /*mask*/, float value, int src_lane) {
+  emu::WarpExchange& ex = emu::warp_exchange();
+  const int lane = threadIdx.x % 32;
+  ex.f[lane] = value;
+  emu::warp_sync();
+  const float other = ex.f[src_lane & 31];
+  emu::warp_sync();
+  return other;
+}
+
+// Bit i set when lane i's predicate holds (every lane of the warp takes part).
+inline unsigned __ballot_sync(unsigned /*mask*/, bool predicate) {
+  emu::WarpExchange& ex = emu::warp_exchange();
+  const int lane = threadIdx.x % 32;
+  ex.f[lane] = predicate ? 1.f : 0.f;
+  emu::warp_sync();
+  unsigned bits = 0;
+  for (int i = 0; i < 32; ++i)
+    if (ex.f[i] != 0.f) bits |= 1u << i;
+  emu::warp_sync();
+  return bits;
+}
+
+inline int __ffs(unsigned x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
+
 template <typename T>
 inline T __ldg(const T* ptr) {
   emu::check_global_read(ptr, sizeof(T));
