@@ -5,6 +5,10 @@
 // (row r = token r / group, q head kv_head * group + r % group), so each K/V tile is read once
 // for the whole GQA group. 4 warps own 16 * kMTiles rows each.
 //
+// Latency: at small batches a CTA has one warp per SM sub-partition, so nothing hides a stall;
+// the block-table entries of a tile are loaded a pipeline step before its copies, a window
+// tile's mask words are read once into registers, and a row's destination is computed once.
+//
 // Per KV tile of kBlockN keys (cp.async multi-stage pipeline, zero-filled past seq_len):
 //   S = Q K^T            mma.m16n8k16, fp32 accumulators (Q fragments in registers or smem)
 //   softcap, log2e scale; tree mask only on tiles that reach the query window
@@ -22,37 +26,52 @@
 #include "tree_attention_cuda_tiles.cuh"
 #include "tree_attention_cuda_warp.cuh"
 
+// Phase timestamps for latency work (tools/gpu/kernel_trace.py builds with
+// MEDUSA_VLLM_KERNEL_TRACE and a header that defines MEDUSA_TRACE); nothing otherwise.
+#if defined(MEDUSA_VLLM_KERNEL_TRACE)
+#include "kernel_trace.cuh"
+#else
+#define MEDUSA_TRACE(slot)
+#endif
+
 namespace medusa_vllm {
 namespace cuda {
 
-// Stores fp32 row values (2 per call) of CTA row r: to `out` (one split) or to the partials.
+// Where CTA rows go: `out` (one split) or the split's fp32 partials and log2-sum-exp. A row's
+// destination is computed once (two divisions by the group), then stored to column by column.
 template <typename T>
 struct RowWriter {
   const TreeAttentionParams<T>& p;
   const SplitKV& sp;
   const CtaWork& w;
 
-  __device__ __forceinline__ int64_t row_index(int r) const {  // token * Hq + q head
+  struct Dst {
+    T* out;       // one split: the row in `out`
+    float* o;     // more splits: the row in partial_o
+    float* lse;   //              and its log2-sum-exp
+  };
+  __device__ __forceinline__ Dst row(int r) const {
     const int gr = w.row0 + r;
-    return static_cast<int64_t>(w.q_start + gr / w.group) * p.num_q_heads + w.kv_head * w.group +
-           gr % w.group;
-  }
-  __device__ __forceinline__ void store2(int r, int d, float x, float y) const {
-    const int gr = w.row0 + r;
+    const int token = w.q_start + gr / w.group;
+    const int head = w.kv_head * w.group + gr % w.group;
+    Dst d{nullptr, nullptr, nullptr};
     if (sp.num_splits == 1) {
-      T* dst = p.out + static_cast<int64_t>(w.q_start + gr / w.group) * p.out_stride_token +
-               static_cast<int64_t>(w.kv_head * w.group + gr % w.group) * p.out_stride_head + d;
-      *reinterpret_cast<uint32_t*>(dst) = MmaOps<T>::pack(x, y);
+      d.out = p.out + static_cast<int64_t>(token) * p.out_stride_token +
+              static_cast<int64_t>(head) * p.out_stride_head;
     } else {
-      float* dst = sp.partial_o + (static_cast<int64_t>(w.split) * p.num_tokens * p.num_q_heads +
-                                   row_index(r)) * p.head_dim + d;
-      *reinterpret_cast<float2*>(dst) = make_float2(x, y);
+      const int64_t index = static_cast<int64_t>(w.split) * p.num_tokens * p.num_q_heads +
+                            static_cast<int64_t>(token) * p.num_q_heads + head;
+      d.o = sp.partial_o + index * p.head_dim;
+      d.lse = sp.partial_lse + index;
     }
+    return d;
   }
-  __device__ __forceinline__ void store_lse(int r, float lse) const {
-    if (sp.num_splits > 1) {
-      sp.partial_lse[static_cast<int64_t>(w.split) * p.num_tokens * p.num_q_heads + row_index(r)] = lse;
-    }
+  __device__ __forceinline__ void store2(const Dst& d, int col, float x, float y) const {
+    if (sp.num_splits == 1) *reinterpret_cast<uint32_t*>(d.out + col) = MmaOps<T>::pack(x, y);
+    else *reinterpret_cast<float2*>(d.o + col) = make_float2(x, y);
+  }
+  __device__ __forceinline__ void store_lse(const Dst& d, float lse) const {
+    if (sp.num_splits > 1) *d.lse = lse;
   }
 };
 
@@ -66,8 +85,9 @@ __device__ void fill_rows(const TreeAttentionParams<T>& p, const SplitKV& sp, co
   for (int i = threadIdx.x; i < n * (Cfg::kHeadDim / 2); i += Cfg::kThreads) {
     const int r = i / (Cfg::kHeadDim / 2);
     const int d = 2 * (i % (Cfg::kHeadDim / 2));
-    if (invalid) writer.store2(r, d, NAN, NAN);
-    if (d == 0) writer.store_lse(r, invalid ? 0.f : -INFINITY);
+    const auto dst = writer.row(r);
+    if (invalid) writer.store2(dst, d, NAN, NAN);
+    if (d == 0) writer.store_lse(dst, invalid ? 0.f : -INFINITY);
   }
 }
 
@@ -108,30 +128,40 @@ __device__ __forceinline__ void load_q_tile(const TreeAttentionParams<T>& p, con
   }
 }
 
-// Keys [tile * kBlockN, +kBlockN) of K and V -> one pipeline stage (async; zeros past seq_len).
+// Physical blocks of this thread's keys of KV tile `tile` (read past seq_len: not loaded). The
+// block-table loads are issued a pipeline step before the copies that use them, so their
+// latency stays off the per-tile path.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void load_tile_blocks(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                                 const CtaWork& w, int tile,
+                                                 int (&blocks)[Cfg::kKeysPerThread]) {
+  const int32_t* table = p.kv.block_table + w.request * p.kv.block_table_stride;
+#pragma unroll
+  for (int i = 0; i < Cfg::kKeysPerThread; ++i) {
+    const int pos = tile * Cfg::kBlockN + threadIdx.x / Cfg::kChunksPerRow + i * Cfg::kRowsPerPass;
+    const int page = sp.block_shift >= 0 ? pos >> sp.block_shift : pos / p.kv.block_size;
+    blocks[i] = pos < w.seq_len ? __ldg(table + page) : 0;
+  }
+}
+
+// Keys [tile * kBlockN, +kBlockN) of K and V -> one pipeline stage (async; zeros past seq_len),
+// from the blocks load_tile_blocks read for the same tile.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void load_kv_tile(const TreeAttentionParams<T>& p, const SplitKV& sp,
-                                             const CtaWork& w, int tile, T* s_k, T* s_v) {
+                                             const CtaWork& w, int tile,
+                                             const int (&blocks)[Cfg::kKeysPerThread], T* s_k, T* s_v) {
   const PagedKV<const T>& kv = p.kv;
   const int chunk = threadIdx.x % Cfg::kChunksPerRow;
-  const int32_t* table = kv.block_table + w.request * kv.block_table_stride;
 #pragma unroll
-  for (int i = 0; i < Cfg::kBlockN / Cfg::kRowsPerPass; ++i) {
+  for (int i = 0; i < Cfg::kKeysPerThread; ++i) {
     const int key = threadIdx.x / Cfg::kChunksPerRow + i * Cfg::kRowsPerPass;
     const int pos = tile * Cfg::kBlockN + key;
     const bool valid = pos < w.seq_len;
     const T* k_src = kv.k;
     const T* v_src = kv.v;
     if (valid) {
-      int page, offset;
-      if (sp.block_shift >= 0) {
-        page = pos >> sp.block_shift;
-        offset = pos & (kv.block_size - 1);
-      } else {
-        page = pos / kv.block_size;
-        offset = pos - page * kv.block_size;
-      }
-      const int64_t block = __ldg(table + page);
+      const int offset = sp.block_shift >= 0 ? pos & (kv.block_size - 1) : pos % kv.block_size;
+      const int64_t block = blocks[i];
       k_src += kv.k_offset(block, offset, w.kv_head) + chunk * Cfg::kChunk;
       v_src += kv.v_offset(block, offset, w.kv_head) + chunk * Cfg::kChunk;
     }
@@ -156,11 +186,12 @@ __device__ __forceinline__ void store_warp_rows(const RowWriter<T>& writer,
       l += __shfl_xor_sync(kFullWarp, l, 2);
       const int r = warp_row0 + mi * 16 + (lane >> 2) + h * 8;
       if (writer.w.row0 + r >= writer.w.rows) continue;
+      const auto dst = writer.row(r);
       const float inv_l = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gets zeros
 #pragma unroll
       for (int dt = 0; dt < Cfg::kDTiles; ++dt)
-        writer.store2(r, dt * 8 + (lane & 3) * 2, o[mi][dt][2 * h] * inv_l, o[mi][dt][2 * h + 1] * inv_l);
-      if ((lane & 3) == 0) writer.store_lse(r, l > 0.f ? m_run[mi][h] + __log2f(l) : -INFINITY);
+        writer.store2(dst, dt * 8 + (lane & 3) * 2, o[mi][dt][2 * h] * inv_l, o[mi][dt][2 * h + 1] * inv_l);
+      if ((lane & 3) == 0) writer.store_lse(dst, l > 0.f ? m_run[mi][h] + __log2f(l) : -INFINITY);
     }
 }
 
@@ -195,7 +226,9 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tree_attention_kernel(const __grid_constant__ TreeAttentionParams<T> p,
                           const __grid_constant__ SplitKV sp) {
+  MEDUSA_TRACE(0);
   const CtaWork w = decode_cta<T, Cfg>(p, sp);
+  MEDUSA_TRACE(1);
   if (w.q_len <= 0 || w.row0 >= w.rows) return;  // padded request or unused row tile
   const bool invalid = w.q_len > p.masks.q_max || w.ctx < 0 || w.tree < 0 || w.tree >= p.masks.num_trees;
   if (invalid || w.tile_begin >= w.tile_end) {
@@ -217,14 +250,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // Prologue: Q and the first kStages - 1 KV tiles (async groups; Q rides in group 0 with the
   // first tile), then the mask rows (plain loads and stores, in the shadow of the copies; read
   // after the loop's first barrier).
+  int blocks[Cfg::kStages][Cfg::kKeysPerThread];  // block-table entries: the prologue's tiles, then the next one
+#pragma unroll
+  for (int st = 0; st < Cfg::kStages; ++st)
+    if (w.tile_begin + st < w.tile_end) load_tile_blocks<T, Cfg>(p, sp, w, w.tile_begin + st, blocks[st]);
   load_q_tile<T, Cfg>(p, w, s_q);
 #pragma unroll
   for (int st = 0; st < Cfg::kStages - 1; ++st) {
     if (w.tile_begin + st < w.tile_end)
-      load_kv_tile<T, Cfg>(p, sp, w, w.tile_begin + st, s_k + st * kStageElems, s_v + st * kStageElems);
+      load_kv_tile<T, Cfg>(p, sp, w, w.tile_begin + st, blocks[st], s_k + st * kStageElems,
+                           s_v + st * kStageElems);
     cp_async_commit();
   }
+  int (&next_blocks)[Cfg::kKeysPerThread] = blocks[Cfg::kStages - 1];  // tile j + kStages - 1's
+  MEDUSA_TRACE(2);
   load_mask_rows<T, Cfg>(p, w, s_mask);
+  MEDUSA_TRACE(3);
 
   float o[Cfg::kMTiles][Cfg::kDTiles][4];
   float m_run[Cfg::kMTiles][2];
@@ -246,11 +287,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   for (int tile = w.tile_begin; tile < w.tile_end; ++tile) {
     const int j = tile - w.tile_begin;
     cp_async_wait<Cfg::kStages - 2>();  // this thread's copies of tile j (and Q) landed
+    MEDUSA_TRACE(4 + 3 * min(j, 7));
     __syncthreads();                    // everyone's did; everyone is done with tile j - 1
+    MEDUSA_TRACE(5 + 3 * min(j, 7));
     const int next = tile + Cfg::kStages - 1;
     if (next < w.tile_end) {
       const int st = (j + Cfg::kStages - 1) % Cfg::kStages;  // the stage of tile j - 1
-      load_kv_tile<T, Cfg>(p, sp, w, next, s_k + st * kStageElems, s_v + st * kStageElems);
+      load_kv_tile<T, Cfg>(p, sp, w, next, next_blocks, s_k + st * kStageElems, s_v + st * kStageElems);
+      if (next + 1 < w.tile_end) load_tile_blocks<T, Cfg>(p, sp, w, next + 1, next_blocks);
     }
     cp_async_commit();  // possibly empty: keeps the group count uniform
     if (!warp_active) continue;
@@ -269,12 +313,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     scale_and_mask<T, Cfg>(s, p, w, tile, s_mask, warp_row0, lane);
     online_softmax<Cfg>(s, o, m_run, l_run);
     warp_pv<T, Cfg>(o, s, s_v + st * kStageElems, lane);
+    MEDUSA_TRACE(6 + 3 * min(j, 7));
   }
 
   if (warp_active) {
     const RowWriter<T> writer{p, sp, w};
     store_warp_rows<T, Cfg>(writer, o, m_run, l_run, warp_row0, lane);
   }
+  MEDUSA_TRACE(28);
 }
 
 // Combines the split partials of each (token, q head) row: one warp per row. The lanes read
@@ -284,6 +330,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // (batch padding) are untouched.
 constexpr int kMergeWarps = 4;
 constexpr int kSplitsPerLane = kMaxSplits / 32;
+constexpr int kMergeGather = 4;  // non-empty splits whose partials one round reads
 static_assert(kMaxSplits % 32 == 0, "the merge gives each lane kMaxSplits / 32 splits");
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -331,14 +378,27 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
 #pragma unroll
   for (int i = 0; i < kSplitsPerLane; ++i) {
     if (32 * i >= sp.num_splits) break;
-    unsigned pending = __ballot_sync(kFullWarp, weight[i] != 0.f);
-    while (pending != 0u) {
-      const int src = __ffs(pending) - 1;
-      pending &= pending - 1;
-      const float w = __shfl_sync(kFullWarp, weight[i], src);
-      const float* o = sp.partial_o + ((32 * i + src) * num_rows + row) * kHeadDim + lane * kPerLane;
+    unsigned pending = __ballot_sync(kFullWarp, weight[i] != 0.f);  // warp-uniform
+    while (pending != 0u) {  // kMergeGather splits per round: their loads issue together
+      int src[kMergeGather];
+      float w[kMergeGather], x[kMergeGather][kPerLane];
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) acc[k] += w * o[k];
+      for (int u = 0; u < kMergeGather; ++u) {
+        src[u] = __ffs(pending) - 1;  // -1: none left
+        pending &= pending - 1;
+        w[u] = __shfl_sync(kFullWarp, weight[i], max(src[u], 0));
+      }
+#pragma unroll
+      for (int u = 0; u < kMergeGather; ++u) {
+        const float* o = sp.partial_o + ((32 * i + max(src[u], 0)) * num_rows + row) * kHeadDim + lane * kPerLane;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) x[u][k] = src[u] >= 0 ? o[k] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kMergeGather; ++u)
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k)
+          if (src[u] >= 0) acc[k] += w[u] * x[u][k];
     }
   }
   const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;

@@ -34,6 +34,7 @@ struct TileConfig {
   static constexpr int kChunk = 8;                    // 2-byte elements per 16-byte copy
   static constexpr int kChunksPerRow = kHeadDim / kChunk;
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;  // rows one copy sweep covers
+  static constexpr int kKeysPerThread = kBlockN / kRowsPerPass;  // keys of a KV tile one thread copies
   // Shared-memory rows are padded by 16 bytes so the 8 row addresses of an ldmatrix hit
   // distinct bank groups.
   static constexpr int kSmemRow = kHeadDim + kChunk;

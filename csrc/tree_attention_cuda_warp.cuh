@@ -74,19 +74,27 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[Cfg::kMTiles][Cfg::kNT
       }
   const int tile_key0 = tile * Cfg::kBlockN;
   if (tile_key0 + Cfg::kBlockN <= w.ctx) return;  // pure context tile: everything visible
+  // The mask words of this lane's rows (g and g + 8 of each m-tile), read once per tile: the
+  // per-key tests below are then register shifts.
+  static_assert(kMaxMaskWords == 2 && kMaskWordBits == 64, "window keys are tested against two 64-bit words");
+  uint64_t words[Cfg::kMTiles][2][kMaxMaskWords];
+#pragma unroll
+  for (int mi = 0; mi < Cfg::kMTiles; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < kMaxMaskWords; ++k)
+        words[mi][h][k] = s_mask[(warp_row0 + mi * 16 + (lane >> 2) + h * 8) * kMaxMaskWords + k];
 #pragma unroll
   for (int mi = 0; mi < Cfg::kMTiles; ++mi)
 #pragma unroll
     for (int ni = 0; ni < Cfg::kNTiles; ++ni)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = warp_row0 + mi * 16 + (lane >> 2) + (e >> 1) * 8;
         const int pos = tile_key0 + ni * 8 + (lane & 3) * 2 + (e & 1);
-        bool visible = pos < w.ctx;
-        if (!visible && pos < w.seq_len) {
-          const int j = pos - w.ctx;  // window key
-          visible = (s_mask[r * kMaxMaskWords + j / kMaskWordBits] >> (j % kMaskWordBits)) & 1u;
-        }
+        const int j = pos - w.ctx;  // window key (< 0: context)
+        const uint64_t word = j < kMaskWordBits ? words[mi][e >> 1][0] : words[mi][e >> 1][1];
+        const bool visible = j < 0 || (pos < w.seq_len && ((word >> (j & (kMaskWordBits - 1))) & 1u));
         if (!visible) s[mi][ni][e] = -INFINITY;
       }
 }
