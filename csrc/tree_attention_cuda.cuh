@@ -128,46 +128,62 @@ __device__ __forceinline__ void load_q_tile(const TreeAttentionParams<T>& p, con
   }
 }
 
-// Physical blocks of this thread's keys of KV tile `tile` (read past seq_len: not loaded). The
-// block-table loads are issued a pipeline step before the copies that use them, so their
-// latency stays off the per-tile path.
-template <typename T, typename Cfg>
-__device__ __forceinline__ void load_tile_blocks(const TreeAttentionParams<T>& p, const SplitKV& sp,
-                                                 const CtaWork& w, int tile,
-                                                 int (&blocks)[Cfg::kKeysPerThread]) {
+// Physical blocks of this thread's keys of KV tile `tile` (0 past seq_len: not loaded, not
+// read). The block-table loads are issued a pipeline step before the copies that use them, so
+// their latency stays off the per-tile path. kPow2: the block size is 1 << sp.block_shift (a
+// launch-uniform branch picks the variant, so the per-key code has no branch).
+template <bool kPow2, typename T, typename Cfg>
+__device__ __forceinline__ void load_tile_blocks_as(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                                    const CtaWork& w, int tile,
+                                                    int (&blocks)[Cfg::kKeysPerThread]) {
   const int32_t* table = p.kv.block_table + w.request * p.kv.block_table_stride;
 #pragma unroll
   for (int i = 0; i < Cfg::kKeysPerThread; ++i) {
     const int pos = tile * Cfg::kBlockN + threadIdx.x / Cfg::kChunksPerRow + i * Cfg::kRowsPerPass;
-    const int page = sp.block_shift >= 0 ? pos >> sp.block_shift : pos / p.kv.block_size;
+    const int page = kPow2 ? pos >> sp.block_shift : pos / p.kv.block_size;
     blocks[i] = pos < w.seq_len ? __ldg(table + page) : 0;
   }
 }
 
-// Keys [tile * kBlockN, +kBlockN) of K and V -> one pipeline stage (async; zeros past seq_len),
-// from the blocks load_tile_blocks read for the same tile.
 template <typename T, typename Cfg>
-__device__ __forceinline__ void load_kv_tile(const TreeAttentionParams<T>& p, const SplitKV& sp,
-                                             const CtaWork& w, int tile,
-                                             const int (&blocks)[Cfg::kKeysPerThread], T* s_k, T* s_v) {
+__device__ __forceinline__ void load_tile_blocks(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                                 const CtaWork& w, int tile,
+                                                 int (&blocks)[Cfg::kKeysPerThread]) {
+  if (sp.block_shift >= 0) load_tile_blocks_as<true, T, Cfg>(p, sp, w, tile, blocks);
+  else load_tile_blocks_as<false, T, Cfg>(p, sp, w, tile, blocks);
+}
+
+// Keys [tile * kBlockN, +kBlockN) of K and V -> one pipeline stage (async; zeros past seq_len),
+// from the blocks load_tile_blocks read for the same tile. Branch-free per key: a key past
+// seq_len copies nothing from its (block 0) address and zero-fills.
+template <bool kPow2, typename T, typename Cfg>
+__device__ __forceinline__ void load_kv_tile_as(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                                const CtaWork& w, int tile,
+                                                const int (&blocks)[Cfg::kKeysPerThread], T* s_k, T* s_v) {
   const PagedKV<const T>& kv = p.kv;
   const int chunk = threadIdx.x % Cfg::kChunksPerRow;
+  const T* k_head = kv.k + w.kv_head * kv.k_stride_head + chunk * Cfg::kChunk;
+  const T* v_head = kv.v + w.kv_head * kv.v_stride_head + chunk * Cfg::kChunk;
 #pragma unroll
   for (int i = 0; i < Cfg::kKeysPerThread; ++i) {
     const int key = threadIdx.x / Cfg::kChunksPerRow + i * Cfg::kRowsPerPass;
     const int pos = tile * Cfg::kBlockN + key;
+    const int offset = kPow2 ? pos & (kv.block_size - 1) : pos % kv.block_size;
+    const int64_t block = blocks[i];
     const bool valid = pos < w.seq_len;
-    const T* k_src = kv.k;
-    const T* v_src = kv.v;
-    if (valid) {
-      const int offset = sp.block_shift >= 0 ? pos & (kv.block_size - 1) : pos % kv.block_size;
-      const int64_t block = blocks[i];
-      k_src += kv.k_offset(block, offset, w.kv_head) + chunk * Cfg::kChunk;
-      v_src += kv.v_offset(block, offset, w.kv_head) + chunk * Cfg::kChunk;
-    }
-    cp_async_16(s_k + key * Cfg::kSmemRow + chunk * Cfg::kChunk, k_src, valid);
-    cp_async_16(s_v + key * Cfg::kSmemRow + chunk * Cfg::kChunk, v_src, valid);
+    cp_async_16(s_k + key * Cfg::kSmemRow + chunk * Cfg::kChunk,
+                k_head + block * kv.k_stride_block + offset * kv.k_stride_token, valid);
+    cp_async_16(s_v + key * Cfg::kSmemRow + chunk * Cfg::kChunk,
+                v_head + block * kv.v_stride_block + offset * kv.v_stride_token, valid);
   }
+}
+
+template <typename T, typename Cfg>
+__device__ __forceinline__ void load_kv_tile(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                             const CtaWork& w, int tile,
+                                             const int (&blocks)[Cfg::kKeysPerThread], T* s_k, T* s_v) {
+  if (sp.block_shift >= 0) load_kv_tile_as<true, T, Cfg>(p, sp, w, tile, blocks, s_k, s_v);
+  else load_kv_tile_as<false, T, Cfg>(p, sp, w, tile, blocks, s_k, s_v);
 }
 
 // Normalizes and stores the warp's rows (or the split partials and their log2-sum-exp).

@@ -62,41 +62,55 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[Cfg::kMTiles][Cfg::kNT
                                                const TreeAttentionParams<T>& p, const CtaWork& w,
                                                int tile, const uint64_t* s_mask, int warp_row0,
                                                int lane) {
+  if (p.softcap > 0.f) {  // launch-uniform: one branch per tile, not one per score
 #pragma unroll
-  for (int mi = 0; mi < Cfg::kMTiles; ++mi)
+    for (int mi = 0; mi < Cfg::kMTiles; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < Cfg::kNTiles; ++ni)
+      for (int ni = 0; ni < Cfg::kNTiles; ++ni)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float x = s[mi][ni][e];
-        s[mi][ni][e] = p.softcap > 0.f ? p.softcap * kLog2e * tanhf(x * (p.scale / p.softcap))
-                                       : x * (p.scale * kLog2e);
-      }
+        for (int e = 0; e < 4; ++e)
+          s[mi][ni][e] = p.softcap * kLog2e * tanhf(s[mi][ni][e] * (p.scale / p.softcap));
+  } else {
+    const float scale = p.scale * kLog2e;
+#pragma unroll
+    for (int mi = 0; mi < Cfg::kMTiles; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Cfg::kNTiles; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mi][ni][e] *= scale;
+  }
   const int tile_key0 = tile * Cfg::kBlockN;
   if (tile_key0 + Cfg::kBlockN <= w.ctx) return;  // pure context tile: everything visible
-  // The mask words of this lane's rows (g and g + 8 of each m-tile), read once per tile: the
-  // per-key tests below are then register shifts.
-  static_assert(kMaxMaskWords == 2 && kMaskWordBits == 64, "window keys are tested against two 64-bit words");
-  uint64_t words[Cfg::kMTiles][2][kMaxMaskWords];
+  // Per row of this lane (g and g + 8 of each m-tile): which of the tile's keys it sees, as one
+  // word (bit k: key tile_key0 + k), built once per tile from the row's 128 mask bits; the
+  // per-score test is then a constant shift. Keys before the window are context (seen), keys
+  // from seq_len on are not.
+  static_assert(kMaxMaskWords == 2 && kMaskWordBits == 64 && Cfg::kBlockN <= 64,
+                "a tile's keys fit one word; a row's mask is two");
+  const int o = tile_key0 - w.ctx;              // window index of the tile's first key, > -kBlockN
+  const int keys_in_seq = w.seq_len - tile_key0;  // >= 1
+  const uint64_t in_seq = keys_in_seq >= 64 ? ~0ull : (1ull << keys_in_seq) - 1;
+  uint64_t seen[Cfg::kMTiles][2];
 #pragma unroll
   for (int mi = 0; mi < Cfg::kMTiles; ++mi)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int k = 0; k < kMaxMaskWords; ++k)
-        words[mi][h][k] = s_mask[(warp_row0 + mi * 16 + (lane >> 2) + h * 8) * kMaxMaskWords + k];
+    for (int h = 0; h < 2; ++h) {
+      const uint64_t* row = s_mask + (warp_row0 + mi * 16 + (lane >> 2) + h * 8) * kMaxMaskWords;
+      const uint64_t w0 = row[0], w1 = row[1];
+      uint64_t bits;
+      if (o < 0) bits = (w0 << -o) | ((1ull << -o) - 1);  // -o context keys first
+      else if (o == 0) bits = w0;
+      else if (o < 64) bits = (w0 >> o) | (w1 << (64 - o));
+      else bits = w1 >> (o - 64);
+      seen[mi][h] = (bits & in_seq) >> ((lane & 3) * 2);  // bit 0: this lane's first key column
+    }
 #pragma unroll
   for (int mi = 0; mi < Cfg::kMTiles; ++mi)
 #pragma unroll
     for (int ni = 0; ni < Cfg::kNTiles; ++ni)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int pos = tile_key0 + ni * 8 + (lane & 3) * 2 + (e & 1);
-        const int j = pos - w.ctx;  // window key (< 0: context)
-        const uint64_t word = j < kMaskWordBits ? words[mi][e >> 1][0] : words[mi][e >> 1][1];
-        const bool visible = j < 0 || (pos < w.seq_len && ((word >> (j & (kMaskWordBits - 1))) & 1u));
-        if (!visible) s[mi][ni][e] = -INFINITY;
-      }
+      for (int e = 0; e < 4; ++e)
+        if (!((seen[mi][e >> 1] >> (ni * 8 + (e & 1))) & 1u)) s[mi][ni][e] = -INFINITY;
 }
 
 // Online softmax: turns s into probabilities relative to the running max, rescales o / l.
