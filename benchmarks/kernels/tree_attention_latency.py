@@ -18,7 +18,6 @@ effect on the result). Two builds compare by running this once per build (--labe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
                 os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
 from medusa_vllm import kernels  # noqa: E402
 from medusa_vllm.kernels import testing as kt  # noqa: E402
-from training.report import git_commit  # noqa: E402
+from training.report import envelope  # noqa: E402
 from tree_attention import gpu_short_name  # noqa: E402
 
 
@@ -183,19 +182,10 @@ def main() -> None:
     rows = measure(args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"tree_attention_latency_{gpu_short_name(device)}_{args.label}.json")
-    result = {
-        "benchmark": "tree_attention_latency",
-        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": git_commit(),
-        "device": device,
-        "software": {"torch": torch.__version__},
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "config": {k: v for k, v in vars(args).items() if k not in ("compare", "out")}
-        | {"timing": "CUDA-graph replay of `layers` calls, CUDA events, median of 5; kernels: torch.profiler",
-           "wall_s": round(time.monotonic() - start, 1)},
-        "rows": rows,
-        "summary": summarize(rows),
-    }
+    config = {k: v for k, v in vars(args).items() if k not in ("compare", "out")}
+    config |= {"timing": "CUDA-graph replay of `layers` calls, CUDA events, median of 5; kernels: torch.profiler",
+               "wall_s": round(time.monotonic() - start, 1)}
+    result = envelope("tree_attention_latency", device=device, config=config, rows=rows, summary=summarize(rows))
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["summary"], indent=1))

@@ -67,20 +67,16 @@ def phases(trace: torch.Tensor, tiles: int) -> dict:
     return out
 
 
-def envelope(rows: list[dict], clock_khz) -> dict:
+def result(rows: list[dict], clock_khz) -> dict:
     """The results envelope (shared/RESULTS.md) around the trace rows."""
-    import datetime
+    from training.report import envelope
 
     summary = {f"b{r['batch']}_ctx{r['context']}_q{r['q_len']}_splits{r['splits']}_total_cycles":
                statistics.median(run["total_cycles"] for run in r["runs"] if run) for r in rows}
-    return {"benchmark": "kernel_trace",
-            "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "git_commit": os.environ.get("MEDUSA_GIT_COMMIT", "unknown"), "device": torch.cuda.get_device_name(),
-            "software": {"torch": torch.__version__}, "command": " ".join(["python3", *sys.argv]),
-            "config": {"shape": "9 q / 3 kv heads, head dim 64, block size 16, block table 128 wide, bf16",
-                       "phases": "clock64 of thread 0 per CTA; median over the CTAs that compute; 5 calls",
-                       "clock_khz": clock_khz},
-            "rows": rows, "summary": summary}
+    config = {"shape": "9 q / 3 kv heads, head dim 64, block size 16, block table 128 wide, bf16",
+              "phases": "clock64 of thread 0 per CTA; median over the CTAs that compute; 5 calls",
+              "clock_khz": clock_khz}
+    return envelope("kernel_trace", device=torch.cuda.get_device_name(), config=config, rows=rows, summary=summary)
 
 
 def run(args) -> None:
@@ -118,7 +114,7 @@ def run(args) -> None:
         mid = results[len(results) // 2]
         print(f"B={batch} ctx={context} q={q_len} splits={splits or 'auto'} err={err:.3g}")
         print("   " + " ".join(f"{k}={v}" for k, v in mid.items()), flush=True)
-    out = envelope(rows, clock_khz)
+    out = result(rows, clock_khz)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernel_trace.json"), "w") as f:
         json.dump(out, f, indent=1)
