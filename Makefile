@@ -26,8 +26,10 @@ $(STAMP): requirements/cpu.txt requirements/nodeps.txt setup.py pyproject.toml
 demo: install
 	$(BIN)/python -m medusa_vllm.demo
 
+# MEDUSA_VLLM_EMULATION_TESTS=1: the CUDA kernels' sources also run through the CPU emulator
+# (tests/kernels/test_cuda_emulation.py, about two minutes), the one CPU check of their logic
 test: install
-	$(BIN)/python -m pytest -q -ra tests
+	MEDUSA_VLLM_EMULATION_TESTS=1 $(BIN)/python -m pytest -q -ra tests
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py

@@ -5,7 +5,7 @@ memory and workspace, bounds checks on shared and global reads).
 
 It checks indexing, tiling, masking, the pipeline order and the split-KV merge; not the
 hardware itself, timing or the real PTX (tests with device "cuda" do that on a GPU).
-Opt-in (a ~30 s g++ build, then ~1 minute): MEDUSA_VLLM_EMULATION_TESTS=1 pytest tests/kernels
+Opt-in (a ~30 s g++ build, then ~1.5 minutes; `make test` opts in): MEDUSA_VLLM_EMULATION_TESTS=1 pytest tests/kernels
 """
 
 from __future__ import annotations
