@@ -30,5 +30,7 @@ for pair in "old new" "old2 new2"; do
     python3 benchmarks/kernels/tree_attention_latency.py --compare "$OUT"/tree_attention_latency_*_"$1"_*.json \
         "$OUT"/tree_attention_latency_*_"$2"_*.json > "$OUT/compare_$1_$2.txt" 2>&1
 done
+# the repeats live on in their comparison; fewer files under $OUT come back whole
+rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/tree_attention_latency_*_new2_*.json "$OUT"/latency_*2.log
 head -70 "$OUT/compare_old_new.txt"; tail -n +2 "$OUT/compare_old2_new2.txt" | head -40
 python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -12
