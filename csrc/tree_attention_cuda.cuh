@@ -6,8 +6,9 @@
 // for the whole GQA group. 4 warps own 16 * kMTiles rows each.
 //
 // Latency: at small batches a CTA has one warp per SM sub-partition, so nothing hides a stall;
-// the block-table entries of a tile are loaded a pipeline step before its copies, a window
-// tile's mask words are read once into registers, and a row's destination is computed once.
+// the block-table entries of a tile are loaded a pipeline step before its copies, the copies'
+// addresses are branch-free, a window tile's visibility is one word per row (a shift per
+// score), and a row's destination is computed once.
 //
 // Per KV tile of kBlockN keys (cp.async multi-stage pipeline, zero-filled past seq_len):
 //   S = Q K^T            mma.m16n8k16, fp32 accumulators (Q fragments in registers or smem)

@@ -34,13 +34,16 @@ from training.report import envelope  # noqa: E402
 from tree_attention import gpu_short_name  # noqa: E402
 
 
-def make_problem(batch: int, context: int, q_len: int, args) -> kt.TreeAttentionProblem:
+def make_problem(batch: int, context: int, q_len: int, *, num_q_heads: int = 9, num_kv_heads: int = 3,
+                 head_dim: int = 64, block_size: int = 16, max_model_len: int = 2048) -> kt.TreeAttentionProblem:
+    """`batch` requests of `context` cached tokens + a q_len-token tree window (bf16, CUDA), the
+    block table as wide as vLLM's; the defaults are SmolLM2-135M's shape."""
     p = kt.make_tree_attention_problem(
         q_lens=[q_len] * batch, ctx_lens=[context] * batch, tree_ids=[0] * batch,
-        masks=[kt.medusa_mask(q_len - 1)], num_q_heads=args.num_q_heads, num_kv_heads=args.num_kv_heads,
-        head_dim=args.head_dim, block_size=args.block_size, dtype=torch.bfloat16, device="cuda",
+        masks=[kt.medusa_mask(q_len - 1)], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, block_size=block_size, dtype=torch.bfloat16, device="cuda",
         cache_on_device_rng=True)
-    width = -(-args.max_model_len // args.block_size)  # vLLM's block table: max_model_len wide
+    width = -(-max_model_len // block_size)  # vLLM's block table: max_model_len wide
     table = torch.full((batch, width), -1, dtype=torch.int32, device="cuda")
     table[:, : p.block_table.shape[1]] = p.block_table
     p.block_table = table
@@ -101,7 +104,9 @@ def measure(args) -> list[dict]:
     for q_len in args.q_lens:
         for context in args.contexts:
             for batch in args.batches:
-                p = make_problem(batch, context, q_len, args)
+                p = make_problem(batch, context, q_len, num_q_heads=args.num_q_heads,
+                                 num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                                 block_size=args.block_size, max_model_len=args.max_model_len)
                 expected = p.out.clone()
                 kernels.tree_attention_ref(expected, *p.args()[1:], p.scale)
                 sweep = ["auto"] + (list(args.splits) if batch in args.sweep_batches else [])

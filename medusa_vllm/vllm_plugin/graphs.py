@@ -231,13 +231,7 @@ class MedusaGraphsMixin:
 
         def propose(b: int, keep: list):
             k_next = self._medusa_graph_next_tree(k, b)
-
-            def draft(h):
-                topk, finite = self.drafter.head_topk(h, cfg.topk)
-                keep.extend((topk, finite))
-                return self._medusa_tree_drafts(topk, finite, k_next)
-
-            return draft
+            return lambda h: self._medusa_head_drafts(h, k_next, keep)
 
         def finish(out, b: int, slot_mapping, keep: list):
             if slot_mapping is not None:

@@ -710,13 +710,18 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
             self._medusa_req_tree.update(dict.fromkeys(self.input_batch.req_ids[:num_reqs], k))
         return k
 
-    def _medusa_head_drafts(self, hidden, k: int):
+    def _medusa_head_drafts(self, hidden, k: int, keep: list | None = None):
         """hidden [B, H] of each request's last accepted token -> drafts [B, T_k] int64 of tree
         k, BFS order; a request whose head logits are not finite gets a row of -1s (no drafts,
-        read with the drafts in one copy); no columns for NO_TREE."""
-        if k == NO_TREE:
+        read with the drafts in one copy); no columns for NO_TREE. ``keep``: gets the heads'
+        (top-k [B, K, topk], finite [B]) (the heads then run for NO_TREE too), which a uniform
+        step's function returns, so another tree's drafts can be gathered from them."""
+        if k == NO_TREE and keep is None:
             return torch.zeros((hidden.shape[0], 0), dtype=torch.int64, device=hidden.device)
-        return self._medusa_tree_drafts(*self.drafter.head_topk(hidden, self.medusa_cfg.topk), k)
+        topk, finite = self.drafter.head_topk(hidden, self.medusa_cfg.topk)
+        if keep is not None:
+            keep.extend((topk, finite))
+        return self._medusa_tree_drafts(topk, finite, k)
 
     def _medusa_tree_drafts(self, topk, finite, k: int):
         """The heads' top-k [B, K, topk] and finite [B] -> drafts [B, T_k] of tree k (as

@@ -80,7 +80,8 @@ def result(rows: list[dict], clock_khz) -> dict:
 
 
 def run(args) -> None:
-    from medusa_vllm.kernels import testing as kt
+    sys.path.insert(0, os.path.join(REPO, "benchmarks", "kernels"))
+    from tree_attention_latency import make_problem
 
     torch.ops.load_library(args.so)
     clock_khz = torch.cuda.get_device_properties(0).clock_rate if hasattr(
@@ -88,13 +89,7 @@ def run(args) -> None:
     rows = []
     for batch, context, q_len, splits in [(1, 256, 64, 0), (1, 256, 64, 1), (1, 1024, 64, 1), (1, 1024, 64, 0),
                                           (8, 256, 64, 0), (32, 256, 64, 0), (32, 1024, 64, 0), (1, 256, 16, 1)]:
-        p = kt.make_tree_attention_problem(
-            q_lens=[q_len] * batch, ctx_lens=[context] * batch, tree_ids=[0] * batch,
-            masks=[kt.medusa_mask(q_len - 1)], num_q_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
-            dtype=torch.bfloat16, device="cuda", cache_on_device_rng=True)
-        table = torch.full((batch, 128), -1, dtype=torch.int32, device="cuda")
-        table[:, : p.block_table.shape[1]] = p.block_table
-        p.block_table = table
+        p = make_problem(batch, context, q_len)  # SmolLM2-135M's shape, a 2,048-token block table
         op = lambda: torch.ops.medusa_trace.tree_attention(p.out, *p.args()[1:], p.scale, 0.0, splits)  # noqa: E731
         for _ in range(3):
             op()

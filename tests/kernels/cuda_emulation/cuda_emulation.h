@@ -67,16 +67,6 @@ using std::min;
 
 #define __syncthreads() ::emu::block_sync()
 
-inline float __shfl_xor_sync(unsigned /*mask*/, float value, int lane_mask) {
-  emu::WarpExchange& ex = emu::warp_exchange();
-  const int lane = threadIdx.x % 32;
-  ex.f[lane] = value;
-  emu::warp_sync();
-  const float other = ex.f[lane ^ lane_mask];
-  emu::warp_sync();
-  return other;
-}
-
 inline float __shfl_sync(unsigned /*mask*/, float value, int src_lane) {
   emu::WarpExchange& ex = emu::warp_exchange();
   const int lane = threadIdx.x % 32;
@@ -85,6 +75,10 @@ inline float __shfl_sync(unsigned /*mask*/, float value, int src_lane) {
   const float other = ex.f[src_lane & 31];
   emu::warp_sync();
   return other;
+}
+
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+  return __shfl_sync(mask, value, (threadIdx.x % 32) ^ lane_mask);
 }
 
 // Bit i set when lane i's predicate holds (every lane of the warp takes part).
