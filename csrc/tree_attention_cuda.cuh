@@ -336,6 +336,7 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tree_attention_kernel(const __grid_constant__ TreeAttentionParams<T> p,
                           const __grid_constant__ SplitKV sp) {
+  grid_dependents_launch();  // a merge_splits_kernel launched with PDL may start (and wait)
   MEDUSA_TRACE(0);
   const CtaWork w = decode_cta<T, Cfg>(p, sp);
   MEDUSA_TRACE(1);

@@ -4,17 +4,28 @@
 // CUDA-graph safety: the grid and the workspace size depend only on host ints (N, B, Hkv,
 // Q_MAX, num_splits, block_table width, SM count); per-request KV ranges are computed on the
 // device from seq_lens.
+//
+// A/B knob: how the split-KV partials are merged (only at small batches, where the grid has
+// fewer CTAs than SMs and splits > 1), read once per process from MEDUSA_VLLM_SPLIT_MERGE:
+//   launch (default)  merge_splits_kernel, a second plain launch;
+//   pdl               the same kernel with Programmatic Dependent Launch: its CTAs start while
+//                     the attention kernel runs and wait (griddepcontrol.wait) for its end; a
+//                     separate plain launch where the merge kernel's binary is not sm_90+ code;
+// Both modes give the same bits, and the split count does not depend on the mode.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "tree_attention_cuda.cuh"
 
@@ -46,6 +57,33 @@ int blocks_per_sm() {
   return n;
 }
 
+enum class SplitMerge { kLaunch, kPdl };
+
+// MEDUSA_VLLM_SPLIT_MERGE (see the top of this file), read once.
+inline SplitMerge split_merge_mode() {
+  static const SplitMerge mode = [] {
+    const char* env = std::getenv("MEDUSA_VLLM_SPLIT_MERGE");
+    const std::string name = env ? env : "";
+    if (name.empty() || name == "launch") return SplitMerge::kLaunch;
+    TORCH_CHECK(name == "pdl", "MEDUSA_VLLM_SPLIT_MERGE must be launch or pdl, got '", name, "'");
+    return SplitMerge::kPdl;
+  }();
+  return mode;
+}
+
+// Whether merge_splits_kernel's binary on this device was compiled for sm_90+ (with
+// griddepcontrol.wait): a PDL launch of code without the wait would race the attention kernel
+// (say compute_80 PTX JIT-compiled for a newer GPU).
+template <typename T, int kHeadDim>
+bool merge_kernel_waits_for_grid() {
+  static const bool waits = [] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, merge_splits_kernel<T, kHeadDim>));
+    return attr.ptxVersion >= 90;
+  }();
+  return waits;
+}
+
 // No split once the grid gives every SM a CTA (a split costs fp32 partials and the merge: in
 // vLLM on the H100, batch 32 x 64-node trees, two splits made the step's attention 25% slower);
 // below that, splits up to about one full wave of CTAs, never more than the longest possible
@@ -66,13 +104,41 @@ int choose_splits(const TreeAttentionParams<T>& p, int row_tiles, int64_t reques
   return static_cast<int>(splits);
 }
 
+// merge_splits_kernel after the attention kernel on `stream`: a plain launch, or with PDL.
+template <typename T, int kHeadDim>
+void launch_merge(const TreeAttentionParams<T>& p, const SplitKV& sp, bool pdl, cudaStream_t stream) {
+  const int64_t rows = int64_t{p.num_tokens} * p.num_q_heads;
+  const auto grid = static_cast<unsigned>((rows + kMergeWarps - 1) / kMergeWarps);
+  if (pdl && !merge_kernel_waits_for_grid<T, kHeadDim>()) {
+    TORCH_WARN_ONCE("MEDUSA_VLLM_SPLIT_MERGE=pdl: the merge kernel's binary is not sm_90+ code; "
+                    "launching it without PDL");
+    pdl = false;
+  }
+  if (!pdl) {
+    merge_splits_kernel<T, kHeadDim><<<grid, kMergeWarps * 32, 0, stream>>>(p, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kMergeWarps * 32);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, merge_splits_kernel<T, kHeadDim>, p, sp));
+}
+
 template <typename T, typename Cfg>
 void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t max_context,
                            int64_t num_splits, const at::Tensor& like) {
   const int device = like.get_device();
-  auto kernel = tree_attention_kernel<T, Cfg>;
   // Before the occupancy query in choose_splits: the tile needs > 48 KiB of shared memory.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(tree_attention_kernel<T, Cfg>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int row_tiles = make_split_kv<Cfg>(p, q_max, 1).row_tiles;
   const int splits = choose_splits<T, Cfg>(p, row_tiles, num_splits, max_context, device);
   SplitKV sp = make_split_kv<Cfg>(p, q_max, splits);
@@ -88,15 +154,9 @@ void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t m
   const int64_t grid = int64_t{p.num_requests} * p.num_kv_heads * splits * row_tiles;
   TORCH_CHECK(grid <= std::numeric_limits<int>::max(), "tree_attention: grid of ", grid, " CTAs is too large");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
+  tree_attention_kernel<T, Cfg><<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    const int64_t rows = int64_t{p.num_tokens} * p.num_q_heads;
-    const int64_t merge_grid = (rows + kMergeWarps - 1) / kMergeWarps;
-    merge_splits_kernel<T, Cfg::kHeadDim>
-        <<<static_cast<unsigned>(merge_grid), kMergeWarps * 32, 0, stream>>>(p, sp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (splits > 1) launch_merge<T, Cfg::kHeadDim>(p, sp, split_merge_mode() == SplitMerge::kPdl, stream);
 }
 
 template <typename T, int kHeadDim>

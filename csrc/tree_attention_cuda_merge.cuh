@@ -33,10 +33,12 @@ __device__ __forceinline__ float warp_sum(float x) {
 // the log2-sum-exps of splits lane, lane + 32, ... in one round of loads (a small batch gets up
 // to a full wave of splits, most of them empty: -inf), then add the partial O of the non-empty
 // splits only, kHeadDim / 32 consecutive elements per lane. Tokens past query_start_loc[B]
-// (batch padding) are untouched.
+// (batch padding) are untouched. Launched with PDL it may start before the attention kernel
+// ends: nothing is read before grid_dependency_wait.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kMergeWarps * 32)
     merge_splits_kernel(const __grid_constant__ TreeAttentionParams<T> p, const __grid_constant__ SplitKV sp) {
+  grid_dependency_wait();
   constexpr int kPerLane = kHeadDim / 32;
   const int64_t num_rows = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;

@@ -195,6 +195,9 @@ inline void cp_async_wait() {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix(r, smem, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu::ldmatrix(r, smem, true); }
 inline float fast_exp2(float x) { return std::exp2(x); }
+// PDL: the emulator runs a dependent launch after the whole primary grid anyway.
+inline void grid_dependents_launch() {}
+inline void grid_dependency_wait() {}
 
 template <typename T>
 struct MmaOps;
