@@ -11,7 +11,10 @@
 //   pdl               the same kernel with Programmatic Dependent Launch: its CTAs start while
 //                     the attention kernel runs and wait (griddepcontrol.wait) for its end; a
 //                     separate plain launch where the merge kernel's binary is not sm_90+ code;
-// Both modes give the same bits, and the split count does not depend on the mode.
+//   fused             no second launch: each (request, kv head, row tile) group's last CTA
+//                     merges (tree_attention_cuda_merge.cuh); a separate launch past
+//                     kMaxMergeGroups groups. One fused launch at a time per device.
+// Every mode gives the same bits, and the split count does not depend on the mode.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,18 +49,20 @@ inline int sm_count(int device) {
   return n;
 }
 
+// CTAs per SM of the attention kernel (the plain one: the split count is the same in every
+// merge mode).
 template <typename T, typename Cfg>
 int blocks_per_sm() {
   static const int n = [] {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, tree_attention_kernel<T, Cfg>, Cfg::kThreads, Cfg::kSmemBytes));
+        &blocks, tree_attention_kernel<T, Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes));
     return std::max(blocks, 1);
   }();
   return n;
 }
 
-enum class SplitMerge { kLaunch, kPdl };
+enum class SplitMerge { kLaunch, kPdl, kFused };
 
 // MEDUSA_VLLM_SPLIT_MERGE (see the top of this file), read once.
 inline SplitMerge split_merge_mode() {
@@ -65,8 +70,9 @@ inline SplitMerge split_merge_mode() {
     const char* env = std::getenv("MEDUSA_VLLM_SPLIT_MERGE");
     const std::string name = env ? env : "";
     if (name.empty() || name == "launch") return SplitMerge::kLaunch;
-    TORCH_CHECK(name == "pdl", "MEDUSA_VLLM_SPLIT_MERGE must be launch or pdl, got '", name, "'");
-    return SplitMerge::kPdl;
+    if (name == "pdl") return SplitMerge::kPdl;
+    TORCH_CHECK(name == "fused", "MEDUSA_VLLM_SPLIT_MERGE must be launch, pdl or fused, got '", name, "'");
+    return SplitMerge::kFused;
   }();
   return mode;
 }
@@ -137,7 +143,7 @@ void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t m
                            int64_t num_splits, const at::Tensor& like) {
   const int device = like.get_device();
   // Before the occupancy query in choose_splits: the tile needs > 48 KiB of shared memory.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(tree_attention_kernel<T, Cfg>,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(tree_attention_kernel<T, Cfg, false>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int row_tiles = make_split_kv<Cfg>(p, q_max, 1).row_tiles;
   const int splits = choose_splits<T, Cfg>(p, row_tiles, num_splits, max_context, device);
@@ -154,9 +160,18 @@ void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t m
   const int64_t grid = int64_t{p.num_requests} * p.num_kv_heads * splits * row_tiles;
   TORCH_CHECK(grid <= std::numeric_limits<int>::max(), "tree_attention: grid of ", grid, " CTAs is too large");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  tree_attention_kernel<T, Cfg><<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
+  const SplitMerge mode = split_merge_mode();
+  const int64_t groups = int64_t{p.num_requests} * p.num_kv_heads * row_tiles;
+  if (splits > 1 && mode == SplitMerge::kFused && groups <= kMaxMergeGroups) {
+    auto kernel = tree_attention_kernel<T, Cfg, true>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  tree_attention_kernel<T, Cfg, false><<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) launch_merge<T, Cfg::kHeadDim>(p, sp, split_merge_mode() == SplitMerge::kPdl, stream);
+  if (splits > 1) launch_merge<T, Cfg::kHeadDim>(p, sp, mode == SplitMerge::kPdl, stream);
 }
 
 template <typename T, int kHeadDim>
