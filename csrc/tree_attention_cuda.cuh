@@ -238,6 +238,7 @@ __device__ __forceinline__ CtaWork decode_cta(const TreeAttentionParams<T>& p, c
   const int per_split = max(ceil_div(num_tiles, sp.num_splits), sp.min_tiles_per_split);
   w.tile_begin = w.split * per_split;
   w.tile_end = min(num_tiles, w.tile_begin + per_split);
+  w.live_splits = min(sp.num_splits, ceil_div(num_tiles, per_split));
   return w;
 }
 
@@ -347,7 +348,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const bool invalid = w.q_len > p.masks.q_max || w.ctx < 0 || w.tree < 0 || w.tree >= p.masks.num_trees;
   if (invalid || w.tile_begin >= w.tile_end) fill_rows<T, Cfg>(p, sp, w, invalid);
   else attend_rows<T, Cfg>(p, sp, w);
-  if constexpr (kFusedMerge) merge_if_last<T, Cfg>(p, sp, w);
+  if constexpr (kFusedMerge) merge_if_last<T, Cfg>(p, sp, w, invalid);
 }
 
 }  // namespace cuda

@@ -13,7 +13,9 @@
 //                     separate plain launch where the merge kernel's binary is not sm_90+ code;
 //   fused             no second launch: each (request, kv head, row tile) group's last CTA
 //                     merges (tree_attention_cuda_merge.cuh); a separate launch past
-//                     kMaxMergeGroups groups. One fused launch at a time per device.
+//                     kMaxMergeGroups groups, or (with a warning) where the fused kernel fits
+//                     fewer CTAs per SM than the plain one. One fused launch at a time per
+//                     device.
 // Every mode gives the same bits, and the split count does not depend on the mode.
 #pragma once
 
@@ -49,17 +51,31 @@ inline int sm_count(int device) {
   return n;
 }
 
-// CTAs per SM of the attention kernel (the plain one: the split count is the same in every
-// merge mode).
-template <typename T, typename Cfg>
+// CTAs per SM of the attention kernel (the split count comes from the plain one's: the same in
+// every merge mode). The shared-memory attribute is set first (the tile needs > 48 KiB).
+template <typename T, typename Cfg, bool kFusedMerge = false>
 int blocks_per_sm() {
   static const int n = [] {
+    auto kernel = tree_attention_kernel<T, Cfg, kFusedMerge>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
     int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, tree_attention_kernel<T, Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Cfg::kThreads, Cfg::kSmemBytes));
     return std::max(blocks, 1);
   }();
   return n;
+}
+
+// Whether a fused-merge launch of `groups` groups is possible and as fast to fill the GPU as the
+// plain kernel (its merge must not cost a CTA per SM: the split count assumes the plain one's).
+template <typename T, typename Cfg>
+bool use_fused_merge(int64_t groups) {
+  if (groups > kMaxMergeGroups) return false;
+  if (blocks_per_sm<T, Cfg, true>() < blocks_per_sm<T, Cfg, false>()) {
+    TORCH_WARN_ONCE("MEDUSA_VLLM_SPLIT_MERGE=fused: the fused kernel fits fewer CTAs per SM than the "
+                    "plain one; merging with a separate launch");
+    return false;
+  }
+  return true;
 }
 
 enum class SplitMerge { kLaunch, kPdl, kFused };
@@ -142,7 +158,7 @@ template <typename T, typename Cfg>
 void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t max_context,
                            int64_t num_splits, const at::Tensor& like) {
   const int device = like.get_device();
-  // Before the occupancy query in choose_splits: the tile needs > 48 KiB of shared memory.
+  // The tile needs > 48 KiB of shared memory (an attribute per device: set on every call).
   C10_CUDA_CHECK(cudaFuncSetAttribute(tree_attention_kernel<T, Cfg, false>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int row_tiles = make_split_kv<Cfg>(p, q_max, 1).row_tiles;
@@ -162,7 +178,7 @@ void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t m
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const SplitMerge mode = split_merge_mode();
   const int64_t groups = int64_t{p.num_requests} * p.num_kv_heads * row_tiles;
-  if (splits > 1 && mode == SplitMerge::kFused && groups <= kMaxMergeGroups) {
+  if (splits > 1 && mode == SplitMerge::kFused && use_fused_merge<T, Cfg>(groups)) {
     auto kernel = tree_attention_kernel<T, Cfg, true>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
     kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);

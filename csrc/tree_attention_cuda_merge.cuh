@@ -154,14 +154,15 @@ __device__ __forceinline__ int group_row(const CtaWork& w, int num_q_heads, int 
   return (w.q_start + gr / w.group) * num_q_heads + w.kv_head * w.group + gr % w.group;
 }
 
-// Log2-sum-exps of the group's rows x splits -> s_w [rows][stride] (all threads; kStage loads
-// in flight per thread).
+// Log2-sum-exps of the group's rows x its first `splits` splits -> s_w [rows][stride] (all
+// threads; kStage loads in flight per thread).
 template <typename T, typename Cfg>
 __device__ __forceinline__ void stage_group_lse(const TreeAttentionParams<T>& p, const SplitKV& sp,
-                                                const CtaWork& w, int rows, int stride, float* s_w) {
+                                                const CtaWork& w, int rows, int splits, int stride,
+                                                float* s_w) {
   constexpr int kStage = 8;
   const int64_t num_rows = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
-  const int total = sp.num_splits * rows;
+  const int total = splits * rows;
   for (int base = threadIdx.x; base < total; base += kStage * Cfg::kThreads) {
     float v[kStage];
 #pragma unroll
@@ -311,10 +312,12 @@ __device__ __forceinline__ void merge_group_rows(const TreeAttentionParams<T>& p
 }
 
 // The end of a fused-merge attention CTA (every thread, after its partial stores): counts the
-// CTA in its group; the last one merges the group's rows into `out`.
+// CTA in its group; the last one merges the group's rows into `out`. It reads only the splits
+// that had tiles: the others wrote log2-sum-exp -inf, which changes neither the max nor the
+// sums (the same bits); an invalid request's splits all wrote NaN rows.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void merge_if_last(const TreeAttentionParams<T>& p, const SplitKV& sp,
-                                              const CtaWork& w) {
+                                              const CtaWork& w, bool invalid) {
   static_assert(fused_merge_smem_bytes<Cfg>() <= Cfg::kSmemBytes, "the fused merge reuses the tile's smem");
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned* s_used = reinterpret_cast<unsigned*>(smem);               // [kSplitsPerLane]
@@ -325,11 +328,12 @@ __device__ __forceinline__ void merge_if_last(const TreeAttentionParams<T>& p, c
   cp_async_wait<0>();  // no copy may still land in the shared memory reused below
   if (!arrive_last(sp, group, s_last)) return;
   const int rows = min(Cfg::kBlockM, w.rows - w.row0);
-  const int stride = sp.num_splits | 1;  // odd: the staging stores hit distinct banks
+  const int splits = invalid ? sp.num_splits : w.live_splits;
+  const int stride = splits | 1;  // odd: the staging stores hit distinct banks
   if (threadIdx.x < kSplitsPerLane) s_used[threadIdx.x] = 0u;
-  stage_group_lse<T, Cfg>(p, sp, w, rows, stride, s_w);
+  stage_group_lse<T, Cfg>(p, sp, w, rows, splits, stride, s_w);
   __syncthreads();
-  group_split_weights<Cfg>(rows, sp.num_splits, stride, s_w, s_inv, s_used);
+  group_split_weights<Cfg>(rows, splits, stride, s_w, s_inv, s_used);
   __syncthreads();
   merge_group_rows<T, Cfg>(p, sp, w, rows, stride, s_w, s_inv, s_used);
 }

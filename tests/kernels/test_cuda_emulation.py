@@ -157,14 +157,18 @@ def test_softcap_and_rows_without_keys(emu):
 
 
 @pytest.mark.parametrize("splits, merge", [(1, "launch"), (3, "launch"), (3, "fused")])
-def test_invalid_request_nan_and_padding_untouched(emu, splits, merge):
+@pytest.mark.parametrize("invalid", ["tree_id", "seq_len"])  # seq_len 0: no split has a tile
+def test_invalid_request_nan_and_padding_untouched(emu, splits, merge, invalid):
     p = kt.make_tree_attention_problem(
         q_lens=[9, 9], ctx_lens=[400, 20], tree_ids=[0, 0], masks=[kt.chain_mask(9)], num_q_heads=2,
         num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16, device="cpu",
     )
     q = torch.cat([p.q, torch.randn(4, 2, 64).bfloat16()])
     out = torch.full_like(q, 7.0)
-    p.req_tree_ids[1] = 3
+    if invalid == "tree_id":
+        p.req_tree_ids[1] = 3
+    else:
+        p.seq_lens[1] = 0
     emu.tree_attention(out, q, *p.args()[2:], p.scale, 0.0, splits, "small", merge, shuffled(p, 2, splits, "small", 5))
     assert not out[:9].isnan().any() and out[9:18].isnan().all() and (out[18:] == 7).all()
     assert emu.merge_counters_in_use() == 0
