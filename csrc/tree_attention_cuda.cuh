@@ -17,13 +17,15 @@
 //   O += P V             P re-packed from the S accumulators into A fragments (no smem trip)
 // Split KV (flash-decoding): split s of a request takes a contiguous range of its tiles,
 // computed on the device from seq_lens; partial O / log2-sum-exp go to a workspace and
-// merge_splits_kernel combines them. With one split the CTA writes `out` directly.
+// merge_splits_kernel combines them, or (kFusedMerge) the group's last CTA does
+// (tree_attention_cuda_merge.cuh). With one split the CTA writes `out` directly.
 #pragma once
 
 #include <cmath>
 
 #include "cuda_utils.cuh"
 #include "paged_kv.h"
+#include "tree_attention_cuda_merge.cuh"
 #include "tree_attention_cuda_tiles.cuh"
 #include "tree_attention_cuda_warp.cuh"
 
@@ -236,23 +238,14 @@ __device__ __forceinline__ CtaWork decode_cta(const TreeAttentionParams<T>& p, c
   const int per_split = max(ceil_div(num_tiles, sp.num_splits), sp.min_tiles_per_split);
   w.tile_begin = w.split * per_split;
   w.tile_end = min(num_tiles, w.tile_begin + per_split);
+  w.live_splits = min(sp.num_splits, ceil_div(num_tiles, per_split));
   return w;
 }
 
+// The CTA's rows over its KV tiles: the pipeline, the warps' math, the stores.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
-    tree_attention_kernel(const __grid_constant__ TreeAttentionParams<T> p,
-                          const __grid_constant__ SplitKV sp) {
-  MEDUSA_TRACE(0);
-  const CtaWork w = decode_cta<T, Cfg>(p, sp);
-  MEDUSA_TRACE(1);
-  if (w.q_len <= 0 || w.row0 >= w.rows) return;  // padded request or unused row tile
-  const bool invalid = w.q_len > p.masks.q_max || w.ctx < 0 || w.tree < 0 || w.tree >= p.masks.num_trees;
-  if (invalid || w.tile_begin >= w.tile_end) {
-    fill_rows<T, Cfg>(p, sp, w, invalid);
-    return;
-  }
-
+__device__ __forceinline__ void attend_rows(const TreeAttentionParams<T>& p, const SplitKV& sp,
+                                            const CtaWork& w) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint64_t* s_mask = reinterpret_cast<uint64_t*>(smem);             // [kBlockM][kMaxMaskWords]
   T* s_q = reinterpret_cast<T*>(smem + Cfg::kMaskBytes);             // [kBlockM][kSmemRow]
@@ -340,89 +333,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   MEDUSA_TRACE(28);
 }
 
-// Combines the split partials of each (token, q head) row: one warp per row. The lanes read
-// the log2-sum-exps of splits lane, lane + 32, ... in one round of loads (a small batch gets up
-// to a full wave of splits, most of them empty: -inf), then add the partial O of the non-empty
-// splits only, kHeadDim / 32 consecutive elements per lane. Tokens past query_start_loc[B]
-// (batch padding) are untouched.
-constexpr int kMergeWarps = 4;
-constexpr int kSplitsPerLane = kMaxSplits / 32;
-constexpr int kMergeGather = 4;  // non-empty splits whose partials one round reads
-static_assert(kMaxSplits % 32 == 0, "the merge gives each lane kMaxSplits / 32 splits");
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) x = fmaxf(x, __shfl_xor_sync(kFullWarp, x, m));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) x += __shfl_xor_sync(kFullWarp, x, m);
-  return x;
-}
-
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kMergeWarps * 32)
-    merge_splits_kernel(const __grid_constant__ TreeAttentionParams<T> p, const __grid_constant__ SplitKV sp) {
-  constexpr int kPerLane = kHeadDim / 32;
-  const int64_t num_rows = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= num_rows) return;  // whole warps leave: the shuffles below see all 32 lanes
-  const int token = static_cast<int>(row / p.num_q_heads);
-  const int head = static_cast<int>(row % p.num_q_heads);
-  if (token >= p.query_start_loc[p.num_requests]) return;
-
-  float weight[kSplitsPerLane];  // log2-sum-exp, then the split's weight (0: empty split)
-  float lse_max = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) {
-    const int s = lane + 32 * i;
-    weight[i] = s < sp.num_splits ? sp.partial_lse[s * num_rows + row] : -INFINITY;
-    lse_max = fmaxf(lse_max, weight[i]);
-  }
-  lse_max = warp_max(lse_max);
-  float weight_sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) {
-    weight[i] = weight[i] == -INFINITY ? 0.f : exp2f(weight[i] - lse_max);  // NaN rows stay NaN
-    weight_sum += weight[i];
-  }
-  weight_sum = warp_sum(weight_sum);
-
-  float acc[kPerLane] = {};
-#pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) {
-    if (32 * i >= sp.num_splits) break;
-    unsigned pending = __ballot_sync(kFullWarp, weight[i] != 0.f);  // warp-uniform
-    while (pending != 0u) {  // kMergeGather splits per round: their loads issue together
-      int src[kMergeGather];
-      float w[kMergeGather], x[kMergeGather][kPerLane];
-#pragma unroll
-      for (int u = 0; u < kMergeGather; ++u) {
-        src[u] = __ffs(pending) - 1;  // -1: none left
-        pending &= pending - 1;
-        w[u] = __shfl_sync(kFullWarp, weight[i], max(src[u], 0));
-      }
-#pragma unroll
-      for (int u = 0; u < kMergeGather; ++u) {
-        const float* o = sp.partial_o + ((32 * i + max(src[u], 0)) * num_rows + row) * kHeadDim + lane * kPerLane;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) x[u][k] = src[u] >= 0 ? o[k] : 0.f;
-      }
-#pragma unroll
-      for (int u = 0; u < kMergeGather; ++u)
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k)
-          if (src[u] >= 0) acc[k] += w[u] * x[u][k];
-    }
-  }
-  const float inv = weight_sum > 0.f ? 1.f / weight_sum : 0.f;
-  T* dst = p.out + static_cast<int64_t>(token) * p.out_stride_token +
-           static_cast<int64_t>(head) * p.out_stride_head + lane * kPerLane;
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) dst[k] = MmaOps<T>::from_float(acc[k] * inv);
+// kFusedMerge (num_splits > 1 only): the group's last CTA merges the splits (merge_if_last);
+// otherwise merge_splits_kernel does, launched after this kernel, possibly with PDL (its CTAs
+// may start once every CTA here has started).
+template <typename T, typename Cfg, bool kFusedMerge>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    tree_attention_kernel(const __grid_constant__ TreeAttentionParams<T> p,
+                          const __grid_constant__ SplitKV sp) {
+  if constexpr (!kFusedMerge) grid_dependents_launch();
+  MEDUSA_TRACE(0);
+  const CtaWork w = decode_cta<T, Cfg>(p, sp);
+  MEDUSA_TRACE(1);
+  if (w.q_len <= 0 || w.row0 >= w.rows) return;  // padded request or unused row tile
+  const bool invalid = w.q_len > p.masks.q_max || w.ctx < 0 || w.tree < 0 || w.tree >= p.masks.num_trees;
+  if (invalid || w.tile_begin >= w.tile_end) fill_rows<T, Cfg>(p, sp, w, invalid);
+  else attend_rows<T, Cfg>(p, sp, w);
+  if constexpr (kFusedMerge) merge_if_last<T, Cfg>(p, sp, w, invalid);
 }
 
 }  // namespace cuda

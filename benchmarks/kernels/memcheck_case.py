@@ -1,7 +1,8 @@
 """A small CUDA case for compute-sanitizer (run by gpu_check.sh): both tile configs, split-KV,
 both head dims, a 2-word mask, q_len 0/1 requests, unused block-table entries = -1 (an
-out-of-range block read would hit memory outside the cache), then move_accepted_kv.
-Exits non-zero on a mismatch with the reference.
+out-of-range block read would hit memory outside the cache), a CUDA graph of split-KV calls
+replayed with new seq_lens (in the MEDUSA_VLLM_SPLIT_MERGE mode of the process), then
+move_accepted_kv. Exits non-zero on a mismatch with the reference.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/kernels/memcheck_case.py
 """
@@ -29,8 +30,40 @@ def attention_cases():
                            dtype=torch.bfloat16, device="cuda", seed=head_dim), splits
 
 
+def graph_replays_ok() -> bool:
+    """Batch 1 (the launch splits the keys), two calls captured in one CUDA graph, replayed three
+    times with shorter contexts: each replay must match the reference (fused-merge counters back
+    at 0 after every call, PDL edges in the graph)."""
+    p = kt.make_tree_attention_problem(
+        q_lens=[64], ctx_lens=[400], tree_ids=[0], masks=[kt.medusa_mask(63)], num_q_heads=9, num_kv_heads=3,
+        head_dim=64, block_size=16, dtype=torch.bfloat16, device="cuda", seed=1)
+    outs = [p.out, torch.empty_like(p.out)]
+    side = torch.cuda.Stream()  # the launch's one-time queries, outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernels.tree_attention(outs[0], *p.args()[1:], p.scale, 0.0, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for out in outs:
+            kernels.tree_attention(out, *p.args()[1:], p.scale, 0.0, 0)
+    ok = True
+    for shorten in (0, 100, 150):
+        p.seq_lens.sub_(shorten)
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        expected = p.out.clone()
+        kernels.tree_attention_ref(expected, *p.args()[1:], p.scale)
+        err = torch.stack([(out.float() - expected.float()).abs().max() for out in outs]).max().item()  # NaN stays
+        ok &= err < 3e-2
+        print(f"graph replay, seq_len {int(p.seq_lens[0])}: max err {err:.3g} {'ok' if err < 3e-2 else 'FAIL'}")
+    return ok
+
+
 def main() -> int:
     assert kernels.have_extension(), kernels.extension_error()
+    print(f"split merge: {os.environ.get('MEDUSA_VLLM_SPLIT_MERGE') or 'launch'}")
     failures = 0
     for kwargs, splits in attention_cases():
         p = kt.make_tree_attention_problem(**kwargs)
@@ -42,6 +75,7 @@ def main() -> int:
         failures += not ok
         print(f"tree_attention D={kwargs['head_dim']} heads={kwargs['num_q_heads']}/{kwargs['num_kv_heads']} "
               f"splits={splits}: max err {err:.3g} {'ok' if ok else 'FAIL'}")
+    failures += not graph_replays_ok()
     kwargs = next(attention_cases())[0]
     p = kt.make_tree_attention_problem(**kwargs)
     layers = [p.cache] + [kt.make_kv_cache(*p.cache.k.shape, torch.bfloat16, "cuda", "nhd") for _ in range(2)]

@@ -5,6 +5,10 @@
 # the CUDA correctness case of the new build. Carry: medusa_vllm/_C.abi3.so, .carry/old_so,
 # .git_commit. Results and logs to $OUT.
 #   bash tools/gpu/kernel_latency.sh "[tree_attention_latency.py args]"
+# VARIANTS="launch pdl fused": the new build once per split-merge mode (MEDUSA_VLLM_SPLIT_MERGE),
+# each round old then every mode, twice; compare_<mode>.txt holds both rounds' mode/old, and the
+# correctness case runs once per mode. Default args "--q-lens 16 64 --contexts 256 --sweep-batches"
+# (each run ~15-20 s): about 3-4 minutes for three modes.
 set -u
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
@@ -14,23 +18,47 @@ old_tree=/tmp/old_tree
 rm -rf "$old_tree" && mkdir -p "$old_tree"
 cp -r medusa_vllm training benchmarks "$old_tree"/
 cp .carry/old_so/_C.abi3.so "$old_tree"/medusa_vllm/_C.abi3.so
-for side in old new old2 new2; do
-    case $side in
-        old|old2) dir=$old_tree; rev=$old ;;
-        *) dir=$PWD; rev=$new ;;
-    esac
-    extra=""; case $side in old2|new2) extra="--sweep-batches" ;; esac  # repeats: the launch's own choice only
+
+run_side() {  # run_side SIDE DIR REV MODE ARGS: one latency run, labelled SIDE_REV
+    local side=$1 dir=$2 rev=$3 mode=$4 args=$5 extra=""
+    case $side in *2) extra="--sweep-batches" ;; esac  # repeats: the launch's own choice only
     # shellcheck disable=SC2086
-    (cd "$dir" && MEDUSA_GIT_COMMIT=$rev timeout "${TP_TIMEOUT:-200}" python3 benchmarks/kernels/tree_attention_latency.py \
-        --label "${side}_$rev" --out "$OUT" ${1:-} $extra > "$OUT/latency_${side}.log" 2>&1)
-    echo "$side ($rev) rc=$?"; tail -3 "$OUT/latency_${side}.log" | cut -c1-200
-done
-for pair in "old new" "old2 new2"; do
-    set -- $pair
+    (cd "$dir" && MEDUSA_VLLM_SPLIT_MERGE=$mode MEDUSA_GIT_COMMIT=$rev timeout "${TP_TIMEOUT:-200}" \
+        python3 benchmarks/kernels/tree_attention_latency.py --label "${side}_$rev" --out "$OUT" $args $extra \
+        > "$OUT/latency_${side}.log" 2>&1)
+    echo "$side ($rev, merge ${mode:-default}) rc=$?"; tail -3 "$OUT/latency_${side}.log" | cut -c1-200
+}
+
+compare() {  # compare OLD_SIDE NEW_SIDE
     python3 benchmarks/kernels/tree_attention_latency.py --compare "$OUT"/tree_attention_latency_*_"$1"_*.json \
-        "$OUT"/tree_attention_latency_*_"$2"_*.json > "$OUT/compare_$1_$2.txt" 2>&1
+        "$OUT"/tree_attention_latency_*_"$2"_*.json 2>&1
+}
+
+if [ -z "${VARIANTS:-}" ]; then
+    for round in "" 2; do
+        run_side "old$round" "$old_tree" "$old" "" "${1:-}"
+        run_side "new$round" "$PWD" "$new" "" "${1:-}"
+    done
+    compare old new > "$OUT/compare_old_new.txt"
+    compare old2 new2 > "$OUT/compare_old2_new2.txt"
+    # the repeats live on in their comparison; fewer files under $OUT come back whole
+    rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/tree_attention_latency_*_new2_*.json "$OUT"/latency_*2.log
+    head -70 "$OUT/compare_old_new.txt"; tail -n +2 "$OUT/compare_old2_new2.txt" | head -40
+    python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -12
+    exit 0
+fi
+
+for round in "" 2; do
+    run_side "old$round" "$old_tree" "$old" "" "${1:-}"
+    for mode in $VARIANTS; do run_side "$mode$round" "$PWD" "$new" "$mode" "${1:-}"; done
 done
-# the repeats live on in their comparison; fewer files under $OUT come back whole
-rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/tree_attention_latency_*_new2_*.json "$OUT"/latency_*2.log
-head -70 "$OUT/compare_old_new.txt"; tail -n +2 "$OUT/compare_old2_new2.txt" | head -40
-python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -12
+for mode in $VARIANTS; do
+    { compare old "$mode"; echo; compare old2 "${mode}2"; } > "$OUT/compare_$mode.txt"
+done
+rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/latency_*2.log
+for mode in $VARIANTS; do rm -f "$OUT"/tree_attention_latency_*_"${mode}2"_*.json; done
+for mode in $VARIANTS; do echo "== $mode"; head -40 "$OUT/compare_$mode.txt"; done
+for mode in $VARIANTS; do
+    echo "== correctness, merge $mode"
+    MEDUSA_VLLM_SPLIT_MERGE=$mode python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -14
+done
