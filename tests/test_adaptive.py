@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 
 from medusa_vllm.adaptive import NO_TREE, AdaptiveTreePolicy
@@ -151,6 +153,25 @@ def test_measured_schedule_accounts_every_step():
     assert spent["mixed"] == {"steps": 1, "ms": 5.0}
     assert spent["63"] == {"steps": 6, "ms": 5.0}  # transitions included
     assert spent["0"] == {"steps": 5, "ms": pytest.approx(2.0)}  # the idle gap is not timed
+
+
+def test_a_step_in_flight_when_the_engine_runs_out_of_requests_is_counted_not_timed():
+    from medusa_vllm.vllm_plugin.scheduler import MeasuredSchedule
+
+    m = MeasuredSchedule(measured(), [0] * 65)
+    for i in range(4):  # four plain steps of 2 ms; the fourth is in flight when the round ends
+        m.step(i * 2e-3, 1, NO_TREE)
+    m.idle()
+    m.step(5.0, 1, None)  # the next round's first step, seconds later
+    m.step(5.0 + 7e-3, 1, NO_TREE)
+    spent = m.spent_summary()["1"]
+    assert spent["0"] == {"steps": 4, "ms": pytest.approx(2.0)}  # the gap is nobody's cost
+    assert spent["mixed"] == {"steps": 1, "ms": pytest.approx(7.0)}
+    # the policy took the one interval whose two steps before ran the same choice, not the gap
+    assert m.policy.costs._seconds[(0, NO_TREE)] == deque([pytest.approx(2e-3)])
+    m.idle()
+    m.idle()  # nothing in flight: nothing to count
+    assert m.spent_summary()["1"]["0"]["steps"] == 5
 
 
 def test_idle_gaps_do_not_count_as_step_costs():

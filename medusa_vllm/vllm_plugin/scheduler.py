@@ -70,14 +70,27 @@ class MeasuredSchedule:
         if num_reqs:
             self._decide(num_reqs)
 
-    def _account(self, num_reqs: int, choice: int | None, dt: float) -> None:
+    def idle(self) -> None:
+        """No request is left (the engine waits for new ones): the step in flight is counted
+        but not timed, and the next step starts afresh. Its interval would run until the next
+        request arrives, and under asynchronous scheduling it may be a step scheduled for
+        requests that finished meanwhile."""
+        if self._cur is not None:
+            _, n, c = self._cur
+            self._account(n, c, None)
+        self._cur = None
+        self._before = (None, None)
+
+    def _account(self, num_reqs: int, choice: int | None, dt: float | None) -> None:
         """Every step's interval, clean or not, by bucket and draft count ("mixed": a prefill,
         a new request or mixed draft counts): where the time went, transitions included. An
         interval over IDLE_FACTOR times its key's mean so far is the engine waiting for
-        requests: counted as a step, not timed."""
+        requests: counted as a step, not timed (as is ``dt`` None)."""
         label = "mixed" if choice is None else str(self.policy.drafts_of(choice))
         e = self.spent.setdefault((bucket_of(num_reqs), label), [0, 0, 0.0])
         e[0] += 1
+        if dt is None:
+            return
         if e[1] < MIN_SAMPLES or dt <= IDLE_FACTOR * e[2] / e[1]:
             e[1] += 1
             e[2] += dt
@@ -146,7 +159,10 @@ class MedusaSchedulerMixin:
         if m is not None and scheduler_output.scheduled_spec_decode_tokens:
             _count_emitted(m.policy, self.requests, scheduler_output, model_runner_output,
                            self._medusa_ok, self._medusa_logprobs_mode)
-        return super().update_from_output(scheduler_output, model_runner_output)
+        out = super().update_from_output(scheduler_output, model_runner_output)
+        if m is not None and not self.has_unfinished_requests():
+            m.idle()  # the gap until the next request is not a step's cost
+        return out
 
     def medusa_adaptive_summary(self) -> dict | None:
         m = self.medusa_measured
