@@ -8,7 +8,8 @@
 # VARIANTS="launch pdl fused": the new build once per split-merge mode (MEDUSA_VLLM_SPLIT_MERGE),
 # each round old then every mode, twice; compare_<mode>.txt holds both rounds' mode/old, and the
 # correctness case runs once per mode. Default args "--q-lens 16 64 --contexts 256 --sweep-batches"
-# (each run ~15-20 s): about 3-4 minutes for three modes.
+# (each run ~15-20 s): about 3-4 minutes for three modes. KERNEL_TESTS=1 also runs
+# tests/kernels/test_tree_attention.py -k cuda under each mode (pytest_<mode>.log).
 set -u
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
@@ -62,3 +63,10 @@ for mode in $VARIANTS; do
     echo "== correctness, merge $mode"
     MEDUSA_VLLM_SPLIT_MERGE=$mode python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -14
 done
+if [ "${KERNEL_TESTS:-0}" = 1 ]; then  # the CUDA kernel tests under each mode (no vLLM needed)
+    for mode in $VARIANTS; do
+        MEDUSA_VLLM_SPLIT_MERGE=$mode timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -x \
+            tests/kernels/test_tree_attention.py -k cuda > "$OUT/pytest_$mode.log" 2>&1
+        echo "== tests, merge $mode rc=$?: $(tail -1 "$OUT/pytest_$mode.log")"
+    done
+fi
