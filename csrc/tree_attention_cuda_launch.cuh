@@ -158,9 +158,6 @@ template <typename T, typename Cfg>
 void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t max_context,
                            int64_t num_splits, const at::Tensor& like) {
   const int device = like.get_device();
-  // The tile needs > 48 KiB of shared memory (an attribute per device: set on every call).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(tree_attention_kernel<T, Cfg, false>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int row_tiles = make_split_kv<Cfg>(p, q_max, 1).row_tiles;
   const int splits = choose_splits<T, Cfg>(p, row_tiles, num_splits, max_context, device);
   SplitKV sp = make_split_kv<Cfg>(p, q_max, splits);
@@ -178,16 +175,13 @@ void launch_tree_attention(const TreeAttentionParams<T>& p, int q_max, int64_t m
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const SplitMerge mode = split_merge_mode();
   const int64_t groups = int64_t{p.num_requests} * p.num_kv_heads * row_tiles;
-  if (splits > 1 && mode == SplitMerge::kFused && use_fused_merge<T, Cfg>(groups)) {
-    auto kernel = tree_attention_kernel<T, Cfg, true>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  tree_attention_kernel<T, Cfg, false><<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
+  const bool fused = splits > 1 && mode == SplitMerge::kFused && use_fused_merge<T, Cfg>(groups);
+  auto kernel = fused ? tree_attention_kernel<T, Cfg, true> : tree_attention_kernel<T, Cfg, false>;
+  // The tile needs > 48 KiB of shared memory (an attribute per device: set on every call).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, sp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) launch_merge<T, Cfg::kHeadDim>(p, sp, mode == SplitMerge::kPdl, stream);
+  if (splits > 1 && !fused) launch_merge<T, Cfg::kHeadDim>(p, sp, mode == SplitMerge::kPdl, stream);
 }
 
 template <typename T, int kHeadDim>

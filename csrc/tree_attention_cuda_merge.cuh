@@ -324,7 +324,7 @@ __device__ __forceinline__ void merge_if_last(const TreeAttentionParams<T>& p, c
   int* s_last = reinterpret_cast<int*>(smem) + kSplitsPerLane;        // 1
   float* s_inv = reinterpret_cast<float*>(smem + kFusedHeaderBytes);  // [kBlockM]
   float* s_w = s_inv + Cfg::kBlockM;                                  // [kBlockM][stride]
-  const int group = blockIdx.x / (sp.row_tiles * sp.num_splits) * sp.row_tiles + blockIdx.x % sp.row_tiles;
+  const int group = (w.request * p.num_kv_heads + w.kv_head) * sp.row_tiles + w.row0 / Cfg::kBlockM;
   cp_async_wait<0>();  // no copy may still land in the shared memory reused below
   if (!arrive_last(sp, group, s_last)) return;
   const int rows = min(Cfg::kBlockM, w.rows - w.row0);
