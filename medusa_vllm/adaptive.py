@@ -16,11 +16,15 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   A tree must beat no drafts by ``SPECULATION_MARGIN`` (10%): clean-step timing leaves out what
   a change of choice and the steps around a prefill cost, and medians of a few steps are
   noisy, so a near tie goes to plain decoding, which costs about what vLLM's plain step does.
-  Each choice is measured a few steps first (the budget rule's choice, then no drafts, then the
-  trees from the smallest up), except one that cannot win: a bigger tree never costs less than
-  a smaller one (or no drafts) measured in the same bucket, so a tree whose τ over that bound
-  is below the best score so far is skipped. The runner-up is re-measured now and then, so the
-  choice follows the load and the content.
+  Each choice is measured a few steps first (the choice the batch decodes already, then the
+  budget rule's, then no drafts, then the trees from the smallest up), except one that cannot
+  win: a step never costs less than a step of a smaller tree (or no drafts) in the same bucket,
+  or than the same choice's step with fewer requests, so a choice whose τ over the dearest such
+  bound is below the best score so far is skipped; a bucket the batch moves into measures little
+  beyond the choice it brings. Every change of choice costs a transition step (its drafts were
+  made for the other tree), so the choice of the step before is kept while it scores within
+  ``STICKY`` of the best. The best rival (measured, or bounded but unmeasured) is re-measured
+  now and then, so the choice follows the load and the content.
 
 The budget rule, as a batch-size schedule of draft counts (:meth:`AdaptiveTreePolicy.schedule`),
 is what vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``) starts
@@ -52,7 +56,8 @@ IDLE_FACTOR = 4  # a step this many times its choice's usual time: the engine sa
 REMEASURE = 200  # decisions in a bucket between re-measurements of the runner-up
 SPECULATION_MARGIN = 1.1  # a tree's tokens/s over no drafts' needed to choose the tree
 PRIOR_WEIGHT = 64  # requests' worth of weight of the calibrated τ against the observed one
-SKIP_SLACK = 0.95  # a tree is skipped unmeasured if τ / (SKIP_SLACK * its cost bound) < the best
+SKIP_SLACK = 0.95  # a choice is skipped unmeasured if τ / (SKIP_SLACK * its cost bound) < the best
+STICKY = 0.97  # the choice of the step before is kept while it scores this much of the best
 # batch size buckets: 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, 17-24, 25-32, 33-48, ...
 _EDGES = [1, 2, 3, 4] + sorted({m << e for e in range(1, 20) for m in (3, 4)})
 # τ estimate for heads that carry no calibration: the cumulative top-k accuracies of the bundled
@@ -102,6 +107,7 @@ class StepCosts:
         self._runs: dict[int, list[int]] = {}  # bucket -> [choice, steps left, decisions]
         self._tries: dict[tuple[int, int], int] = {}
         self._outliers: dict[tuple[int, int], int] = {}
+        self._last: int | None = None  # the choice of the step before (any bucket)
 
     def observe(self, num_reqs: int, choice: int, seconds: float) -> None:
         key = (bucket_of(num_reqs), choice)
@@ -118,14 +124,22 @@ class StepCosts:
 
     def seconds(self, num_reqs: int, choice: int) -> float | None:
         """Median seconds per step of ``choice`` at this batch size's bucket (None: unmeasured)."""
-        s = self._seconds.get((bucket_of(num_reqs), choice))
-        return statistics.median(s) if s and len(s) >= MIN_SAMPLES else None
+        return self.seconds_in(bucket_of(num_reqs), choice)
 
     def choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
-        """The choice for the next step: a measuring run in progress, else the next unmeasured
-        choice that could win (``start``, then no drafts, then the trees from the smallest up),
-        else the most tokens per second, no drafts' counted SPECULATION_MARGIN higher (the
-        runner-up every REMEASURE decisions, so its cost stays current)."""
+        """The choice for the next step (see :meth:`_choose`), remembered: the next bucket the
+        batch moves into starts from it."""
+        self._last = self._choose(num_reqs, start, tau)
+        return self._last
+
+    def _choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
+        """A measuring run in progress, else the next unmeasured choice that could win (the
+        choice of the step before, so that a batch moving into a new bucket keeps decoding what
+        it decoded, else ``start``; then no drafts, then the trees from the smallest up), else
+        the most tokens per second, no drafts' counted SPECULATION_MARGIN higher and the choice
+        of the step before kept within STICKY of the best (every change of choice costs a
+        transition step). Every REMEASURE decisions the runner-up is measured again instead:
+        the best other measured choice, or an unmeasured one whose bound could beat it."""
         b = bucket_of(num_reqs)
         run = self._runs.setdefault(b, [start, 0, 0])
         run[2] += 1
@@ -136,25 +150,46 @@ class StepCosts:
         scores = {c: tau(c) / s * (SPECULATION_MARGIN if c == NO_TREE else 1.0)
                   for c, s in seconds.items() if s}
         best = max(scores.values(), default=0.0)
-        for c in [start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
+        first = self._last if self._last in self.choices else start
+        for c in [first, start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
             if (seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES
-                    and not self._cannot_win(c, seconds, tau(c), best)):
-                self._tries[(b, c)] = self._tries.get((b, c), 0) + 1
-                run[0], run[1] = c, RUN - 1
-                return c
+                    and self._bound_score(c, b, tau(c)) >= best):
+                return self._start_run(run, b, c)
         if not scores:
             return start
         ranked = sorted(scores, key=lambda c: -scores[c])
-        if len(ranked) > 1 and run[2] % REMEASURE == 0:
-            run[0], run[1] = ranked[1], RUN - 1
-            return ranked[1]
+        if run[2] % REMEASURE == 0:
+            unmeasured = {c: u for c in self.choices if seconds[c] is None
+                          and self._tries.get((b, c), 0) < MAX_TRIES and (u := self._bound_score(c, b, tau(c)))}
+            rivals = {c: scores[c] for c in ranked[1:]} | unmeasured
+            if rivals:
+                return self._start_run(run, b, max(rivals, key=rivals.get))
+        if self._last in scores and scores[self._last] >= STICKY * scores[ranked[0]]:
+            return self._last
         return ranked[0]
 
-    def _cannot_win(self, c: int, seconds: dict[int, float | None], tau_c: float, best: float) -> bool:
-        """Choice ``c`` scores below ``best`` even at the least it can cost: the dearest of the
-        cheaper choices (smaller trees, no drafts) measured in this bucket."""
-        cheaper = [seconds[d] for d in self.choices[self.choices.index(c) + 1:] if seconds[d]]
-        return bool(cheaper) and tau_c / (SKIP_SLACK * max(cheaper)) < best
+    def _start_run(self, run: list[int], b: int, c: int) -> int:
+        """A measuring run of ``c`` in bucket ``b`` starts with this step."""
+        if self.seconds_in(b, c) is None:
+            self._tries[(b, c)] = self._tries.get((b, c), 0) + 1
+        run[0], run[1] = c, RUN - 1
+        return c
+
+    def seconds_in(self, b: int, c: int) -> float | None:
+        s = self._seconds.get((b, c))
+        return statistics.median(s) if s and len(s) >= MIN_SAMPLES else None
+
+    def _bound_score(self, c: int, b: int, tau_c: float) -> float:
+        """The most tokens per second ``c`` could reach in bucket ``b``: τ over the least it can
+        cost (SKIP_SLACK under the dearest step measured that costs no more than it: a cheaper
+        choice in this bucket — a smaller tree, or no drafts — or this choice or a cheaper one
+        in a bucket of fewer requests). ``inf`` with nothing measured below it."""
+        i = self.choices.index(c)
+        below = [x for d in self.choices[i:] for bb in range(b + 1)
+                 if (d, bb) != (c, b) and (x := self.seconds_in(bb, d))]
+        if not below:
+            return float("inf")
+        return tau_c * (SPECULATION_MARGIN if c == NO_TREE else 1.0) / (SKIP_SLACK * max(below))
 
     def table(self, label: Callable[[int], str] = str) -> dict[str, dict[str, float]]:
         """``{"5-6": {label(choice): ms, ...}, ...}``: measured ms per step (for stats)."""

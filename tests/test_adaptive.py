@@ -91,14 +91,59 @@ def test_measured_rule_turns_speculation_off_where_every_tree_costs_more_than_it
     assert chosen[0] == p.budget_choice(64) == 2
     assert set(chosen[2 * RUN:]) == {NO_TREE}
     assert p.summary()["ms_per_step"]["49-64"] == {"3": 12.0, "0": 4.0}
-    # batch 1: a tree step 1.3x a plain one -> the 63-node tree (τ 2.06 / 1.3 beats 1 / 1); the
-    # 3-node tree (1.48 / its 2 ms bound < 2.06 / 2.6) is skipped, sparse-15 (1.82 / 2 ms) is not
+    # batch 1: a tree step 1.3x a plain one -> the 63-node tree (τ 2.06 / 1.3 beats 1 / 1). The
+    # batch moves in decoding plainly, so no drafts is measured first (no transition), then the
+    # budget rule's choice; the 3-node tree (1.48 / its 2 ms bound < 2.06 / 2.6) is skipped,
+    # sparse-15 (1.82 / 2 ms) is not
     cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
     chosen1 = simulate(p, 1, cost1, REMEASURE - 1)
-    assert chosen1[: 3 * RUN] == [0] * RUN + [NO_TREE] * RUN + [1] * RUN
+    assert chosen1[: 3 * RUN] == [NO_TREE] * RUN + [0] * RUN + [1] * RUN
     assert set(chosen1[3 * RUN:]) == {0}
     # buckets are independent: batch 64 still decodes plainly
     assert p.choose(60) == NO_TREE
+
+
+def test_a_bucket_of_more_requests_skips_what_fewer_requests_already_rule_out():
+    """A step of more requests never costs less than the same choice's step of fewer: a choice
+    whose τ over that bound cannot beat the best measured in the new bucket is not measured
+    there (no measuring run, no transitions), until the re-measurement finds it a rival."""
+    p = measured()
+    cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
+    simulate(p, 1, cost1, 4 * RUN)
+    assert p.choose(1) == 0
+    # batch 2: everything 5% dearer. The 63-node tree (the choice of the step before) is measured
+    # first; no drafts (1.1 / 2 ms at most) cannot beat its 2.06 / 2.73 ms, so it is not
+    # measured here. The 3-node tree, never measured at batch 1, is bounded only by no drafts'
+    # 2 ms (1.48 / 1.9 ms could win) and sparse-15 by its own 2.4 ms at batch 1: both are measured
+    cost2 = {k: 1.05 * v for k, v in {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.items()}.get
+    chosen = simulate(p, 2, cost2, REMEASURE - 1)
+    assert chosen[: 3 * RUN] == [0] * RUN + [2] * RUN + [1] * RUN
+    assert set(chosen[3 * RUN:]) == {0}
+    assert set(p.summary()["ms_per_step"]["2"]) == {"63", "15", "3"}
+    # the re-measurement takes the best rival: sparse-15 (1.82 / 2.52 ms) over the 3-node tree
+    # (1.48 / 2.42 ms) and no drafts' bound
+    chosen = simulate(p, 2, cost2, RUN + 1)
+    assert chosen == [1] * RUN + [0]
+
+
+def test_the_choice_of_the_step_before_is_kept_through_a_near_tie():
+    """A change of choice costs a transition step, so the choice the batch decodes stays while
+    it scores within STICKY of the best; a clearer gain moves it."""
+    from medusa_vllm.adaptive import STICKY
+
+    p = measured()
+    # batch 4: sparse-15 scores 1.82 / 2.3 ms = 0.791, the 63-node tree 2.06 / 2.58 ms = 0.798
+    cost = {0: 2.58e-3, 1: 2.3e-3, 2: 2.2e-3, NO_TREE: 2e-3}.get
+    assert 1.82 / 2.3 > STICKY * 2.06 / 2.58
+    chosen = simulate(p, 4, cost, 6 * RUN)
+    measuring = chosen[: 3 * RUN]  # the 63-node tree, no drafts, sparse-15 (the 3-node tree cannot win)
+    assert measuring == [0] * RUN + [NO_TREE] * RUN + [1] * RUN
+    assert set(chosen[3 * RUN:]) == {1}  # measured last, within STICKY of the best: kept
+    # with the 63-node tree clearly ahead, the batch moves to it after sparse-15's run
+    q = measured()
+    cost = {0: 2.4e-3, 1: 2.3e-3, 2: 2.2e-3, NO_TREE: 2e-3}.get
+    chosen = simulate(q, 4, cost, 6 * RUN)
+    assert set(chosen[3 * RUN:]) == {0}
 
 
 def test_measured_rule_measures_every_choice_that_could_win():
