@@ -346,3 +346,30 @@ def test_simulation_on_measured_costs_finds_the_best_choice(tmp_path, capsys):
     sim.main([str(path), "--batch-sizes", "1", "64", "--steps", "100", "--seeds", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[:1] == ["1"] and lines[2].split()[3] == "63" and lines[3].split()[3] == "0"
+
+
+def test_simulated_rounds_drain_through_buckets_and_charge_transitions(capsys):
+    """tools/adaptive_sim.py --rounds: full batches that drain as requests reach max_tokens. The
+    policy comes near the best fixed choice at each batch size; a transition cost lowers the
+    policy (it changes choice), never a fixed choice; emitted lengths average τ."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("adaptive_sim", Path(__file__).parents[1] / "tools/adaptive_sim.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    rng = random.Random(0)
+    assert sum(sim.accepted_length(rng, 1.8, 4) for _ in range(4000)) / 4000 == pytest.approx(1.8, rel=0.03)
+    adaptive = {"tau": {"63": 2.0, "15": 1.6},
+                "ms_per_step": {"1": {"0": 1.0, "63": 1.2, "15": 1.15}, "49-64": {"0": 2.0, "63": 8.0, "15": 4.0}}}
+    cost = sim.cost_table(adaptive)
+    tau = {63: 2.0, 15: 1.6}
+    args = dict(batch_sizes=[1, 64], rounds=4, max_tokens=64, noise=0.05, seed=0)
+    fixed63, changes = sim.simulate_rounds([63, 15], tau, cost, transition=1.0, fixed=63, **args)
+    assert changes == 0
+    plain, _ = sim.simulate_rounds([63, 15], tau, cost, transition=1.0, fixed=0, **args)
+    free, _ = sim.simulate_rounds([63, 15], tau, cost, transition=0.0, **args)
+    charged, n = sim.simulate_rounds([63, 15], tau, cost, transition=1.0, **args)
+    assert n > 0 and charged[1] < free[1]
+    assert free[1] / fixed63[1] > 0.85 and free[64] / plain[64] > 0.85  # near the best of each
