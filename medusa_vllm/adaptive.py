@@ -104,7 +104,10 @@ class StepCosts:
     def __init__(self, choices: Sequence[int]) -> None:
         self.choices = list(choices)  # tree indices, largest first, then NO_TREE
         self._seconds: dict[tuple[int, int], deque[float]] = {}
-        self._runs: dict[int, list[int]] = {}  # bucket -> [choice, steps left, decisions]
+        self._median: dict[tuple[int, int], float] = {}  # of each window with MIN_SAMPLES
+        # bucket -> [choice, steps left, decisions, decision at which to look for unmeasured
+        # choices again (none could win at the last look)]
+        self._runs: dict[int, list[int]] = {}
         self._tries: dict[tuple[int, int], int] = {}
         self._outliers: dict[tuple[int, int], int] = {}
         self._last: int | None = None  # the choice of the step before (any bucket)
@@ -112,7 +115,7 @@ class StepCosts:
     def observe(self, num_reqs: int, choice: int, seconds: float) -> None:
         key = (bucket_of(num_reqs), choice)
         s = self._seconds.setdefault(key, deque(maxlen=WINDOW))
-        if len(s) >= MIN_SAMPLES and seconds > IDLE_FACTOR * statistics.median(s):
+        if key in self._median and seconds > IDLE_FACTOR * self._median[key]:
             # one such step: the engine sat idle before it (not a step's cost); several in a
             # row: the cost itself changed, so the old samples go
             self._outliers[key] = self._outliers.get(key, 0) + 1
@@ -121,6 +124,10 @@ class StepCosts:
             s.clear()
         self._outliers[key] = 0
         s.append(seconds)
+        if len(s) >= MIN_SAMPLES:
+            self._median[key] = statistics.median(s)
+        else:
+            self._median.pop(key, None)
 
     def seconds(self, num_reqs: int, choice: int) -> float | None:
         """Median seconds per step of ``choice`` at this batch size's bucket (None: unmeasured)."""
@@ -141,20 +148,22 @@ class StepCosts:
         transition step). Every REMEASURE decisions the runner-up is measured again instead:
         the best other measured choice, or an unmeasured one whose bound could beat it."""
         b = bucket_of(num_reqs)
-        run = self._runs.setdefault(b, [start, 0, 0])
+        run = self._runs.setdefault(b, [start, 0, 0, 0])
         run[2] += 1
         if run[1] > 0:
             run[1] -= 1
             return run[0]
-        seconds = {c: self.seconds(num_reqs, c) for c in self.choices}  # medians, once a step
+        seconds = {c: self._median.get((b, c)) for c in self.choices}
         scores = {c: tau(c) / s * (SPECULATION_MARGIN if c == NO_TREE else 1.0)
                   for c, s in seconds.items() if s}
         best = max(scores.values(), default=0.0)
-        first = self._last if self._last in self.choices else start
-        for c in [first, start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
-            if (seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES
-                    and self._bound_score(c, b, tau(c)) >= best):
-                return self._start_run(run, b, c)
+        if run[2] >= run[3]:  # at most once a RUN of decisions once nothing could win (host time)
+            first = self._last if self._last in self.choices else start
+            for c in [first, start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
+                if (seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES
+                        and self._bound_score(c, b, tau(c)) >= best):
+                    return self._start_run(run, b, c)
+            run[3] = run[2] + RUN
         if not scores:
             return start
         ranked = sorted(scores, key=lambda c: -scores[c])
@@ -176,8 +185,7 @@ class StepCosts:
         return c
 
     def seconds_in(self, b: int, c: int) -> float | None:
-        s = self._seconds.get((b, c))
-        return statistics.median(s) if s and len(s) >= MIN_SAMPLES else None
+        return self._median.get((b, c))
 
     def _bound_score(self, c: int, b: int, tau_c: float) -> float:
         """The most tokens per second ``c`` could reach in bucket ``b``: τ over the least it can
@@ -186,7 +194,7 @@ class StepCosts:
         in a bucket of fewer requests). ``inf`` with nothing measured below it."""
         i = self.choices.index(c)
         below = [x for d in self.choices[i:] for bb in range(b + 1)
-                 if (d, bb) != (c, b) and (x := self.seconds_in(bb, d))]
+                 if (d, bb) != (c, b) and (x := self._median.get((bb, d)))]
         if not below:
             return float("inf")
         return tau_c * (SPECULATION_MARGIN if c == NO_TREE else 1.0) / (SKIP_SLACK * max(below))
