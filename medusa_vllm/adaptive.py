@@ -16,8 +16,8 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   A tree must beat no drafts by ``SPECULATION_MARGIN`` (10%): clean-step timing leaves out what
   a change of choice and the steps around a prefill cost, and medians of a few steps are
   noisy, so a near tie goes to plain decoding, which costs about what vLLM's plain step does.
-  Each choice is measured a few steps first (the choice the batch decodes already, then the
-  budget rule's, then no drafts, then the trees from the smallest up), except one that cannot
+  Each choice is measured a few steps first (the choice the batch decodes already, unless a
+  measuring run, then the budget rule's, then no drafts, then the trees from the smallest up), except one that cannot
   win: a step never costs less than a step of a smaller tree (or no drafts) in the same bucket,
   or than the same choice's step with fewer requests, so a choice whose τ over the dearest such
   bound is below the best score so far is skipped; a bucket the batch moves into measures little
@@ -111,6 +111,7 @@ class StepCosts:
         self._tries: dict[tuple[int, int], int] = {}
         self._outliers: dict[tuple[int, int], int] = {}
         self._last: int | None = None  # the choice of the step before (any bucket)
+        self._decided: int | None = None  # the last choice made on measurements, not a measuring run
 
     def observe(self, num_reqs: int, choice: int, seconds: float) -> None:
         key = (bucket_of(num_reqs), choice)
@@ -141,8 +142,9 @@ class StepCosts:
 
     def _choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
         """A measuring run in progress, else the next unmeasured choice that could win (the
-        choice of the step before, so that a batch moving into a new bucket keeps decoding what
-        it decoded, else ``start``; then no drafts, then the trees from the smallest up), else
+        last choice made on measurements, so that a batch moving into a new bucket keeps decoding
+        what it decoded, not what a measuring run tried; then ``start``, no drafts, the trees
+        from the smallest up), else
         the most tokens per second, no drafts' counted SPECULATION_MARGIN higher and the choice
         of the step before kept within STICKY of the best (every change of choice costs a
         transition step). Every REMEASURE decisions the runner-up is measured again instead:
@@ -158,7 +160,7 @@ class StepCosts:
                   for c, s in seconds.items() if s}
         best = max(scores.values(), default=0.0)
         if run[2] >= run[3]:  # at most once a RUN of decisions once nothing could win (host time)
-            first = self._last if self._last in self.choices else start
+            first = self._decided if self._decided in self.choices else start
             for c in [first, start, *reversed(self.choices)]:  # choices: largest tree first, NO_TREE last
                 if (seconds[c] is None and self._tries.get((b, c), 0) < MAX_TRIES
                         and self._bound_score(c, b, tau(c)) >= best):
@@ -173,9 +175,9 @@ class StepCosts:
             rivals = {c: scores[c] for c in ranked[1:]} | unmeasured
             if rivals:
                 return self._start_run(run, b, max(rivals, key=rivals.get))
-        if self._last in scores and scores[self._last] >= STICKY * scores[ranked[0]]:
-            return self._last
-        return ranked[0]
+        keep = self._last in scores and scores[self._last] >= STICKY * scores[ranked[0]]
+        self._decided = self._last if keep else ranked[0]
+        return self._decided
 
     def _start_run(self, run: list[int], b: int, c: int) -> int:
         """A measuring run of ``c`` in bucket ``b`` starts with this step."""
