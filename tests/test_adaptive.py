@@ -126,6 +126,15 @@ def test_a_bucket_of_more_requests_skips_what_fewer_requests_already_rule_out():
     assert chosen == [1] * RUN + [0]
 
 
+def test_a_new_bucket_starts_from_the_decided_choice_not_a_measuring_run():
+    p = measured()
+    cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
+    chosen = simulate(p, 1, cost1, REMEASURE)  # decision REMEASURE: the best rival's run starts:
+    # the 3-node tree, never measured (1.48 / its 2 ms bound beats sparse-15's 1.82 / 2.4 ms)
+    assert chosen[-2] == 0 and chosen[-1] == 2 and 2 not in chosen[:-1]
+    assert p.choose(2) == 0  # the batch grows mid-run: bucket 2 measures the decided 63-node tree
+
+
 def test_the_choice_of_the_step_before_is_kept_through_a_near_tie():
     """A change of choice costs a transition step, so the choice the batch decodes stays while
     it scores within STICKY of the best; a clearer gain moves it."""
