@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"summary.medusa_stats ({', '.join(stats) or 'none'}); give a throughput JSON of an "
                  f"adaptive run (adaptive_policy measured), or --config")
     tau = {int(n): t for n, t in adaptive["tau"].items()}
-    sizes = sorted(tau, reverse=True)
     cost = cost_table(adaptive)
+    sizes = sorted((n for n in tau if cost(1, n) is not None), reverse=True)  # trees the run timed
+    tau = {n: tau[n] for n in sizes}
     if cost(1, 0) is None:
         sys.exit(f"{args.result}: the run never timed a step without drafts; nothing to compare with")
     if args.rounds:
