@@ -1,5 +1,4 @@
-// Inline-PTX helpers for sm_80+ (also used on sm_90): cp.async, ldmatrix, mma.sync m16n8k16,
-// griddepcontrol (sm_90+).
+// Inline-PTX helpers for sm_80+ (also used on sm_90): cp.async, ldmatrix, mma.sync m16n8k16.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), used throughout:
 //   A (16x16, row-major), 4 x b32:  a0 = (g, 2t..2t+1)   a1 = (g+8, 2t..)
@@ -56,22 +55,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(smem)));
-}
-
-// Programmatic Dependent Launch (sm_90+; no-ops in code compiled for older architectures, so
-// the host launches with PDL only a kernel whose binary has them: see the launch header).
-// Dependents of this grid may start (they wait in grid_dependency_wait until it completes).
-__device__ __forceinline__ void grid_dependents_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// Waits until the grids this one depends on have completed and their writes are visible.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
 }
 
 // 2^x with the hardware approximation; 2^-inf = +0.

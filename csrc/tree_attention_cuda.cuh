@@ -17,8 +17,8 @@
 //   O += P V             P re-packed from the S accumulators into A fragments (no smem trip)
 // Split KV (flash-decoding): split s of a request takes a contiguous range of its tiles,
 // computed on the device from seq_lens; partial O / log2-sum-exp go to a workspace and
-// merge_splits_kernel combines them, or (kFusedMerge) the group's last CTA does
-// (tree_attention_cuda_merge.cuh). With one split the CTA writes `out` directly.
+// merge_splits_kernel (tree_attention_cuda_merge.cuh) combines them. With one split the CTA
+// writes `out` directly.
 #pragma once
 
 #include <cmath>
@@ -238,7 +238,6 @@ __device__ __forceinline__ CtaWork decode_cta(const TreeAttentionParams<T>& p, c
   const int per_split = max(ceil_div(num_tiles, sp.num_splits), sp.min_tiles_per_split);
   w.tile_begin = w.split * per_split;
   w.tile_end = min(num_tiles, w.tile_begin + per_split);
-  w.live_splits = min(sp.num_splits, ceil_div(num_tiles, per_split));
   return w;
 }
 
@@ -333,14 +332,10 @@ __device__ __forceinline__ void attend_rows(const TreeAttentionParams<T>& p, con
   MEDUSA_TRACE(28);
 }
 
-// kFusedMerge (num_splits > 1 only): the group's last CTA merges the splits (merge_if_last);
-// otherwise merge_splits_kernel does, launched after this kernel, possibly with PDL (its CTAs
-// may start once every CTA here has started).
-template <typename T, typename Cfg, bool kFusedMerge>
+template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     tree_attention_kernel(const __grid_constant__ TreeAttentionParams<T> p,
                           const __grid_constant__ SplitKV sp) {
-  if constexpr (!kFusedMerge) grid_dependents_launch();
   MEDUSA_TRACE(0);
   const CtaWork w = decode_cta<T, Cfg>(p, sp);
   MEDUSA_TRACE(1);
@@ -348,7 +343,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const bool invalid = w.q_len > p.masks.q_max || w.ctx < 0 || w.tree < 0 || w.tree >= p.masks.num_trees;
   if (invalid || w.tile_begin >= w.tile_end) fill_rows<T, Cfg>(p, sp, w, invalid);
   else attend_rows<T, Cfg>(p, sp, w);
-  if constexpr (kFusedMerge) merge_if_last<T, Cfg>(p, sp, w, invalid);
 }
 
 }  // namespace cuda

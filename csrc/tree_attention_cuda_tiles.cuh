@@ -116,7 +116,6 @@ struct CtaWork {
   int seq_len, ctx;       // keys; context keys before the window
   int tree;
   int tile_begin, tile_end;  // KV tiles of this split
-  int live_splits;           // splits with tiles (a prefix: the rest are empty)
 };
 
 }  // namespace cuda

@@ -1,8 +1,7 @@
 """A small CUDA case for compute-sanitizer (run by gpu_check.sh): both tile configs, split-KV,
 both head dims, a 2-word mask, q_len 0/1 requests, unused block-table entries = -1 (an
 out-of-range block read would hit memory outside the cache), a CUDA graph of split-KV calls
-replayed with new seq_lens (in the MEDUSA_VLLM_SPLIT_MERGE mode of the process), then
-move_accepted_kv. Exits non-zero on a mismatch with the reference.
+replayed with new seq_lens, then move_accepted_kv. Exits non-zero on a mismatch with the reference.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/kernels/memcheck_case.py
 """
@@ -32,8 +31,7 @@ def attention_cases():
 
 def graph_replays_ok() -> bool:
     """Batch 1 (the launch splits the keys), two calls captured in one CUDA graph, replayed three
-    times with shorter contexts: each replay must match the reference (fused-merge counters back
-    at 0 after every call, PDL edges in the graph)."""
+    times with shorter contexts: each replay must match the reference."""
     p = kt.make_tree_attention_problem(
         q_lens=[64], ctx_lens=[400], tree_ids=[0], masks=[kt.medusa_mask(63)], num_q_heads=9, num_kv_heads=3,
         head_dim=64, block_size=16, dtype=torch.bfloat16, device="cuda", seed=1)
@@ -63,7 +61,6 @@ def graph_replays_ok() -> bool:
 
 def main() -> int:
     assert kernels.have_extension(), kernels.extension_error()
-    print(f"split merge: {os.environ.get('MEDUSA_VLLM_SPLIT_MERGE') or 'launch'}")
     failures = 0
     for kwargs, splits in attention_cases():
         p = kt.make_tree_attention_problem(**kwargs)

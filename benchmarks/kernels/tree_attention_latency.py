@@ -9,11 +9,9 @@ point (batch, context, tree window, split count):
   attention kernel and, with more than one split, the merge of the splits.
 "auto" is the launch's own split choice; integers force a split count (a tuning knob with no
 effect on the result). Two builds compare by running this once per build (--label) and then
-`--compare A.json B.json`; so do the split-merge modes of one build (--split-merge, i.e.
-MEDUSA_VLLM_SPLIT_MERGE: launch, pdl or fused; in the "fused" mode the merge is part of the
-attention kernel, so kernels_us has no "merge").
+`--compare A.json B.json`.
 
-    python benchmarks/kernels/tree_attention_latency.py [--label NAME] [--out DIR] [--split-merge MODE]
+    python benchmarks/kernels/tree_attention_latency.py [--label NAME] [--out DIR]
     python benchmarks/kernels/tree_attention_latency.py --compare OLD.json NEW.json
 """
 
@@ -130,8 +128,8 @@ def measure(args) -> list[dict]:
 
 
 def run_name(result: dict) -> str:
-    """Label, commit and split-merge mode of a run ("-": a build from before the knob)."""
-    return f"{result['config']['label']} ({result['git_commit']}, merge {result['config'].get('split_merge', '-')})"
+    """Label and commit of a run."""
+    return f"{result['config']['label']} ({result['git_commit']})"
 
 
 def compare(old_path: str, new_path: str) -> None:
@@ -180,22 +178,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="calls per captured graph (SmolLM2-135M: 30)")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--profile-calls", type=int, default=30)
-    ap.add_argument("--split-merge", choices=["launch", "pdl", "fused"],
-                    help="MEDUSA_VLLM_SPLIT_MERGE for this run (default: the environment's, else launch)")
     args = ap.parse_args()
     if args.compare:
         compare(*args.compare)
         return
-    if args.split_merge:  # read by the extension at its first tree_attention call
-        os.environ["MEDUSA_VLLM_SPLIT_MERGE"] = args.split_merge
-    args.split_merge = os.environ.get("MEDUSA_VLLM_SPLIT_MERGE") or "launch"
     if not torch.cuda.is_available():
         sys.exit("tree_attention_latency: needs a CUDA GPU")
     if not kernels.have_extension():
         sys.exit(f"tree_attention_latency: {kernels.extension_error()}")
     device = torch.cuda.get_device_name()
     start = time.monotonic()
-    print(f"{device} ({args.label}, split merge: {args.split_merge})\n{'B':>4} {'ctx':>6} {'q':>4} {'split':>5}",
+    print(f"{device} ({args.label})\n{'B':>4} {'ctx':>6} {'q':>4} {'split':>5}",
           flush=True)
     rows = measure(args)
     os.makedirs(args.out, exist_ok=True)

@@ -10,7 +10,6 @@ Opt-in (a ~30 s g++ build, then ~1.5 minutes; `make test` opts in): MEDUSA_VLLM_
 
 from __future__ import annotations
 
-import collections
 import os
 import pathlib
 
@@ -56,43 +55,12 @@ def emu():
                 extra_cflags=["-O2", "-std=c++17", "-DMEDUSA_VLLM_CUDA_EMULATION"], build_directory=str(build))
 
 
-def check(emu, p: kt.TreeAttentionProblem, splits: int, tile: str = "auto", softcap: float = 0.0,
-          merge: str = "launch", order: list[int] | None = None):
+def check(emu, p: kt.TreeAttentionProblem, splits: int, tile: str = "auto", softcap: float = 0.0):
     expected = p.out.clone()
     kernels.tree_attention_ref(expected, *p.args()[1:], p.scale, softcap)
-    emu.tree_attention(p.out, *p.args()[1:], p.scale, softcap, splits, tile, merge, order or [])
+    emu.tree_attention(p.out, *p.args()[1:], p.scale, softcap, splits, tile)
     atol, rtol = TOLERANCES[p.q.dtype]
     torch.testing.assert_close(p.out, expected, atol=atol, rtol=rtol)
-    assert emu.merge_counters_in_use() == 0  # a fused launch leaves its counters at 0
-
-
-BLOCK_M = {"small": 64, "large": 128}  # query rows per CTA of the tile configs (both head dims)
-
-
-def attention_grid(p: kt.TreeAttentionProblem, num_kv_heads: int, splits: int, tile: str) -> tuple[int, int]:
-    """(row tiles, CTAs) of the attention grid; blockIdx = ((request * Hkv + kv head) * splits +
-    split) * row tiles + row tile."""
-    num_tokens, num_q_heads = p.q.shape[:2]
-    rows = min(p.tree_masks.shape[1], num_tokens) * (num_q_heads // num_kv_heads)
-    row_tiles = -(-rows // BLOCK_M[tile])
-    return row_tiles, len(p.seq_lens) * num_kv_heads * splits * row_tiles
-
-
-def shuffled(p: kt.TreeAttentionProblem, num_kv_heads: int, splits: int, tile: str, seed: int) -> list[int]:
-    """The attention CTAs in a random order: any split of a fused-merge group may count last."""
-    grid = attention_grid(p, num_kv_heads, splits, tile)[1]
-    return torch.randperm(grid, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def check_merge_modes(emu, p: kt.TreeAttentionProblem, num_kv_heads: int, splits: int, tile: str, seed: int):
-    """Every split-merge mode matches the reference and the plain merge launch, bit for bit; the
-    fused mode with the attention CTAs shuffled."""
-    launch = p.out.clone()
-    emu.tree_attention(launch, *p.args()[1:], p.scale, 0.0, splits, tile, "launch")
-    for merge in ("pdl", "fused"):
-        p.out.fill_(float("nan"))
-        check(emu, p, splits, tile, merge=merge, order=shuffled(p, num_kv_heads, splits, tile, seed))
-        assert torch.equal(p.out, launch), merge
 
 
 @pytest.mark.parametrize("tree", ["chain", "medusa", "star"])
@@ -156,101 +124,17 @@ def test_softcap_and_rows_without_keys(emu):
     assert p.out[4].abs().max() == 0
 
 
-@pytest.mark.parametrize("splits, merge", [(1, "launch"), (3, "launch"), (3, "fused")])
-@pytest.mark.parametrize("invalid", ["tree_id", "seq_len"])  # seq_len 0: no split has a tile
-def test_invalid_request_nan_and_padding_untouched(emu, splits, merge, invalid):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_invalid_request_nan_and_padding_untouched(emu, splits):
     p = kt.make_tree_attention_problem(
         q_lens=[9, 9], ctx_lens=[400, 20], tree_ids=[0, 0], masks=[kt.chain_mask(9)], num_q_heads=2,
         num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16, device="cpu",
     )
     q = torch.cat([p.q, torch.randn(4, 2, 64).bfloat16()])
     out = torch.full_like(q, 7.0)
-    if invalid == "tree_id":
-        p.req_tree_ids[1] = 3
-    else:
-        p.seq_lens[1] = 0
-    emu.tree_attention(out, q, *p.args()[2:], p.scale, 0.0, splits, "small", merge, shuffled(p, 2, splits, "small", 5))
+    p.req_tree_ids[1] = 3
+    emu.tree_attention(out, q, *p.args()[2:], p.scale, 0.0, splits, "auto")
     assert not out[:9].isnan().any() and out[9:18].isnan().all() and (out[18:] == 7).all()
-    assert emu.merge_counters_in_use() == 0
-
-
-@pytest.mark.parametrize("splits, dtype", [(2, torch.bfloat16), (7, torch.float16)])
-def test_merge_modes_same_bits(emu, splits, dtype):
-    # Two row tiles for the first request (17 tokens x 7 q heads), one for the second; the third
-    # request is padding (its groups count nothing). With 7 splits the second request's 305 keys
-    # leave two splits empty, so the last CTA of a group may be one that computed nothing.
-    p = kt.make_tree_attention_problem(
-        q_lens=[17, 5, 0], ctx_lens=[1500, 300, 8], tree_ids=[0, 1, 0], masks=[kt.medusa_mask(16), kt.chain_mask(5)],
-        num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=32, dtype=dtype, device="cpu", seed=splits,
-    )
-    check_merge_modes(emu, p, num_kv_heads=2, splits=splits, tile="small", seed=splits)
-
-
-@pytest.mark.parametrize("tile", ["small", "large"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_fused_merge_tiles(emu, tile, head_dim):
-    # A row tile of 64 (small) or 128 (large) rows, rows past the group's end in the last one.
-    p = kt.make_tree_attention_problem(
-        q_lens=[40, 9], ctx_lens=[700, 90], tree_ids=[0, 0], masks=[kt.medusa_mask(40)], num_q_heads=6,
-        num_kv_heads=2, head_dim=head_dim, block_size=16, dtype=torch.bfloat16, device="cpu", seed=head_dim,
-    )
-    check_merge_modes(emu, p, num_kv_heads=2, splits=5, tile=tile, seed=head_dim + len(tile))
-
-
-def test_fused_merge_a_wave_of_splits(emu):
-    # The 40-split case of test_a_wave_of_splits_most_of_them_empty (most splits of the first
-    # request's groups empty, the second request's in both lane rounds), in two CTA orders.
-    p = kt.make_tree_attention_problem(
-        q_lens=[64, 30], ctx_lens=[300, 2200], tree_ids=[0, 0], masks=[kt.medusa_mask(63)], num_q_heads=9,
-        num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16, device="cpu", seed=40,
-    )
-    launch = p.out.clone()
-    emu.tree_attention(launch, *p.args()[1:], p.scale, 0.0, 40, "small", "launch")
-    for order in (None, shuffled(p, 3, 40, "small", 7)):
-        p.out.fill_(float("nan"))
-        check(emu, p, splits=40, tile="small", merge="fused", order=order)
-        assert torch.equal(p.out, launch)
-
-
-def test_fused_merge_waits_for_every_split(emu):
-    # Halfway through a shuffled grid, a group whose splits have all counted has its rows merged
-    # (final bits); any other group's rows are untouched: nobody merges before the last split.
-    num_kv_heads, splits, tile = 2, 3, "small"
-    p = kt.make_tree_attention_problem(
-        q_lens=[17, 5], ctx_lens=[500, 300], tree_ids=[0, 0], masks=[kt.medusa_mask(16)], num_q_heads=14,
-        num_kv_heads=num_kv_heads, head_dim=64, block_size=16, dtype=torch.bfloat16, device="cpu", seed=3,
-    )
-    launch = p.out.clone()
-    emu.tree_attention(launch, *p.args()[1:], p.scale, 0.0, splits, tile, "launch")
-    row_tiles, grid = attention_grid(p, num_kv_heads, splits, tile)
-    order = shuffled(p, num_kv_heads, splits, tile, 11)
-    p.out.fill_(7.0)
-    half = emu.tree_attention(p.out, *p.args()[1:], p.scale, 0.0, splits, tile, "fused", order, grid // 2)
-    assert torch.equal(p.out, launch) and emu.merge_counters_in_use() == 0
-    counted = collections.Counter((b // (row_tiles * splits), b % row_tiles) for b in order[: grid // 2])
-    group = p.q.shape[1] // num_kv_heads
-    seen = {"merged": 0, "waiting": 0}
-    for request, (start, end) in enumerate(zip(p.query_start_loc.tolist(), p.query_start_loc.tolist()[1:])):
-        for row in range((end - start) * group):
-            for kv_head in range(num_kv_heads):
-                token, head = start + row // group, kv_head * group + row % group
-                done = counted[(request * num_kv_heads + kv_head, row // BLOCK_M[tile])] == splits
-                assert torch.equal(half[token, head], launch[token, head] if done else p.out.new_full((64,), 7.0))
-                seen["merged" if done else "waiting"] += 1
-    assert seen["merged"] and seen["waiting"], seen  # the order leaves both kinds of group
-
-
-def test_fused_merge_replays(emu):
-    # The same launch again (a CUDA-graph replay): the counters the first left at 0 let the
-    # second merge, with the new seq_lens; a counter left over would merge early or never (NaN).
-    p = kt.make_tree_attention_problem(
-        q_lens=[17, 17], ctx_lens=[900, 400], tree_ids=[0, 0], masks=[kt.medusa_mask(16)], num_q_heads=14,
-        num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16, device="cpu",
-    )
-    for run, shorten in enumerate(([0, 0], [37, 250], [0, 0])):
-        p.seq_lens.sub_(torch.tensor(shorten, dtype=torch.int32))
-        p.out.fill_(float("nan"))
-        check(emu, p, splits=6, tile="small", merge="fused", order=shuffled(p, 2, 6, "small", run))
 
 
 @pytest.mark.parametrize("unit_bytes", [16, 4, 2])

@@ -5,11 +5,9 @@
 # the CUDA correctness case of the new build. Carry: medusa_vllm/_C.abi3.so, .carry/old_so,
 # .git_commit. Results and logs to $OUT.
 #   bash tools/gpu/kernel_latency.sh "[tree_attention_latency.py args]"
-# VARIANTS="launch pdl fused": the new build once per split-merge mode (MEDUSA_VLLM_SPLIT_MERGE),
-# each round old then every mode, twice; compare_<mode>.txt holds both rounds' mode/old, and the
-# correctness case runs once per mode. Default args "--q-lens 16 64 --contexts 256 --sweep-batches"
-# (each run ~15-20 s): about 3-4 minutes for three modes. KERNEL_TESTS=1 also runs
-# tests/kernels/test_tree_attention.py -k cuda under each mode (pytest_<mode>.log).
+# Default args "--q-lens 16 64 --contexts 256 --sweep-batches" (each run ~15-20 s). KERNEL_TESTS=1
+# also runs tests/kernels/test_tree_attention.py -k cuda (pytest.log). Every file under $OUT is
+# one of at most 8 that come back: tar them if there are more.
 set -u
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
@@ -20,14 +18,14 @@ rm -rf "$old_tree" && mkdir -p "$old_tree"
 cp -r medusa_vllm training benchmarks "$old_tree"/
 cp .carry/old_so/_C.abi3.so "$old_tree"/medusa_vllm/_C.abi3.so
 
-run_side() {  # run_side SIDE DIR REV MODE ARGS: one latency run, labelled SIDE_REV
-    local side=$1 dir=$2 rev=$3 mode=$4 args=$5 extra=""
+run_side() {  # run_side SIDE DIR REV ARGS: one latency run, labelled SIDE_REV
+    local side=$1 dir=$2 rev=$3 args=$4 extra=""
     case $side in *2) extra="--sweep-batches" ;; esac  # repeats: the launch's own choice only
     # shellcheck disable=SC2086
-    (cd "$dir" && MEDUSA_VLLM_SPLIT_MERGE=$mode MEDUSA_GIT_COMMIT=$rev timeout "${TP_TIMEOUT:-200}" \
+    (cd "$dir" && MEDUSA_GIT_COMMIT=$rev timeout "${TP_TIMEOUT:-200}" \
         python3 benchmarks/kernels/tree_attention_latency.py --label "${side}_$rev" --out "$OUT" $args $extra \
         > "$OUT/latency_${side}.log" 2>&1)
-    echo "$side ($rev, merge ${mode:-default}) rc=$?"; tail -3 "$OUT/latency_${side}.log" | cut -c1-200
+    echo "$side ($rev) rc=$?"; tail -3 "$OUT/latency_${side}.log" | cut -c1-200
 }
 
 compare() {  # compare OLD_SIDE NEW_SIDE
@@ -35,38 +33,18 @@ compare() {  # compare OLD_SIDE NEW_SIDE
         "$OUT"/tree_attention_latency_*_"$2"_*.json 2>&1
 }
 
-if [ -z "${VARIANTS:-}" ]; then
-    for round in "" 2; do
-        run_side "old$round" "$old_tree" "$old" "" "${1:-}"
-        run_side "new$round" "$PWD" "$new" "" "${1:-}"
-    done
-    compare old new > "$OUT/compare_old_new.txt"
-    compare old2 new2 > "$OUT/compare_old2_new2.txt"
-    # the repeats live on in their comparison; fewer files under $OUT come back whole
-    rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/tree_attention_latency_*_new2_*.json "$OUT"/latency_*2.log
-    head -70 "$OUT/compare_old_new.txt"; tail -n +2 "$OUT/compare_old2_new2.txt" | head -40
-    python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -12
-    exit 0
-fi
-
 for round in "" 2; do
-    run_side "old$round" "$old_tree" "$old" "" "${1:-}"
-    for mode in $VARIANTS; do run_side "$mode$round" "$PWD" "$new" "$mode" "${1:-}"; done
+    run_side "old$round" "$old_tree" "$old" "${1:-}"
+    run_side "new$round" "$PWD" "$new" "${1:-}"
 done
-for mode in $VARIANTS; do
-    { compare old "$mode"; echo; compare old2 "${mode}2"; } > "$OUT/compare_$mode.txt"
-done
-rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/latency_*2.log
-for mode in $VARIANTS; do rm -f "$OUT"/tree_attention_latency_*_"${mode}2"_*.json; done
-for mode in $VARIANTS; do echo "== $mode"; head -40 "$OUT/compare_$mode.txt"; done
-for mode in $VARIANTS; do
-    echo "== correctness, merge $mode"
-    MEDUSA_VLLM_SPLIT_MERGE=$mode python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -14
-done
-if [ "${KERNEL_TESTS:-0}" = 1 ]; then  # the CUDA kernel tests under each mode (no vLLM needed)
-    for mode in $VARIANTS; do
-        MEDUSA_VLLM_SPLIT_MERGE=$mode timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -x \
-            tests/kernels/test_tree_attention.py -k cuda > "$OUT/pytest_$mode.log" 2>&1
-        echo "== tests, merge $mode rc=$?: $(tail -1 "$OUT/pytest_$mode.log")"
-    done
+compare old new > "$OUT/compare_old_new.txt"
+compare old2 new2 > "$OUT/compare_old2_new2.txt"
+# the repeats live on in their comparison; fewer files under $OUT come back whole
+rm -f "$OUT"/tree_attention_latency_*_old2_*.json "$OUT"/tree_attention_latency_*_new2_*.json "$OUT"/latency_*2.log
+head -70 "$OUT/compare_old_new.txt"; tail -n +2 "$OUT/compare_old2_new2.txt" | head -40
+python3 benchmarks/kernels/memcheck_case.py 2>&1 | tail -12
+if [ "${KERNEL_TESTS:-0}" = 1 ]; then  # the CUDA kernel tests (no vLLM needed)
+    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -x \
+        tests/kernels/test_tree_attention.py -k cuda > "$OUT/pytest.log" 2>&1
+    echo "== tests rc=$?: $(tail -1 "$OUT/pytest.log")"
 fi

@@ -4,7 +4,7 @@
 # then vk2 and vk3 with their device_setup.sh; the first session call also carries vk2b, which
 # split_vk1.sh makes; this call carries vk4, medusa_vllm/_C.abi3.so (built here with
 # MEDUSA_VLLM_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a python setup.py build_ext --inplace: sm_90a only,
-# 12 MB; the default sm_90a + sm_80 + PTX build is 20 MB and no longer fits 64 MiB beside vk4 and
+# 8 MB; the default sm_90a + sm_80 + PTX build was 20 MB with the split-merge modes, too big beside vk4 and
 # the repository) and .carry/mt_bench_question.jsonl):
 #   bash tools/gpu/session.sh throughput  "<benchmarks/throughput.py args>"
 #   bash tools/gpu/session.sh equivalence "<benchmarks/equivalence.py args>"

@@ -102,25 +102,6 @@ inline T __ldg(const T* ptr) {
   return *ptr;
 }
 
-// Blocks run one after another, so an L2-only load is a plain load (the split-KV workspace is
-// not a registered input: no bounds check), a fence orders nothing that is not already ordered
-// and an atomic is a read-modify-write.
-template <typename T>
-inline T __ldcg(const T* ptr) {
-  return *ptr;
-}
-inline void __threadfence() {}
-inline unsigned atomicAdd(unsigned* address, unsigned value) {
-  const unsigned old = *address;
-  *address = old + value;
-  return old;
-}
-inline unsigned atomicOr(unsigned* address, unsigned value) {
-  const unsigned old = *address;
-  *address = old | value;
-  return old;
-}
-
 inline float __log2f(float x) { return std::log2(x); }
 
 namespace emu {
@@ -214,9 +195,6 @@ inline void cp_async_wait() {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix(r, smem, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu::ldmatrix(r, smem, true); }
 inline float fast_exp2(float x) { return std::exp2(x); }
-// PDL: the emulator runs a dependent launch after the whole primary grid anyway.
-inline void grid_dependents_launch() {}
-inline void grid_dependency_wait() {}
 
 template <typename T>
 struct MmaOps;

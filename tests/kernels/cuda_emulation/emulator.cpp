@@ -2,17 +2,13 @@
 // through cuda_emulation.h, for tests on machines without a GPU. Built on the fly by
 // tests/kernels/test_cuda_emulation.py (torch.utils.cpp_extension.load). The launch plans
 // mirror csrc/tree_attention_cuda_launch.cuh and csrc/move_accepted_kv_cuda.cu, except that
-// the split count is explicit (no SM count here), the tile config and the split-merge mode
-// (MEDUSA_VLLM_SPLIT_MERGE there) are arguments, and the CTAs of the attention grid can run in
-// a shuffled order (which CTA of a fused-merge group arrives last).
+// the split count is explicit (no SM count here) and the tile config can be forced.
 #include <torch/extension.h>
 #include <ucontext.h>
 
 #include <deque>
 #include <functional>
 #include <memory>
-#include <numeric>
-#include <random>
 #include <vector>
 
 #include "host_checks.h"
@@ -200,33 +196,8 @@ namespace {
 
 constexpr int kEmulatedSms = 132;  // "auto" tile choice as on an H100
 
-// How the attention grid runs: its CTAs in `order` (empty: launch order; else a permutation of
-// the grid, say with a group's last split first), and a copy of `out` after the first
-// `snapshot_after` of them (-1: none).
-struct GridRun {
-  at::Tensor out;
-  std::vector<int64_t> order;
-  int64_t snapshot_after = -1;
-  at::Tensor snapshot;  // (output) out.clone() after snapshot_after CTAs
-};
-
-std::vector<int64_t> cta_order(const GridRun& run, unsigned grid) {
-  if (run.order.empty()) {
-    std::vector<int64_t> order(grid);
-    std::iota(order.begin(), order.end(), int64_t{0});
-    return order;
-  }
-  std::vector<int64_t> sorted = run.order;
-  std::sort(sorted.begin(), sorted.end());
-  for (unsigned b = 0; b < grid; ++b)
-    TORCH_CHECK(sorted.size() == grid && sorted[b] == b, "order must be a permutation of the ", grid, " CTAs");
-  return run.order;
-}
-
 template <typename T, typename Cfg>
-void emulate_tree_attention(const TreeAttentionParams<T>& p, int q_max, int num_splits, const std::string& merge,
-                            GridRun& run) {
-  TORCH_CHECK(merge == "launch" || merge == "pdl" || merge == "fused", "merge must be launch, pdl or fused");
+void emulate_tree_attention(const TreeAttentionParams<T>& p, int q_max, int num_splits) {
   SplitKV sp = make_split_kv<Cfg>(p, q_max, num_splits);
   at::Tensor partial_o, partial_lse;
   if (num_splits > 1) {  // NaN-filled: a partial the merge reads but nobody wrote shows up
@@ -236,18 +207,11 @@ void emulate_tree_attention(const TreeAttentionParams<T>& p, int q_max, int num_
     sp.partial_lse = partial_lse.data_ptr<float>();
   }
   const unsigned grid = p.num_requests * p.num_kv_heads * num_splits * sp.row_tiles;
-  const int64_t groups = int64_t{p.num_requests} * p.num_kv_heads * sp.row_tiles;
-  const bool fused = num_splits > 1 && merge == "fused" && groups <= kMaxMergeGroups;
-  const std::vector<int64_t> order = cta_order(run, grid);
-  for (size_t i = 0; i < order.size(); ++i) {
-    if (static_cast<int64_t>(i) == run.snapshot_after) run.snapshot = run.out.clone();
-    const auto b = static_cast<unsigned>(order[i]);
-    emu::run_block({b, 0, 0}, {grid, 1, 1}, Cfg::kThreads, Cfg::kSmemBytes, [&] {
-      if (fused) tree_attention_kernel<T, Cfg, true>(p, sp);
-      else tree_attention_kernel<T, Cfg, false>(p, sp);
-    });
+  for (unsigned b = 0; b < grid; ++b) {
+    emu::run_block({b, 0, 0}, {grid, 1, 1}, Cfg::kThreads, Cfg::kSmemBytes,
+                   [&] { tree_attention_kernel<T, Cfg>(p, sp); });
   }
-  if (num_splits > 1 && !fused) {  // "pdl" too: its merge starts early only to wait for the grid
+  if (num_splits > 1) {
     const unsigned rows = p.num_tokens * p.num_q_heads;
     const unsigned merge_grid = (rows + kMergeWarps - 1) / kMergeWarps;
     for (unsigned b = 0; b < merge_grid; ++b) {
@@ -258,49 +222,42 @@ void emulate_tree_attention(const TreeAttentionParams<T>& p, int q_max, int num_
 }
 
 template <typename T, int kHeadDim>
-void emulate_head_dim(const TreeAttentionParams<T>& p, int q_max, int num_splits, const std::string& tile,
-                      const std::string& merge, GridRun& run) {
+void emulate_head_dim(const TreeAttentionParams<T>& p, int q_max, int num_splits, const std::string& tile) {
   using Small = typename Configs<kHeadDim>::Small;
   using Large = typename Configs<kHeadDim>::Large;
   const bool large = tile == "auto" ? use_large_tiles<kHeadDim>(max_query_rows(p, q_max), p.num_requests,
                                                                 p.num_kv_heads, kEmulatedSms)
                                     : tile == "large";
-  if (large) emulate_tree_attention<T, Large>(p, q_max, num_splits, merge, run);
-  else emulate_tree_attention<T, Small>(p, q_max, num_splits, merge, run);
+  if (large) emulate_tree_attention<T, Large>(p, q_max, num_splits);
+  else emulate_tree_attention<T, Small>(p, q_max, num_splits);
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace medusa_vllm
 
-// Same contract as torch.ops.medusa_vllm.tree_attention on CUDA, for CPU tensors (bf16/fp16);
-// merge: the split-merge mode; order / snapshot_after: see GridRun. Returns the snapshot of
-// `out` (empty without one).
-at::Tensor tree_attention_emulated(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
-                                   at::Tensor block_table, at::Tensor seq_lens, at::Tensor query_start_loc,
-                                   at::Tensor tree_masks, at::Tensor req_tree_ids, double scale, double softcap,
-                                   int64_t num_splits, std::string tile, std::string merge,
-                                   std::vector<int64_t> order, int64_t snapshot_after) {
+// Same contract as torch.ops.medusa_vllm.tree_attention on CUDA, for CPU tensors (bf16/fp16).
+void tree_attention_emulated(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                             at::Tensor block_table, at::Tensor seq_lens, at::Tensor query_start_loc,
+                             at::Tensor tree_masks, at::Tensor req_tree_ids, double scale, double softcap,
+                             int64_t num_splits, std::string tile) {
   using namespace medusa_vllm;
   const TreeAttentionShape s = check_tree_attention_args(out, q, k_cache, v_cache, block_table, seq_lens,
                                                          query_start_loc, tree_masks, req_tree_ids, softcap);
   TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128, "head_dim must be 64 or 128");
   emu::set_global_ranges({q, k_cache, v_cache, block_table, seq_lens, query_start_loc, tree_masks, req_tree_ids});
   const int splits = static_cast<int>(std::max<int64_t>(1, num_splits));
-  cuda::GridRun run{out, std::move(order), snapshot_after, at::empty({0})};
-  const auto launch = [&](auto tag) {
+  const auto run = [&](auto tag) {
     using T = decltype(tag);
     const auto p = make_tree_attention_params<T>(out, q, k_cache, v_cache, block_table, seq_lens,
                                                  query_start_loc, tree_masks, req_tree_ids, s, scale, softcap);
     if (p.num_tokens == 0 || p.num_requests == 0) return;
-    const int q_max = static_cast<int>(s.q_max);
-    if (s.head_dim == 64) cuda::emulate_head_dim<T, 64>(p, q_max, splits, tile, merge, run);
-    else cuda::emulate_head_dim<T, 128>(p, q_max, splits, tile, merge, run);
+    if (s.head_dim == 64) cuda::emulate_head_dim<T, 64>(p, static_cast<int>(s.q_max), splits, tile);
+    else cuda::emulate_head_dim<T, 128>(p, static_cast<int>(s.q_max), splits, tile);
   };
-  if (q.scalar_type() == at::kBFloat16) launch(__nv_bfloat16{});
-  else if (q.scalar_type() == at::kHalf) launch(__half{});
+  if (q.scalar_type() == at::kBFloat16) run(__nv_bfloat16{});
+  else if (q.scalar_type() == at::kHalf) run(__half{});
   else TORCH_CHECK(false, "emulated tree_attention takes bf16 or fp16");
-  return run.snapshot;
 }
 
 // Same contract as torch.ops.medusa_vllm.move_accepted_kv on CUDA; unit_bytes picks the copy unit.
@@ -337,19 +294,7 @@ void move_accepted_kv_emulated(std::vector<at::Tensor> k_caches, std::vector<at:
   }
 }
 
-// Fused-merge counters not back at 0 (each fused launch must leave them all at 0).
-int64_t merge_counters_in_use() {
-  const auto& counters = medusa_vllm::cuda::g_merge_counters;
-  return std::count_if(std::begin(counters), std::end(counters), [](unsigned c) { return c != 0; });
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.def("tree_attention", &tree_attention_emulated, py::arg("out"), py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("query_start_loc"),
-        py::arg("tree_masks"), py::arg("req_tree_ids"), py::arg("scale"), py::arg("softcap"),
-        py::arg("num_splits"), py::arg("tile"), py::arg("merge") = "launch",
-        py::arg("order") = std::vector<int64_t>{}, py::arg("snapshot_after") = -1);
-  m.def("merge_counters_in_use", &merge_counters_in_use);
+  m.def("tree_attention", &tree_attention_emulated);
   m.def("move_accepted_kv", &move_accepted_kv_emulated);
 }
