@@ -24,7 +24,11 @@ With ``--interleave`` every configuration's engine is alive at once (each in its
 its share of GPU memory) and per batch size they take turns round by round; each row then also
 has ``speedup_paired``, the median of per-round ratios against the baseline's same round.
 Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-tokens``), so b requests
-decode together, after ``--warmup-rounds`` (default 1) unmeasured rounds of each batch size
+decode together and the batch drains as they finish (a speculative batch over several steps: its
+requests accept different lengths); ``--steady K`` makes a round K × b requests with at most b
+decoding at a time, a finished request's slot refilled at once (what a server's queue does), so
+the batch stays full but for each round's last requests. Measured after ``--warmup-rounds``
+(default 1) unmeasured rounds of each batch size
 (one-off compiles and the load-adaptive tree's first measurements stay out of the numbers; their
 tokens/s are kept as ``warmup_round_tokens_per_s``); tokens/s is the median over the rounds (each round's rate is kept: the same
 baseline moved by up to 2.4x between runs on one H200 when a round stalled); greedy outputs are compared token by token with ``baseline``, and each row keeps
@@ -176,8 +180,9 @@ class EngineBench:
         self.sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **sampling)
         self._acc: dict | None = None
         self._warm: dict[int, list[float]] = {}  # batch size -> warm-up rounds' tokens/s
+        self._next_id = 0
 
-    def warmup(self, batch_sizes: list[int], rounds: int = 0) -> None:
+    def warmup(self, batch_sizes: list[int], rounds: int = 0, steady: int = 0) -> None:
         """Every measured batch size once, 8 tokens (first-use allocations, kernels), then
         ``rounds`` whole rounds of it (the measured requests and sampling), not measured: what a
         server has behind it after its first minutes. On a fresh H100 the first rounds held
@@ -192,26 +197,52 @@ class EngineBench:
         for b in batch_sizes:
             for _ in range(rounds):
                 s = time.perf_counter()
-                res = self.llm.generate(requests_for(self.prompts, b), self.sp, use_tqdm=False)
+                res, _ = self._decode(requests_for(self.prompts, b * max(steady, 1)), b)
                 tokens = sum(len(o.outputs[0].token_ids) for o in res)
                 self._warm.setdefault(b, []).append(tokens / (time.perf_counter() - s))
+
+    def _decode(self, chunk: list[str], concurrency: int) -> tuple[list, list[float]]:
+        """``chunk`` decoded at most ``concurrency`` requests at a time: the outputs in order and
+        each request's seconds from its admission to its end. With the whole chunk at once it is
+        ``LLM.generate`` (a closed round); with more requests than that, a finished request's
+        slot goes to the next one at once, as a server's queue refills its batch."""
+        if len(chunk) <= concurrency:
+            s = time.perf_counter()
+            res = self.llm.generate(chunk, self.sp, use_tqdm=False)
+            return res, [time.perf_counter() - s] * len(res)
+        engine, todo = self.llm.llm_engine, list(enumerate(chunk))
+        admitted: dict[str, tuple[int, float]] = {}  # request id -> (index in chunk, admission)
+        done: dict[int, tuple[object, float]] = {}
+        while todo or engine.has_unfinished_requests():
+            while todo and len(admitted) - len(done) < concurrency:
+                i, prompt = todo.pop(0)
+                rid = f"steady-{self._next_id}"  # outputs carry it (add_request returns vLLM's own id)
+                engine.add_request(rid, prompt, self.sp)
+                self._next_id += 1
+                admitted[rid] = (i, time.perf_counter())
+            for out in engine.step():
+                if out.finished:
+                    i, t0 = admitted[out.request_id]
+                    done[i] = (out, time.perf_counter() - t0)
+        return [done[i][0] for i in range(len(chunk))], [done[i][1] for i in range(len(chunk))]
 
     def begin(self, b: int) -> None:
         self._acc = {"b": b, "before": _spec_counts(metric_values(self.llm)), "tokens": 0,
                      "tpot": [], "elapsed": 0.0, "outputs": [], "rates": []}
 
-    def round(self, chunk: list[str]) -> float:
-        """One round: ``chunk`` (b prompts) decoded together; returns its output tokens/s."""
+    def round(self, chunk: list[str], concurrency: int | None = None) -> float:
+        """One round: ``chunk`` decoded at most ``concurrency`` (default: all of them) requests
+        at a time; returns its output tokens/s."""
         acc = self._acc
         s = time.perf_counter()
-        res = self.llm.generate(chunk, self.sp, use_tqdm=False)
+        res, latencies = self._decode(chunk, concurrency or len(chunk))
         dt = time.perf_counter() - s
         acc["elapsed"] += dt
         round_tokens = 0
-        for o in res:
+        for o, latency in zip(res, latencies):
             k = len(o.outputs[0].token_ids)
             round_tokens += k
-            acc["tpot"].append(dt / max(k, 1))
+            acc["tpot"].append(latency / max(k, 1))
             acc["outputs"].append(list(o.outputs[0].token_ids))
         acc["tokens"] += round_tokens
         acc["rates"].append(round_tokens / dt)
@@ -286,16 +317,18 @@ def requests_for(prompts: list[str], n: int) -> list[str]:
 
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
             sampling: dict, prompts_per_batch: dict[int, int],
-            profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0) -> dict:
-    """Runs in its own process: one engine, every batch size, round after round."""
+            profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0, steady: int = 0) -> dict:
+    """Runs in its own process: one engine, every batch size, round after round (``steady``
+    K > 0: rounds of K × b requests, b at a time)."""
     bench = EngineBench(kw, prompts, max_tokens, sampling)
-    bench.warmup(batch_sizes, warmup_rounds)
+    bench.warmup(batch_sizes, warmup_rounds, steady)
     rows = []
     for b in batch_sizes:
         todo = requests_for(prompts, prompts_per_batch[b])
         bench.begin(b)
-        for r in range(0, len(todo), b):
-            bench.round(todo[r : r + b])
+        size = b * max(steady, 1)
+        for r in range(0, len(todo), size):
+            bench.round(todo[r : r + size], b)
         rows.append(bench.end())
     return {"rows": rows, **bench.finish(profile_batch_sizes)}
 
@@ -340,14 +373,15 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
                 results[config] = {"engine_start_s": None, "rows": []}
             except Exception as e:  # noqa: BLE001
                 fail(config, e)
-        each("warmup", args.batch_sizes, getattr(args, "warmup_rounds", 0))
+        steady = getattr(args, "steady", 0)
+        each("warmup", args.batch_sizes, getattr(args, "warmup_rounds", 0), steady)
         for b in tqdm(args.batch_sizes, desc="batch sizes"):
             todo = requests_for(prompts, per_batch[b])
             each("begin", b)
-            order = list(live)
-            for i, r in enumerate(range(0, len(todo), b)):
+            order, size = list(live), b * max(steady, 1)
+            for i, r in enumerate(range(0, len(todo), size)):
                 k = i % max(len(order), 1)
-                each("round", todo[r : r + b], configs=order[k:] + order[:k])
+                each("round", todo[r : r + size], b, configs=order[k:] + order[:k])
             for c, row in each("end").items():
                 results[c]["rows"].append(row)
             for c, extra in each("stats").items():  # so far: a run cut off later keeps them
@@ -536,6 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--builtin-k", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of b requests per batch size b (tokens/s: the median round)")
+    ap.add_argument("--steady", type=int, default=0, metavar="K",
+                    help="rounds of K x b requests, at most b decoding at a time (a finished request's "
+                         "slot refilled at once, as a server's queue does): the batch stays full but "
+                         "for the round's last requests. 0 (default): closed rounds of b requests, "
+                         "which drain as their requests finish")
     ap.add_argument("--warmup-rounds", type=int, default=1,
                     help="whole rounds per batch size and configuration run before the measured "
                          "ones (their tokens/s kept in the rows as warmup_round_tokens_per_s)")
@@ -582,7 +621,10 @@ def main(argv: list[str] | None = None) -> None:
         args.configs.insert(0, "baseline")
     out = Path(args.out) if args.out else RESULTS / f"throughput_{device_tag()}.json"
     prompts = prompts_for(args)
-    per_batch = {b: min(len(prompts) * 4, b * args.rounds) for b in args.batch_sizes}
+    if args.steady < 0:
+        sys.exit(f"--steady {args.steady}: give 0 (closed rounds of b requests) or K > 0 (rounds of K x b)")
+    per_batch = {b: (b * args.steady * args.rounds if args.steady else min(len(prompts) * 4, b * args.rounds))
+                 for b in args.batch_sizes}
     builtin = builtin_layout(heads, args.model, out.parent / ".work") if "builtin" in args.configs else None
 
     from tqdm import tqdm
@@ -602,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
             kw, env = engines[config]
             try:
                 results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
-                                               sampling, per_batch, (), args.warmup_rounds, env=env)
+                                               sampling, per_batch, (), args.warmup_rounds, args.steady,
+                                               env=env)
             except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
                 print(f"[{config}] failed: {e}", file=sys.stderr)
                 results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}

@@ -103,13 +103,14 @@ class FakeBench:
             raise ValueError("engine did not start")
         self.kw = kw
 
-    def warmup(self, batch_sizes, rounds=0):
-        self.warmup_rounds = rounds
+    def warmup(self, batch_sizes, rounds=0, steady=0):
+        self.warmup_rounds, self.warmup_steady = rounds, steady
 
     def begin(self, b):
         self.b, self.rates, self.outputs = b, [], []
 
-    def round(self, chunk):
+    def round(self, chunk, concurrency=None):
+        self.chunks = getattr(self, "chunks", []) + [(len(chunk), concurrency)]
         if self.kw.get("broken") == "round" and self.rounds == 1:
             raise RuntimeError("step failed")
         self.rounds += 1
@@ -124,7 +125,8 @@ class FakeBench:
 
     def stats(self):
         return {"engine_start_s": 0.5, "medusa_stats": {"rounds": self.rounds},
-                "warmup_rounds": self.warmup_rounds}
+                "warmup_rounds": self.warmup_rounds, "warmup_steady": self.warmup_steady,
+                "chunks": getattr(self, "chunks", [])}
 
     def finish(self):
         return self.stats() | {"profiles": {}}
@@ -169,6 +171,24 @@ def test_warmup_rounds_reach_every_engine():
                            warmup_rounds=2)
     res = measure_interleaved(engines, ["a", "bb"], args, {1: 2}, bench_cls=FakeBench)
     assert {c: r["warmup_rounds"] for c, r in res.items()} == {"baseline": 2, "medusa:x": 2}
+
+
+def test_steady_rounds_hold_k_batches_decoded_b_at_a_time():
+    """--steady K: each round is K x b requests with at most b decoding at once (closed rounds
+    without it: b requests, all at once), in the warm-up rounds too."""
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import measure_interleaved
+
+    engines = {"baseline": ({"rate": 10.0}, {}), "medusa:x": ({"rate": 15.0}, {})}
+    args = SimpleNamespace(batch_sizes=[1, 2], max_tokens=4, temperature=0.0, interleave=True,
+                           warmup_rounds=1, steady=3)
+    res = measure_interleaved(engines, ["a", "bb"], args, {1: 6, 2: 12}, bench_cls=FakeBench)
+    assert res["medusa:x"]["chunks"] == [(3, 1), (3, 1), (6, 2), (6, 2)]
+    assert res["medusa:x"]["warmup_steady"] == 3 and res["baseline"]["rows"][1]["requests"] == 12
+    args.steady, args.batch_sizes = 0, [2]
+    res = measure_interleaved(engines, ["a", "bb"], args, {2: 4}, bench_cls=FakeBench)
+    assert res["baseline"]["chunks"] == [(2, 2), (2, 2)]
 
 
 def test_isolated_objects_live_in_their_own_processes():
@@ -309,3 +329,46 @@ def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
         merge([a, run("c", {"baseline": ({"rate": 1.0}, {})}, device="GPU Y")], tmp_path / "x.json")
     with pytest.raises(SystemExit, match="max_tokens"):
         merge([a, run("d", {"baseline": ({"rate": 1.0}, {})}, max_tokens=8)], tmp_path / "x.json")
+
+
+def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
+    """EngineBench._decode against an engine stand-in (vLLM's add_request / step /
+    has_unfinished_requests): never more than `concurrency` requests in flight, a finished
+    request's slot refilled before the next step, outputs in the chunk's order."""
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import EngineBench
+
+    class Engine:
+        def __init__(self):
+            self.live, self.most, self.steps = {}, 0, 0
+
+        def add_request(self, rid, prompt, params):
+            self.live[rid] = len(prompt)  # a prompt of n characters takes n steps
+            self.most = max(self.most, len(self.live))
+            return rid + "-internal"
+
+        def has_unfinished_requests(self):
+            return bool(self.live)
+
+        def step(self):
+            self.steps += 1
+            out = []
+            for rid in list(self.live):
+                self.live[rid] -= 1
+                done = self.live[rid] == 0
+                if done:
+                    del self.live[rid]
+                out.append(SimpleNamespace(request_id=rid, finished=done,
+                                           outputs=[SimpleNamespace(token_ids=[rid])]))
+            return out
+
+    bench = EngineBench.__new__(EngineBench)
+    bench.llm, bench.sp, bench._next_id = SimpleNamespace(llm_engine=Engine()), None, 0
+    chunk = ["aaa", "a", "a", "aa", "a", "aaaa"]
+    res, latencies = bench._decode(chunk, 2)
+    engine = bench.llm.llm_engine
+    assert engine.most == 2 and len(res) == 6 and all(t >= 0 for t in latencies)
+    assert [o.outputs[0].token_ids[0] for o in res] == [f"steady-{i}" for i in range(6)]
+    # 2 slots: "aaa" runs steps 1-3 beside "a" (1), "a" (2), "aa" (3-4); then "a" (4), "aaaa" (5-8)
+    assert engine.steps == 8
