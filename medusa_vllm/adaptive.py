@@ -23,8 +23,8 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   bound is below the best score so far is skipped; a bucket the batch moves into measures little
   beyond the choice it brings. Every change of choice costs a transition step (its drafts were
   made for the other tree), so the choice of the step before is kept while it scores within
-  ``STICKY`` of the best. The best rival (measured, or bounded but unmeasured) is re-measured
-  now and then, so the choice follows the load and the content.
+  ``STICKY`` of the best. The runner-up is re-measured now and then, so the choice follows the
+  load and the content.
 
 The budget rule, as a batch-size schedule of draft counts (:meth:`AdaptiveTreePolicy.schedule`),
 is what vLLM's dynamic speculative decoding (``num_speculative_tokens_per_batch_size``) starts
@@ -147,8 +147,7 @@ class StepCosts:
         from the smallest up), else
         the most tokens per second, no drafts' counted SPECULATION_MARGIN higher and the choice
         of the step before kept within STICKY of the best (every change of choice costs a
-        transition step). Every REMEASURE decisions the runner-up is measured again instead:
-        the best other measured choice, or an unmeasured one whose bound could beat it."""
+        transition step). Every REMEASURE decisions the runner-up is measured again instead."""
         b = bucket_of(num_reqs)
         run = self._runs.setdefault(b, [start, 0, 0, 0])
         run[2] += 1
@@ -169,12 +168,10 @@ class StepCosts:
         if not scores:
             return start
         ranked = sorted(scores, key=lambda c: -scores[c])
-        if run[2] % REMEASURE == 0:
-            unmeasured = {c: u for c in self.choices if seconds[c] is None
-                          and self._tries.get((b, c), 0) < MAX_TRIES and (u := self._bound_score(c, b, tau(c)))}
-            rivals = {c: scores[c] for c in ranked[1:]} | unmeasured
-            if rivals:
-                return self._start_run(run, b, max(rivals, key=rivals.get))
+        if run[2] % REMEASURE == 0 and len(ranked) > 1:
+            # the best measured rival; an unmeasured choice whose bound comes to beat the best
+            # (its costs were stale) is measured by the look above instead
+            return self._start_run(run, b, ranked[1])
         keep = self._last in scores and scores[self._last] >= STICKY * scores[ranked[0]]
         self._decided = self._last if keep else ranked[0]
         return self._decided

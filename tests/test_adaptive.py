@@ -120,8 +120,8 @@ def test_a_bucket_of_more_requests_skips_what_fewer_requests_already_rule_out():
     assert chosen[: 3 * RUN] == [0] * RUN + [2] * RUN + [1] * RUN
     assert set(chosen[3 * RUN:]) == {0}
     assert set(p.summary()["ms_per_step"]["2"]) == {"63", "15", "3"}
-    # the re-measurement takes the best rival: sparse-15 (1.82 / 2.52 ms) over the 3-node tree
-    # (1.48 / 2.42 ms) and no drafts' bound
+    # the re-measurement takes the runner-up: sparse-15 (1.82 / 2.52 ms) over the 3-node tree
+    # (1.48 / 2.42 ms); no drafts, which cannot win here, is not measured
     chosen = simulate(p, 2, cost2, RUN + 1)
     assert chosen == [1] * RUN + [0]
 
@@ -129,9 +129,9 @@ def test_a_bucket_of_more_requests_skips_what_fewer_requests_already_rule_out():
 def test_a_new_bucket_starts_from_the_decided_choice_not_a_measuring_run():
     p = measured()
     cost1 = {0: 2.6e-3, 1: 2.4e-3, 2: 2.3e-3, NO_TREE: 2e-3}.get
-    chosen = simulate(p, 1, cost1, REMEASURE)  # decision REMEASURE: the best rival's run starts:
-    # the 3-node tree, never measured (1.48 / its 2 ms bound beats sparse-15's 1.82 / 2.4 ms)
-    assert chosen[-2] == 0 and chosen[-1] == 2 and 2 not in chosen[:-1]
+    chosen = simulate(p, 1, cost1, REMEASURE)  # decision REMEASURE: the runner-up's run starts
+    # (sparse-15, 1.82 / 2.4 ms); the 3-node tree, which cannot win, is never measured
+    assert chosen[-2] == 0 and chosen[-1] == 1 and 2 not in chosen
     assert p.choose(2) == 0  # the batch grows mid-run: bucket 2 measures the decided 63-node tree
 
 
