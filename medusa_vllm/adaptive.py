@@ -17,8 +17,8 @@ Two rules, chosen with the speculative config's ``adaptive_policy``:
   a change of choice and the steps around a prefill cost, and medians of a few steps are
   noisy, so a near tie goes to plain decoding, which costs about what vLLM's plain step does.
   Each choice is measured a few steps first (the choice the batch decodes already, unless a
-  measuring run, then the budget rule's, then no drafts, then the trees from the smallest up), except one that cannot
-  win: a step never costs less than a step of a smaller tree (or no drafts) in the same bucket,
+  measuring run, then the budget rule's, then no drafts, then the trees from the smallest up),
+  except one that cannot win: a step never costs less than a step of a smaller tree (or no drafts) in the same bucket,
   or than the same choice's step with fewer requests, so a choice whose τ over the dearest such
   bound is below the best score so far is skipped; a bucket the batch moves into measures little
   beyond the choice it brings. Every change of choice costs a transition step (its drafts were
@@ -132,7 +132,7 @@ class StepCosts:
 
     def seconds(self, num_reqs: int, choice: int) -> float | None:
         """Median seconds per step of ``choice`` at this batch size's bucket (None: unmeasured)."""
-        return self.seconds_in(bucket_of(num_reqs), choice)
+        return self._median.get((bucket_of(num_reqs), choice))
 
     def choose(self, num_reqs: int, start: int, tau: Callable[[int], float]) -> int:
         """The choice for the next step (see :meth:`_choose`), remembered: the next bucket the
@@ -144,10 +144,10 @@ class StepCosts:
         """A measuring run in progress, else the next unmeasured choice that could win (the
         last choice made on measurements, so that a batch moving into a new bucket keeps decoding
         what it decoded, not what a measuring run tried; then ``start``, no drafts, the trees
-        from the smallest up), else
-        the most tokens per second, no drafts' counted SPECULATION_MARGIN higher and the choice
-        of the step before kept within STICKY of the best (every change of choice costs a
-        transition step). Every REMEASURE decisions the runner-up is measured again instead."""
+        from the smallest up), else the most tokens per second, no drafts' counted
+        SPECULATION_MARGIN higher and the choice of the step before kept within STICKY of the
+        best (every change of choice costs a transition step). Every REMEASURE decisions the
+        runner-up is measured again instead."""
         b = bucket_of(num_reqs)
         run = self._runs.setdefault(b, [start, 0, 0, 0])
         run[2] += 1
@@ -178,13 +178,10 @@ class StepCosts:
 
     def _start_run(self, run: list[int], b: int, c: int) -> int:
         """A measuring run of ``c`` in bucket ``b`` starts with this step."""
-        if self.seconds_in(b, c) is None:
+        if (b, c) not in self._median:
             self._tries[(b, c)] = self._tries.get((b, c), 0) + 1
         run[0], run[1] = c, RUN - 1
         return c
-
-    def seconds_in(self, b: int, c: int) -> float | None:
-        return self._median.get((b, c))
 
     def _bound_score(self, c: int, b: int, tau_c: float) -> float:
         """The most tokens per second ``c`` could reach in bucket ``b``: τ over the least it can
@@ -201,9 +198,8 @@ class StepCosts:
     def table(self, label: Callable[[int], str] = str) -> dict[str, dict[str, float]]:
         """``{"5-6": {label(choice): ms, ...}, ...}``: measured ms per step (for stats)."""
         out: dict[str, dict[str, float]] = {}
-        for (b, c), s in sorted(self._seconds.items()):
-            if len(s) >= MIN_SAMPLES:
-                out.setdefault(bucket_label(b), {})[label(c)] = round(1e3 * statistics.median(s), 3)
+        for (b, c), median in sorted(self._median.items()):
+            out.setdefault(bucket_label(b), {})[label(c)] = round(1e3 * median, 3)
         return out
 
 
