@@ -197,7 +197,7 @@ class EngineBench:
         for b in batch_sizes:
             for _ in range(rounds):
                 s = time.perf_counter()
-                res, _ = self._decode(requests_for(self.prompts, b * max(steady, 1)), b)
+                res, _ = self._decode(requests_for(self.prompts, round_size(b, steady)), b)
                 tokens = sum(len(o.outputs[0].token_ids) for o in res)
                 self._warm.setdefault(b, []).append(tokens / (time.perf_counter() - s))
 
@@ -315,6 +315,11 @@ def requests_for(prompts: list[str], n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
+def round_size(b: int, steady: int) -> int:
+    """Requests in a round of batch size ``b``: b (closed rounds), or K × b with ``--steady K``."""
+    return b * max(steady, 1)
+
+
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
             sampling: dict, prompts_per_batch: dict[int, int],
             profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0, steady: int = 0) -> dict:
@@ -326,7 +331,7 @@ def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: in
     for b in batch_sizes:
         todo = requests_for(prompts, prompts_per_batch[b])
         bench.begin(b)
-        size = b * max(steady, 1)
+        size = round_size(b, steady)
         for r in range(0, len(todo), size):
             bench.round(todo[r : r + size], b)
         rows.append(bench.end())
@@ -378,7 +383,7 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
         for b in tqdm(args.batch_sizes, desc="batch sizes"):
             todo = requests_for(prompts, per_batch[b])
             each("begin", b)
-            order, size = list(live), b * max(steady, 1)
+            order, size = list(live), round_size(b, steady)
             for i, r in enumerate(range(0, len(todo), size)):
                 k = i % max(len(order), 1)
                 each("round", todo[r : r + size], b, configs=order[k:] + order[:k])
@@ -614,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     sampling = sampling_of(args)  # a bad --sampling-json stops here, before any engine starts
     if args.warmup_rounds < 0:
         sys.exit(f"--warmup-rounds {args.warmup_rounds}: give 0 (no warm-up rounds) or more")
+    if args.steady < 0:
+        sys.exit(f"--steady {args.steady}: give 0 (closed rounds of b requests) or K > 0 (rounds of K x b)")
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 16])
     args.configs = args.configs or (DEFAULT_CONFIGS if gpu else
                                     ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15", "adaptive"])
@@ -621,10 +628,8 @@ def main(argv: list[str] | None = None) -> None:
         args.configs.insert(0, "baseline")
     out = Path(args.out) if args.out else RESULTS / f"throughput_{device_tag()}.json"
     prompts = prompts_for(args)
-    if args.steady < 0:
-        sys.exit(f"--steady {args.steady}: give 0 (closed rounds of b requests) or K > 0 (rounds of K x b)")
-    per_batch = {b: (b * args.steady * args.rounds if args.steady else min(len(prompts) * 4, b * args.rounds))
-                 for b in args.batch_sizes}
+    per_batch = {b: (round_size(b, args.steady) * args.rounds if args.steady
+                     else min(len(prompts) * 4, b * args.rounds)) for b in args.batch_sizes}
     builtin = builtin_layout(heads, args.model, out.parent / ".work") if "builtin" in args.configs else None
 
     from tqdm import tqdm

@@ -285,6 +285,8 @@ def test_negative_warmup_rounds_is_a_clear_error():
 
     with pytest.raises(SystemExit, match="--warmup-rounds -1: give 0"):
         main(["--warmup-rounds", "-1", "--model", "m", "--heads", "h"])
+    with pytest.raises(SystemExit, match="--steady -2: give 0"):  # before any tokenizer or engine
+        main(["--steady", "-2", "--model", "m", "--heads", "h"])
 
 
 def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
