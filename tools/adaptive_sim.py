@@ -25,6 +25,7 @@ import json
 import random
 import sys
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,12 +53,19 @@ def cost_table(adaptive: dict):
     return cost
 
 
+def measured_policy(sizes: list[int], tau: dict[int, float]) -> AdaptiveTreePolicy:
+    """The measured rule over the preset trees of these sizes, starting from the τ the run
+    observed."""
+    policy = AdaptiveTreePolicy([get_tree(PRESETS[n]) for n in sizes], True, 0, "cuda", policy="measured")
+    policy.tau_prior = [tau[n] for n in sizes]
+    return policy
+
+
 def simulate(sizes: list[int], tau: dict[int, float], cost, num_reqs: int, steps: int, noise: float,
              seed: int) -> tuple[float, Counter]:
     """Tokens per second of the measured policy at a steady ``num_reqs``, and its choices."""
     rng = random.Random(seed)
-    policy = AdaptiveTreePolicy([get_tree(PRESETS[n]) for n in sizes], True, 0, "cuda", policy="measured")
-    policy.tau_prior = [tau[n] for n in sizes]  # the τ the run observed
+    policy = measured_policy(sizes, tau)
     tokens = seconds = 0.0
     chosen: Counter = Counter()
     for _ in range(steps):
@@ -71,13 +79,20 @@ def simulate(sizes: list[int], tau: dict[int, float], cost, num_reqs: int, steps
     return tokens / seconds, chosen
 
 
-def accepted_length(rng: random.Random, tau: float, depth: int) -> int:
-    """Tokens a request emits in one step: 1 + a run of accepted drafts (continuation
-    probability q, at most ``depth``), q chosen so that the mean is ``tau``."""
+@lru_cache(maxsize=None)
+def continuation(tau: float, depth: int) -> float:
+    """The q for which 1 + a run of accepted drafts (each next one with probability q, at
+    most ``depth``) averages ``tau`` tokens (bisection, once per tree)."""
     lo, hi = 0.0, 1.0
     for _ in range(40):
         q = (lo + hi) / 2
         lo, hi = (q, hi) if sum(q ** d for d in range(depth + 1)) < tau else (lo, q)
+    return q
+
+
+def accepted_length(rng: random.Random, tau: float, depth: int) -> int:
+    """Tokens a request emits in one step, averaging ``tau`` (:func:`continuation`)."""
+    q = continuation(tau, depth)
     n = 1
     while n <= depth and rng.random() < q:
         n += 1
@@ -90,8 +105,7 @@ def simulate_rounds(sizes: list[int], tau: dict[int, float], cost, batch_sizes: 
     """Tokens per second per batch size (rounds after the first) of the measured policy, or of
     the fixed choice ``fixed`` (a draft count, 0: none), and the number of changes of choice."""
     rng = random.Random(seed)
-    policy = AdaptiveTreePolicy([get_tree(PRESETS[n]) for n in sizes], True, 0, "cuda", policy="measured")
-    policy.tau_prior = [tau[n] for n in sizes]
+    policy = measured_policy(sizes, tau)
     depth = {n: get_tree(PRESETS[n]).depth for n in sizes}
     acc: dict[int, list[float]] = {}
     prev, changes = fixed, 0
