@@ -382,3 +382,5 @@ def test_simulated_rounds_drain_through_buckets_and_charge_transitions(capsys):
     charged, n = sim.simulate_rounds([63, 15], tau, cost, transition=1.0, **args)
     assert n > 0 and charged[1] < free[1]
     assert free[1] / fixed63[1] > 0.85 and free[64] / plain[64] > 0.85  # near the best of each
+    with pytest.raises(SystemExit, match="give --rounds 0"):  # one round is all warm-up
+        sim.main(["unused.json", "--rounds", "1"])

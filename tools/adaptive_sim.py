@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transition", type=float, default=0.0, help="extra cost of a change of choice, "
                     "in steps of the new choice (--rounds)")
     args = ap.parse_args(argv)
+    if args.rounds < 0 or args.rounds == 1 or args.transition < 0 or args.max_tokens < 1:
+        sys.exit(f"--rounds {args.rounds} / --transition {args.transition} / --max-tokens {args.max_tokens}: "
+                 "give --rounds 0 (a steady batch) or 2 and more (the first is a warm-up), "
+                 "--transition 0 or more, --max-tokens 1 or more")
     stats = json.loads(Path(args.result).read_text())["summary"].get("medusa_stats") or {}
     name = args.config or next((c for c in stats if c.startswith("adaptive")), None)
     adaptive = (stats.get(name) or {}).get("adaptive") if name else None
