@@ -54,10 +54,21 @@ def install(worker) -> None:
         if hasattr(runner, name):
             timed(name)
     compiles = _watch_compiles()  # JIT compiles (Triton kernels, dynamo frames) in the step
+    graph: list[str] = []  # V2 runner: the CUDA graph each forward dispatched to ("FULL:4096", "NONE:4160")
+    manager = getattr(runner, "cudagraph_manager", None)
+    if manager is not None and hasattr(manager, "dispatch"):
+        dispatch = manager.dispatch
+
+        def traced_dispatch(*a, **k):
+            desc = dispatch(*a, **k)
+            graph.append(f"{getattr(desc.cg_mode, 'name', desc.cg_mode)}:{desc.num_tokens}")
+            return desc
+        manager.dispatch = traced_dispatch
 
     def execute_model(so, *a, **k):
         cur.clear()
         compiles.clear()
+        graph.clear()
         t0 = time.perf_counter()
         paths = getattr(runner, "medusa_paths", None)
         before = dict(paths.counts) if paths is not None else {}
@@ -72,6 +83,8 @@ def install(worker) -> None:
         else:
             rec["key"] = "prefill" if rec["new"] or rec["q"] > 1 else "decode"
         rec["parts"] = cur.copy()
+        if graph:
+            rec["graph"] = graph[-1]
         log.append(rec)
         return out
 
@@ -170,8 +183,8 @@ def dump(worker) -> list[dict]:
 
 
 def run_config(kw: dict, prompts: list[str], batch_sizes: list[int], rounds: int,
-               max_tokens: int) -> dict:
-    from benchmarks.throughput import EngineBench, requests_for
+               max_tokens: int, steady: int = 0) -> dict:
+    from benchmarks.throughput import EngineBench, requests_for, round_size
 
     bench = EngineBench(kw, prompts, max_tokens, {})
     bench.warmup(batch_sizes)
@@ -179,11 +192,12 @@ def run_config(kw: dict, prompts: list[str], batch_sizes: list[int], rounds: int
     llm.collective_rpc(install)
     marks = []
     for b in batch_sizes:
-        todo = requests_for(prompts, b * rounds)
+        n = round_size(b, steady)  # b (a closed round), or K x b at most b at a time (--steady K)
+        todo = requests_for(prompts, n * rounds)
         for r in range(rounds):
             m0 = llm.collective_rpc(mark)[0]
             s = time.perf_counter()
-            llm.generate(todo[r * b : (r + 1) * b], bench.sp, use_tqdm=False)
+            bench._decode(todo[r * n : (r + 1) * n], b)
             marks.append({"b": b, "round": r, "wall": time.perf_counter() - s, "start": s,
                           "first": m0, "end": llm.collective_rpc(mark)[0]})
     from medusa_vllm.vllm_plugin import adaptive_summary
@@ -204,8 +218,10 @@ def report(name: str, res: dict, top: int) -> dict:
             nxt = steps[i + 1]["t0"] if i + 1 < len(steps) else None
             s["interval_ms"] = 1e3 * (nxt - s["t0"]) if nxt else None
             s["host_ms"] = 1e3 * ((s["t1"] - s["t0"]) + (s.get("s1", 0) - s.get("s0", 0)))
-            e = by.setdefault(s["key"], [0, 0.0, 0.0, {}])
+            e = by.setdefault(s["key"], [0, 0.0, 0.0, {}, {}])
             e[0] += 1
+            mode = s.get("graph", "").split(":")[0] or "-"
+            e[4][mode] = e[4].get(mode, 0) + 1
             e[1] += s["interval_ms"] or 0.0
             e[2] += s["host_ms"]
             for n, v in s.get("parts", {}).items():
@@ -214,9 +230,9 @@ def report(name: str, res: dict, top: int) -> dict:
         slow = sorted((s for s in steps if s["interval_ms"]), key=lambda s: -s["interval_ms"])[:top]
         row = {"config": name, "b": m["b"], "round": m["round"], "wall_ms": 1e3 * m["wall"],
                "steps": len(steps), "lead_ms": lead,
-               "by_key": {k: {"steps": n, "interval_ms": round(t, 2), "host_ms": round(h, 2),
+               "by_key": {k: {"steps": n, "interval_ms": round(t, 2), "host_ms": round(h, 2), "graphs": modes,
                               "parts_ms_per_step": {p: round(1e3 * v / n, 3) for p, v in parts.items()}}
-                          for k, (n, t, h, parts) in sorted(by.items())},
+                          for k, (n, t, h, parts, modes) in sorted(by.items())},
                "slowest": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in s.items()
                             if k not in ("t0", "t1", "s0", "s1")} for s in slow]}
         out.append(row)
@@ -224,7 +240,7 @@ def report(name: str, res: dict, top: int) -> dict:
               f"{len(steps)} steps, first step after {lead or 0:.1f} ms", flush=True)
         for k, v in row["by_key"].items():
             print(f"{'':>20}{k:>8}: {v['steps']:>4} steps {v['interval_ms']:9.1f} ms "
-                  f"(host {v['host_ms']:8.1f}) parts/step {v['parts_ms_per_step']}")
+                  f"(host {v['host_ms']:8.1f}) graphs {v['graphs']} parts/step {v['parts_ms_per_step']}")
         for s in row["slowest"]:
             print(f"{'':>20}slow: {s}")
     return {"rounds": out, "adaptive": res["adaptive"]}
@@ -238,6 +254,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--steady", type=int, default=0, metavar="K",
+                    help="rounds of K x b requests, at most b decoding at a time (throughput.py --steady)")
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -256,7 +274,7 @@ def main() -> None:
     results = {}
     for name in args.configs:
         kw, env = engine_for(targs, name, args.heads, None, torch.cuda.is_available())
-        res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens,
+        res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens, args.steady,
                            env=env | {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
         results[name] = report(name, res, args.top)
     write_envelope(Path(args.out), "step_log", vars(args) | {"log": "per round: steps by kind, slowest steps"},
