@@ -25,7 +25,8 @@ import torch
 
 _RUNTIME_CALLS = ("cudaGraphLaunch", "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                   "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaEventSynchronize",
-                  "cudaDeviceSynchronize", "cudaStreamWaitEvent")
+                  "cudaDeviceSynchronize", "cudaStreamWaitEvent", "cudaMalloc", "cudaFree",
+                  "aten::_local_scalar_dense")
 _STEP_REGION = "gpu_model_runner: forward"
 
 
