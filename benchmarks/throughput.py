@@ -27,7 +27,10 @@ Each batch size b runs rounds of b requests (``ignore_eos``, fixed ``--max-token
 decode together and the batch drains as they finish (a speculative batch over several steps: its
 requests accept different lengths); ``--steady K`` makes a round K × b requests with at most b
 decoding at a time, a finished request's slot refilled at once (what a server's queue does), so
-the batch stays full but for each round's last requests. Measured after ``--warmup-rounds``
+the batch stays full but for each round's last requests; ``--length-spread F`` gives each request
+its own output length (max-tokens × [1 − F, 1 + F], seeded by its place in the round, the same for
+every configuration), so that without speculation too requests end, and are replaced, at
+different steps, as a server's do. Measured after ``--warmup-rounds``
 (default 1) unmeasured rounds of each batch size
 (one-off compiles and the load-adaptive tree's first measurements stay out of the numbers; their
 tokens/s are kept as ``warmup_round_tokens_per_s``); tokens/s is the median over the rounds (each round's rate is kept: the same
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -170,7 +174,8 @@ class EngineBench:
     own process (:func:`measure` runs it whole; ``--interleave`` calls it through
     ``benchmarks.common.Isolated``, one per configuration, taking turns)."""
 
-    def __init__(self, kw: dict, prompts: list[str], max_tokens: int, sampling: dict) -> None:
+    def __init__(self, kw: dict, prompts: list[str], max_tokens: int, sampling: dict,
+                 length_spread: float = 0.0) -> None:
         from vllm import LLM, SamplingParams
 
         t0 = time.perf_counter()
@@ -178,6 +183,8 @@ class EngineBench:
         self.engine_start_s = time.perf_counter() - t0
         self.kw, self.prompts, self.sampling = kw, prompts, sampling  # SamplingParams keywords
         self.sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **sampling)
+        self.length_spread = length_spread
+        self._by_length: dict[int, object] = {}  # max_tokens -> SamplingParams (--length-spread)
         self._acc: dict | None = None
         self._warm: dict[int, list[float]] = {}  # batch size -> warm-up rounds' tokens/s
         self._next_id = 0
@@ -201,6 +208,18 @@ class EngineBench:
                 tokens = sum(len(o.outputs[0].token_ids) for o in res)
                 self._warm.setdefault(b, []).append(tokens / (time.perf_counter() - s))
 
+    def params(self, i: int):
+        """SamplingParams of a round's i-th request: ``self.sp``, with ``--length-spread`` its
+        own output length (:func:`request_max_tokens`)."""
+        if not self.length_spread:
+            return self.sp
+        n = request_max_tokens(i, self.sp.max_tokens, self.length_spread)
+        if n not in self._by_length:
+            from vllm import SamplingParams
+
+            self._by_length[n] = SamplingParams(max_tokens=n, ignore_eos=True, seed=0, **self.sampling)
+        return self._by_length[n]
+
     def _decode(self, chunk: list[str], concurrency: int) -> tuple[list, list[float]]:
         """``chunk`` decoded at most ``concurrency`` requests at a time: the outputs in order and
         each request's seconds from its admission to its end. With the whole chunk at once it is
@@ -208,7 +227,8 @@ class EngineBench:
         slot goes to the next one at once, as a server's queue refills its batch."""
         if len(chunk) <= concurrency:
             s = time.perf_counter()
-            res = self.llm.generate(chunk, self.sp, use_tqdm=False)
+            sp = [self.params(i) for i in range(len(chunk))] if self.length_spread else self.sp
+            res = self.llm.generate(chunk, sp, use_tqdm=False)
             return res, [time.perf_counter() - s] * len(res)
         engine, todo = self.llm.llm_engine, list(enumerate(chunk))
         admitted: dict[str, tuple[int, float]] = {}  # request id -> (index in chunk, admission)
@@ -217,7 +237,7 @@ class EngineBench:
             while todo and len(admitted) - len(done) < concurrency:
                 i, prompt = todo.pop(0)
                 rid = f"steady-{self._next_id}"  # outputs carry it (add_request returns vLLM's own id)
-                engine.add_request(rid, prompt, self.sp)
+                engine.add_request(rid, prompt, self.params(i))
                 self._next_id += 1
                 admitted[rid] = (i, time.perf_counter())
             for out in engine.step():
@@ -311,8 +331,29 @@ def sampling_of(args) -> dict:
     return {"temperature": args.temperature, **extra}
 
 
+def tool_args(model: str, batch_sizes: list[int], temperature: float = 0.0) -> argparse.Namespace:
+    """This benchmark's arguments as the GPU tools that replay its rounds build their engines
+    and requests (tools/gpu/step_log.py, tools/gpu/mixed_profile.py): its defaults, greedy
+    unless ``temperature`` (:func:`sampling_of`)."""
+    return argparse.Namespace(model=model, batch_sizes=batch_sizes, max_model_len=2048, gpu_memory_utilization=0.3,
+                              acceptance="rejection", adaptive_tree="default-63", adaptive_max_tokens=0,
+                              builtin_k=4, num_prompts=80, tensor_parallel_size=1,
+                              distributed_executor_backend=None, temperature=temperature, sampling_json=None)
+
+
 def requests_for(prompts: list[str], n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def request_max_tokens(i: int, max_tokens: int, spread: float) -> int:
+    """Output length of a round's i-th request: ``max_tokens``, or with ``--length-spread F``
+    one drawn uniformly from max_tokens x [1 - F, 1 + F], seeded by i (every configuration and
+    round gets the same lengths): requests then end at different steps without speculation too,
+    as a server's do (with one length, a plain batch ends all at once and refills in one step)."""
+    if not spread:
+        return max_tokens
+    u = random.Random(i).random()
+    return max(1, round(max_tokens * (1 + spread * (2 * u - 1))))
 
 
 def round_size(b: int, steady: int) -> int:
@@ -322,10 +363,11 @@ def round_size(b: int, steady: int) -> int:
 
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
             sampling: dict, prompts_per_batch: dict[int, int],
-            profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0, steady: int = 0) -> dict:
+            profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0, steady: int = 0,
+            length_spread: float = 0.0) -> dict:
     """Runs in its own process: one engine, every batch size, round after round (``steady``
     K > 0: rounds of K × b requests, b at a time)."""
-    bench = EngineBench(kw, prompts, max_tokens, sampling)
+    bench = EngineBench(kw, prompts, max_tokens, sampling, length_spread)
     bench.warmup(batch_sizes, warmup_rounds, steady)
     rows = []
     for b in batch_sizes:
@@ -374,7 +416,7 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
         for config, (kw, env) in tqdm(engines.items(), desc="engines"):  # one start at a time
             try:
                 live[config] = Isolated(bench_cls or EngineBench, kw, prompts, args.max_tokens,
-                                        sampling, env=env)
+                                        sampling, getattr(args, "length_spread", 0.0), env=env)
                 results[config] = {"engine_start_s": None, "rows": []}
             except Exception as e:  # noqa: BLE001
                 fail(config, e)
@@ -494,7 +536,8 @@ def headline(rows: list[dict], interleaved: bool, identical: list[bool], medusa_
 
 # what must agree between runs that --merge puts in one result
 MERGE_SAME = ("model", "heads", "max_tokens", "temperature", "sampling_json", "num_prompts", "acceptance",
-              "max_model_len", "interleave")
+              "max_model_len", "interleave", "steady", "length_spread")
+MERGE_DEFAULTS = {"steady": 0, "length_spread": 0.0}  # what a run from before the option ran
 
 
 def merge(paths: list[str], out: Path) -> tuple[list, dict]:
@@ -504,7 +547,8 @@ def merge(paths: list[str], out: Path) -> tuple[list, dict]:
     ``config#run`` (run = its place in ``paths``, from 1); the summary is recomputed."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     for key in ("device", *(f"config.{k}" for k in MERGE_SAME)):
-        seen = {json.dumps(r[key] if key == "device" else r["config"].get(key.split(".", 1)[1]))
+        name = key.split(".", 1)[-1]
+        seen = {json.dumps(r[key] if key == "device" else r["config"].get(name, MERGE_DEFAULTS.get(name)))
                 for r in runs}
         if len(seen) > 1:
             raise SystemExit(f"throughput.py --merge: the runs differ in {key} ({', '.join(sorted(seen))}); "
@@ -580,6 +624,11 @@ def main(argv: list[str] | None = None) -> None:
                          "slot refilled at once, as a server's queue does): the batch stays full but "
                          "for the round's last requests. 0 (default): closed rounds of b requests, "
                          "which drain as their requests finish")
+    ap.add_argument("--length-spread", type=float, default=0.0, metavar="F",
+                    help="each request's output length drawn from max-tokens x [1-F, 1+F] (seeded by its "
+                         "place in the round: the same for every configuration), so requests end at "
+                         "different steps without speculation too, as a server's do; 0 (default): all "
+                         "--max-tokens")
     ap.add_argument("--warmup-rounds", type=int, default=1,
                     help="whole rounds per batch size and configuration run before the measured "
                          "ones (their tokens/s kept in the rows as warmup_round_tokens_per_s)")
@@ -621,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--warmup-rounds {args.warmup_rounds}: give 0 (no warm-up rounds) or more")
     if args.steady < 0:
         sys.exit(f"--steady {args.steady}: give 0 (closed rounds of b requests) or K > 0 (rounds of K x b)")
+    if not 0 <= args.length_spread < 1:
+        sys.exit(f"--length-spread {args.length_spread}: give F in [0, 1) (lengths max-tokens x [1-F, 1+F])")
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 16])
     args.configs = args.configs or (DEFAULT_CONFIGS if gpu else
                                     ["baseline", "builtin", "medusa:chain-4", "medusa:sparse-15", "adaptive"])
@@ -650,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
                                                sampling, per_batch, (), args.warmup_rounds, args.steady,
-                                               env=env)
+                                               args.length_spread, env=env)
             except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
                 print(f"[{config}] failed: {e}", file=sys.stderr)
                 results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}

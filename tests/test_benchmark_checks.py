@@ -97,7 +97,7 @@ class FakeBench:
     """EngineBench's protocol without an engine: a round's rate is a function of the config and
     of how many rounds this process ran; each process has its own state."""
 
-    def __init__(self, kw, prompts, max_tokens, temperature):
+    def __init__(self, kw, prompts, max_tokens, temperature, length_spread=0.0):
         self.rate, self.rounds, self.rows = kw["rate"], 0, []
         if kw.get("broken") == "start":
             raise ValueError("engine did not start")
@@ -228,8 +228,9 @@ class MeasuredBench(FakeBench):
     """FakeBench as ``benchmarks.throughput.measure`` drives it: SamplingParams keywords (a dict,
     as EngineBench takes them), rows with tokens and seconds, ``finish(profile batch sizes)``."""
 
-    def __init__(self, kw, prompts, max_tokens, sampling):
+    def __init__(self, kw, prompts, max_tokens, sampling, length_spread=0.0):
         assert isinstance(sampling, dict) and sampling["temperature"] >= 0.0, sampling
+        assert 0.0 <= length_spread < 1, length_spread
         super().__init__(kw, prompts, max_tokens, sampling)
         self.max_tokens = max_tokens
 
@@ -287,6 +288,9 @@ def test_negative_warmup_rounds_is_a_clear_error():
         main(["--warmup-rounds", "-1", "--model", "m", "--heads", "h"])
     with pytest.raises(SystemExit, match="--steady -2: give 0"):  # before any tokenizer or engine
         main(["--steady", "-2", "--model", "m", "--heads", "h"])
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit, match=f"--length-spread {float(bad)}: give F in"):
+            main(["--length-spread", bad, "--model", "m", "--heads", "h"])
 
 
 def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
@@ -331,6 +335,12 @@ def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
         merge([a, run("c", {"baseline": ({"rate": 1.0}, {})}, device="GPU Y")], tmp_path / "x.json")
     with pytest.raises(SystemExit, match="max_tokens"):
         merge([a, run("d", {"baseline": ({"rate": 1.0}, {})}, max_tokens=8)], tmp_path / "x.json")
+    # closed rounds and --steady rounds do not mix; a run from before the options ran their defaults
+    with pytest.raises(SystemExit, match="steady"):
+        merge([a, run("e", {"baseline": ({"rate": 1.0}, {})}, steady=4)], tmp_path / "x.json")
+    with pytest.raises(SystemExit, match="length_spread"):
+        merge([a, run("f", {"baseline": ({"rate": 1.0}, {})}, length_spread=0.5)], tmp_path / "x.json")
+    merge([a, run("g", {"baseline": ({"rate": 1.0}, {})}, steady=0, length_spread=0.0)], tmp_path / "x.json")
 
 
 def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
@@ -367,6 +377,7 @@ def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
 
     bench = EngineBench.__new__(EngineBench)
     bench.llm, bench.sp, bench._next_id = SimpleNamespace(llm_engine=Engine()), None, 0
+    bench.length_spread = 0.0
     chunk = ["aaa", "a", "a", "aa", "a", "aaaa"]
     res, latencies = bench._decode(chunk, 2)
     engine = bench.llm.llm_engine
@@ -374,3 +385,67 @@ def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
     assert [o.outputs[0].token_ids[0] for o in res] == [f"steady-{i}" for i in range(6)]
     # 2 slots: "aaa" runs steps 1-3 beside "a" (1), "a" (2), "aa" (3-4); then "a" (4), "aaaa" (5-8)
     assert engine.steps == 8
+
+
+def _tool(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"tools/gpu/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_tools_replay_the_benchmark_greedy_unless_told():
+    """tools/gpu/step_log.py and mixed_profile.py send their requests as throughput.py does:
+    greedy unless --temperature (step_log once left vLLM's default, temperature 1.0, seeded)."""
+    from benchmarks.throughput import sampling_of, tool_args
+
+    base = ["--model", "m", "--heads", "h", "--out", "o"]
+    for name in ("step_log", "mixed_profile"):
+        parser = _tool(name).parser()
+        args = parser.parse_args(base)
+        sizes = getattr(args, "batch_sizes", [getattr(args, "batch_size", 1)])
+        assert sampling_of(tool_args(args.model, sizes, args.temperature)) == {"temperature": 0.0}, name
+        args = parser.parse_args([*base, "--temperature", "0.7"])
+        assert sampling_of(tool_args(args.model, sizes, args.temperature)) == {"temperature": 0.7}, name
+
+
+def test_length_spread_gives_each_request_its_own_seeded_length():
+    """--length-spread F: request i of every round asks max_tokens x [1-F, 1+F], the same for every
+    configuration (seeded by i); with F = 0 every request asks max_tokens; the steady loop hands
+    each request its own SamplingParams."""
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import EngineBench, request_max_tokens
+
+    assert [request_max_tokens(i, 128, 0.0) for i in range(5)] == [128] * 5
+    lengths = [request_max_tokens(i, 128, 0.5) for i in range(400)]
+    assert lengths == [request_max_tokens(i, 128, 0.5) for i in range(400)]  # seeded
+    assert min(lengths) >= 64 and max(lengths) <= 192 and len(set(lengths)) > 50
+    assert abs(sum(lengths) / len(lengths) - 128) < 6  # the mean stays near --max-tokens
+
+    class Engine:
+        def __init__(self):
+            self.asked, self.live = {}, set()
+
+        def add_request(self, rid, prompt, params):
+            self.asked[rid], _ = params.max_tokens, self.live.add(rid)
+
+        def has_unfinished_requests(self):
+            return bool(self.live)
+
+        def step(self):
+            rid = min(self.live)
+            self.live.discard(rid)
+            return [SimpleNamespace(request_id=rid, finished=True, outputs=[SimpleNamespace(token_ids=[1])])]
+
+    bench = EngineBench.__new__(EngineBench)
+    bench.llm, bench._next_id = SimpleNamespace(llm_engine=Engine()), 0
+    bench.sp, bench.sampling, bench.length_spread, bench._by_length = SimpleNamespace(max_tokens=16), {}, 0.5, {}
+    bench._decode(["p"] * 6, 2)
+    assert list(bench.llm.llm_engine.asked.values()) == [request_max_tokens(i, 16, 0.5) for i in range(6)]
+    assert bench.params(3) is bench.params(3)  # one SamplingParams per length
+    bench.length_spread = 0.0
+    assert bench.params(3) is bench.sp

@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def run(kw: dict, prompts: list[str], b: int, steady: int, max_tokens: int) -> dict:
+def run(kw: dict, prompts: list[str], b: int, steady: int, max_tokens: int, sampling: dict) -> dict:
     from benchmarks.throughput import EngineBench, requests_for, round_size
     from medusa_vllm.profiling import start_profile, stop_profile
 
-    bench = EngineBench(kw, prompts, max_tokens, {})
+    bench = EngineBench(kw, prompts, max_tokens, sampling)
     bench.warmup([b], 1, steady)
     llm = bench.llm
     out = {}
@@ -36,7 +36,7 @@ def run(kw: dict, prompts: list[str], b: int, steady: int, max_tokens: int) -> d
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--heads", required=True)
@@ -44,22 +44,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steady", type=int, default=2, metavar="K")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="of every request (default: greedy)")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.steady < 2:
         sys.exit(f"--steady {args.steady}: give K >= 2 (K x b requests, at most b at a time)")
     import torch
 
     from benchmarks.common import run_isolated, write_envelope
-    from benchmarks.throughput import engine_for, prompts_for
+    from benchmarks.throughput import engine_for, prompts_for, sampling_of, tool_args
 
-    targs = argparse.Namespace(model=args.model, batch_sizes=[args.batch_size], max_model_len=2048,
-                               gpu_memory_utilization=0.3, acceptance="rejection",
-                               adaptive_tree="default-63", adaptive_max_tokens=0, builtin_k=4,
-                               num_prompts=80, tensor_parallel_size=1, distributed_executor_backend=None)
+    targs = tool_args(args.model, [args.batch_size], args.temperature)
     prompts = prompts_for(targs)
     kw, env = engine_for(targs, args.config, args.heads, None, torch.cuda.is_available())
-    res = run_isolated(run, kw, prompts, args.batch_size, args.steady, args.max_tokens,
+    res = run_isolated(run, kw, prompts, args.batch_size, args.steady, args.max_tokens, sampling_of(targs),
                        env=env | {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CUSTOM_SCOPES_FOR_PROFILING": "1"})
     def f(x, spec=".3f"):
         return "-" if x is None else format(x, spec)

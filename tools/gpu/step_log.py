@@ -183,10 +183,10 @@ def dump(worker) -> list[dict]:
 
 
 def run_config(kw: dict, prompts: list[str], batch_sizes: list[int], rounds: int,
-               max_tokens: int, steady: int = 0) -> dict:
+               max_tokens: int, steady: int = 0, sampling: dict | None = None) -> dict:
     from benchmarks.throughput import EngineBench, requests_for, round_size
 
-    bench = EngineBench(kw, prompts, max_tokens, {})
+    bench = EngineBench(kw, prompts, max_tokens, sampling or {"temperature": 0.0})
     bench.warmup(batch_sizes)
     llm = bench.llm
     llm.collective_rpc(install)
@@ -246,7 +246,7 @@ def report(name: str, res: dict, top: int) -> dict:
     return {"rounds": out, "adaptive": res["adaptive"]}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--heads", required=True)
@@ -256,25 +256,28 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steady", type=int, default=0, metavar="K",
                     help="rounds of K x b requests, at most b decoding at a time (throughput.py --steady)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="of every request (throughput.py's default: greedy; before 2026-12-06 this tool "
+                         "left vLLM's default, 1.0, seeded)")
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # callables over collective_rpc
     import torch
 
     from benchmarks.common import run_isolated, write_envelope
-    from benchmarks.throughput import engine_for, prompts_for
+    from benchmarks.throughput import engine_for, prompts_for, sampling_of, tool_args
 
-    targs = argparse.Namespace(model=args.model, batch_sizes=args.batch_sizes, max_model_len=2048,
-                               gpu_memory_utilization=0.3, acceptance="rejection",
-                               adaptive_tree="default-63", adaptive_max_tokens=0, builtin_k=4,
-                               num_prompts=80, tensor_parallel_size=1,
-                               distributed_executor_backend=None)
+    targs = tool_args(args.model, args.batch_sizes, args.temperature)
     prompts = prompts_for(targs)
     results = {}
     for name in args.configs:
         kw, env = engine_for(targs, name, args.heads, None, torch.cuda.is_available())
-        res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens, args.steady,
+        res = run_isolated(run_config, kw, prompts, args.batch_sizes, args.rounds, args.max_tokens, args.steady, sampling_of(targs),
                            env=env | {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
         results[name] = report(name, res, args.top)
     write_envelope(Path(args.out), "step_log", vars(args) | {"log": "per round: steps by kind, slowest steps"},
