@@ -86,6 +86,9 @@ def config_env(name: str) -> tuple[str, dict]:
     return config, env
 
 
+GPU_ATTENTION = {"triton": "TRITON_ATTN", "flash": "FLASH_ATTN"}  # --attention -> vLLM's backend name
+
+
 def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> dict:
     import torch
 
@@ -95,7 +98,9 @@ def engine_kwargs(args, config: str, heads: str, builtin_heads: str | None) -> d
     if gpu:
         kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
         if not config.startswith(("medusa", "adaptive")):
-            kw["attention_backend"] = "TRITON_ATTN"  # FlashAttention is not carried to the GPU box
+            # vLLM's own configurations: --attention (the GPU kit carries FlashAttention only when
+            # tools/gpu/stage_fa3.sh staged it); medusa_vllm's parent backend follows it (engine_for)
+            kw["attention_backend"] = GPU_ATTENTION[getattr(args, "attention", "triton")]
     else:
         kw.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2)
     if config == "builtin":
@@ -135,6 +140,8 @@ def engine_for(args, name: str, heads: str, builtin: str | None, gpu: bool) -> t
     settings, e.g. medusa-async:default-63+MEDUSA_VLLM_KV_MOVE=graph)."""
     config, env = config_env(name)
     env.update({"VLLM_USE_V2_MODEL_RUNNER": "0"} if config == "baseline-v1async" else {})
+    if gpu and getattr(args, "attention", "triton") != "triton" and "MEDUSA_VLLM_PARENT_ATTENTION" not in env:
+        env["MEDUSA_VLLM_PARENT_ATTENTION"] = args.attention  # prefill chunks beside the tree kernel
     if not gpu:
         env.update(cpu_tp_env(args.tensor_parallel_size))
         if getattr(args, "interleave", False) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -331,14 +338,16 @@ def sampling_of(args) -> dict:
     return {"temperature": args.temperature, **extra}
 
 
-def tool_args(model: str, batch_sizes: list[int], temperature: float = 0.0) -> argparse.Namespace:
+def tool_args(model: str, batch_sizes: list[int], temperature: float = 0.0,
+              attention: str = "triton") -> argparse.Namespace:
     """This benchmark's arguments as the GPU tools that replay its rounds build their engines
     and requests (tools/gpu/step_log.py, tools/gpu/mixed_profile.py): its defaults, greedy
     unless ``temperature`` (:func:`sampling_of`)."""
     return argparse.Namespace(model=model, batch_sizes=batch_sizes, max_model_len=2048, gpu_memory_utilization=0.3,
                               acceptance="rejection", adaptive_tree="default-63", adaptive_max_tokens=0,
                               builtin_k=4, num_prompts=80, tensor_parallel_size=1,
-                              distributed_executor_backend=None, temperature=temperature, sampling_json=None)
+                              distributed_executor_backend=None, temperature=temperature, sampling_json=None,
+                              attention=attention)
 
 
 def requests_for(prompts: list[str], n: int) -> list[str]:
@@ -536,8 +545,9 @@ def headline(rows: list[dict], interleaved: bool, identical: list[bool], medusa_
 
 # what must agree between runs that --merge puts in one result
 MERGE_SAME = ("model", "heads", "max_tokens", "temperature", "sampling_json", "num_prompts", "acceptance",
-              "max_model_len", "interleave", "steady", "length_spread")
-MERGE_DEFAULTS = {"steady": 0, "length_spread": 0.0}  # what a run from before the option ran
+              "max_model_len", "interleave", "steady", "length_spread", "attention")
+# what a run from before the option ran
+MERGE_DEFAULTS = {"steady": 0, "length_spread": 0.0, "attention": "triton"}
 
 
 def merge(paths: list[str], out: Path) -> tuple[list, dict]:
@@ -624,6 +634,11 @@ def main(argv: list[str] | None = None) -> None:
                          "slot refilled at once, as a server's queue does): the batch stays full but "
                          "for the round's last requests. 0 (default): closed rounds of b requests, "
                          "which drain as their requests finish")
+    ap.add_argument("--attention", default="triton", choices=sorted(GPU_ATTENTION),
+                    help="GPU: vLLM's attention backend for the configurations without medusa_vllm, and "
+                         "medusa_vllm's backend beside its tree kernel (prefill chunks): triton "
+                         "(TRITON_ATTN, default: the GPU kit's) or flash (FLASH_ATTN: FlashAttention 3, "
+                         "vLLM's own choice on an H100; the kit carries it after tools/gpu/stage_fa3.sh)")
     ap.add_argument("--length-spread", type=float, default=0.0, metavar="F",
                     help="each request's output length drawn from max-tokens x [1-F, 1+F] (seeded by its "
                          "place in the round: the same for every configuration), so requests end at "

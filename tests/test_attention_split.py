@@ -126,3 +126,54 @@ def test_a_v2_capture_of_plain_decoding_builds_vllms_metadata():
     assert _split_build(SimpleNamespace(medusa=ctx), _vllm_build, 0, plain, False) == "vllm"
     tree = SimpleNamespace(**{**vars(_cm(2)), "max_query_len": Q})
     assert isinstance(_split_build(SimpleNamespace(medusa=ctx), _vllm_build, 0, tree, False), MedusaMetadata)
+
+
+# ----------------------------------------------------------------------------- GPU parent backends
+@pytest.mark.parametrize("parent", ["triton", "flash"])
+def test_tree_backends_wrap_vllms_gpu_backends(parent):
+    """The CUSTOM backend over TRITON_ATTN or FLASH_ATTN (MEDUSA_VLLM_PARENT_ATTENTION): vLLM's
+    classes underneath, our split on top, FULL graphs for uniform batches only, and classes
+    found by the path the plugin registers (vLLM resolves it by name in every process)."""
+    import importlib
+    import pickle
+
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from medusa_vllm.vllm_plugin import parent_attention_path
+    from medusa_vllm.vllm_plugin.attention import TreeImplMixin
+
+    path = parent_attention_path(parent)
+    module, name = path.rsplit(".", 1)
+    backend = getattr(importlib.import_module(module), name)
+    vllm_name = {"triton": "TRITON_ATTN", "flash": "FLASH_ATTN"}[parent]
+    assert backend.get_name() == "CUSTOM" and backend.__mro__[1].get_name() == vllm_name
+    impl, builder = backend.get_impl_cls(), backend.get_builder_cls()
+    assert issubclass(impl, TreeImplMixin) and impl.__mro__[2].__module__.startswith("vllm.")
+    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_BATCH
+    for cls in (backend, impl, builder):
+        assert pickle.loads(pickle.dumps(cls)) is cls and cls.__qualname__.startswith("Medusa")
+
+
+def test_tree_kernel_views_are_the_caches_vllms_backends_write():
+    """The tree kernel's K and V views of a layer's cache are the ones vLLM's FLASH_ATTN and
+    TRITON_ATTN write (both split the packed [nb, H, bs, 2D] cache the same way in 0.26)."""
+    from medusa_vllm.vllm_plugin.attention_gpu import packed_kv_views
+
+    nb, h, bs, d = 3, 2, 16, 8
+    cache = torch.randn(nb, bs, h, 2 * d).transpose(1, 2)  # physical [nb, bs, H, 2D]
+    k, v = packed_kv_views(cache)
+    k_vllm, v_vllm = cache.transpose(1, 2).split(d, dim=-1)  # FlashAttentionImpl.do_kv_cache_update
+    assert k.shape == (nb, bs, h, d) and torch.equal(k, k_vllm) and torch.equal(v, v_vllm)
+    assert k.data_ptr() == cache.data_ptr() and v.data_ptr() == cache.data_ptr() + d * cache.element_size()
+
+
+def test_parent_attention_choice_is_checked(monkeypatch):
+    from medusa_vllm.vllm_plugin import parent_attention_path
+
+    monkeypatch.delenv("MEDUSA_VLLM_PARENT_ATTENTION", raising=False)
+    assert parent_attention_path().endswith("attention_triton.MedusaTritonBackend")
+    monkeypatch.setenv("MEDUSA_VLLM_PARENT_ATTENTION", "flash")
+    assert parent_attention_path().endswith("attention_flash.MedusaFlashBackend")
+    monkeypatch.setenv("MEDUSA_VLLM_PARENT_ATTENTION", "flashinfer")
+    with pytest.raises(ValueError, match="MEDUSA_VLLM_PARENT_ATTENTION='flashinfer': give one of"):
+        parent_attention_path()

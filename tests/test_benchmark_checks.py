@@ -82,6 +82,30 @@ def test_throughput_configurations_map_to_engine_settings():
     assert spec("builtin") == {"method": "medusa", "model": "b", "num_speculative_tokens": 4}
 
 
+def test_attention_option_sets_vllms_backend_and_the_tree_backends_parent(monkeypatch):
+    """--attention flash: vLLM's configurations run FLASH_ATTN and medusa_vllm's engines get
+    MEDUSA_VLLM_PARENT_ATTENTION=flash (its prefill chunks in FlashAttention); the default stays
+    TRITON_ATTN with no variable; a CPU run sets neither."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.throughput import engine_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = SimpleNamespace(model="m", max_model_len=512, batch_sizes=[1, 4], acceptance="rejection",
+                           adaptive_tree="sparse-15", builtin_k=4, gpu_memory_utilization=0.3,
+                           tensor_parallel_size=1, attention="flash")
+    for config in ("baseline", "builtin"):
+        kw, env = engine_for(args, config, "h", "b", gpu=True)
+        assert kw["attention_backend"] == "FLASH_ATTN" and env == {"MEDUSA_VLLM_PARENT_ATTENTION": "flash"}
+    args.attention = "triton"
+    kw, env = engine_for(args, "baseline", "h", "b", gpu=True)
+    assert kw["attention_backend"] == "TRITON_ATTN" and env == {}
+    _, env = engine_for(args, "baseline+MEDUSA_VLLM_PARENT_ATTENTION=flash", "h", "b", gpu=True)
+    assert env == {"MEDUSA_VLLM_PARENT_ATTENTION": "flash"}  # a configuration's own setting stays
+
+
 def test_configuration_environment_settings():
     from benchmarks.throughput import config_env
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 _REGISTERED = False
@@ -61,12 +62,29 @@ def share_vllm_logging() -> None:
     ours.propagate = False
 
 
+# vLLM's GPU backend that runs the rest of a step beside the tree kernel (prefill chunks), by
+# MEDUSA_VLLM_PARENT_ATTENTION: "triton" (default) or "flash" (FlashAttention, as vLLM itself
+# picks on GPUs that have it; its steps with a prefill spend less host time than Triton's)
+PARENT_ATTENTION = {
+    "triton": "medusa_vllm.vllm_plugin.attention_triton.MedusaTritonBackend",
+    "flash": "medusa_vllm.vllm_plugin.attention_flash.MedusaFlashBackend",
+}
+
+
+def parent_attention_path(choice: str | None = None) -> str:
+    """The CUSTOM backend's class path for ``choice`` (default: $MEDUSA_VLLM_PARENT_ATTENTION,
+    else "triton"); a clear error for anything else."""
+    choice = (choice if choice is not None else os.environ.get("MEDUSA_VLLM_PARENT_ATTENTION", "")) or "triton"
+    if choice not in PARENT_ATTENTION:
+        raise ValueError(f"MEDUSA_VLLM_PARENT_ATTENTION={choice!r}: give one of {sorted(PARENT_ATTENTION)} "
+                         "(vLLM's backend for the prefill chunks beside the tree kernel)")
+    return PARENT_ATTENTION[choice]
+
+
 def _register_attention_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(
-        AttentionBackendEnum.CUSTOM, "medusa_vllm.vllm_plugin.attention_triton.MedusaTritonBackend"
-    )
+    register_backend(AttentionBackendEnum.CUSTOM, parent_attention_path())
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -15,11 +15,13 @@ nodes tokens per request; the runner marks its uniform-decode dummy runs ``all_r
 capture) and replays them with each step's values; a prefill chunk of exactly that length in
 such a batch gets mask 0, plain causal attention.
 KV writes stay vLLM's (``do_kv_cache_update``, linear slots). The platform backends are
-in :mod:`.attention_cpu` and :mod:`.attention_triton` (each imported only on its platform).
+in :mod:`.attention_cpu` and :mod:`.attention_gpu` (TRITON_ATTN or FLASH_ATTN underneath, made by
+one factory; each imported only on its platform).
 
 Cache layouts (the kernel takes [num_blocks, block_size, kv_heads, head_dim] strided views):
 - CPU_ATTN: [nb, H, bs, 2D] viewed as [nb, H, 2bs, D]: K rows [0, bs), V rows [bs, 2bs);
-- TRITON_ATTN (NHD): logical [nb, H, bs, 2D], physical [nb, bs, H, 2D]: K = [..., :D], V = [..., D:].
+- TRITON_ATTN and FLASH_ATTN (NHD): logical [nb, H, bs, 2D], physical [nb, bs, H, 2D]: K = [..., :D],
+  V = [..., D:].
 """
 
 from __future__ import annotations

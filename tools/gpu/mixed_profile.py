@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steady", type=int, default=2, metavar="K")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="of every request (default: greedy)")
+    ap.add_argument("--attention", default="triton", choices=["triton", "flash"],
+                    help="throughput.py --attention: vLLM's backend and medusa_vllm's parent backend")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -58,7 +60,7 @@ def main() -> None:
     from benchmarks.common import run_isolated, write_envelope
     from benchmarks.throughput import engine_for, prompts_for, sampling_of, tool_args
 
-    targs = tool_args(args.model, [args.batch_size], args.temperature)
+    targs = tool_args(args.model, [args.batch_size], args.temperature, args.attention)
     prompts = prompts_for(targs)
     kw, env = engine_for(targs, args.config, args.heads, None, torch.cuda.is_available())
     res = run_isolated(run, kw, prompts, args.batch_size, args.steady, args.max_tokens, sampling_of(targs),

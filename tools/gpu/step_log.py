@@ -260,6 +260,8 @@ def parser() -> argparse.ArgumentParser:
                     help="of every request (throughput.py's default: greedy; before 2026-12-06 this tool "
                          "left vLLM's default, 1.0, seeded)")
     ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--attention", default="triton", choices=["triton", "flash"],
+                    help="throughput.py --attention: vLLM's backend and medusa_vllm's parent backend")
     ap.add_argument("--out", required=True)
     return ap
 
@@ -272,7 +274,7 @@ def main() -> None:
     from benchmarks.common import run_isolated, write_envelope
     from benchmarks.throughput import engine_for, prompts_for, sampling_of, tool_args
 
-    targs = tool_args(args.model, args.batch_sizes, args.temperature)
+    targs = tool_args(args.model, args.batch_sizes, args.temperature, args.attention)
     prompts = prompts_for(targs)
     results = {}
     for name in args.configs:
