@@ -350,6 +350,15 @@ def tool_args(model: str, batch_sizes: list[int], temperature: float = 0.0,
                               attention=attention)
 
 
+def add_tool_arguments(ap: argparse.ArgumentParser) -> None:
+    """--temperature and --attention of the GPU tools that replay this benchmark's rounds, as
+    :func:`tool_args` takes them (before 2026-12-06 tools/gpu/step_log.py sampled at vLLM's
+    default temperature, 1.0)."""
+    ap.add_argument("--temperature", type=float, default=0.0, help="of every request (default: greedy)")
+    ap.add_argument("--attention", default="triton", choices=sorted(GPU_ATTENTION),
+                    help="throughput.py --attention: vLLM's backend and medusa_vllm's parent backend")
+
+
 def requests_for(prompts: list[str], n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 

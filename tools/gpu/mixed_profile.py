@@ -37,6 +37,8 @@ def run(kw: dict, prompts: list[str], b: int, steady: int, max_tokens: int, samp
 
 
 def parser() -> argparse.ArgumentParser:
+    from benchmarks.throughput import add_tool_arguments
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--heads", required=True)
@@ -44,9 +46,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steady", type=int, default=2, metavar="K")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="of every request (default: greedy)")
-    ap.add_argument("--attention", default="triton", choices=["triton", "flash"],
-                    help="throughput.py --attention: vLLM's backend and medusa_vllm's parent backend")
+    add_tool_arguments(ap)
     ap.add_argument("--out", required=True)
     return ap
 

@@ -247,6 +247,8 @@ def report(name: str, res: dict, top: int) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
+    from benchmarks.throughput import add_tool_arguments
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--heads", required=True)
@@ -256,12 +258,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--steady", type=int, default=0, metavar="K",
                     help="rounds of K x b requests, at most b decoding at a time (throughput.py --steady)")
-    ap.add_argument("--temperature", type=float, default=0.0,
-                    help="of every request (throughput.py's default: greedy; before 2026-12-06 this tool "
-                         "left vLLM's default, 1.0, seeded)")
     ap.add_argument("--top", type=int, default=6)
-    ap.add_argument("--attention", default="triton", choices=["triton", "flash"],
-                    help="throughput.py --attention: vLLM's backend and medusa_vllm's parent backend")
+    add_tool_arguments(ap)
     ap.add_argument("--out", required=True)
     return ap
 
