@@ -303,11 +303,17 @@ class EngineBench:
         llm = self.llm
         spec = self.kw.get("speculative_config") or {}
         medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
-        if medusa is not None and spec.get("adaptive"):
+        admission = int(spec.get("admit_group", os.environ.get("MEDUSA_VLLM_ADMIT_GROUP", 1))) > 1
+        if medusa is not None and (spec.get("adaptive") or admission):
             from medusa_vllm.vllm_plugin import adaptive_summary
 
-            # the measured rule's table: ms per step by batch bucket and draft count, τ per tree
-            medusa["adaptive"] = adaptive_summary(llm)
+            # the measured rule's table: ms per step by batch bucket and draft count, τ per tree;
+            # admission groups: the steps that deferred new prefills
+            summary = adaptive_summary(llm) or {}
+            if "admission" in summary:
+                medusa["admission"] = summary.pop("admission")
+            if spec.get("adaptive"):
+                medusa["adaptive"] = summary or None
         return {"engine_start_s": self.engine_start_s, "medusa_stats": medusa}
 
     def finish(self, profile_batch_sizes: tuple[int, ...] = ()) -> dict:

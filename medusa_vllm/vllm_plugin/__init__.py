@@ -317,6 +317,10 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
         "model": PROPOSER_CLASS,
         "num_speculative_tokens": cfg.max_nodes,
     }
+    if cfg.admit_group > 1 and engine_args.scheduler_cls is not None:
+        raise MedusaConfigError(
+            f"medusa_vllm: admit_group runs in medusa_vllm's scheduler, but --scheduler-cls "
+            f"{engine_args.scheduler_cls} was given; drop one of them")
     if cfg.adaptive:
         # vLLM's dynamic speculative decoding: the scheduler sets each step's draft count from a
         # batch size table (the budget rule's), which our scheduler rewrites as it measures
@@ -327,10 +331,11 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
                 f"medusa_vllm: the measured adaptive tree runs in medusa_vllm's scheduler, but "
                 f"--scheduler-cls {engine_args.scheduler_cls} was given; drop it or pass "
                 '"adaptive_policy": "budget"')
-        if engine_args.scheduler_cls is None:  # measures with the measured rule, reports either way
-            engine_args.scheduler_cls = (
-                "medusa_vllm.vllm_plugin.scheduler."
-                + ("MedusaAsyncScheduler" if engine_args.async_scheduling else "MedusaScheduler"))
+    if (cfg.adaptive or cfg.admit_group > 1) and engine_args.scheduler_cls is None:
+        # the measured rule measures there (and the budget rule reports); admission groups hold there
+        engine_args.scheduler_cls = (
+            "medusa_vllm.vllm_plugin.scheduler."
+            + ("MedusaAsyncScheduler" if engine_args.async_scheduling else "MedusaScheduler"))
     extra = dict(engine_args.additional_config or {})
     extra["medusa_vllm"] = cfg.to_dict()
     engine_args.additional_config = extra

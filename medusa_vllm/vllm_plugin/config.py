@@ -12,6 +12,7 @@ invalid tree stops vLLM at start-up with one line that names the problem.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ class MedusaSpecConfig:
     # GPU: verification + next drafts of uniform greedy steps replayed as one CUDA graph per batch
     cuda_graphs: bool = True
     runner: str = "v1"  # RUNNERS
+    # waiting requests admitted in groups of admit_group (1: at once, vLLM's way), the oldest held
+    # at most admit_wait steps: fewer steps that carry a prefill (medusa_vllm.admission)
+    admit_group: int = 1
+    admit_wait: int = 8
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -77,6 +82,11 @@ class MedusaSpecConfig:
             raise MedusaConfigError(
                 f"medusa_vllm: adaptive_policy {self.adaptive_policy!r} is not one of {ADAPTIVE_POLICIES}"
             )
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                   for v in (self.admit_group, self.admit_wait)):
+            raise MedusaConfigError(
+                f"medusa_vllm: admit_group ({self.admit_group!r}) and admit_wait ({self.admit_wait!r}) must be "
+                "integers >= 1 (admit_group 1: new requests are admitted at once)")
         if not 0 < self.typical_eps < 1 or not self.typical_delta > 0:
             raise MedusaConfigError("medusa_vllm: typical_eps must be in (0, 1) and typical_delta > 0")
         for spec in [self.tree, *self.adaptive_trees]:
@@ -122,6 +132,8 @@ _USER_KEYS = {
     "attention",
     "cuda_graphs",
     "runner",
+    "admit_group",
+    "admit_wait",
 }
 
 
@@ -197,7 +209,19 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         attention=spec.get("attention", "auto"),
         cuda_graphs=cuda_graphs,
         runner=str(spec.get("runner", "v1")),
+        admit_group=_int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 1),
+        admit_wait=_int_option(spec, "admit_wait", "MEDUSA_VLLM_ADMIT_WAIT", 8),
     )
+
+
+def _int_option(spec: dict[str, Any], key: str, env: str, default: int) -> Any:
+    """``spec[key]``, else the environment's ``env`` (a benchmark's A/B of one configuration),
+    else ``default``; an integer, or the value as given for ``__post_init__`` to refuse."""
+    value = spec.get(key, os.environ.get(env, default))
+    try:
+        return int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+    except ValueError:
+        return value
 
 
 def default_adaptive_trees(tree: TokenTree, num_heads: int) -> list[list[list[int]]]:

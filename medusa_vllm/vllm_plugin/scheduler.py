@@ -10,6 +10,9 @@ these subclasses time clean steps (every request decoding the same draft count, 
 count emitted tokens per tree, and rewrite the table's entries for the current batch-size
 bucket as the policy chooses. A changed entry takes effect at the next step vLLM schedules
 (under asynchronous scheduling, its draft slots one step later).
+
+With ``admit_group`` > 1 it also holds new requests until that many wait (or the oldest has
+waited ``admit_wait`` steps), through vLLM's own prefill deferral: :mod:`medusa_vllm.admission`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from medusa_vllm.adaptive import (
     bucket_of,
     bucket_range,
 )
+from medusa_vllm.admission import AdmissionGroups
 from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import can_speculate
 
@@ -135,6 +139,11 @@ class MedusaSchedulerMixin:
         super().__init__(vllm_config, *args, **kwargs)
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
         self.medusa_measured: MeasuredSchedule | None = None
+        # new requests admitted in groups (speculative config admit_group > 1; else vLLM's way)
+        self.medusa_admission = AdmissionGroups(cfg.admit_group, cfg.admit_wait) if cfg.admit_group > 1 else None
+        self._medusa_steps = 0
+        self.medusa_held_steps = 0  # steps that deferred new requests' prefills (stats, tests)
+        self.medusa_hold_overridden = 0  # steps asked to defer that admitted anyway (idle or saturated)
         self._medusa_ok: dict[str, bool] = {}  # can_speculate per running request (cached)
         self._medusa_logprobs_mode = vllm_config.model_config.logprobs_mode
         if cfg.adaptive and cfg.adaptive_policy == "measured" and self.dynamic_sd_lookup is not None:
@@ -144,9 +153,20 @@ class MedusaSchedulerMixin:
             self.medusa_measured = MeasuredSchedule(policy, self.dynamic_sd_lookup)
         _add_engine_core_utility()
 
-    def schedule(self, *args, **kwargs):
+    def schedule(self, throttle_prefills: bool = False):
         now = time.perf_counter()
-        out = super().schedule(*args, **kwargs)
+        self._medusa_steps += 1
+        hold = self.medusa_admission is not None and self.medusa_admission.hold(
+            self._medusa_steps, len(self.waiting) + len(self.skipped_waiting))
+        # vLLM's own deferral (data-parallel prefill balancing): running requests still decode
+        # this step; it defers nothing when no request decodes or the last admitting step was
+        # capacity-bound (medusa_vllm.admission)
+        out = super().schedule(throttle_prefills or hold)
+        if hold:
+            if out.scheduled_new_reqs:
+                self.medusa_hold_overridden += 1
+            else:
+                self.medusa_held_steps += 1
         m = self.medusa_measured
         if m is not None:
             m.step(now, len(out.num_scheduled_tokens), step_choice(m.policy, out))
@@ -166,8 +186,15 @@ class MedusaSchedulerMixin:
 
     def medusa_adaptive_summary(self) -> dict | None:
         m = self.medusa_measured
-        return None if m is None else m.policy.summary() | {
+        out = None if m is None else m.policy.summary() | {
             "lookup": as_ranges(m.lookup[1:]), "steps": m.spent_summary()}
+        a = self.medusa_admission
+        if a is not None:  # admission groups: how many steps deferred new prefills
+            out = (out or {}) | {"admission": {"group": a.group, "max_wait": a.max_wait,
+                                               "held_steps": self.medusa_held_steps,
+                                               "overridden": self.medusa_hold_overridden,
+                                               "steps": self._medusa_steps}}
+        return out
 
 
 def _add_engine_core_utility() -> None:
