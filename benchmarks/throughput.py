@@ -183,13 +183,13 @@ class EngineBench:
 
     def __init__(self, kw: dict, prompts: list[str], max_tokens: int, sampling: dict,
                  length_spread: float = 0.0) -> None:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         t0 = time.perf_counter()
         self.llm = LLM(**kw)
         self.engine_start_s = time.perf_counter() - t0
         self.kw, self.prompts, self.sampling = kw, prompts, sampling  # SamplingParams keywords
-        self.sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **sampling)
+        self.sp = self._sampling_params(max_tokens)
         self.length_spread = length_spread
         self._by_length: dict[int, object] = {}  # max_tokens -> SamplingParams (--length-spread)
         self._acc: dict | None = None
@@ -222,10 +222,14 @@ class EngineBench:
             return self.sp
         n = request_max_tokens(i, self.sp.max_tokens, self.length_spread)
         if n not in self._by_length:
-            from vllm import SamplingParams
-
-            self._by_length[n] = SamplingParams(max_tokens=n, ignore_eos=True, seed=0, **self.sampling)
+            self._by_length[n] = self._sampling_params(n)
         return self._by_length[n]
+
+    def _sampling_params(self, max_tokens: int):
+        """Every measured request's SamplingParams (``self.sampling``), for ``max_tokens`` tokens."""
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **self.sampling)
 
     def _decode(self, chunk: list[str], concurrency: int) -> tuple[list, list[float]]:
         """``chunk`` decoded at most ``concurrency`` requests at a time: the outputs in order and
@@ -234,8 +238,7 @@ class EngineBench:
         slot goes to the next one at once, as a server's queue refills its batch."""
         if len(chunk) <= concurrency:
             s = time.perf_counter()
-            sp = [self.params(i) for i in range(len(chunk))] if self.length_spread else self.sp
-            res = self.llm.generate(chunk, sp, use_tqdm=False)
+            res = self.llm.generate(chunk, [self.params(i) for i in range(len(chunk))], use_tqdm=False)
             return res, [time.perf_counter() - s] * len(res)
         engine, todo = self.llm.llm_engine, list(enumerate(chunk))
         admitted: dict[str, tuple[int, float]] = {}  # request id -> (index in chunk, admission)
@@ -303,13 +306,14 @@ class EngineBench:
         llm = self.llm
         spec = self.kw.get("speculative_config") or {}
         medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
-        admission = int(spec.get("admit_group", os.environ.get("MEDUSA_VLLM_ADMIT_GROUP", 1))) > 1
-        if medusa is not None and (spec.get("adaptive") or admission):
+        if medusa is not None:
             from medusa_vllm.vllm_plugin import adaptive_summary
+            from medusa_vllm.vllm_plugin.config import int_option
 
             # the measured rule's table: ms per step by batch bucket and draft count, τ per tree;
             # admission groups: the steps that deferred new prefills
-            summary = adaptive_summary(llm) or {}
+            admission = int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 1) > 1
+            summary = (adaptive_summary(llm) or {}) if spec.get("adaptive") or admission else {}
             if "admission" in summary:
                 medusa["admission"] = summary.pop("admission")
             if spec.get("adaptive"):

@@ -35,10 +35,6 @@ def tree_backend(parent_backend: type, parent_impl: type, parent_builder: type, 
             self.medusa: MedusaAttnContext | None = None
             self.reorder_batch_threshold = 1 + vllm_config.speculative_config.num_speculative_tokens
 
-        @classmethod
-        def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-            return cls._cudagraph_support
-
         def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
             return _split_build(self, super().build, common_prefix_len, common_attn_metadata, fast_build)
 

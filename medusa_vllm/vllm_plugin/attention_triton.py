@@ -9,8 +9,7 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from medusa_vllm.vllm_plugin.attention_gpu import packed_kv_views, tree_backend
+from medusa_vllm.vllm_plugin.attention_gpu import tree_backend
 
-triton_kv_views = packed_kv_views
 MedusaTritonBackend, MedusaTritonImpl, MedusaTritonMetadataBuilder = tree_backend(
     TritonAttentionBackend, TritonAttentionImpl, TritonAttentionMetadataBuilder, "Triton", __name__)

@@ -209,12 +209,12 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         attention=spec.get("attention", "auto"),
         cuda_graphs=cuda_graphs,
         runner=str(spec.get("runner", "v1")),
-        admit_group=_int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 1),
-        admit_wait=_int_option(spec, "admit_wait", "MEDUSA_VLLM_ADMIT_WAIT", 8),
+        admit_group=int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 1),
+        admit_wait=int_option(spec, "admit_wait", "MEDUSA_VLLM_ADMIT_WAIT", 8),
     )
 
 
-def _int_option(spec: dict[str, Any], key: str, env: str, default: int) -> Any:
+def int_option(spec: dict[str, Any], key: str, env: str, default: int) -> Any:
     """``spec[key]``, else the environment's ``env`` (a benchmark's A/B of one configuration),
     else ``default``; an integer, or the value as given for ``__post_init__`` to refuse."""
     value = spec.get(key, os.environ.get(env, default))

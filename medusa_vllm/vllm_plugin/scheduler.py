@@ -141,7 +141,6 @@ class MedusaSchedulerMixin:
         self.medusa_measured: MeasuredSchedule | None = None
         # new requests admitted in groups (speculative config admit_group > 1; else vLLM's way)
         self.medusa_admission = AdmissionGroups(cfg.admit_group, cfg.admit_wait) if cfg.admit_group > 1 else None
-        self._medusa_steps = 0
         self.medusa_held_steps = 0  # steps that deferred new requests' prefills (stats, tests)
         self.medusa_hold_overridden = 0  # steps asked to defer that admitted anyway (idle or saturated)
         self._medusa_ok: dict[str, bool] = {}  # can_speculate per running request (cached)
@@ -155,9 +154,8 @@ class MedusaSchedulerMixin:
 
     def schedule(self, throttle_prefills: bool = False):
         now = time.perf_counter()
-        self._medusa_steps += 1
         hold = self.medusa_admission is not None and self.medusa_admission.hold(
-            self._medusa_steps, len(self.waiting) + len(self.skipped_waiting))
+            self.current_step + 1, len(self.waiting) + len(self.skipped_waiting))  # (vLLM counts it up next)
         # vLLM's own deferral (data-parallel prefill balancing): running requests still decode
         # this step; it defers nothing when no request decodes or the last admitting step was
         # capacity-bound (medusa_vllm.admission)
@@ -193,7 +191,7 @@ class MedusaSchedulerMixin:
             out = (out or {}) | {"admission": {"group": a.group, "max_wait": a.max_wait,
                                                "held_steps": self.medusa_held_steps,
                                                "overridden": self.medusa_hold_overridden,
-                                               "steps": self._medusa_steps}}
+                                               "steps": self.current_step}}
         return out
 
 
