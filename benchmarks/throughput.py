@@ -308,11 +308,12 @@ class EngineBench:
         medusa = llm.collective_rpc("medusa_stats")[0] if spec.get("method") == "medusa_vllm" else None
         if medusa is not None:
             from medusa_vllm.vllm_plugin import adaptive_summary
-            from medusa_vllm.vllm_plugin.config import int_option
 
             # the measured rule's table: ms per step by batch bucket and draft count, τ per tree;
-            # admission groups: the steps that deferred new prefills
-            admission = int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 1) > 1
+            # admission groups (the plugin's choice on a GPU unless given): the steps that
+            # deferred new prefills
+            resolved = llm.llm_engine.vllm_config.additional_config["medusa_vllm"]
+            admission = resolved["admit_group"] > 1
             summary = (adaptive_summary(llm) or {}) if spec.get("adaptive") or admission else {}
             if "admission" in summary:
                 medusa["admission"] = summary.pop("admission")

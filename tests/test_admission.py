@@ -6,24 +6,37 @@ from __future__ import annotations
 
 import pytest
 
-from medusa_vllm.admission import AdmissionGroups
-from medusa_vllm.vllm_plugin.config import MedusaConfigError, resolve
+from medusa_vllm.admission import GPU_GROUP, AdmissionGroups, effective_group
+from medusa_vllm.vllm_plugin.config import MedusaConfigError, admission_group, resolve
 
 from tests.vllm_engine import CPU_ENGINE, run_engine
 
 
-def test_holds_until_a_group_waits_or_the_oldest_waited_long_enough():
+def test_holds_until_a_group_can_be_admitted_or_the_oldest_waited_long_enough():
     a = AdmissionGroups(group=3, max_wait=4)
-    waiting = [0, 1, 1, 2, 2, 2, 1, 0, 1, 3]
-    assert [a.hold(step, w) for step, w in enumerate(waiting, start=1)] == [
-        False,  # nobody waits
-        True, True, True, True,  # one, then two wait: held since step 2
+    admittable = [0, 1, 1, 2, 2, 2, 1, 0, 1, 3]  # waiting requests, at most the free slots
+    assert [a.hold(step, n) for step, n in enumerate(admittable, start=1)] == [
+        False,  # nobody waits (or no slot is free)
+        True, True, True, True,  # one, then two could be admitted: held since step 2
         False,  # step 6: the oldest waited 4 steps, released
         True,  # a new wait starts
-        False,  # nobody waits: the wait ends
+        False,  # nothing to admit: the wait ends
         True,
-        False,  # three wait: a group
+        False,  # three could be admitted: a group
     ]
+
+
+def test_group_is_at_most_half_the_batch():
+    assert [effective_group(4, n) for n in (1, 2, 3, 4, 7, 8, 64, 256)] == [1, 1, 1, 2, 3, 4, 4, 4]
+    assert effective_group(1, 64) == 1
+
+
+def test_the_plugin_groups_on_a_gpu_unless_told_or_a_scheduler_is_given():
+    assert admission_group(0, on_cpu=False, custom_scheduler=False) == GPU_GROUP == 4
+    assert admission_group(0, on_cpu=True, custom_scheduler=False) == 1  # a CPU step with a prefill is not dearer
+    assert admission_group(0, on_cpu=False, custom_scheduler=True) == 1  # the user's scheduler decides
+    assert admission_group(1, on_cpu=False, custom_scheduler=False) == 1  # vLLM's way, asked for
+    assert admission_group(6, on_cpu=True, custom_scheduler=False) == 6
 
 
 def test_group_of_one_is_vllms_way():
@@ -43,14 +56,16 @@ def test_config_takes_admission_from_the_spec_or_the_environment(bundled_model_d
     monkeypatch.delenv("MEDUSA_VLLM_ADMIT_GROUP", raising=False)
     monkeypatch.delenv("MEDUSA_VLLM_ADMIT_WAIT", raising=False)
     cfg = resolve({"method": "medusa_vllm", "tree": "sparse-15"}, model, *sizes)
-    assert (cfg.admit_group, cfg.admit_wait) == (1, 8)
+    assert (cfg.admit_group, cfg.admit_wait) == (0, 8)  # 0: the plugin picks (admission_group)
     cfg = resolve({"method": "medusa_vllm", "tree": "sparse-15", "admit_group": 4, "admit_wait": 6}, model, *sizes)
     assert (cfg.admit_group, cfg.admit_wait) == (4, 6)
     monkeypatch.setenv("MEDUSA_VLLM_ADMIT_GROUP", "3")  # a benchmark's "+MEDUSA_VLLM_ADMIT_GROUP=3"
     assert resolve({"method": "medusa_vllm", "tree": "sparse-15"}, model, *sizes).admit_group == 3
-    for bad in (0, 2.5, "two", True):
-        with pytest.raises(MedusaConfigError, match="admit_group .* must be integers >= 1"):
+    for bad in (-1, 2.5, "two", True):
+        with pytest.raises(MedusaConfigError, match=r"admit_group \(.*\) must be an integer >= 0"):
             resolve({"method": "medusa_vllm", "tree": "sparse-15", "admit_group": bad}, model, *sizes)
+    with pytest.raises(MedusaConfigError, match=r"admit_wait \(0\) one >= 1"):
+        resolve({"method": "medusa_vllm", "tree": "sparse-15", "admit_wait": 0}, model, *sizes)
 
 
 PROMPTS = ["The capital of France is", "List three colors:", "Count: one, two,", "Water boils at",
@@ -79,21 +94,35 @@ def steady(llm, prompts: list[str], concurrency: int) -> dict:
     return {"outputs": [done[i] for i in range(len(prompts))], "summary": adaptive_summary(llm)}
 
 
+def summary(llm) -> dict:
+    from medusa_vllm.vllm_plugin import adaptive_summary
+
+    return adaptive_summary(llm)
+
+
 @pytest.mark.vllm
 def test_engine_holds_new_requests_and_outputs_stay_exact(bundled_model_dir):
-    """Two requests decode at a time from a queue of six; with admit_group 3 a freed slot's new
-    request waits (up to 3 steps) for company, through vLLM's own prefill deferral. Greedy
-    outputs equal those of the same engine's closed batch (all admitted together) and of vLLM
-    without speculation."""
+    """An engine of at most 6 requests with admit_group 3 (half the batch). A short queue: two
+    requests decode at a time from a queue of six, so a freed slot's new request waits (up to 3
+    steps) for company. A deep queue: twelve requests at once, six wait behind a full batch,
+    and a freed slot waits for two more (vLLM alone would not defer there: its last admitting
+    step left requests waiting, "saturated"). Greedy outputs equal vLLM's without speculation."""
     spec = {"method": "medusa_vllm", "model": "medusa_vllm", "tree": "sparse-15", "admit_group": 3,
             "admit_wait": 3}
     model = str(bundled_model_dir)
-    jobs = [(steady, (PROMPTS, 2)), (PROMPTS, {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True})]
-    res = run_engine(dict(CPU_ENGINE, model=model, speculative_config=spec), jobs)
-    plain = run_engine(dict(CPU_ENGINE, model=model), jobs[1:])
-    held, closed = res.outputs
+    greedy = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    deep = PROMPTS + [p + " and" for p in PROMPTS]
+    jobs = [(steady, (PROMPTS, 2)), (PROMPTS, greedy), (summary, ()), (deep, greedy), (summary, ())]
+    engine = dict(CPU_ENGINE, model=model, max_num_seqs=6)
+    res = run_engine(dict(engine, speculative_config=spec), jobs)
+    plain = run_engine(engine, [(PROMPTS, greedy), (deep, greedy)])
+    held, closed, before_deep, deep_out, after_deep = res.outputs
     assert held["outputs"] == closed == plain.outputs[0]
+    assert deep_out == plain.outputs[1]
     adm = held["summary"]["admission"]
     assert adm["group"] == 3 and adm["max_wait"] == 3
     # each of the four refills waited for company: at least one held step each, at most 3
     assert 4 <= adm["held_steps"] <= 4 * 3 and adm["overridden"] >= 0, adm
+    a, b = before_deep["admission"], after_deep["admission"]
+    assert b["held_steps"] > a["held_steps"], (a, b)  # the deep queue's freed slots waited
+    assert b["overridden"] == a["overridden"], (a, b)  # and vLLM honoured every hold

@@ -54,6 +54,8 @@ def test_medusa_config_becomes_vllm_custom_class(model, heads):
     expected = ("medusa_vllm.vllm_plugin.worker_cpu.MedusaCPUWorker" if current_platform.is_cpu()
                 else "medusa_vllm.vllm_plugin.worker.MedusaGPUWorker")
     assert cfg.parallel_config.worker_cls == expected
+    # admission groups (medusa_vllm.admission): the plugin's pick, 1 on a CPU, 4 on a GPU
+    assert ours["admit_group"] == (1 if current_platform.is_cpu() else 4)
 
 
 def test_cli_flag_speculative_model(model, heads):

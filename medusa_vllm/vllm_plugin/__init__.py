@@ -17,6 +17,7 @@ engine lives in :mod:`.runner` (model runner), :mod:`.proposer` (heads), :mod:`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -298,7 +299,8 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
     """Validate the medusa_vllm settings and turn them into vLLM's own arguments."""
     from vllm.platforms import current_platform
 
-    from medusa_vllm.vllm_plugin.config import PROPOSER_CLASS, MedusaConfigError, resolve, target_sizes
+    from medusa_vllm.vllm_plugin.config import (PROPOSER_CLASS, MedusaConfigError, admission_group,
+                                                resolve, target_sizes)
 
     hidden, vocab = target_sizes(str(engine_args.model), engine_args.trust_remote_code,
                                  engine_args.revision)
@@ -317,6 +319,8 @@ def _rewrite_medusa_args(engine_args: Any, spec: dict[str, Any]) -> None:
         "model": PROPOSER_CLASS,
         "num_speculative_tokens": cfg.max_nodes,
     }
+    cfg = dataclasses.replace(cfg, admit_group=admission_group(
+        cfg.admit_group, current_platform.is_cpu(), engine_args.scheduler_cls is not None))
     if cfg.admit_group > 1 and engine_args.scheduler_cls is not None:
         raise MedusaConfigError(
             f"medusa_vllm: admit_group runs in medusa_vllm's scheduler, but --scheduler-cls "

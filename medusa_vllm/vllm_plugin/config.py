@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from medusa_vllm.admission import GPU_GROUP
 from medusa_vllm.adaptive import POLICIES as ADAPTIVE_POLICIES
 from medusa_vllm.tree import TokenTree, get_tree
 
@@ -62,9 +63,10 @@ class MedusaSpecConfig:
     # GPU: verification + next drafts of uniform greedy steps replayed as one CUDA graph per batch
     cuda_graphs: bool = True
     runner: str = "v1"  # RUNNERS
-    # waiting requests admitted in groups of admit_group (1: at once, vLLM's way), the oldest held
-    # at most admit_wait steps: fewer steps that carry a prefill (medusa_vllm.admission)
-    admit_group: int = 1
+    # waiting requests admitted in groups of admit_group (1: at once, vLLM's way; 0: the plugin
+    # picks, admission.GPU_GROUP on a GPU and 1 on a CPU), the oldest held at most admit_wait
+    # steps: fewer steps that carry a prefill (medusa_vllm.admission)
+    admit_group: int = 0
     admit_wait: int = 8
 
     def __post_init__(self) -> None:
@@ -82,11 +84,12 @@ class MedusaSpecConfig:
             raise MedusaConfigError(
                 f"medusa_vllm: adaptive_policy {self.adaptive_policy!r} is not one of {ADAPTIVE_POLICIES}"
             )
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                   for v in (self.admit_group, self.admit_wait)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
+                   for v, low in ((self.admit_group, 0), (self.admit_wait, 1))):
             raise MedusaConfigError(
-                f"medusa_vllm: admit_group ({self.admit_group!r}) and admit_wait ({self.admit_wait!r}) must be "
-                "integers >= 1 (admit_group 1: new requests are admitted at once)")
+                f"medusa_vllm: admit_group ({self.admit_group!r}) must be an integer >= 0 and admit_wait "
+                f"({self.admit_wait!r}) one >= 1 (admit_group 1: new requests are admitted at once; "
+                "0: the plugin picks, groups of 4 on a GPU)")
         if not 0 < self.typical_eps < 1 or not self.typical_delta > 0:
             raise MedusaConfigError("medusa_vllm: typical_eps must be in (0, 1) and typical_delta > 0")
         for spec in [self.tree, *self.adaptive_trees]:
@@ -209,9 +212,19 @@ def resolve(spec: dict[str, Any], model: str, hidden_size: int, vocab_size: int)
         attention=spec.get("attention", "auto"),
         cuda_graphs=cuda_graphs,
         runner=str(spec.get("runner", "v1")),
-        admit_group=int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 1),
+        admit_group=int_option(spec, "admit_group", "MEDUSA_VLLM_ADMIT_GROUP", 0),
         admit_wait=int_option(spec, "admit_wait", "MEDUSA_VLLM_ADMIT_WAIT", 8),
     )
+
+
+def admission_group(admit_group: int, on_cpu: bool, custom_scheduler: bool) -> int:
+    """The speculative config's ``admit_group``, with 0 (the default) resolved: groups of
+    :data:`medusa_vllm.admission.GPU_GROUP` on a GPU, where a step that carries a prefill costs
+    several graphed tree steps; 1 (at once, vLLM's way) on a CPU, or where the user runs their
+    own scheduler (``--scheduler-cls``: the groups live in medusa_vllm's)."""
+    if admit_group:
+        return admit_group
+    return 1 if on_cpu or custom_scheduler else GPU_GROUP
 
 
 def int_option(spec: dict[str, Any], key: str, env: str, default: int) -> Any:

@@ -33,7 +33,7 @@ from medusa_vllm.adaptive import (
     bucket_of,
     bucket_range,
 )
-from medusa_vllm.admission import AdmissionGroups
+from medusa_vllm.admission import AdmissionGroups, effective_group
 from medusa_vllm.vllm_plugin.config import MedusaSpecConfig
 from medusa_vllm.vllm_plugin.step import can_speculate
 
@@ -140,7 +140,8 @@ class MedusaSchedulerMixin:
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
         self.medusa_measured: MeasuredSchedule | None = None
         # new requests admitted in groups (speculative config admit_group > 1; else vLLM's way)
-        self.medusa_admission = AdmissionGroups(cfg.admit_group, cfg.admit_wait) if cfg.admit_group > 1 else None
+        group = effective_group(cfg.admit_group, self.max_num_running_reqs)
+        self.medusa_admission = AdmissionGroups(group, cfg.admit_wait) if group > 1 else None
         self.medusa_held_steps = 0  # steps that deferred new requests' prefills (stats, tests)
         self.medusa_hold_overridden = 0  # steps asked to defer that admitted anyway (idle or saturated)
         self._medusa_ok: dict[str, bool] = {}  # can_speculate per running request (cached)
@@ -154,11 +155,18 @@ class MedusaSchedulerMixin:
 
     def schedule(self, throttle_prefills: bool = False):
         now = time.perf_counter()
-        hold = self.medusa_admission is not None and self.medusa_admission.hold(
-            self.current_step + 1, len(self.waiting) + len(self.skipped_waiting))  # (vLLM counts it up next)
-        # vLLM's own deferral (data-parallel prefill balancing): running requests still decode
-        # this step; it defers nothing when no request decodes or the last admitting step was
-        # capacity-bound (medusa_vllm.admission)
+        hold = False
+        if self.medusa_admission is not None:
+            waiting = len(self.waiting) + len(self.skipped_waiting)
+            free = self.max_num_running_reqs - len(self.running)
+            hold = self.medusa_admission.hold(self.current_step + 1, min(waiting, free))  # (vLLM counts it up next)
+        if hold:
+            # vLLM's own deferral (data-parallel prefill balancing) then holds the new prefills
+            # while running requests decode. It ignores the request while its last admitting step
+            # left requests waiting for lack of slots ("saturated"); a full batch with a deep
+            # queue is the case the group of free slots is for (medusa_vllm.admission), so that
+            # flag is cleared here; vLLM sets it again at the next step that admits.
+            self.prefill_capacity_bound = False
         out = super().schedule(throttle_prefills or hold)
         if hold:
             if out.scheduled_new_reqs:
