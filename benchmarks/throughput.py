@@ -196,7 +196,7 @@ class EngineBench:
         self._warm: dict[int, list[float]] = {}  # batch size -> warm-up rounds' tokens/s
         self._next_id = 0
 
-    def warmup(self, batch_sizes: list[int], rounds: int = 0, steady: int = 0) -> None:
+    def warmup(self, batch_sizes: list[int], rounds: int = 0, steady: int = 0, queue: bool = False) -> None:
         """Every measured batch size once, 8 tokens (first-use allocations, kernels), then
         ``rounds`` whole rounds of it (the measured requests and sampling), not measured: what a
         server has behind it after its first minutes. On a fresh H100 the first rounds held
@@ -211,7 +211,7 @@ class EngineBench:
         for b in batch_sizes:
             for _ in range(rounds):
                 s = time.perf_counter()
-                res, _ = self._decode(requests_for(self.prompts, round_size(b, steady)), b)
+                res, _ = self._decode(requests_for(self.prompts, round_size(b, steady)), b, queue)
                 tokens = sum(len(o.outputs[0].token_ids) for o in res)
                 self._warm.setdefault(b, []).append(tokens / (time.perf_counter() - s))
 
@@ -231,12 +231,17 @@ class EngineBench:
 
         return SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=0, **self.sampling)
 
-    def _decode(self, chunk: list[str], concurrency: int) -> tuple[list, list[float]]:
+    def _decode(self, chunk: list[str], concurrency: int, queue: bool = False) -> tuple[list, list[float]]:
         """``chunk`` decoded at most ``concurrency`` requests at a time: the outputs in order and
         each request's seconds from its admission to its end. With the whole chunk at once it is
         ``LLM.generate`` (a closed round); with more requests than that, a finished request's
-        slot goes to the next one at once, as a server's queue refills its batch."""
-        if len(chunk) <= concurrency:
+        slot goes to the next one at once, as a server's queue refills its batch. ``queue``
+        (``--queue``): the whole chunk submitted at once to an engine of ``max_num_seqs``
+        ``concurrency``, vLLM's scheduler holding the rest in its own queue as a busy server's
+        does; each request's seconds then run from its submission."""
+        if queue:
+            concurrency = len(chunk)
+        elif len(chunk) <= concurrency:
             s = time.perf_counter()
             res = self.llm.generate(chunk, [self.params(i) for i in range(len(chunk))], use_tqdm=False)
             return res, [time.perf_counter() - s] * len(res)
@@ -260,12 +265,13 @@ class EngineBench:
         self._acc = {"b": b, "before": _spec_counts(metric_values(self.llm)), "tokens": 0,
                      "tpot": [], "elapsed": 0.0, "outputs": [], "rates": []}
 
-    def round(self, chunk: list[str], concurrency: int | None = None) -> float:
+    def round(self, chunk: list[str], concurrency: int | None = None, queue: bool = False) -> float:
         """One round: ``chunk`` decoded at most ``concurrency`` (default: all of them) requests
-        at a time; returns its output tokens/s."""
+        at a time (``queue``: all submitted at once to an engine that runs that many,
+        :meth:`_decode`); returns its output tokens/s."""
         acc = self._acc
         s = time.perf_counter()
-        res, latencies = self._decode(chunk, concurrency or len(chunk))
+        res, latencies = self._decode(chunk, concurrency or len(chunk), queue)
         dt = time.perf_counter() - s
         acc["elapsed"] += dt
         round_tokens = 0
@@ -393,18 +399,18 @@ def round_size(b: int, steady: int) -> int:
 def measure(kw: dict, prompts: list[str], batch_sizes: list[int], max_tokens: int,
             sampling: dict, prompts_per_batch: dict[int, int],
             profile_batch_sizes: tuple[int, ...] = (), warmup_rounds: int = 0, steady: int = 0,
-            length_spread: float = 0.0) -> dict:
+            length_spread: float = 0.0, queue: bool = False) -> dict:
     """Runs in its own process: one engine, every batch size, round after round (``steady``
-    K > 0: rounds of K × b requests, b at a time)."""
+    K > 0: rounds of K × b requests, b at a time; ``queue``: all at once, see ``EngineBench._decode``)."""
     bench = EngineBench(kw, prompts, max_tokens, sampling, length_spread)
-    bench.warmup(batch_sizes, warmup_rounds, steady)
+    bench.warmup(batch_sizes, warmup_rounds, steady, queue)
     rows = []
     for b in batch_sizes:
         todo = requests_for(prompts, prompts_per_batch[b])
         bench.begin(b)
         size = round_size(b, steady)
         for r in range(0, len(todo), size):
-            bench.round(todo[r : r + size], b)
+            bench.round(todo[r : r + size], b, queue)
         rows.append(bench.end())
     return {"rows": rows, **bench.finish(profile_batch_sizes)}
 
@@ -449,15 +455,15 @@ def measure_interleaved(engines: dict[str, tuple[dict, dict]], prompts: list[str
                 results[config] = {"engine_start_s": None, "rows": []}
             except Exception as e:  # noqa: BLE001
                 fail(config, e)
-        steady = getattr(args, "steady", 0)
-        each("warmup", args.batch_sizes, getattr(args, "warmup_rounds", 0), steady)
+        steady, queue = getattr(args, "steady", 0), getattr(args, "queue", False)
+        each("warmup", args.batch_sizes, getattr(args, "warmup_rounds", 0), steady, queue)
         for b in tqdm(args.batch_sizes, desc="batch sizes"):
             todo = requests_for(prompts, per_batch[b])
             each("begin", b)
             order, size = list(live), round_size(b, steady)
             for i, r in enumerate(range(0, len(todo), size)):
                 k = i % max(len(order), 1)
-                each("round", todo[r : r + size], b, configs=order[k:] + order[:k])
+                each("round", todo[r : r + size], b, queue, configs=order[k:] + order[:k])
             for c, row in each("end").items():
                 results[c]["rows"].append(row)
             for c, extra in each("stats").items():  # so far: a run cut off later keeps them
@@ -565,9 +571,9 @@ def headline(rows: list[dict], interleaved: bool, identical: list[bool], medusa_
 
 # what must agree between runs that --merge puts in one result
 MERGE_SAME = ("model", "heads", "max_tokens", "temperature", "sampling_json", "num_prompts", "acceptance",
-              "max_model_len", "interleave", "steady", "length_spread", "attention")
+              "max_model_len", "interleave", "steady", "length_spread", "attention", "queue")
 # what a run from before the option ran
-MERGE_DEFAULTS = {"steady": 0, "length_spread": 0.0, "attention": "triton"}
+MERGE_DEFAULTS = {"steady": 0, "length_spread": 0.0, "attention": "triton", "queue": False}
 
 
 def merge(paths: list[str], out: Path) -> tuple[list, dict]:
@@ -659,6 +665,11 @@ def main(argv: list[str] | None = None) -> None:
                          "medusa_vllm's backend beside its tree kernel (prefill chunks): triton "
                          "(TRITON_ATTN, default: the GPU kit's) or flash (FLASH_ATTN: FlashAttention 3, "
                          "vLLM's own choice on an H100; the kit carries it after tools/gpu/stage_fa3.sh)")
+    ap.add_argument("--queue", action="store_true",
+                    help="with --steady K and one batch size b: each round's K x b requests submitted at "
+                         "once to engines of max_num_seqs b, vLLM's scheduler holding the rest in its "
+                         "queue (a busy server; without it the benchmark refills a freed slot itself). "
+                         "The time per output token then counts from submission: it holds the wait")
     ap.add_argument("--length-spread", type=float, default=0.0, metavar="F",
                     help="each request's output length drawn from max-tokens x [1-F, 1+F] (seeded by its "
                          "place in the round: the same for every configuration), so requests end at "
@@ -705,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--warmup-rounds {args.warmup_rounds}: give 0 (no warm-up rounds) or more")
     if args.steady < 0:
         sys.exit(f"--steady {args.steady}: give 0 (closed rounds of b requests) or K > 0 (rounds of K x b)")
+    if args.queue and (args.steady < 2 or len(args.batch_sizes or []) != 1):
+        sys.exit("--queue: give --steady K (K >= 2) and one --batch-sizes b (the engines' max_num_seqs "
+                 "is b, so each batch size needs engines of its own: one run per batch size)")
     if not 0 <= args.length_spread < 1:
         sys.exit(f"--length-spread {args.length_spread}: give F in [0, 1) (lengths max-tokens x [1-F, 1+F])")
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4, 16])
@@ -736,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 results[config] = run_isolated(measure, kw, prompts, args.batch_sizes, args.max_tokens,
                                                sampling, per_batch, (), args.warmup_rounds, args.steady,
-                                               args.length_spread, env=env)
+                                               args.length_spread, args.queue, env=env)
             except Exception as e:  # noqa: BLE001 - one failing configuration is recorded, not fatal
                 print(f"[{config}] failed: {e}", file=sys.stderr)
                 results[config] = {"engine_start_s": None, "rows": [], "error": str(e)[-2000:]}

@@ -127,14 +127,14 @@ class FakeBench:
             raise ValueError("engine did not start")
         self.kw = kw
 
-    def warmup(self, batch_sizes, rounds=0, steady=0):
-        self.warmup_rounds, self.warmup_steady = rounds, steady
+    def warmup(self, batch_sizes, rounds=0, steady=0, queue=False):
+        self.warmup_rounds, self.warmup_steady, self.warmup_queue = rounds, steady, queue
 
     def begin(self, b):
         self.b, self.rates, self.outputs = b, [], []
 
-    def round(self, chunk, concurrency=None):
-        self.chunks = getattr(self, "chunks", []) + [(len(chunk), concurrency)]
+    def round(self, chunk, concurrency=None, queue=False):
+        self.chunks = getattr(self, "chunks", []) + [(len(chunk), concurrency) + (("queue",) if queue else ())]
         if self.kw.get("broken") == "round" and self.rounds == 1:
             raise RuntimeError("step failed")
         self.rounds += 1
@@ -150,6 +150,7 @@ class FakeBench:
     def stats(self):
         return {"engine_start_s": 0.5, "medusa_stats": {"rounds": self.rounds},
                 "warmup_rounds": self.warmup_rounds, "warmup_steady": self.warmup_steady,
+                "warmup_queue": self.warmup_queue,
                 "chunks": getattr(self, "chunks", [])}
 
     def finish(self):
@@ -213,6 +214,11 @@ def test_steady_rounds_hold_k_batches_decoded_b_at_a_time():
     args.steady, args.batch_sizes = 0, [2]
     res = measure_interleaved(engines, ["a", "bb"], args, {2: 4}, bench_cls=FakeBench)
     assert res["baseline"]["chunks"] == [(2, 2), (2, 2)]
+    # --queue: the whole round goes to the engine at once (its max_num_seqs is b), warm-up too
+    args.steady, args.queue = 3, True
+    res = measure_interleaved(engines, ["a", "bb"], args, {2: 12}, bench_cls=FakeBench)
+    assert res["medusa:x"]["chunks"] == [(6, 2, "queue"), (6, 2, "queue")]
+    assert res["baseline"]["warmup_queue"] is True
 
 
 def test_isolated_objects_live_in_their_own_processes():
@@ -315,6 +321,9 @@ def test_negative_warmup_rounds_is_a_clear_error():
     for bad in ("1", "-0.1"):
         with pytest.raises(SystemExit, match=f"--length-spread {float(bad)}: give F in"):
             main(["--length-spread", bad, "--model", "m", "--heads", "h"])
+    for bad in ([], ["--steady", "1", "--batch-sizes", "8"], ["--steady", "4", "--batch-sizes", "8", "16"]):
+        with pytest.raises(SystemExit, match="--queue: give --steady K"):
+            main(["--queue", *bad, "--model", "m", "--heads", "h"])
 
 
 def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
@@ -409,6 +418,14 @@ def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
     assert [o.outputs[0].token_ids[0] for o in res] == [f"steady-{i}" for i in range(6)]
     # 2 slots: "aaa" runs steps 1-3 beside "a" (1), "a" (2), "aa" (3-4); then "a" (4), "aaaa" (5-8)
     assert engine.steps == 8
+    # --queue: every request submitted before the first step (the engine's own queue holds
+    # them), each timed from its submission to its own end, not the round's
+    bench.llm = SimpleNamespace(llm_engine=Engine())
+    res, latencies = bench._decode(chunk, 2, queue=True)
+    engine = bench.llm.llm_engine
+    assert engine.most == 6 and engine.steps == 4  # this stand-in runs them all at once
+    assert [o.outputs[0].token_ids[0] for o in res] == [f"steady-{i}" for i in range(6, 12)]
+    assert latencies[1] < latencies[5]  # "a" ended at step 1, "aaaa" at step 4
 
 
 def _tool(name: str):
