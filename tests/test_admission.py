@@ -125,4 +125,8 @@ def test_engine_holds_new_requests_and_outputs_stay_exact(bundled_model_dir):
     assert 4 <= adm["held_steps"] <= 4 * 3 and adm["overridden"] >= 0, adm
     a, b = before_deep["admission"], after_deep["admission"]
     assert b["held_steps"] > a["held_steps"], (a, b)  # the deep queue's freed slots waited
-    assert b["overridden"] == a["overridden"], (a, b)  # and vLLM honoured every hold
+    # and vLLM honoured the holds (without the scheduler clearing its "saturated" flag it
+    # overrode every one: no step held). One override may come first: the engine core runs in
+    # its own process, so the twelve requests reach it while it runs, and an idle engine admits
+    # the first arrivals at once
+    assert b["overridden"] - a["overridden"] <= 1, (a, b)
