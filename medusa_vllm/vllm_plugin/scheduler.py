@@ -11,8 +11,9 @@ count emitted tokens per tree, and rewrite the table's entries for the current b
 bucket as the policy chooses. A changed entry takes effect at the next step vLLM schedules
 (under asynchronous scheduling, its draft slots one step later).
 
-With ``admit_group`` > 1 it also holds new requests until that many wait (or the oldest has
-waited ``admit_wait`` steps), through vLLM's own prefill deferral: :mod:`medusa_vllm.admission`.
+With ``admit_group`` > 1 (the plugin's default on a GPU) it also holds new requests until that
+many could be admitted — waiting, and no more than the free slots — or the oldest has waited
+``admit_wait`` steps, through vLLM's own prefill deferral: :mod:`medusa_vllm.admission`.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class MedusaSchedulerMixin:
         group = effective_group(cfg.admit_group, self.max_num_running_reqs)
         self.medusa_admission = AdmissionGroups(group, cfg.admit_wait) if group > 1 else None
         self.medusa_held_steps = 0  # steps that deferred new requests' prefills (stats, tests)
-        self.medusa_hold_overridden = 0  # steps asked to defer that admitted anyway (idle or saturated)
+        self.medusa_hold_overridden = 0  # steps asked to defer that admitted anyway (no request decoding)
         self._medusa_ok: dict[str, bool] = {}  # can_speculate per running request (cached)
         self._medusa_logprobs_mode = vllm_config.model_config.logprobs_mode
         if cfg.adaptive and cfg.adaptive_policy == "measured" and self.dynamic_sd_lookup is not None:
