@@ -376,13 +376,20 @@ def test_merge_puts_runs_of_one_machine_in_one_result(tmp_path):
     merge([a, run("g", {"baseline": ({"rate": 1.0}, {})}, steady=0, length_spread=0.0)], tmp_path / "x.json")
 
 
-def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
+def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order(monkeypatch):
     """EngineBench._decode against an engine stand-in (vLLM's add_request / step /
     has_unfinished_requests): never more than `concurrency` requests in flight, a finished
-    request's slot refilled before the next step, outputs in the chunk's order."""
+    request's slot refilled before the next step, outputs in the chunk's order, each request
+    timed from its admission to its end. The stand-in's clock advances one second a step, so
+    the latencies are exact (wall time of steps that do no work is noise: CI once saw the
+    1-step request take longer than the 4-step one)."""
     from types import SimpleNamespace
 
+    import benchmarks.throughput as throughput
     from benchmarks.throughput import EngineBench
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class Engine:
         def __init__(self):
@@ -398,6 +405,7 @@ def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
 
         def step(self):
             self.steps += 1
+            clock[0] += 1.0
             out = []
             for rid in list(self.live):
                 self.live[rid] -= 1
@@ -414,18 +422,19 @@ def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order():
     chunk = ["aaa", "a", "a", "aa", "a", "aaaa"]
     res, latencies = bench._decode(chunk, 2)
     engine = bench.llm.llm_engine
-    assert engine.most == 2 and len(res) == 6 and all(t >= 0 for t in latencies)
+    assert engine.most == 2 and len(res) == 6
     assert [o.outputs[0].token_ids[0] for o in res] == [f"steady-{i}" for i in range(6)]
     # 2 slots: "aaa" runs steps 1-3 beside "a" (1), "a" (2), "aa" (3-4); then "a" (4), "aaaa" (5-8)
     assert engine.steps == 8
+    assert latencies == [3.0, 1.0, 1.0, 2.0, 1.0, 4.0]  # each from its own admission
     # --queue: every request submitted before the first step (the engine's own queue holds
     # them), each timed from its submission to its own end, not the round's
-    bench.llm = SimpleNamespace(llm_engine=Engine())
+    bench.llm, clock[0] = SimpleNamespace(llm_engine=Engine()), 100.0
     res, latencies = bench._decode(chunk, 2, queue=True)
     engine = bench.llm.llm_engine
     assert engine.most == 6 and engine.steps == 4  # this stand-in runs them all at once
     assert [o.outputs[0].token_ids[0] for o in res] == [f"steady-{i}" for i in range(6, 12)]
-    assert latencies[1] < latencies[5]  # "a" ended at step 1, "aaaa" at step 4
+    assert latencies == [3.0, 1.0, 1.0, 2.0, 1.0, 4.0]  # "a" ended at step 1, "aaaa" at step 4
 
 
 def _tool(name: str):

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,13 @@ def test_transformers_loads_it_and_it_knows_paris(bundled_model_dir):
     assert "Paris" in answer, answer
 
 
-def test_second_call_is_fast_and_does_not_convert(bundled_model_dir, monkeypatch):
+def test_second_call_does_not_convert(bundled_model_dir, monkeypatch):
     def no_conversion(*_):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(bundled, "convert_gguf", no_conversion)
     mtime = (bundled_model_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     assert bundled_model_path() == bundled_model_dir
-    assert time.perf_counter() - start < 0.5
     assert (bundled_model_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
 
