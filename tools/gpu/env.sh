@@ -13,6 +13,10 @@ mkdir -p "$INFO"
 printf 'Metadata-Version: 2.1\nName: medusa_vllm\nVersion: 0.1.0\n' > "$INFO/METADATA"
 printf '[vllm.general_plugins]\nmedusa_vllm = medusa_vllm.vllm_plugin:register\n' > "$INFO/entry_points.txt"
 export MODEL="$VK_MODEL" HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
+# the JIT caches in one folder, restored from the carry when one came (tools/gpu/jit_cache.sh)
+export JIT_CACHE=${JIT_CACHE:-/tmp/jit_cache}
+export VLLM_CACHE_ROOT=$JIT_CACHE/vllm TRITON_CACHE_DIR=$JIT_CACHE/triton TORCHINDUCTOR_CACHE_DIR=$JIT_CACHE/inductor
+bash "$REPO/tools/gpu/jit_cache.sh" restore
 export MEDUSA_GIT_COMMIT="$(cat "$REPO/.git_commit" 2>/dev/null || echo unknown)"
 python3 -c "
 import sys, torch, medusa_vllm.kernels as k

@@ -17,10 +17,14 @@
 #   bash tools/gpu/session.sh pytest "[test paths]"                         (default tests/kernels)
 # Results (--out, default <bench>_<gpu>.json) and the log go to $OUT; TP_TIMEOUT (s) bounds the
 # benchmark; SESSION_MODEL / SESSION_HEADS replace the bundled model and heads (e.g. /tmp/qwen_hf
-# from tools/gpu/stage_qwen.sh and heads trained by training/gpu_recipe.sh).
+# from tools/gpu/stage_qwen.sh and heads trained by training/gpu_recipe.sh). The JIT caches live in
+# /tmp/jit_cache (tools/gpu/env.sh): SAVE_JIT_CACHE=1 returns them in $OUT, and a call carrying
+# .carry/jit_cache (those files) starts its engines from them (tools/gpu/jit_cache.sh).
 bench=${1:-throughput}
 bash .carry/vk4/device_setup.sh | tail -2
 source tools/gpu/env.sh
+# SAVE_JIT_CACHE=1: the JIT caches go back in $OUT too, for the next session's carry (jit_cache.sh)
+[ "${SAVE_JIT_CACHE:-0}" = 1 ] && trap 'bash tools/gpu/jit_cache.sh save' EXIT
 export MEDUSA_VLLM_MTBENCH="$PWD/.carry/mt_bench_question.jsonl"
 nvidia-smi -L
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
