@@ -384,3 +384,43 @@ def test_simulated_rounds_drain_through_buckets_and_charge_transitions(capsys):
     assert free[1] / fixed63[1] > 0.85 and free[64] / plain[64] > 0.85  # near the best of each
     with pytest.raises(SystemExit, match="give --rounds 0"):  # one round is all warm-up
         sim.main(["unused.json", "--rounds", "1"])
+
+
+def test_choice_check_scores_the_rules_pick_against_every_steps_mean(tmp_path, capsys):
+    """tools/adaptive_choice_check.py: per bucket, the pick the rule's final medians make, scored
+    with the all-step means as a share of the best choice's tokens per ms; --pooled fits the
+    trees' medians on one line in their node count."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("choice_check", Path(__file__).parents[1] / "tools/adaptive_choice_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # the line through the trees: 2 + 0.01 ms a node; no drafts keeps its own
+    assert tool.pooled({63: 2.63, 15: 2.2, 3: 2.0, 0: 1.5}) == pytest.approx({63: 2.63, 15: 2.15, 3: 2.03, 0: 1.5}, abs=0.01)
+    assert tool.pooled({63: 2.0, 15: 3.0, 3: 3.0}) == pytest.approx({63: 2.667, 15: 2.667, 3: 2.667}, abs=1e-3)  # slope >= 0
+    # bucket 1: a slow window made the 3-node tree the pick (1.3 / 2.0 > 2.0 / 3.2), though over
+    # all steps the 63-node tree costs 2.2 ms: the pick gets (1.3 / 2.0) / (2.0 / 2.2) = 0.715
+    # (a line through two trees is their medians: the pooled pick is the same). Bucket 49-64: no
+    # drafts is the pick and the best. A choice with too few steps, and "mixed", are left out
+    adaptive = {"tau": {"63": 2.0, "3": 1.3},
+                "ms_per_step": {"1": {"63": 3.2, "3": 2.0, "0": 2.4}, "49-64": {"63": 9.0, "3": 6.0, "0": 3.0}},
+                "steps": {"1": {"63": {"steps": 500, "ms": 2.2}, "3": {"steps": 40, "ms": 2.0},
+                                "0": {"steps": 3, "ms": 1.0}, "mixed": {"steps": 9, "ms": 20.0}},
+                          "49-64": {"63": {"steps": 12, "ms": 9.0}, "3": {"steps": 12, "ms": 6.0},
+                                    "0": {"steps": 400, "ms": 3.0}}}}
+    rows = {r["bucket"]: r for r in tool.check(adaptive, min_steps=10)}
+    assert (rows["1"]["best"], rows["1"]["rule"], rows["1"]["pooled"]) == (63, 3, 3)
+    assert rows["1"]["rule_share"] == pytest.approx((1.3 / 2.0) / (2.0 / 2.2)) == rows["1"]["pooled_share"]
+    assert (rows["49-64"]["best"], rows["49-64"]["rule"], rows["49-64"]["rule_share"]) == (0, 0, 1.0)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"summary": {"medusa_stats": {"adaptive-v2": {"adaptive": adaptive},
+                                                             "medusa-v2:default-63": {"adaptive": None}}}}))
+    tool.main([str(path), "--pooled"])
+    out = capsys.readouterr().out
+    assert "rule: 2 bucket decisions, mean share of the best 0.8575, below 0.95 in 1" in out
+    assert "pooled: 2 bucket decisions, mean share of the best 0.8575, below 0.95 in 1" in out
+    (tmp_path / "none.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no adaptive configuration"):
+        tool.main([str(tmp_path / "none.json")])
