@@ -389,7 +389,7 @@ def test_simulated_rounds_drain_through_buckets_and_charge_transitions(capsys):
 def test_choice_check_scores_the_rules_pick_against_every_steps_mean(tmp_path, capsys):
     """tools/adaptive_choice_check.py: per bucket, the pick the rule's final medians make, scored
     with the all-step means as a share of the best choice's tokens per ms; --pooled fits the
-    trees' medians on one line in their node count."""
+    trees' medians on one line in their node count; --fixed N scores a fixed choice."""
     import importlib.util
     import json
     from pathlib import Path
@@ -417,8 +417,11 @@ def test_choice_check_scores_the_rules_pick_against_every_steps_mean(tmp_path, c
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"summary": {"medusa_stats": {"adaptive-v2": {"adaptive": adaptive},
                                                              "medusa-v2:default-63": {"adaptive": None}}}}))
-    tool.main([str(path), "--pooled"])
+    tool.main([str(path), "--pooled", "--fixed", "63"])
     out = capsys.readouterr().out
+    # the fixed 63-node tree: the best at batch 1, (2 / 9) / (1 / 3) of no drafts at 49-64
+    assert rows["49-64"]["shares"][63] == pytest.approx(2 / 3)
+    assert "fixed 63: 2 bucket decisions, mean share of the best 0.8333, below 0.95 in 1" in out
     assert "rule: 2 bucket decisions, mean share of the best 0.8575, below 0.95 in 1" in out
     assert "pooled: 2 bucket decisions, mean share of the best 0.8575, below 0.95 in 1" in out
     (tmp_path / "none.json").write_text("{}")

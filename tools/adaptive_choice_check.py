@@ -9,9 +9,11 @@ SPECULATION_MARGIN higher, as the rule does) and scores it with the all-step mea
 fraction of the best choice's tokens per ms there (no drafts without the margin: a pick of no
 drafts over a tree less than 10% ahead shows as a loss, as the rule means it to). ``--pooled`` also scores an alternative estimator:
 the trees' medians replaced by one line in their node count (weighted least squares, slope
-≥ 0), the idea that a step's cost changes smoothly with the tree.
+≥ 0), the idea that a step's cost changes smoothly with the tree. ``--fixed N`` scores a fixed
+choice the same way (N = 63: what the fixed 63-node tree leaves to gain), over the buckets
+where it ran.
 
-    python tools/adaptive_choice_check.py benchmarks/results/throughput_h100*.json --pooled
+    python tools/adaptive_choice_check.py benchmarks/results/throughput_h100*.json --pooled --fixed 63
 
 Only choices with at least ``--min-steps`` steps in a bucket take part, and only buckets with two
 of them. The all-step means are not the truth either (a choice's steps come from the periods it
@@ -66,7 +68,8 @@ def check(adaptive: dict, min_steps: int) -> list[dict]:
         best = max(truth, key=truth.get)
         rule, pool = pick(median, tau), pick(pooled(median), tau)
         rows.append({"bucket": bucket, "best": best, "rule": rule, "rule_share": truth[rule] / truth[best],
-                     "pooled": pool, "pooled_share": truth[pool] / truth[best]})
+                     "pooled": pool, "pooled_share": truth[pool] / truth[best],
+                     "shares": {n: t / truth[best] for n, t in truth.items()}})
     return rows
 
 
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("results", nargs="+", help="throughput JSONs (those without an adaptive configuration are skipped)")
     ap.add_argument("--min-steps", type=int, default=10, help="steps a choice needs in a bucket to be compared")
     ap.add_argument("--pooled", action="store_true", help="also score the pooled (one line per bucket) estimator")
+    ap.add_argument("--fixed", type=int, default=None, help="also score this fixed draft count (e.g. 63: the "
+                    "fixed 63-node tree) in the buckets where it ran")
     args = ap.parse_args(argv)
     shares: dict[str, list[float]] = {"rule": [], "pooled": []}
     for path in args.results:
@@ -86,14 +91,17 @@ def main(argv: list[str] | None = None) -> None:
             for r in check(adaptive, args.min_steps):
                 shares["rule"].append(r["rule_share"])
                 shares["pooled"].append(r["pooled_share"])
+                if args.fixed is not None and args.fixed in r["shares"]:
+                    shares.setdefault(f"fixed {args.fixed}", []).append(r["shares"][args.fixed])
                 extra = f"  pooled {r['pooled']:>2} ({r['pooled_share']:.3f})" if args.pooled else ""
                 print(f"{Path(path).name} {config} {r['bucket']:>6}: best {r['best']:>2}, "
                       f"rule {r['rule']:>2} ({r['rule_share']:.3f}){extra}")
     if not shares["rule"]:
         sys.exit("no adaptive configuration with per-step counts (medusa_stats.adaptive.steps) in "
                  + ", ".join(args.results))
-    for name in ("rule", "pooled") if args.pooled else ("rule",):
-        s = shares[name]
+    for name, s in shares.items():
+        if name == "pooled" and not args.pooled:
+            continue
         print(f"{name}: {len(s)} bucket decisions, mean share of the best {statistics.mean(s):.4f}, "
               f"below 0.95 in {sum(x < 0.95 for x in s)}")
 
