@@ -16,6 +16,17 @@ def policy(budget: int = 512) -> AdaptiveTreePolicy:
     return AdaptiveTreePolicy(TREES, True, budget, "cuda")
 
 
+def _tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"tools/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_largest_tree_that_fits_the_budget_then_none():
     p = policy(512)
     assert [p.choose(b) for b in (1, 8, 9, 32, 128, 129)] == [0, 0, 1, 1, 2, NO_TREE]
@@ -332,13 +343,9 @@ def test_simulation_on_measured_costs_finds_the_best_choice(tmp_path, capsys):
     winner per batch size (batch 1: the 63-node tree; batch 64: no drafts) it settles on it and
     comes within a few percent of that choice's tokens per second; a short run pays more for
     its measuring runs than a long one."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("adaptive_sim", Path(__file__).parents[1] / "tools/adaptive_sim.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    sim = _tool("adaptive_sim")
     adaptive = {"tau": {"63": 2.0, "15": 1.6},
                 "ms_per_step": {"1": {"0": 1.0, "63": 1.2, "15": 1.15}, "49-64": {"0": 2.0, "63": 8.0, "15": 4.0}}}
     cost = sim.cost_table(adaptive)
@@ -361,13 +368,9 @@ def test_simulated_rounds_drain_through_buckets_and_charge_transitions(capsys):
     """tools/adaptive_sim.py --rounds: full batches that drain as requests reach max_tokens. The
     policy comes near the best fixed choice at each batch size; a transition cost lowers the
     policy (it changes choice), never a fixed choice; emitted lengths average τ."""
-    import importlib.util
     import random
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("adaptive_sim", Path(__file__).parents[1] / "tools/adaptive_sim.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    sim = _tool("adaptive_sim")
     rng = random.Random(0)
     assert sum(sim.accepted_length(rng, 1.8, 4) for _ in range(4000)) / 4000 == pytest.approx(1.8, rel=0.03)
     adaptive = {"tau": {"63": 2.0, "15": 1.6},
@@ -390,13 +393,9 @@ def test_choice_check_scores_the_rules_pick_against_every_steps_mean(tmp_path, c
     """tools/adaptive_choice_check.py: per bucket, the pick the rule's final medians make, scored
     with the all-step means as a share of the best choice's tokens per ms; --pooled fits the
     trees' medians on one line in their node count; --fixed N scores a fixed choice."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("choice_check", Path(__file__).parents[1] / "tools/adaptive_choice_check.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool("adaptive_choice_check")
     # the line through the trees: 2 + 0.01 ms a node; no drafts keeps its own
     assert tool.pooled({63: 2.63, 15: 2.2, 3: 2.0, 0: 1.5}) == pytest.approx({63: 2.63, 15: 2.15, 3: 2.03, 0: 1.5}, abs=0.01)
     assert tool.pooled({63: 2.0, 15: 3.0, 3: 3.0}) == pytest.approx({63: 2.667, 15: 2.667, 3: 2.667}, abs=1e-3)  # slope >= 0

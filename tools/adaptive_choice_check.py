@@ -7,9 +7,10 @@ ms of every step each choice ran (many more samples; steps with a prefill kept a
 "mixed"). Per bucket this takes the choice the rule's medians make (τ / ms, no drafts counted
 SPECULATION_MARGIN higher, as the rule does) and scores it with the all-step means, as a
 fraction of the best choice's tokens per ms there (no drafts without the margin: a pick of no
-drafts over a tree less than 10% ahead shows as a loss, as the rule means it to). ``--pooled`` also scores an alternative estimator:
-the trees' medians replaced by one line in their node count (weighted least squares, slope
-≥ 0), the idea that a step's cost changes smoothly with the tree. ``--fixed N`` scores a fixed
+drafts over a tree less than 10% ahead shows as a loss, as the rule means it to). ``--pooled``
+also scores an alternative estimator: the trees' medians replaced by one line in their node
+count (least squares, each tree one point, slope ≥ 0), the idea that a step's cost changes
+smoothly with the tree. ``--fixed N`` scores a fixed
 choice the same way (N = 63: what the fixed 63-node tree leaves to gain), over the buckets
 where it ran.
 

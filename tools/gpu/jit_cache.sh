@@ -7,7 +7,7 @@
 # Here, after the call: mkdir -p .carry/jit_cache && cp <files_at>/jit_cache.tgz.part* .carry/jit_cache/
 # and name .carry/jit_cache in the next session's carry (it has to fit beside vk4, _C and the repo).
 # Keys of every cache hold the versions, the GPU architecture and the configuration, so a stale
-# or foreign entry is never used, only left unread.
+# or foreign entry is left unread (and vLLM compiles again where loading an artifact fails).
 set -uo pipefail
 JIT_CACHE=${JIT_CACHE:-/tmp/jit_cache}
 CARRY=${JIT_CACHE_CARRY:-.carry/jit_cache}
@@ -20,7 +20,8 @@ restore)
         echo "jit_cache: restored already"; exit 0
     fi
     mkdir -p "$JIT_CACHE"
-    if cat "${parts[@]}" | tar -xz -C "$JIT_CACHE"; then
+    # read the whole archive first: a missing or cut part extracts nothing, not half the files
+    if cat "${parts[@]}" | tar -tz > /dev/null && cat "${parts[@]}" | tar -xz -C "$JIT_CACHE"; then
         echo "$sum" > "$JIT_CACHE/.restored"
         echo "jit_cache: restored $(du -sh "$JIT_CACHE" | cut -f1) from ${#parts[@]} part(s)"
     else
