@@ -188,3 +188,45 @@ def test_handover_is_each_requests_last_token_and_count():
     assert torch.equal(counts.long(), (emitted >= 0).sum(dim=1))
     assert torch.equal(last, emitted.gather(1, (counts.long() - 1)[:, None]).squeeze(1))
     assert len(set(counts.tolist())) > 1  # paths of several lengths: the gather is exercised
+
+
+def test_graph_work_runs_each_enabled_set_once_at_its_largest_capture():
+    """What the runners hold through vLLM's memory profile for their verify graphs comes from
+    running each enabled set's function once at the largest batch size it will capture (a
+    sampled set: no more than its logits rows allow), with the shared buffers the captures make;
+    those buffers are left for the captures to make again."""
+    from medusa_vllm.graphed_step import BatchGraphs
+    from medusa_vllm.vllm_plugin.graphs import graph_work, reserved_by
+
+    calls = []
+
+    def fn_for(name):
+        def fn(x, *rest):
+            calls.append((name, x.shape[0], len(rest)))
+            return (x + 1,)
+
+        return fn
+
+    greedy = {k: BatchGraphs(fn_for(f"greedy {k}"), rows_per_req=[5], max_batch=m, exact=1, name=str(k))
+              for k, m in ((0, 8), (1, 8), (2, 3))}
+    greedy[1].enabled = False
+    sampled = {(0, f): BatchGraphs(fn_for(f"sampled {f}"), rows_per_req=[5, 1], max_batch=3, exact=1, name=str(f))
+               for f in (False, True)}
+    made = []
+
+    def make_sampled_example(sets):
+        shared = torch.zeros(max(g.max_batch for g in sets) * 5, 4)
+        made.append((shared, [g.max_batch for g in sets]))
+        for g in sets:
+            g.buffers = {0: shared}
+        return lambda b, q, k, gen: (torch.zeros(b * q, 4), torch.zeros(b, 1))
+
+    run = graph_work(greedy, sampled, lambda k: [8, 4, 2, 1], lambda k: 5,
+                     lambda b, q, k, gen: (torch.zeros(b * q),), make_sampled_example, "cpu")
+    kept = run()
+    assert calls == [("greedy 0", 40, 0), ("greedy 2", 10, 0), ("sampled False", 10, 1), ("sampled True", 10, 1)]
+    assert made[0][1] == [2, 2] and made[0][0].shape == (10, 4)  # the sampled sets' largest capture: 2
+    assert any(isinstance(x, list) and x and x[0][0] is made[0][0] for x in kept)  # the shared buffer held
+    assert all(g.buffers == {} for g in sampled.values())
+    if not torch.cuda.is_available():
+        assert reserved_by(run) == 0  # nothing to hold off CUDA

@@ -98,6 +98,22 @@ class MedusaGraphsMixin:
             ({1 + n for n in self.medusa_tree_sizes} | {1}) - {self.medusa_max_query}
         ) if self.medusa_cfg.adaptive else []
 
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        with held_through_profile(self._medusa_graph_bytes(), self.device):
+            super().profile_run()
+
+    def _medusa_graph_bytes(self) -> int:
+        """The memory the verify graphs will take, measured by running their work once."""
+        from vllm.config import CUDAGraphMode
+
+        if (self.device.type != "cuda" or self.model_config.enforce_eager
+                or self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE):
+            return 0
+        return reserved_by(graph_work(self._medusa_graphs, self._medusa_sampled_graphs,
+                                      self._medusa_graph_batch_sizes, lambda k: 1 + self.medusa_tree_sizes[k],
+                                      self._medusa_greedy_example, self._medusa_sampled_example, self.device))
+
     def capture_model(self) -> int:
         size = super().capture_model()
         from vllm.config import CUDAGraphMode
@@ -277,10 +293,86 @@ def one_memory_pool(sets):
     free = torch.cuda.mem_get_info()[0]
     yield
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the capture's eager runs (reference, warm-up) left blocks cached
     taken = free - torch.cuda.mem_get_info()[0]
     logger.info("medusa_vllm: verify graphs of %d sets (%d graphs) in %s: %.2f GiB", len(sets),
                 sum(len(g.graphs) for g in sets), "one memory pool" if _POOL == "shared" else "a pool each",
                 taken / 2**30)
+
+
+def graph_work(greedy: dict, sampled: dict, batch_sizes, query_len, greedy_example, make_sampled_example,
+               device):
+    """``run() -> kept``: each enabled verify graph set's function run once, eagerly, at the
+    largest batch size it will capture, on that capture's example inputs (no KV moved), every
+    input and output kept: the work whose memory the captured graphs hold (their static inputs,
+    the shared logits buffer, their outputs, the intermediates at their peak). ``greedy``:
+    ``{k: BatchGraphs}``, ``sampled``: ``{(k, filtered): BatchGraphs}``; ``batch_sizes(k)``
+    and ``query_len(k)`` as the captures use them; the examples as :meth:`capture_model`'s."""
+    def run() -> list:
+        g = torch.Generator(device=device).manual_seed(0)
+        kept = []
+        for k, graphs in greedy.items():
+            b = max((n for n in batch_sizes(k) if n <= graphs.max_batch), default=0) if graphs.enabled else 0
+            if b:
+                inputs = greedy_example(b, query_len(k), k, g)
+                kept.append((inputs, graphs.fn(*inputs)))
+        live = live_sampled_sets(sampled, batch_sizes)
+        if live:
+            example = make_sampled_example(live)  # the shared buffers it makes are kept too
+            kept.append([gr.buffers for gr in live])
+            for (k, _), graphs in sampled.items():
+                if graphs in live:
+                    inputs = example(graphs.max_batch, query_len(k), k, g)
+                    kept.append((inputs, graphs.fn(*inputs)))
+            for graphs in live:  # the captures make them again
+                graphs.buffers = {}
+        return kept
+
+    return run
+
+
+def reserved_by(run) -> int:
+    """Bytes the CUDA caching allocator reserves for ``run()`` while its result lives: at least
+    the peak its allocations reach (freed blocks stay cached until ``empty_cache``); released
+    after. 0 off CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    kept = run()
+    torch.cuda.synchronize()
+    taken = torch.cuda.memory_reserved() - before
+    del kept
+    torch.cuda.empty_cache()
+    return max(taken, 0)
+
+
+@contextlib.contextmanager
+def held_through_profile(nbytes: int, device):
+    """vLLM sizes the KV cache from the memory its profile run peaks at, and our verify graphs,
+    captured after the KV cache is allocated, are not in that run (vLLM 0.26 leaves even its own
+    graphs out unless VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1): ``nbytes`` held through the
+    block (the profile run) puts them in its peak, so the KV cache leaves room for them. On an
+    H100 the verify graphs of a 63-node tree at batch 64 took 1.7 GiB beyond vLLM's plan, and
+    four engines of 0.225 of the memory each ran out of memory at the fourth's capture."""
+    held = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
+    if held is not None:
+        logger.info("medusa_vllm: %.2f GiB held through vLLM's memory profile for the verify CUDA graphs "
+                    "(their work run once eagerly)", nbytes / 2**30)
+    try:
+        yield
+    finally:
+        del held
+
+
+def live_sampled_sets(sets: dict, batch_sizes) -> list[BatchGraphs]:
+    """The sampled uniform-step graph sets (``{(tree k, filtered): BatchGraphs}``) that will
+    capture a graph, each set's max_batch lowered to the largest of ``batch_sizes(k)`` it can
+    take (its buffers are sized for it: idempotent)."""
+    for (k, _), graphs in sets.items():
+        graphs.max_batch = max((b for b in batch_sizes(k) if b <= graphs.max_batch), default=0)
+    return [g for g in sets.values() if g.enabled and g.max_batch > 0]
 
 
 def capture_sampled_sets(sets: dict, batch_sizes, make_example, capture) -> None:
@@ -289,9 +381,7 @@ def capture_sampled_sets(sets: dict, batch_sizes, make_example, capture) -> None
     take, not its max_batch, then every enabled set with a batch size captured by
     ``capture(k, graphs, example)`` on the examples ``make_example(those sets)`` makes (one
     shared logits and noise buffer for all)."""
-    for (k, _), graphs in sets.items():
-        graphs.max_batch = max((b for b in batch_sizes(k) if b <= graphs.max_batch), default=0)
-    live = [g for g in sets.values() if g.enabled and g.max_batch > 0]
+    live = live_sampled_sets(sets, batch_sizes)
     if live:
         example = make_example(live)
         for (k, _), graphs in sets.items():
@@ -317,7 +407,7 @@ def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dt
 
     def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
         return (
-            torch.randn(b * q, vocab, device=device, generator=g).to(logits_dtype),
+            torch.randn(b * q, vocab, device=device, generator=g, dtype=logits_dtype),
             torch.randint(0, 8, (b * (q - 1),), device=device, generator=g, dtype=torch.int32),
             torch.randn(b * q, hidden_size, device=device, generator=g, dtype=dtype),
             torch.full((b,), k, dtype=torch.int64, device=device),

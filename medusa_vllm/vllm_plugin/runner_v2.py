@@ -73,7 +73,8 @@ from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin import top_k_top_p
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.graphs import SAMPLED_GRAPH_ROWS, capture_sampled_sets, one_memory_pool, sampled_example
+from medusa_vllm.vllm_plugin.graphs import (SAMPLED_GRAPH_ROWS, capture_sampled_sets, graph_work, held_through_profile,
+                                            one_memory_pool, reserved_by, sampled_example)
 from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
@@ -231,6 +232,25 @@ class MedusaV2ModelRunner(GPUModelRunner):
                         f"medusa_vllm needs its tree attention backend, but vLLM selected "
                         f"{group.backend.get_name()}; do not pass --attention-backend with medusa_vllm")
                 builder.medusa = self.medusa_attn
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        with held_through_profile(self._medusa_graph_bytes(), self.device):
+            super().profile_run()
+
+    def _medusa_graph_bytes(self) -> int:
+        """The memory the verify graphs will take, measured by running their work once."""
+        from vllm.config import CUDAGraphMode
+
+        # before the KV cache: vLLM's graph manager does not exist yet (it may still turn the
+        # graphs off when the attention backend cannot take them: then this holds too much)
+        if (self.device.type != "cuda" or self.model_config.enforce_eager
+                or self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE):
+            return 0
+        return reserved_by(graph_work(self._medusa_graphs, self._medusa_sampled_graphs,
+                                      lambda k: self._medusa_graph_batches(1 + self.medusa_tree_sizes[k]),
+                                      lambda k: 1 + self.medusa_tree_sizes[k], self._medusa_greedy_example,
+                                      self._medusa_sampled_example, self.device))
 
     def capture_model(self) -> int:
         # FULL graphs of uniform tree steps run every request through the tree kernel (the
@@ -553,7 +573,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
         tree k again; outputs :meth:`_medusa_finish`'s, then the heads' top-k and finite flags."""
         q = 1 + self.medusa_tree_sizes[k]
 
-        def step(argmax, tokens_in, hidden, slots):
+        def step(argmax, tokens_in, hidden, slots=None):
             b = argmax.shape[0] // q
             heads = []
             out = greedy_tree_step(argmax, uniform_drafts(tokens_in, b, q), hidden, self._medusa_tree_ids[k][:b],
@@ -569,7 +589,7 @@ class MedusaV2ModelRunner(GPUModelRunner):
         q = 1 + self.medusa_tree_sizes[k]
         cfg = self.medusa_cfg
 
-        def step(logits, drafts, hidden, tree_ids, params, accept, noise, slots):
+        def step(logits, drafts, hidden, tree_ids, params, accept, noise, slots=None):
             b = tree_ids.shape[0]
             heads = []
             out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
@@ -581,10 +601,11 @@ class MedusaV2ModelRunner(GPUModelRunner):
 
     def _medusa_finish(self, out, b: int, q: int, slots: torch.Tensor) -> tuple:
         """The end of a uniform step's function: move each request's accepted KV (its window of
-        ``q`` rows in ``slots``; -1: none), then (tokens, accepted count, V2's emitted and
+        ``q`` rows in ``slots``; -1: none; None: no move, before the KV cache exists), then (tokens, accepted count, V2's emitted and
         rejected counts per request, the accepted nodes, the next drafts)."""
-        starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slots.device)
-        self._medusa_move_kv(slots, starts, out.accepted)
+        if slots is not None:
+            starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slots.device)
+            self._medusa_move_kv(slots, starts, out.accepted)
         num_sampled = (out.num_accepted + 1).int()
         return out.tokens.long(), out.num_accepted, num_sampled, q - num_sampled, out.accepted, out.drafts
 

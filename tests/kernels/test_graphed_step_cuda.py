@@ -210,3 +210,50 @@ def test_sampled_replays_match_eager_and_the_step_has_no_host_sync(filtered):
     got = graphs(*inputs)
     assert graphs.summary()["graph_replays"] == len(calls) - 1
     assert all(torch.equal(x, y) for x, y in zip(got, fn(*inputs)))
+
+
+def test_the_memory_held_through_vllms_profile_covers_what_the_graphs_take():
+    """The runners hold, through vLLM's memory profile (which sizes the KV cache), what their
+    verify graphs will take, measured by running each set's work once eagerly
+    (graphs.graph_work, reserved_by): at least what capturing them in one pool then takes."""
+    from medusa_vllm.vllm_plugin.graphs import graph_work, one_memory_pool, reserved_by
+
+    vocab, batches = 32000, [32, 8, 1]
+    trees = TreeTensors.build([TREE], "cuda")
+    w = torch.randn(H, vocab, device="cuda")
+    sampled = {(0, f): BatchGraphs(_sampled_fn(trees, w, f), rows_per_req=[Q, Q - 1, Q, 1, 1, 1, 1], max_batch=64,
+                                   exact=3, name=f"sampled {f}", pad=[None, -1, None, None, None, None, 1.0])
+               for f in (False, True)}
+    greedy = {0: BatchGraphs(_step_fn(trees, w), rows_per_req=[Q, Q - 1, Q, 1], max_batch=64, exact=3, name="greedy")}
+
+    def make_sampled_example(sets):
+        shared = torch.zeros(max(g.max_batch for g in sets) * Q, vocab, dtype=torch.bfloat16, device="cuda")
+        for g in sets:
+            g.buffers = {0: shared}
+
+        def example(b, q, k, gen):
+            x = _sampled_inputs(trees, b, 5)
+            return (x[0], *x[1:6], torch.empty(b, vocab, device="cuda").exponential_())
+
+        return example
+
+    def greedy_example(b, q, k, gen):
+        return _inputs(b, 5)
+
+    run = graph_work(greedy, sampled, lambda k: batches, lambda k: Q, greedy_example, make_sampled_example, "cuda")
+    held = reserved_by(run)
+    assert all(g.buffers == {} for g in sampled.values())
+    with one_memory_pool([*greedy.values(), *sampled.values()]):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info()[0]
+        example = make_sampled_example(list(sampled.values()))
+        for b in batches:
+            assert greedy[0].capture(*greedy_example(b, Q, 0, None))
+            for g in sampled.values():
+                assert g.capture(*example(b, Q, 0, None))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        taken = free - torch.cuda.mem_get_info()[0]
+    assert taken > 32 * Q * vocab * 2  # at least the shared logits buffer
+    assert held >= 0.9 * taken, (held, taken)
