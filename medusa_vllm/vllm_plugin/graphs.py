@@ -334,13 +334,21 @@ def graph_work(greedy: dict, sampled: dict, batch_sizes, query_len, greedy_examp
 def reserved_by(run) -> int:
     """Bytes the CUDA caching allocator reserves for ``run()`` while its result lives: at least
     the peak its allocations reach (freed blocks stay cached until ``empty_cache``); released
-    after. 0 off CUDA."""
+    after. 0 off CUDA, and 0 (logged) where ``run`` fails: the KV cache is then sized as vLLM
+    alone would, without room for the graphs, rather than the engine not starting."""
     if not torch.cuda.is_available():
         return 0
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved()
-    kept = run()
+    try:
+        kept = run()
+    except Exception as exc:  # noqa: BLE001 - the measurement only: vLLM's plan stands
+        logger.warning("medusa_vllm: measuring the verify CUDA graphs' memory failed (%s: %s); vLLM sizes "
+                       "the KV cache without room for them: lower --gpu-memory-utilization if the "
+                       "capture runs out of memory", type(exc).__name__, exc)
+        torch.cuda.empty_cache()
+        return 0
     torch.cuda.synchronize()
     taken = torch.cuda.memory_reserved() - before
     del kept
