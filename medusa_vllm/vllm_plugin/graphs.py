@@ -52,7 +52,31 @@ if _POOL not in ("shared", "per-set"):
                      "verify graphs) or 'per-set', or unset it")
 
 
-class MedusaGraphsMixin:
+class GraphMemoryMixin:
+    """The V1 and V2 runners' profile run, holding the memory their verify graphs will take
+    (:func:`held_through_profile`). Needs ``_medusa_graphs``, ``_medusa_sampled_graphs``,
+    ``_medusa_graph_batch_sizes(k)``, ``_medusa_greedy_example`` and ``_medusa_sampled_example``."""
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        with held_through_profile(self._medusa_graph_bytes(), self.device):
+            super().profile_run()
+
+    def _medusa_graph_bytes(self) -> int:
+        """The memory the verify graphs will take, measured by running their work once (before
+        the KV cache: vLLM may still turn the graphs off if the attention backend cannot take
+        them, and then this holds too much)."""
+        from vllm.config import CUDAGraphMode
+
+        if (self.device.type != "cuda" or self.model_config.enforce_eager
+                or self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE):
+            return 0
+        return reserved_by(graph_work(self._medusa_graphs, self._medusa_sampled_graphs,
+                                      self._medusa_graph_batch_sizes, lambda k: 1 + self.medusa_tree_sizes[k],
+                                      self._medusa_greedy_example, self._medusa_sampled_example, self.device))
+
+
+class MedusaGraphsMixin(GraphMemoryMixin):
     """CUDA-graph set-up and dispatch of the Medusa runner (state built by the runner's
     ``__init__`` through :meth:`_medusa_init_graphs`)."""
 
@@ -97,22 +121,6 @@ class MedusaGraphsMixin:
         self._medusa_uniform_lens = sorted(
             ({1 + n for n in self.medusa_tree_sizes} | {1}) - {self.medusa_max_query}
         ) if self.medusa_cfg.adaptive else []
-
-    @torch.inference_mode()
-    def profile_run(self) -> None:
-        with held_through_profile(self._medusa_graph_bytes(), self.device):
-            super().profile_run()
-
-    def _medusa_graph_bytes(self) -> int:
-        """The memory the verify graphs will take, measured by running their work once."""
-        from vllm.config import CUDAGraphMode
-
-        if (self.device.type != "cuda" or self.model_config.enforce_eager
-                or self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE):
-            return 0
-        return reserved_by(graph_work(self._medusa_graphs, self._medusa_sampled_graphs,
-                                      self._medusa_graph_batch_sizes, lambda k: 1 + self.medusa_tree_sizes[k],
-                                      self._medusa_greedy_example, self._medusa_sampled_example, self.device))
 
     def capture_model(self) -> int:
         size = super().capture_model()

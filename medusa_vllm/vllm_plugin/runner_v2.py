@@ -73,8 +73,8 @@ from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin import top_k_top_p
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
-from medusa_vllm.vllm_plugin.graphs import (SAMPLED_GRAPH_ROWS, capture_sampled_sets, graph_work, held_through_profile,
-                                            one_memory_pool, reserved_by, sampled_example)
+from medusa_vllm.vllm_plugin.graphs import (SAMPLED_GRAPH_ROWS, GraphMemoryMixin, capture_sampled_sets,
+                                            one_memory_pool, sampled_example)
 from medusa_vllm.vllm_plugin.penalties_v2 import any_penalty, packed_tree_logits, v2_penalties
 from medusa_vllm.vllm_plugin.proposer import MedusaTreeProposer
 from medusa_vllm.vllm_plugin.runner import MedusaStats, StepPaths, _attention_backend, region
@@ -128,7 +128,7 @@ class MedusaV2Speculator(DraftModelSpeculator):
         return self.runner._medusa_propose(input_batch, last_hidden_states, dummy_run)
 
 
-class MedusaV2ModelRunner(GPUModelRunner):
+class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
     medusa_runner = "v2"  # medusa_stats() names the runner
 
     def __init__(self, vllm_config, device: torch.device) -> None:
@@ -233,25 +233,6 @@ class MedusaV2ModelRunner(GPUModelRunner):
                         f"{group.backend.get_name()}; do not pass --attention-backend with medusa_vllm")
                 builder.medusa = self.medusa_attn
 
-    @torch.inference_mode()
-    def profile_run(self) -> None:
-        with held_through_profile(self._medusa_graph_bytes(), self.device):
-            super().profile_run()
-
-    def _medusa_graph_bytes(self) -> int:
-        """The memory the verify graphs will take, measured by running their work once."""
-        from vllm.config import CUDAGraphMode
-
-        # before the KV cache: vLLM's graph manager does not exist yet (it may still turn the
-        # graphs off when the attention backend cannot take them: then this holds too much)
-        if (self.device.type != "cuda" or self.model_config.enforce_eager
-                or self.compilation_config.cudagraph_mode == CUDAGraphMode.NONE):
-            return 0
-        return reserved_by(graph_work(self._medusa_graphs, self._medusa_sampled_graphs,
-                                      lambda k: self._medusa_graph_batches(1 + self.medusa_tree_sizes[k]),
-                                      lambda k: 1 + self.medusa_tree_sizes[k], self._medusa_greedy_example,
-                                      self._medusa_sampled_example, self.device))
-
     def capture_model(self) -> int:
         # FULL graphs of uniform tree steps run every request through the tree kernel (the
         # builder takes a capture batch that is uniform with 2..Q tokens per request)
@@ -265,10 +246,13 @@ class MedusaV2ModelRunner(GPUModelRunner):
                 for k, graphs in self._medusa_graphs.items():
                     if graphs.enabled:
                         self._medusa_capture_graphs(k, graphs, self._medusa_greedy_example)
-                capture_sampled_sets(self._medusa_sampled_graphs,
-                                     lambda k: self._medusa_graph_batches(1 + self.medusa_tree_sizes[k]),
+                capture_sampled_sets(self._medusa_sampled_graphs, self._medusa_graph_batch_sizes,
                                      self._medusa_sampled_example, self._medusa_capture_graphs)
         return size
+
+    def _medusa_graph_batch_sizes(self, k: int) -> list[int]:
+        """Batch sizes whose uniform steps of tree k vLLM captures, largest first."""
+        return self._medusa_graph_batches(1 + self.medusa_tree_sizes[k])
 
     def _medusa_graph_batches(self, q: int) -> list[int]:
         """Batch sizes whose uniform steps of q tokens per request vLLM captures, largest first."""
