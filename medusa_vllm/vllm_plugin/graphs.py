@@ -409,8 +409,10 @@ def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dt
     """``example(b, q, k, generator)``: inputs of a sampled uniform step's graph (logits, drafts,
     hidden, tree ids, sampling parameters, uniforms, noise), for the V1 and the V2 runner. The
     logits and noise buffers (the large ones: rows of the vocabulary) all ``sets`` share: one
-    call replays at a time and loads its own inputs first. The logits' dtype and width are the
-    model's (its logits processor's output), read off one dummy row."""
+    call replays at a time and loads its own inputs first; the examples' logits and noise are
+    drawn in place in them (a copy of rows × vocabulary made for each capture would stay
+    cached beside the graphs). The logits' dtype and width are the model's (its logits
+    processor's output), read off one dummy row."""
     with torch.inference_mode():
         probe = model.compute_logits(torch.zeros(1, hidden_size, device=device, dtype=dtype))
     vocab, logits_dtype = probe.shape[-1], probe.dtype
@@ -423,13 +425,13 @@ def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dt
 
     def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
         return (
-            torch.randn(b * q, vocab, device=device, generator=g, dtype=logits_dtype),
+            shared[: b * q].normal_(generator=g),
             torch.randint(0, 8, (b * (q - 1),), device=device, generator=g, dtype=torch.int32),
             torch.randn(b * q, hidden_size, device=device, generator=g, dtype=dtype),
             torch.full((b,), k, dtype=torch.int64, device=device),
             torch.tensor([1.0, 5.0, 0.9, 0.05], device=device).repeat(b, 1),
             torch.rand(b, levels * width, device=device, generator=g),
-            torch.empty(b, vocab, device=device).exponential_(generator=g),
+            noise[:b].exponential_(generator=g),
         )
 
     return example

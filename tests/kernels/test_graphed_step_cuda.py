@@ -226,14 +226,15 @@ def test_the_memory_held_through_vllms_profile_covers_what_the_graphs_take():
                for f in (False, True)}
     greedy = {0: BatchGraphs(_step_fn(trees, w), rows_per_req=[Q, Q - 1, Q, 1], max_batch=64, exact=3, name="greedy")}
 
-    def make_sampled_example(sets):
+    def make_sampled_example(sets):  # as graphs.sampled_example: logits and noise drawn in place
         shared = torch.zeros(max(g.max_batch for g in sets) * Q, vocab, dtype=torch.bfloat16, device="cuda")
+        noise = torch.ones(max(g.max_batch for g in sets), vocab, device="cuda")
         for g in sets:
-            g.buffers = {0: shared}
+            g.buffers = {0: shared, 6: noise}
 
         def example(b, q, k, gen):
-            x = _sampled_inputs(trees, b, 5)
-            return (x[0], *x[1:6], torch.empty(b, vocab, device="cuda").exponential_())
+            small = _sampled_inputs(trees, b, 5)[1:6]  # (its own logits and noise: V wide, tiny)
+            return (shared[: b * Q].normal_(), *small, noise[:b].exponential_())
 
         return example
 
@@ -256,4 +257,4 @@ def test_the_memory_held_through_vllms_profile_covers_what_the_graphs_take():
         torch.cuda.empty_cache()
         taken = free - torch.cuda.mem_get_info()[0]
     assert taken > 32 * Q * vocab * 2  # at least the shared logits buffer
-    assert held >= 0.9 * taken, (held, taken)
+    assert 0.9 * taken <= held <= 2 * taken, (held, taken)
