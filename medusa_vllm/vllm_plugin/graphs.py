@@ -320,8 +320,8 @@ def graph_work(greedy: dict, sampled: dict, batch_sizes, query_len, greedy_examp
         g = torch.Generator(device=device).manual_seed(0)
         kept = []
         for k, graphs in greedy.items():
-            b = max((n for n in batch_sizes(k) if n <= graphs.max_batch), default=0) if graphs.enabled else 0
-            if b:
+            b = largest_capture(batch_sizes(k), graphs.max_batch)
+            if graphs.enabled and b:
                 inputs = greedy_example(b, query_len(k), k, g)
                 kept.append((inputs, graphs.fn(*inputs)))
         live = live_sampled_sets(sampled, batch_sizes)
@@ -382,12 +382,17 @@ def held_through_profile(nbytes: int, device):
         del held
 
 
+def largest_capture(batch_sizes, max_batch: int) -> int:
+    """The largest of ``batch_sizes`` a set of ``max_batch`` captures (0: none)."""
+    return max((b for b in batch_sizes if b <= max_batch), default=0)
+
+
 def live_sampled_sets(sets: dict, batch_sizes) -> list[BatchGraphs]:
     """The sampled uniform-step graph sets (``{(tree k, filtered): BatchGraphs}``) that will
     capture a graph, each set's max_batch lowered to the largest of ``batch_sizes(k)`` it can
     take (its buffers are sized for it: idempotent)."""
     for (k, _), graphs in sets.items():
-        graphs.max_batch = max((b for b in batch_sizes(k) if b <= graphs.max_batch), default=0)
+        graphs.max_batch = largest_capture(batch_sizes(k), graphs.max_batch)
     return [g for g in sets.values() if g.enabled and g.max_batch > 0]
 
 

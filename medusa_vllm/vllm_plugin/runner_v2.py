@@ -585,8 +585,9 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
 
     def _medusa_finish(self, out, b: int, q: int, slots: torch.Tensor) -> tuple:
         """The end of a uniform step's function: move each request's accepted KV (its window of
-        ``q`` rows in ``slots``; -1: none; None: no move, before the KV cache exists), then (tokens, accepted count, V2's emitted and
-        rejected counts per request, the accepted nodes, the next drafts)."""
+        ``q`` rows in ``slots``; -1: none; ``slots`` None: no move, as before the KV cache
+        exists), then (tokens, accepted count, V2's emitted and rejected counts per request, the
+        accepted nodes, the next drafts)."""
         if slots is not None:
             starts = torch.arange(0, (b + 1) * q, q, dtype=torch.int32, device=slots.device)
             self._medusa_move_kv(slots, starts, out.accepted)
