@@ -200,15 +200,13 @@ class BatchGraphs:
             views = self._load(inputs)
             reference = [t.clone() for t in self.fn(*views)]
             try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, …)
+                side = capture_stream(views[0].device)
+                with on_stream(side):  # warm-up off the capture (cuBLAS workspaces, …)
                     self.fn(*views)
-                torch.cuda.current_stream().wait_stream(side)
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool, stream=side):
                     outputs = self.fn(*views)
                 graph.replay()
             except Exception as exc:  # noqa: BLE001 - eager from now on, loudly
@@ -229,6 +227,45 @@ class BatchGraphs:
         sizes = sorted(self.graphs)
         self._padded = [next((c for c in sizes if c >= n), 0) for n in range(sizes[-1] + 1)]
         return True
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(device) -> torch.cuda.Stream | None:
+    """The one side stream every verify graph of ``device`` warms up and is captured on (None
+    off CUDA). PyTorch keeps a cuBLAS workspace per (handle, stream) for the life of the process
+    (32 MiB each on an H100): a new stream per capture left one behind per graph, up to the 32
+    streams of its pool — 1.0 GiB beside the adaptive tree's 60 verify graphs on an H200
+    (d464a94), which vLLM's KV-cache plan had no room for."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _CAPTURE_STREAMS[index]
+
+
+class on_stream:
+    """Runs the block on ``stream`` (None: where it is), ordered after the current stream's
+    work and before its later work."""
+
+    def __init__(self, stream: torch.cuda.Stream | None) -> None:
+        self.stream = stream
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.outer = torch.cuda.current_stream(self.stream.device)
+            self.stream.wait_stream(self.outer)
+            self.ctx = torch.cuda.stream(self.stream)
+            self.ctx.__enter__()
+        return self.stream
+
+    def __exit__(self, *exc):
+        if self.stream is not None:
+            self.ctx.__exit__(*exc)
+            self.outer.wait_stream(self.stream)
 
 
 class _sync_debug_off:

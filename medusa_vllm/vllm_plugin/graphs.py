@@ -17,7 +17,8 @@ import os
 import torch
 from vllm.logger import init_logger
 
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, handover, sampled_tree_step
+from medusa_vllm.graphed_step import (BatchGraphs, capture_stream, greedy_tree_step, handover, on_stream,
+                                      sampled_tree_step)
 
 logger = init_logger(__name__)
 
@@ -312,11 +313,16 @@ def graph_work(greedy: dict, sampled: dict, batch_sizes, query_len, greedy_examp
                device):
     """``run() -> kept``: each enabled verify graph set's function run once, eagerly, at the
     largest batch size it will capture, on that capture's example inputs (no KV moved), every
-    input and output kept: the work whose memory the captured graphs hold (their static inputs,
-    the shared logits buffer, their outputs, the intermediates at their peak). ``greedy``:
+    input and output kept, on the stream the captures use: the work whose memory the captured
+    graphs hold (their static inputs, the shared logits buffer, their outputs, the
+    intermediates at their peak). ``greedy``:
     ``{k: BatchGraphs}``, ``sampled``: ``{(k, filtered): BatchGraphs}``; ``batch_sizes(k)``
     and ``query_len(k)`` as the captures use them; the examples as :meth:`capture_model`'s."""
     def run() -> list:
+        with on_stream(capture_stream(device)):  # the captures' stream: its cuBLAS workspace too
+            return work()
+
+    def work() -> list:
         g = torch.Generator(device=device).manual_seed(0)
         kept = []
         for k, graphs in greedy.items():
@@ -342,8 +348,9 @@ def graph_work(greedy: dict, sampled: dict, batch_sizes, query_len, greedy_examp
 def reserved_by(run) -> int:
     """Bytes the CUDA caching allocator reserves for ``run()`` while its result lives: at least
     the peak its allocations reach (freed blocks stay cached until ``empty_cache``); released
-    after. 0 off CUDA, and 0 (logged) where ``run`` fails: the KV cache is then sized as vLLM
-    alone would, without room for the graphs, rather than the engine not starting."""
+    after, less what stays reserved after it (allocated for good). 0 off CUDA, and 0 (logged)
+    where ``run`` fails: the KV cache is then sized as vLLM alone would, without room for the
+    graphs, rather than the engine not starting."""
     if not torch.cuda.is_available():
         return 0
     torch.cuda.synchronize()
@@ -361,7 +368,9 @@ def reserved_by(run) -> int:
     taken = torch.cuda.memory_reserved() - before
     del kept
     torch.cuda.empty_cache()
-    return max(taken, 0)
+    # what stays reserved (a new stream's cuBLAS workspace) is allocated for good: vLLM's
+    # profile sees it already
+    return max(taken - (torch.cuda.memory_reserved() - before), 0)
 
 
 @contextlib.contextmanager

@@ -55,6 +55,30 @@ def test_replays_match_eager_for_every_batch_size_and_call():
     assert graphs.summary()["graph_replays"] == len(calls) - 1
 
 
+def test_captures_share_one_stream_so_one_cublas_workspace():
+    """Every capture warms up and is captured on graphed_step.capture_stream. PyTorch keeps a
+    cuBLAS workspace per (handle, stream) for good (32 MiB on an H100): with a new stream per
+    capture, each graph left one behind (1.0 GiB beside the adaptive tree's 60 verify graphs on
+    an H200, d464a94); now 24 more graphs of a few KB add no workspace."""
+    trees = TreeTensors.build([TREE], "cuda")
+    w = torch.randn(H, V, device="cuda")
+    first = BatchGraphs(_step_fn(trees, w), rows_per_req=[Q, Q - 1, Q, 1], max_batch=8, exact=3, name="first")
+    assert first.capture(*_inputs(8, 0))  # the capture stream's workspace comes with it, once
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    sets = [BatchGraphs(_step_fn(trees, w), rows_per_req=[Q, Q - 1, Q, 1], max_batch=8, exact=3, name=f"set {i}")
+            for i in range(6)]
+    for graphs in sets:
+        graphs.pool = first.pool
+        for b in (8, 4, 2, 1):
+            assert graphs.capture(*_inputs(b, b))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    grown = torch.cuda.memory_reserved() - before
+    assert grown < 8 * 2**20, grown  # a workspace per graph: at least 24 x 8 MiB
+
+
 def test_sets_sharing_one_memory_pool_replay_like_eager_in_any_order():
     """The runners put all their sets in one memory pool (graphs.one_memory_pool): a set's
     replay may overwrite what another set's graph left in the pool, never what its own call
