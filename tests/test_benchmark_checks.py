@@ -437,11 +437,11 @@ def test_steady_decode_refills_a_finished_slot_at_once_and_keeps_order(monkeypat
     assert latencies == [3.0, 1.0, 1.0, 2.0, 1.0, 4.0]  # "a" ended at step 1, "aaaa" at step 4
 
 
-def _tool(name: str):
+def _tool(name: str, folder: str = "tools/gpu"):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"tools/gpu/{name}.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"{folder}/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -499,3 +499,18 @@ def test_length_spread_gives_each_request_its_own_seeded_length():
     assert bench.params(3) is bench.params(3)  # one SamplingParams per length
     bench.length_spread = 0.0
     assert bench.params(3) is bench.sp
+
+
+def test_closed_round_tail_model_charges_the_slowest_request():
+    """tools/closed_round_tail.py: a round lasts until its slowest request, each step at the cost
+    of the requests still running; with equal steps per request that is the full-batch figure."""
+    tail = _tool("closed_round_tail", "tools")
+    cost = {1: 1.0, 4: 2.0}  # ms per step at 1 and 4 running requests, linear between
+    assert tail.interp(cost, 2) == pytest.approx(4 / 3) and tail.interp(cost, 9) == 2.0
+    assert tail.bucket_costs({"1": {"0": 1.5, "15": 1.7}, "3-4": {"15": 2.5}}, 15) == {1: 1.7, 4: 2.5}
+    # 4 requests, 8 tokens each, plain steps 1 ms: 8 ms a round
+    uniform, with_tail = tail.round_ratios([4, 4, 4, 4], 4, 8, 1.0, cost)
+    assert uniform == with_tail == pytest.approx(8 / (4 * 2.0))
+    # one request needs 6 steps: 4 steps of all four (2 ms), then 2 of one (1 ms) = 10 ms
+    uniform, with_tail = tail.round_ratios([4, 4, 4, 6], 4, 8, 1.0, cost)
+    assert uniform == pytest.approx(8 / (4.5 * 2.0)) and with_tail == pytest.approx(8 / 10)
