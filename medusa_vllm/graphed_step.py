@@ -16,6 +16,7 @@ Nothing here knows vLLM; the runner decides when a step is uniform, and whether 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,25 +248,20 @@ def capture_stream(device) -> torch.cuda.Stream | None:
     return _CAPTURE_STREAMS[index]
 
 
-class on_stream:
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream | None):
     """Runs the block on ``stream`` (None: where it is), ordered after the current stream's
     work and before its later work."""
-
-    def __init__(self, stream: torch.cuda.Stream | None) -> None:
-        self.stream = stream
-
-    def __enter__(self):
-        if self.stream is not None:
-            self.outer = torch.cuda.current_stream(self.stream.device)
-            self.stream.wait_stream(self.outer)
-            self.ctx = torch.cuda.stream(self.stream)
-            self.ctx.__enter__()
-        return self.stream
-
-    def __exit__(self, *exc):
-        if self.stream is not None:
-            self.ctx.__exit__(*exc)
-            self.outer.wait_stream(self.stream)
+    if stream is None:
+        yield None
+        return
+    outer = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(outer)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        outer.wait_stream(stream)
 
 
 class _sync_debug_off:

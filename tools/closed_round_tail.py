@@ -27,6 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -55,17 +57,6 @@ def request_steps(trees: list[str], num_prompts: int, max_tokens: int) -> list[d
     return out
 
 
-def interp(table: dict[int, float], n: float) -> float:
-    """Piecewise-linear in the number of running requests, flat past the ends."""
-    xs = sorted(table)
-    if n <= xs[0]:
-        return table[xs[0]]
-    for lo, hi in zip(xs, xs[1:]):
-        if n <= hi:
-            return table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
-    return table[xs[-1]]
-
-
 def bucket_costs(ms_per_step: dict, tree_size: int) -> dict[int, float]:
     """{running requests (a bucket's upper end): ms} of one tree from an adaptive run's table."""
     out = {}
@@ -75,24 +66,36 @@ def bucket_costs(ms_per_step: dict, tree_size: int) -> dict[int, float]:
     return out
 
 
+def interp(table: dict[int, float], n: float) -> float:
+    """Piecewise-linear in the number of running requests, flat past the ends."""
+    xs = sorted(table)
+    return float(np.interp(n, xs, [table[x] for x in xs]))
+
+
 def round_ratios(steps: list[int], b: int, max_tokens: int, plain_ms: float,
                  tree_ms: dict[int, float]) -> tuple[float, float]:
     """(uniform, with tail) ratios of the closed rounds of ``b`` of these requests."""
+    base = max_tokens * plain_ms  # a round without speculation
     uniform, tail = [], []
     for i in range(0, len(steps) - b + 1, b):
         r = steps[i: i + b]
-        base = max_tokens * plain_ms
         uniform.append(base / (statistics.mean(r) * interp(tree_ms, b)))
         tail.append(base / sum(interp(tree_ms, sum(s >= k for s in r)) for k in range(1, max(r) + 1)))
     return statistics.mean(uniform), statistics.mean(tail)
 
 
 def model(steps: dict, run: dict, adaptive: str, max_tokens: int) -> list[dict]:
-    stats = run["summary"]["medusa_stats"][adaptive]["adaptive"]
+    from medusa_vllm.tree import get_tree
+
+    stats = run["summary"].get("medusa_stats", {}).get(adaptive, {}).get("adaptive")
+    if stats is None:
+        raise SystemExit(f"closed_round_tail: the run has no adaptive configuration {adaptive!r} "
+                         f"with a step-cost table; pass --adaptive one of "
+                         f"{sorted(run['summary'].get('medusa_stats', {}))}")
     plain = {r["batch_size"]: r["tpot_ms_median"] for r in run["rows"] if r["config"].startswith("baseline")}
     rows = []
     for tree, s in steps.items():
-        tree_ms = bucket_costs(stats["ms_per_step"], int(tree.split("-")[-1]))
+        tree_ms = bucket_costs(stats["ms_per_step"], len(get_tree(tree)))
         for b in sorted(plain):
             if b > len(s) or not tree_ms:
                 continue
@@ -113,6 +116,8 @@ def main() -> None:
     ap.add_argument("--adaptive", default="adaptive-v2")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.mode == "model" and not (args.steps and args.run):
+        ap.error("model needs --steps (a JSON the steps mode wrote) and --run (a throughput JSON)")
     from benchmarks.common import write_envelope
 
     if args.mode == "steps":
