@@ -6,10 +6,10 @@ verification, the hidden state of the last accepted node and the next drafts (th
 tree gather) are a pure function of tensors whose shapes depend only on the batch size B:
 :func:`greedy_tree_step` (greedy rule, from the target argmax of each row) and
 :func:`sampled_tree_step` (any mix of greedy and sampled requests, from the logits, with the
-step's random numbers drawn beforehand as inputs: a replay is deterministic and seeded requests
-keep their own generators). :class:`BatchGraphs` captures such a function once per B in a CUDA
-graph (static input buffers, one shared memory pool) and replays it: tens to hundreds of kernel
-launches from Python become one graph launch plus the input copies.
+step's random numbers, or the keys they are hashed from, as inputs: a replay is deterministic
+and seeded requests keep their own streams). :class:`BatchGraphs` captures such a function
+once per B in a CUDA graph (static input buffers, one shared memory pool) and replays it: tens
+to hundreds of kernel launches from Python become one graph launch plus the input copies.
 
 Nothing here knows vLLM; the runner decides when a step is uniform, and whether it is greedy.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_vllm.sampling import SamplingBatch, StepRandomness
+from medusa_vllm.sampling import SamplingBatch, StepRandomness, keyed_uniforms
 from medusa_vllm.tree_tensors import TreeTensors
 from medusa_vllm.verify import TYPICAL_DELTA, TYPICAL_EPS, TreeBatch, greedy_from_argmax, verify
 
@@ -84,8 +84,7 @@ def sampled_tree_step(
     hidden: torch.Tensor,  # [B*Q, H] hidden state of every row
     tree_ids: torch.Tensor,  # [B] int64 tree each request's drafts follow
     params: torch.Tensor,  # [B, 4] float32 sampling parameters (sampling_params_tensor)
-    accept: torch.Tensor,  # [B, L*C] float32 uniforms: StepRandomness.accept, flattened
-    noise: torch.Tensor,  # [B, V] float32 Exp(1): StepRandomness.noise
+    rand: torch.Tensor,  # [B, L*C+1] float32 StepRandomness.flat(), or [B, 2] int64 keys (keyed_uniforms)
     trees: TreeTensors,
     propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
     rule: str = "rejection",  # sampled requests' rule (greedy ones: the greedy rule)
@@ -94,18 +93,22 @@ def sampled_tree_step(
     delta: float = TYPICAL_DELTA,
 ) -> TreeStepOutput:
     """The uniform step of a batch with sampled requests: exactly what :func:`verify` gives on
-    the same rows with the same random numbers, then the next drafts."""
+    the same rows with the same random numbers, then the next drafts. ``rand``: the numbers
+    themselves, or each request's (seed, counter) key, hashed here (inside a graph: no
+    per-request work on the host)."""
     b = tree_ids.shape[0]
     q = logits.shape[0] // b
     q_max = trees.parents.shape[1]
+    levels = trees.max_depth + 1
+    if rand.dtype == torch.int64:
+        rand = keyed_uniforms(rand, levels * trees.children.shape[2] + 1)
     slots = torch.arange(q_max, device=logits.device)
     base = torch.arange(b, device=logits.device)[:, None] * q
     row_of_node = torch.where(slots[None, :] < q, base + slots[None, :], -1)  # [B, Q_max]
     nodes = torch.nn.functional.pad(drafts.view(b, q - 1), (0, q_max - q))
     sampling = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2], None, filtered, params[:, 3])
-    rand = StepRandomness(accept.view(b, trees.max_depth + 1, -1), noise)
     out = verify(rule, logits, row_of_node, nodes, torch.full_like(tree_ids, q - 1), tree_ids, trees,
-                 sampling, eps=eps, delta=delta, rand=rand)
+                 sampling, eps=eps, delta=delta, rand=StepRandomness.from_flat(rand, levels))
     rows = base[:, 0] + out.last_node  # [B] row of each last accepted node
     return TreeStepOutput(out.tokens.int(), out.accepted.int(), out.num_accepted, propose(hidden[rows]))
 

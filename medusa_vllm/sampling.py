@@ -1,8 +1,13 @@
 """Per-request sampling parameters and the target distribution they define (pure torch).
 
-Random numbers come from the default generator, except for requests that carry their own
-``torch.Generator`` (seeded requests), whose rows are drawn from it: the same convention as
-vLLM's sampler, so a seeded request reproduces its own draws whatever else is in the batch.
+Random numbers come from one of three sources, per request row:
+- a key (seed, counter) of the batch (``SamplingBatch.keys``, vLLM's V2 runner: every request has
+  a seed, the counter is its computed-token count): a counter-based hash, :func:`keyed_uniforms`,
+  pure tensor ops (no per-request launches, no state; a CUDA graph computes it in place);
+- the request's own ``torch.Generator`` (``SamplingBatch.generators``, vLLM's V1 runner for
+  seeded requests);
+- the default generator otherwise.
+A seeded request reproduces its own draws whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class SamplingBatch:
     generators: dict[int, torch.Generator] | None = None  # request row -> its own generator
     filtered: bool = True  # host-known: some row uses top-k/top-p (False skips the sort)
     min_p: torch.Tensor | None = None  # [B] float32, 0 = off (None: no request uses it)
+    keys: torch.Tensor | None = None  # [B, 2] int64 (seed, counter): rows' random numbers (keyed_uniforms)
 
     @property
     def is_greedy(self) -> torch.Tensor:  # [B] bool
@@ -103,38 +109,84 @@ def apply_top_k_top_p_ref(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 
 
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) and a constant ``c`` < 2**32, in 16-bit
+    halves of ``c`` so that no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer (a bijection of [0, 2**32) with full avalanche)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keyed_uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, 2] int64 (seed, counter) -> [B, n] float32 uniforms in [0, 1) (multiples of 2**-24):
+    a counter-based hash, a pure function of each row's key (any int64 seed, counter >= 0), the
+    same on every device and at any batch row. A request that keys step t by its computed-token
+    count draws fresh numbers every step and the same ones when the step is run again."""
+    seed, counter = keys[:, 0], keys[:, 1]
+    x = _fmix32((counter & _M32) ^ 0x5BD1E995)
+    x = _fmix32(x ^ ((seed >> 32) & _M32))
+    x = _fmix32(x ^ (seed & _M32))  # [B]
+    j = torch.arange(n, device=keys.device, dtype=torch.int64) * _GOLDEN  # [n], < 2**63
+    h = _fmix32((x[:, None] + j[None, :]) & _M32)
+    return (h >> 8).float() * (1.0 / (1 << 24))
+
+
+def _row_uniforms(batch: int, n: int, sampling: SamplingBatch, device: torch.device | str) -> torch.Tensor:
+    """[B, n] uniforms: keyed rows hashed, generator rows from their generator, others from the
+    default generator."""
+    if sampling.keys is not None:
+        return keyed_uniforms(sampling.keys[:batch].to(device), n)
+    u = torch.rand((batch, n), device=device)
+    for row, gen in (sampling.generators or {}).items():
+        if row < batch:
+            u[row] = torch.rand((n,), device=device, generator=gen)
+    return u
+
+
 @dataclass
 class StepRandomness:
     """The random numbers one verification step consumes, drawn up front so the step itself is
     a deterministic function of its inputs (what a CUDA graph replays): per request, uniforms
-    for the acceptance tests of each tree level and exponentials for its one sampled token.
-    Rows of requests with their own generator are drawn from it (reproducible per request)."""
+    for the acceptance tests of each tree level and child rank, and one for its sampled token
+    (the inverse-CDF draw of :func:`sample`). :meth:`flat` packs them [B, L*C + 1], the layout
+    that :meth:`from_flat` and the fixed-shape sampled step read."""
 
     accept: torch.Tensor  # [B, L, C] float32 uniforms in [0, 1): level, child rank
-    noise: torch.Tensor  # [B, V] float32 Exp(1): the exponential race of the final token
+    final: torch.Tensor  # [B] float32 uniform in [0, 1): the final token's draw
 
     @classmethod
-    def draw(cls, batch: int, levels: int, width: int, vocab: int, sampling: SamplingBatch,
+    def draw(cls, batch: int, levels: int, width: int, sampling: SamplingBatch,
              device: torch.device | str) -> StepRandomness:
-        accept = torch.rand((batch, levels, width), device=device)
-        for row, gen in (sampling.generators or {}).items():
-            if row < batch:
-                accept[row] = torch.rand((levels, width), device=device, generator=gen)
-        return cls(accept, exponential_noise(batch, vocab, sampling, device))
+        return cls.from_flat(_row_uniforms(batch, levels * width + 1, sampling, device), levels)
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, levels: int) -> StepRandomness:
+        b = flat.shape[0]
+        return cls(flat[:, :-1].reshape(b, levels, -1), flat[:, -1])
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.accept.flatten(1), self.final[:, None]], dim=1)
 
 
-def exponential_noise(batch: int, vocab: int, sampling: SamplingBatch, device: torch.device | str) -> torch.Tensor:
-    """[B, V] float32 Exp(1), a seeded request's row drawn from its own generator."""
-    noise = torch.empty((batch, vocab), device=device).exponential_()
-    for row, gen in (sampling.generators or {}).items():
-        if row < batch:
-            noise[row].exponential_(generator=gen)
-    return noise
-
-
-def sample(probs: torch.Tensor, sampling: SamplingBatch, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, V] probabilities -> [B] int64 tokens by the exponential race (no host sync), with
-    ``noise`` [B, V] Exp(1) if given (else drawn, per-request generators honoured)."""
-    if noise is None:
-        noise = exponential_noise(probs.shape[0], probs.shape[1], sampling, probs.device)
-    return (probs / noise).argmax(dim=-1)
+def sample(probs: torch.Tensor, sampling: SamplingBatch, u: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, V] probabilities (unnormalised is fine) -> [B] int64 tokens by the inverse CDF (no
+    host sync): the first token whose cumulative mass, in float64, exceeds ``u`` [B] uniforms
+    in [0, 1) times the row's mass (drawn per :func:`_row_uniforms` if None). A token of zero
+    probability is never drawn; a row without mass gives its argmax (token 0)."""
+    if u is None:
+        u = _row_uniforms(probs.shape[0], 1, sampling, probs.device)[:, 0]
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    x = u.double()[:, None] * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, x, right=True)[:, 0]
+    return torch.where(tok < probs.shape[-1], tok, probs.argmax(dim=-1))

@@ -140,7 +140,7 @@ def verify_typical(
     delta: float = TYPICAL_DELTA,
     rand: StepRandomness | None = None,
 ) -> VerifyOutput:
-    """``rand``: the step's random numbers (its noise; drawn here if None)."""
+    """``rand``: the step's random numbers (its final uniform; drawn here if None)."""
     tb = TreeBatch.gather(trees, tree_ids, num_nodes)
     b, q = row_of_node.shape
     parent_rows = row_of_node.gather(1, tb.parents.clamp_min(0)).clamp_min(0)  # [B, Q]
@@ -154,7 +154,7 @@ def verify_typical(
     ok = (p_draft > threshold) & tb.valid
     accepted, num_accepted, last_node = longest_accepted_path(ok, tb.leaf_paths)
     probs = target_probs(_rows(logits, row_of_node, last_node), sampling)
-    final = sample(probs, sampling, None if rand is None else rand.noise)
+    final = sample(probs, sampling, None if rand is None else rand.final)
     return VerifyOutput(accepted, num_accepted, last_node, _emit(drafts, accepted, num_accepted, final))
 
 
@@ -171,7 +171,7 @@ def verify_rejection(
     rand: StepRandomness | None = None,
 ) -> VerifyOutput:
     """Lossless tree rejection sampling. ``rand``: the step's random numbers (uniforms for
-    every level and child, noise for the final token; drawn here if None). The walk stops
+    every level and child, one for the final token; drawn here if None). The walk stops
     exactly once per request (at a leaf at the latest), so the final token is one draw from the
     stopping node's residual. ``renormalize=False`` and ``residual=False`` are deliberately
     broken variants (child j accepted with p(x_j) instead of p(x_j)/(1 - mass of the rejected
@@ -182,7 +182,7 @@ def verify_rejection(
     dev = drafts.device
     depth = trees.max_depth
     if rand is None:
-        rand = StepRandomness.draw(b, depth + 1, tb.children.shape[2], logits.shape[1], sampling, dev)
+        rand = StepRandomness.draw(b, depth + 1, tb.children.shape[2], sampling, dev)
     tokens = _node_tokens(drafts)  # [B, Q]
     cur = torch.zeros(b, dtype=torch.int64, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
@@ -224,7 +224,7 @@ def verify_rejection(
         stop_dist = rest if stop_dist is None else torch.where(stop[:, None], rest, stop_dist)
         cur = torch.where(step, child, cur)
         active = step
-    final = sample(stop_dist, sampling, rand.noise)
+    final = sample(stop_dist, sampling, rand.final)
     return VerifyOutput(accepted, num_accepted, cur, _emit(drafts, accepted, num_accepted, final))
 
 

@@ -109,9 +109,9 @@ def test_sampled_tree_step_matches_the_general_verifier(rule, filtered, min_p):
                              torch.randint(0, V, (b, q - 1), generator=g))
         hidden = torch.randn(b * q, 3, generator=g)
         sampling = _mixed_sampling(b, g, filtered, min_p)
-        rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], V, sampling, "cpu")
+        rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], sampling, "cpu")
         got = sampled_tree_step(logits, drafts.reshape(-1).int(), hidden, tree_ids, sampling_params_tensor(sampling),
-                                rand.accept.flatten(1), rand.noise, trees, _propose, rule, filtered)
+                                rand.flat(), trees, _propose, rule, filtered)
         rows = torch.where(torch.arange(Q)[None, :] < q, torch.arange(b)[:, None] * q + torch.arange(Q)[None, :], -1)
         want = verify(rule, logits, rows, torch.nn.functional.pad(drafts, (0, Q - q)), torch.full((b,), q - 1),
                       tree_ids, trees, sampling, rand=rand)
@@ -130,7 +130,7 @@ def test_sampled_tree_step_matches_the_general_verifier(rule, filtered, min_p):
 
 def test_sampled_tree_step_uses_the_given_random_numbers():
     """The step is a function of its inputs (what a graph replays): same inputs, same tokens;
-    other noise, other sampled tokens."""
+    other random numbers, other sampled tokens."""
     trees = TreeTensors.build(TREES)
     b = 16
     logits, drafts, hidden, tree_ids = _inputs(trees, b, 9)
@@ -139,9 +139,8 @@ def test_sampled_tree_step_uses_the_given_random_numbers():
 
     def run(seed):
         torch.manual_seed(seed)
-        rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], V, sampling, "cpu")
-        return sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.accept.flatten(1), rand.noise,
-                                 trees, _propose).tokens
+        rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], sampling, "cpu")
+        return sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.flat(), trees, _propose).tokens
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -154,8 +153,8 @@ def test_seeded_requests_draw_from_their_own_generator():
         gens = {row: torch.Generator().manual_seed(42)}
         s = SamplingBatch(torch.ones(batch), torch.zeros(batch, dtype=torch.int64), torch.ones(batch), gens)
         torch.manual_seed(batch)  # the unseeded rows differ from call to call
-        r = StepRandomness.draw(batch, 4, 3, V, s, "cpu")
-        return r.accept[row], r.noise[row], r.accept[(row + 1) % batch]
+        r = StepRandomness.draw(batch, 4, 3, s, "cpu")
+        return r.accept[row], r.final[row], r.accept[(row + 1) % batch]
 
     a, n, other_a = draw(3, 0)
     b, m, other_b = draw(5, 3)

@@ -449,7 +449,7 @@ def _uva(values, dtype):
     return SimpleNamespace(np=a, gpu=torch.from_numpy(a.copy()))
 
 
-def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
+def _sampled_runner(reqs, modes, temps, top_p=None, seed=0, seeds=None):
     batch = _batch(reqs, seed)
     table = torch.randint(0, VOCAB, (batch.num_tokens,), generator=torch.Generator().manual_seed(seed + 5))
     _accepting_drafts(batch, table)
@@ -457,11 +457,12 @@ def _sampled_runner(reqs, modes, temps, top_p=None, seed=0):
     r._medusa_mode[: len(modes)] = modes
     n = r.max_num_reqs
     pad = n - len(temps)
+    seeds = list(seeds or range(100, 100 + len(temps)))  # vLLM V2's per-request seeds
     r.sampler = SimpleNamespace(penalties_state=r.sampler.penalties_state, logprobs_mode="raw_logprobs",
                                 logit_bias_state=r.sampler.logit_bias_state, sampling_states=SimpleNamespace(
         **_logprob_state(), vocab_size=VOCAB, temperature=_uva(list(temps) + [0.0] * pad, np.float32),
         top_k=_uva([VOCAB] * n, np.int32), top_p=_uva(list(top_p or [1.0] * len(temps)) + [1.0] * pad, np.float32),
-        min_p=_uva([0.0] * n, np.float32)))
+        min_p=_uva([0.0] * n, np.float32), seeds=_uva(seeds + [0] * (n - len(seeds)), np.int64)))
     _record(r, [0] * len(reqs))
     r._medusa_slots = _slots(batch)
     r._medusa_prepare_tree(batch)
@@ -489,11 +490,10 @@ def test_sampled_requests_speculate_in_a_mixed_step():
     r.model = _SharpTarget(table)
     kv_before = r.kv_caches[0].clone()
     hidden = _hidden(batch.num_tokens)
-    torch.manual_seed(7)
     out, num_sampled, num_rejected = r.sample(hidden, batch, None)
     assert r.medusa_paths.counts == {("mixed", "verify general sampled"): 1}
-    torch.manual_seed(7)
-    sampling = SamplingBatch(torch.tensor([0.8, 0.0, 1.0]), torch.full((3,), VOCAB), torch.ones(3), None, False)
+    sampling = SamplingBatch(torch.tensor([0.8, 0.0, 1.0]), torch.full((3,), VOCAB), torch.ones(3), None, False,
+                             keys=r._medusa_keys(batch))
     ref, row_of_node = _sampled_reference(batch, table, sampling)
     assert torch.equal(out.sampled_token_ids, ref.tokens)
     assert num_sampled.tolist() == [int(ref.num_accepted[0]) + 1, 0, int(ref.num_accepted[2]) + 1]
@@ -510,14 +510,12 @@ def test_a_uniform_sampled_step_runs_the_fixed_shape_function(seed):
     r.model = _SharpTarget(table)
     kv_before = r.kv_caches[0].clone()
     hidden = _hidden(batch.num_tokens)
-    torch.manual_seed(11)
     out, num_sampled, num_rejected = r.sample(hidden, batch, None)
     assert r.medusa_paths.counts == {(str(Q - 1), "verify fixed-shape sampled"): 1}
-    torch.manual_seed(11)
     sampling = SamplingBatch(torch.tensor([0.7, 1.0, 0.0]), torch.full((3,), VOCAB), torch.tensor([0.9, 1.0, 1.0]),
-                             None, True)
+                             None, True, keys=r._medusa_keys(batch))
     trees = TreeTensors.build([TREE], q_max=Q)
-    rand = StepRandomness.draw(3, trees.max_depth + 1, trees.children.shape[2], VOCAB, sampling, "cpu")
+    rand = StepRandomness.draw(3, trees.max_depth + 1, trees.children.shape[2], sampling, "cpu")
     ref, row_of_node = _sampled_reference(batch, table, sampling, rand)
     assert torch.equal(out.sampled_token_ids, ref.tokens)
     assert num_rejected.tolist() == (Q - 1 - ref.num_accepted).tolist()
@@ -546,39 +544,51 @@ def test_v2_modes():
         assert v2_mode(sp) == V2_NO_SPEC
 
 
-def test_a_seeded_request_draws_from_its_own_generator():
-    """A seeded request's verification reads its own generator (vLLM's sampler convention), so
-    its tokens do not depend on the global RNG or on the other requests."""
-    def run(global_seed):
-        r, batch, table = _sampled_runner([(Q, Q - 1, 20), (Q, Q - 1, 30)], [V2_SAMPLED, V2_SAMPLED], [1.0, 1.0])
+def test_each_request_keys_its_random_numbers_by_its_seed_and_computed_tokens():
+    """The verification's random numbers are hashed from each request's (vLLM V2 seed, computed
+    tokens): a request's tokens depend on its own seed, not on the global RNG, nor on where it
+    sits in the batch or on the other requests' seeds; another seed, other tokens."""
+    reqs = [(Q, Q - 1, 20), (Q, Q - 1, 30)]
+
+    def run(seeds, global_seed, swap=False):
+        r, batch, table = _sampled_runner(reqs[::-1] if swap else reqs, [V2_SAMPLED, V2_SAMPLED], [1.0, 1.0],
+                                          seeds=seeds[::-1] if swap else seeds)
         r.model = _SharpTarget(table)
-        r._medusa_gens = {0: torch.Generator().manual_seed(5)}  # as add_requests makes it for seed=5
+        keys = r._medusa_keys(batch)
+        assert keys[:, 1].tolist() == (batch.seq_lens[:2] - Q).tolist()  # computed tokens before the step
         torch.manual_seed(global_seed)
         out, _, _ = r.sample(_hidden(batch.num_tokens), batch, None)
-        return out.sampled_token_ids
+        tokens = out.sampled_token_ids
+        return tokens.flip(0) if swap else tokens
 
-    a, b = run(1), run(2)
-    assert torch.equal(a[0], b[0])  # the seeded request
-    assert not all(torch.equal(run(s)[1], a[1]) for s in (2, 3, 4))  # the unseeded one moves
+    a = run([5, 6], 1)
+    assert torch.equal(run([5, 6], 2), a)  # the global RNG does not enter
+    assert torch.equal(run([5, 7], 1)[0], a[0])  # nor the other request's seed
+    moved = [run([5, s], 1)[1] for s in (7, 8, 9, 10)]
+    assert not all(torch.equal(m, a[1]) for m in moved)  # its own seed does
 
 
 def test_sampled_graph_examples_share_the_vocabulary_buffers():
-    """graphs.sampled_example (V1 and V2 runners): inputs in the sampled step's layout, and one
-    logits and one noise buffer for every graph set, sized for the largest."""
+    """graphs.sampled_example (V1 and V2 runners): inputs in the sampled step's layout (the V2
+    runner's random numbers as keys), and one logits buffer for every graph set, sized for the
+    largest."""
     from medusa_vllm.graphed_step import BatchGraphs
     from medusa_vllm.vllm_plugin.graphs import sampled_example
 
     trees = TreeTensors.build([TREE, SPARSE7], q_max=Q)
-    sets = [BatchGraphs(lambda *x: x, [q, q - 1, q, 1, 1, 1, 1, q], max_batch=b, exact=4, name=str(q))
+    sets = [BatchGraphs(lambda *x: x, [q, q - 1, q, 1, 1, 1, q], max_batch=b, exact=4, name=str(q))
             for q, b in ((Q, 3), (8, 5))]
     model = SimpleNamespace(compute_logits=lambda h: torch.zeros(h.shape[0], VOCAB, dtype=torch.bfloat16))
-    example = sampled_example(sets, model, HIDDEN, "cpu", torch.float32, trees)
-    assert sets[0].buffers[0] is sets[1].buffers[0] and sets[0].buffers[0].shape == (max(3 * Q, 5 * 8), VOCAB)
-    assert sets[0].buffers[6].shape == (5, VOCAB) and sets[0].buffers[0].dtype == torch.bfloat16
-    x = example(2, 8, 1, torch.Generator().manual_seed(0))
-    assert [tuple(t.shape) for t in x] == [(16, VOCAB), (14,), (16, HIDDEN), (2,), (2, 4),
-                                            (2, (trees.max_depth + 1) * trees.children.shape[2]), (2, VOCAB)]
-    assert x[0].dtype == torch.bfloat16 and x[1].dtype == torch.int32 and x[3].tolist() == [1, 1]
+    n_rand = (trees.max_depth + 1) * trees.children.shape[2] + 1
+    for keyed in (False, True):
+        example = sampled_example(sets, model, HIDDEN, "cpu", torch.float32, trees, keyed=keyed)
+        assert sets[0].buffers[0] is sets[1].buffers[0] and sets[0].buffers[0].shape == (max(3 * Q, 5 * 8), VOCAB)
+        assert list(sets[0].buffers) == [0] and sets[0].buffers[0].dtype == torch.bfloat16
+        x = example(2, 8, 1, torch.Generator().manual_seed(0))
+        assert [tuple(t.shape) for t in x] == [(16, VOCAB), (14,), (16, HIDDEN), (2,), (2, 4),
+                                                (2, 2) if keyed else (2, n_rand)]
+        assert x[0].dtype == torch.bfloat16 and x[1].dtype == torch.int32 and x[3].tolist() == [1, 1]
+        assert x[5].dtype == (torch.int64 if keyed else torch.float32)
 
 
 def _penalty_state(n_slots, prompts, outputs, rep, freq, pres):
@@ -662,7 +672,7 @@ def test_penalties_enter_each_tree_row_along_its_path(seed):
     assert not torch.equal(unpenalized.tokens, ref.tokens)  # the penalties did change something
 
 
-def test_new_requests_get_their_mode_generator_and_no_recorded_tree(monkeypatch):
+def test_new_requests_get_their_mode_and_no_recorded_tree(monkeypatch):
     from vllm import SamplingParams
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
@@ -671,15 +681,12 @@ def test_new_requests_get_their_mode_generator_and_no_recorded_tree(monkeypatch)
     r.req_states.req_id_to_index = {"a": 0, "b": 1, "c": 2}
     r.model_config = SimpleNamespace(logprobs_mode="raw_logprobs")
     r._medusa_tree_np[:3] = [0, 0, 0]
-    r._medusa_gens[1] = "stale"
     new = [SimpleNamespace(req_id="a", sampling_params=SamplingParams(temperature=0.0)),
            SimpleNamespace(req_id="b", sampling_params=SamplingParams(temperature=0.9, seed=4)),
            SimpleNamespace(req_id="c", sampling_params=SamplingParams(temperature=0.0, min_tokens=2))]
     r.add_requests(SimpleNamespace(scheduled_new_reqs=new))
     assert r._medusa_mode[:3].tolist() == [V2_GREEDY, V2_SAMPLED, V2_NO_SPEC]
     assert r._medusa_tree_np[:3].tolist() == [-1, -1, -1]
-    g = r._medusa_gens[1]
-    assert isinstance(g, torch.Generator) and g.initial_seed() == 4 and 0 not in r._medusa_gens
 
 
 def test_dummy_runs_draft_the_largest_tree_and_summary():

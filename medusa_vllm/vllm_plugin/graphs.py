@@ -100,15 +100,15 @@ class MedusaGraphsMixin(GraphMemoryMixin):
         # uniform steps with sampled requests (any mix with greedy ones): the same, from the
         # logits, with the step's random numbers as inputs; one set per tree and per whether
         # top-k/top-p apply (the sort), batch sizes up to SAMPLED_GRAPH_ROWS logits rows
-        # inputs logits, drafts, hidden, tree ids, sampling parameters, uniforms, noise (+ slots)
+        # inputs logits, drafts, hidden, tree ids, sampling parameters, uniforms (+ slots)
         self._medusa_sampled_graphs = {
             (k, filtered): BatchGraphs(
                 self._medusa_uniform_fn(k, sampled=True, filtered=filtered),
-                rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1, 1, 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
+                rows_per_req=[1 + sizes[k], sizes[k], 1 + sizes[k], 1, 1, 1] + ([1 + sizes[k]] if KV_MOVE_IN_GRAPH else []),
                 max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // (1 + sizes[k])), exact=5,
                 name=f"sampled verify+heads{'+KV move' if KV_MOVE_IN_GRAPH else ''} ({sizes[k]} nodes"
                      f"{', top-k/top-p' if filtered else ''})",
-                pad=[None, -1, None, None, None, None, 1.0] + ([-1] if KV_MOVE_IN_GRAPH else []))
+                pad=[None, -1, None, None, None, None] + ([-1] if KV_MOVE_IN_GRAPH else []))
             for k in graph_trees for filtered in (False, True)
         }
         for graphs in (*self._medusa_graphs.values(), *self._medusa_sampled_graphs.values()):
@@ -271,9 +271,9 @@ class MedusaGraphsMixin(GraphMemoryMixin):
             out = greedy_tree_step(argmax, drafts, hidden, tree_ids, self.medusa_trees, propose(b, keep))
             return finish(out, b, slot_mapping, keep)
 
-        def sampled_step(logits, drafts, hidden, tree_ids, params, accept, noise, slot_mapping=None):
+        def sampled_step(logits, drafts, hidden, tree_ids, params, rand, slot_mapping=None):
             b, keep = tree_ids.shape[0], []
-            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
+            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand, self.medusa_trees,
                                     propose(b, keep), cfg.acceptance, filtered, cfg.typical_eps,
                                     cfg.typical_delta)
             return finish(out, b, slot_mapping, keep)
@@ -410,7 +410,7 @@ def capture_sampled_sets(sets: dict, batch_sizes, make_example, capture) -> None
     the V1 or V2 runner: each set's buffers sized for the largest of ``batch_sizes(k)`` it can
     take, not its max_batch, then every enabled set with a batch size captured by
     ``capture(k, graphs, example)`` on the examples ``make_example(those sets)`` makes (one
-    shared logits and noise buffer for all)."""
+    shared logits buffer for all)."""
     live = live_sampled_sets(sets, batch_sizes)
     if live:
         example = make_example(live)
@@ -419,33 +419,35 @@ def capture_sampled_sets(sets: dict, batch_sizes, make_example, capture) -> None
                 capture(k, graphs, example)
 
 
-def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dtype, trees):
+def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dtype, trees, keyed: bool = False):
     """``example(b, q, k, generator)``: inputs of a sampled uniform step's graph (logits, drafts,
-    hidden, tree ids, sampling parameters, uniforms, noise), for the V1 and the V2 runner. The
-    logits and noise buffers (the large ones: rows of the vocabulary) all ``sets`` share: one
-    call replays at a time and loads its own inputs first; the examples' logits and noise are
-    drawn in place in them (a copy of rows × vocabulary made for each capture would stay
-    cached beside the graphs). The logits' dtype and width are the model's (its logits
-    processor's output), read off one dummy row."""
+    hidden, tree ids, sampling parameters, random numbers: [b, L*C+1] uniforms, or [b, 2] int64
+    (seed, counter) keys if ``keyed``), for the V1 and the V2 runner. The logits buffer (the
+    large one: rows of the vocabulary) all ``sets`` share: one call replays at a time and loads
+    its own inputs first; the examples' logits are drawn in place in it (a copy of rows ×
+    vocabulary made for each capture would stay cached beside the graphs). The logits' dtype
+    and width are the model's (its logits processor's output), read off one dummy row."""
     with torch.inference_mode():
         probe = model.compute_logits(torch.zeros(1, hidden_size, device=device, dtype=dtype))
     vocab, logits_dtype = probe.shape[-1], probe.dtype
     shared = torch.zeros(max(g.rows_per_req[0] * g.max_batch for g in sets), vocab, dtype=logits_dtype,
                          device=device)
-    noise = torch.ones(max(g.max_batch for g in sets), vocab, device=device)
     for graphs in sets:
-        graphs.buffers = {0: shared, 6: noise}
-    levels, width = trees.max_depth + 1, trees.children.shape[2]
+        graphs.buffers = {0: shared}
+    n_rand = (trees.max_depth + 1) * trees.children.shape[2] + 1
 
     def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
+        if keyed:
+            rand = torch.randint(0, 2**31, (b, 2), device=device, generator=g, dtype=torch.int64)
+        else:
+            rand = torch.rand(b, n_rand, device=device, generator=g)
         return (
             shared[: b * q].normal_(generator=g),
             torch.randint(0, 8, (b * (q - 1),), device=device, generator=g, dtype=torch.int32),
             torch.randn(b * q, hidden_size, device=device, generator=g, dtype=dtype),
             torch.full((b,), k, dtype=torch.int64, device=device),
             torch.tensor([1.0, 5.0, 0.9, 0.05], device=device).repeat(b, 1),
-            torch.rand(b, levels * width, device=device, generator=g),
-            noise[:b].exponential_(generator=g),
+            rand,
         )
 
     return example

@@ -537,11 +537,11 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         else:
             sampling = _sampling_batch(self.input_batch.sampling_metadata, num_reqs, logits.device)
             trees = self.medusa_trees
-            rand = StepRandomness.draw(num_reqs, trees.max_depth + 1, trees.children.shape[2],
-                                       target.shape[1], sampling, logits.device)
+            rand = StepRandomness.draw(num_reqs, trees.max_depth + 1, trees.children.shape[2], sampling,
+                                       logits.device)
             out = self._medusa_sampled_graphs[(k, sampling.filtered)](
                 target, drafts_in, self._medusa_hidden, step["tree_ids"], sampling_params_tensor(sampling),
-                rand.accept.flatten(1), rand.noise, *in_graph)
+                rand.flat(), *in_graph)
         tokens, accepted, num_accepted, last, counts, drafts, topk, finite = out
         if self.use_async_scheduling:  # for _bookkeeping_sync; copies, as the drafts below
             self._medusa_handover = (last.clone(), counts.clone())

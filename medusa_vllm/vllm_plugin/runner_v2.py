@@ -67,7 +67,7 @@ from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree
 from medusa_vllm.packed_step import (
     greedy_packed, num_sampled_and_rejected, path_rows, reject_all, reject_rows, slot_rows, tree_positions_delta,
 )
-from medusa_vllm.sampling import SamplingBatch, StepRandomness
+from medusa_vllm.sampling import SamplingBatch
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
 from medusa_vllm.vllm_plugin import top_k_top_p
@@ -167,7 +167,6 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
                                              backend=attention)
         self._medusa_mask_np = np.zeros(self.max_num_reqs, dtype=np.int32)  # what mask_ids holds
         self._medusa_mode = np.zeros(self.max_num_reqs, dtype=np.int8)  # per request slot: step.v2_mode
-        self._medusa_gens: dict[int, torch.Generator] = {}  # request slot -> a seeded request's generator
         # per request slot: the tree its stored drafts follow (host: -1 none; device: >= 0)
         self._medusa_tree_np = np.full(self.max_num_reqs, -1, dtype=np.int64)
         self._medusa_req_tree = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -202,16 +201,16 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
         # uniform steps with sampled requests (any mix with greedy ones): from the logits, with
         # the step's random numbers as inputs; per tree and per whether top-k/top-p apply (the
         # sort), up to SAMPLED_GRAPH_ROWS logits rows (the shared logits buffer's size)
-        # inputs logits, drafts, hidden, tree ids, sampling parameters, uniforms, noise, slots
+        # inputs logits, drafts, hidden, tree ids, sampling parameters, (seed, counter) keys, slots
         self._medusa_sampled_graphs = {}
         for k in self.medusa_policy.order:
             n = 1 + sizes[k]
             for filtered in (False, True):
                 g = BatchGraphs(
-                    self._medusa_sampled_fn(k, filtered), rows_per_req=[n, n - 1, n, 1, 1, 1, 1, n],
+                    self._medusa_sampled_fn(k, filtered), rows_per_req=[n, n - 1, n, 1, 1, 1, n],
                     max_batch=min(self.max_num_reqs, SAMPLED_GRAPH_ROWS // n), exact=5,
                     name=f"sampled verify+heads+KV move ({sizes[k]} nodes{', top-k/top-p' if filtered else ''}, V2)",
-                    pad=[None, -1, None, None, None, None, 1.0, -1])
+                    pad=[None, -1, None, None, None, None, -1])
                 g.enabled = graphs and g.max_batch > 0
                 self._medusa_sampled_graphs[(k, filtered)] = g
 
@@ -278,7 +277,7 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
 
     def _medusa_sampled_example(self, sets: list[BatchGraphs]):
         return sampled_example(sets, self.model, self.model_config.get_hidden_size(), self.device, self.dtype,
-                               self.medusa_trees)
+                               self.medusa_trees, keyed=True)
 
     def add_requests(self, scheduler_output) -> None:
         super().add_requests(scheduler_output)
@@ -286,11 +285,6 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
             idx = self.req_states.req_id_to_index[new.req_id]
             sp = new.sampling_params
             self._medusa_mode[idx] = v2_mode(sp, self.model_config.logprobs_mode)
-            self._medusa_gens.pop(idx, None)
-            if self._medusa_mode[idx] == V2_SAMPLED and sp.seed is not None:
-                # a seeded request draws its verification's random numbers from its own
-                # generator: its tokens do not depend on what else is in the batch
-                self._medusa_gens[idx] = torch.Generator(device=self.device).manual_seed(sp.seed)
             self._medusa_tree_np[idx] = -1
 
     def execute_model(self, scheduler_output, *args, dummy_run: bool = False, **kwargs):
@@ -418,12 +412,9 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
                 if mode == V2_GREEDY:
                     out = self._medusa_graphs[k](logits.argmax(dim=-1), ids, hidden, slots)
                 else:
-                    trees = self.medusa_trees
-                    rand = StepRandomness.draw(r, trees.max_depth + 1, trees.children.shape[2], logits.shape[1],
-                                               sampling, logits.device)
                     out = self._medusa_sampled_graphs[(k, sampling.filtered)](
                         logits, uniform_drafts(ids, r, n_logits // r), hidden, self._medusa_tree_ids[k][:r],
-                        sampling_params_tensor(sampling), rand.accept.flatten(1), rand.noise, slots)
+                        sampling_params_tensor(sampling), sampling.keys, slots)
                 tokens, num_accepted, num_sampled, num_rejected, accepted, drafts, topk, finite = out
                 # copies: AsyncOutput reads them on a side stream, past the next replay
                 tokens, num_sampled, num_rejected = tokens.clone(), num_sampled.clone(), num_rejected.clone()
@@ -484,11 +475,20 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
         idx, idx_np = input_batch.idx_mapping, input_batch.idx_mapping_np
         filtered = bool((st.top_k.np[idx_np] < st.vocab_size).any() or (st.top_p.np[idx_np] < 1.0).any())
         min_p = st.min_p.gpu[idx] if bool((st.min_p.np[idx_np] > 0).any()) else None
-        gens = None
-        if self._medusa_gens:
-            gens = {row: g for row, i in enumerate(idx_np.tolist()) if (g := self._medusa_gens.get(i)) is not None}
-        return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], gens or None,
-                             filtered, min_p)
+        return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], None,
+                             filtered, min_p, keys=self._medusa_keys(input_batch))
+
+    def _medusa_keys(self, input_batch) -> torch.Tensor:
+        """[R, 2] int64 (seed, counter) of the step's requests, from which the verification's
+        random numbers are hashed (``keyed_uniforms``): vLLM V2's per-request seed (its own for a
+        seeded request, a random one otherwise) and the request's computed-token count, which
+        grows every step, so a request draws fresh numbers each step and the same ones wherever
+        it sits in the batch (vLLM's convention for seeded requests). Device tensors: no sync."""
+        r = input_batch.num_reqs
+        qsl = input_batch.query_start_loc[: r + 1]
+        computed = input_batch.seq_lens[:r] - (qsl[1:] - qsl[:-1])
+        seeds = self.sampler.sampling_states.seeds.gpu[input_batch.idx_mapping]
+        return torch.stack([seeds.long(), computed.long()], dim=1)
 
     def _medusa_path_logprobs(self, raw: torch.Tensor, input_batch, accepted: torch.Tensor,
                               tokens: torch.Tensor):
@@ -573,10 +573,10 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
         q = 1 + self.medusa_tree_sizes[k]
         cfg = self.medusa_cfg
 
-        def step(logits, drafts, hidden, tree_ids, params, accept, noise, slots=None):
+        def step(logits, drafts, hidden, tree_ids, params, keys, slots=None):
             b = tree_ids.shape[0]
             heads = []
-            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, self.medusa_trees,
+            out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, keys, self.medusa_trees,
                                     lambda h: self._medusa_head_drafts(h, k, heads), cfg.acceptance, filtered,
                                     cfg.typical_eps, cfg.typical_delta)
             return (*self._medusa_finish(out, b, q, slots), *heads)

@@ -181,14 +181,14 @@ def _sampled_fn(trees, w, filtered):
     def propose(h):
         return (h @ w).topk(Q - 1, dim=-1).indices
 
-    def fn(logits, drafts, hidden, tree_ids, params, accept, noise):
-        return sampled_tree_step(logits, drafts, hidden, tree_ids, params, accept, noise, trees, propose,
+    def fn(logits, drafts, hidden, tree_ids, params, rand):
+        return sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand, trees, propose,
                                  "rejection", filtered).as_tuple()
 
     return fn
 
 
-def _sampled_inputs(trees, b, seed, dtype=torch.bfloat16):
+def _sampled_inputs(trees, b, seed, dtype=torch.bfloat16, keyed=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     logits = (torch.randn(b * Q, V, device="cuda", generator=g) * 3).to(dtype)
     # drafts often the target's favourite at their parent: paths of several lengths accepted
@@ -200,26 +200,28 @@ def _sampled_inputs(trees, b, seed, dtype=torch.bfloat16):
     params = torch.stack([torch.where(rows % 3 == 0, 0.0, 0.8), torch.where(rows % 2 == 0, 4.0, 0.0),
                           torch.where(rows % 4 == 1, 0.7, 1.0), torch.where(rows % 2 == 1, 0.1, 0.0)], dim=1)
     levels, width = trees.max_depth + 1, trees.children.shape[2]
-    accept = torch.rand(b, levels * width, device="cuda", generator=g)
-    noise = torch.empty(b, V, device="cuda").exponential_(generator=g)
-    return (logits, drafts.flatten(), hidden, torch.zeros(b, dtype=torch.int64, device="cuda"), params,
-            accept, noise)
+    if keyed:  # (seed, counter) keys, hashed inside the step (the V2 runner's input)
+        rand = torch.randint(-2**62, 2**62, (b, 2), device="cuda", generator=g).abs_()
+    else:  # the uniforms themselves (the V1 runner's)
+        rand = torch.rand(b, levels * width + 1, device="cuda", generator=g)
+    return logits, drafts.flatten(), hidden, torch.zeros(b, dtype=torch.int64, device="cuda"), params, rand
 
 
+@pytest.mark.parametrize("keyed", [False, True])
 @pytest.mark.parametrize("filtered", [False, True])
-def test_sampled_replays_match_eager_and_the_step_has_no_host_sync(filtered):
+def test_sampled_replays_match_eager_and_the_step_has_no_host_sync(filtered, keyed):
     trees = TreeTensors.build([TREE], "cuda")
     fn = _sampled_fn(trees, torch.randn(H, V, device="cuda"), filtered)
-    graphs = BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1, 1, 1, 1], max_batch=8, exact=3, name="sampled",
-                         pad=[None, -1, None, None, None, None, 1.0])
+    graphs = BatchGraphs(fn, rows_per_req=[Q, Q - 1, Q, 1, 1, 1], max_batch=8, exact=3, name="sampled",
+                         pad=[None, -1, None, None, None, None])
     # the runner shares the logits buffer between its graph sets
     graphs.buffers = {0: torch.zeros(16 * Q, V, dtype=torch.bfloat16, device="cuda")}
     for b in (4, 1):
-        assert graphs.capture(*_sampled_inputs(trees, b, 100 + b))
+        assert graphs.capture(*_sampled_inputs(trees, b, 100 + b, keyed=keyed))
     assert graphs.static[0].data_ptr() == graphs.buffers[0].data_ptr()
     calls = [3, 1, 4, 2, 6]
     for seed, b in enumerate(calls):
-        inputs = _sampled_inputs(trees, b, seed)
+        inputs = _sampled_inputs(trees, b, seed, keyed=keyed)
         got = [t.clone() for t in graphs(*inputs)]
         torch.cuda.set_sync_debug_mode("error")  # the eager step: no host sync anywhere
         try:
@@ -230,7 +232,7 @@ def test_sampled_replays_match_eager_and_the_step_has_no_host_sync(filtered):
             assert x.shape == y.shape and torch.equal(x, y), (b, seed)
     assert graphs.summary()["graph_replays"] == len(calls) - 1
     # float32 logits (penalties applied) would be cast by the copy into the bf16 buffer: eager
-    inputs = _sampled_inputs(trees, 2, 9, torch.float32)
+    inputs = _sampled_inputs(trees, 2, 9, torch.float32, keyed=keyed)
     got = graphs(*inputs)
     assert graphs.summary()["graph_replays"] == len(calls) - 1
     assert all(torch.equal(x, y) for x, y in zip(got, fn(*inputs)))
@@ -245,20 +247,19 @@ def test_the_memory_held_through_vllms_profile_covers_what_the_graphs_take():
     vocab, batches = 32000, [32, 8, 1]
     trees = TreeTensors.build([TREE], "cuda")
     w = torch.randn(H, vocab, device="cuda")
-    sampled = {(0, f): BatchGraphs(_sampled_fn(trees, w, f), rows_per_req=[Q, Q - 1, Q, 1, 1, 1, 1], max_batch=64,
-                                   exact=3, name=f"sampled {f}", pad=[None, -1, None, None, None, None, 1.0])
+    sampled = {(0, f): BatchGraphs(_sampled_fn(trees, w, f), rows_per_req=[Q, Q - 1, Q, 1, 1, 1], max_batch=64,
+                                   exact=3, name=f"sampled {f}", pad=[None, -1, None, None, None, None])
                for f in (False, True)}
     greedy = {0: BatchGraphs(_step_fn(trees, w), rows_per_req=[Q, Q - 1, Q, 1], max_batch=64, exact=3, name="greedy")}
 
-    def make_sampled_example(sets):  # as graphs.sampled_example: logits and noise drawn in place
+    def make_sampled_example(sets):  # as graphs.sampled_example: the logits drawn in place
         shared = torch.zeros(max(g.max_batch for g in sets) * Q, vocab, dtype=torch.bfloat16, device="cuda")
-        noise = torch.ones(max(g.max_batch for g in sets), vocab, device="cuda")
         for g in sets:
-            g.buffers = {0: shared, 6: noise}
+            g.buffers = {0: shared}
 
         def example(b, q, k, gen):
-            small = _sampled_inputs(trees, b, 5)[1:6]  # (its own logits and noise: V wide, tiny)
-            return (shared[: b * Q].normal_(), *small, noise[:b].exponential_())
+            small = _sampled_inputs(trees, b, 5, keyed=True)[1:]  # (its own logits: V wide, tiny)
+            return (shared[: b * Q].normal_(), *small)
 
         return example
 
@@ -282,3 +283,18 @@ def test_the_memory_held_through_vllms_profile_covers_what_the_graphs_take():
         taken = free - torch.cuda.mem_get_info()[0]
     assert taken > 32 * Q * vocab * 2  # at least the shared logits buffer
     assert 0.9 * taken <= held <= 2 * taken, (held, taken)
+
+
+def test_keyed_uniforms_and_the_final_draw_are_the_same_on_cuda_as_on_the_cpu():
+    """A request's random numbers are a function of its key alone: the CPU's and a GPU's agree
+    bit for bit, and so does the inverse-CDF token drawn from them."""
+    from medusa_vllm.sampling import SamplingBatch, keyed_uniforms, sample
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.stack([torch.randint(-2**62, 2**62, (64,), generator=g),
+                        torch.randint(0, 2**20, (64,), generator=g)], dim=1)
+    u = keyed_uniforms(keys, 51)
+    assert torch.equal(keyed_uniforms(keys.cuda(), 51).cpu(), u)
+    probs = torch.softmax(torch.randn(64, V, generator=g) * 3, -1)
+    s = SamplingBatch.greedy(64)
+    assert torch.equal(sample(probs.cuda(), s, u[:, -1].cuda()).cpu(), sample(probs, s, u[:, -1]))

@@ -74,12 +74,12 @@ def test_sampled_step_with_vllms_op_replays_in_a_graph_without_syncs(installed):
     params = torch.stack([torch.full((b,), 0.8, device="cuda"), torch.full((b,), 50.0, device="cuda"),
                           torch.full((b,), 0.95, device="cuda"), torch.zeros(b, device="cuda")], dim=1)
     s = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2])
-    rand = StepRandomness.draw(b, trees.max_depth + 1, 2, V, s, "cuda")
+    rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], s, "cuda")
     w = torch.randn(h, V, device="cuda", generator=g)
 
     def step():
-        out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.accept.view(b, -1), rand.noise,
-                                trees, lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
+        out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.flat(), trees,
+                                lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
         return out.as_tuple()
 
     torch.cuda.set_sync_debug_mode("error")
