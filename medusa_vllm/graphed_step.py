@@ -88,7 +88,7 @@ def sampled_tree_step(
     trees: TreeTensors,
     propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
     rule: str = "rejection",  # sampled requests' rule (greedy ones: the greedy rule)
-    filtered: bool = True,  # some request uses top-k or top-p (False: no sort)
+    filtered: bool = True,  # some request uses top-k, top-p or min-p (False: none of them runs)
     eps: float = TYPICAL_EPS,
     delta: float = TYPICAL_DELTA,
 ) -> TreeStepOutput:
@@ -106,7 +106,8 @@ def sampled_tree_step(
     base = torch.arange(b, device=logits.device)[:, None] * q
     row_of_node = torch.where(slots[None, :] < q, base + slots[None, :], -1)  # [B, Q_max]
     nodes = torch.nn.functional.pad(drafts.view(b, q - 1), (0, q_max - q))
-    sampling = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2], None, filtered, params[:, 3])
+    sampling = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2], None, filtered,
+                             params[:, 3] if filtered else None)
     out = verify(rule, logits, row_of_node, nodes, torch.full_like(tree_ids, q - 1), tree_ids, trees,
                  sampling, eps=eps, delta=delta, rand=StepRandomness.from_flat(rand, levels))
     rows = base[:, 0] + out.last_node  # [B] row of each last accepted node

@@ -188,13 +188,18 @@ def verify_rejection(
     active = torch.ones(b, dtype=torch.bool, device=dev)
     accepted = torch.full((b, depth), -1, dtype=torch.int64, device=dev)
     num_accepted = torch.zeros(b, dtype=torch.int64, device=dev)
-    stop_dist = None  # [B, V] the distribution of each request's final token
+    stop_probs = None  # [B, V] the target distribution at each request's stopping node
     batch_idx = torch.arange(b, device=dev)
+
+    def children(node):  # [B] -> the node's children [B, C], their validity and tokens
+        kids = tb.children[batch_idx, node]
+        ok = (kids >= 0) & tb.valid.gather(1, kids.clamp_min(0))
+        return kids, ok, tokens.gather(1, kids.clamp_min(0))
+
     for level in range(depth + 1):
         probs = target_probs(_rows(logits, row_of_node, cur), sampling)  # [B, V]
-        kids = tb.children[batch_idx, cur]  # [B, C]
-        kid_ok = (kids >= 0) & tb.valid.gather(1, kids.clamp_min(0)) & active.unsqueeze(1)
-        kid_tok = tokens.gather(1, kids.clamp_min(0))  # [B, C]
+        kids, kid_ok, kid_tok = children(cur)
+        kid_ok &= active.unsqueeze(1)
         p_kid = probs.gather(1, kid_tok) * kid_ok
         # a token offered twice under one parent is only worth its first offer
         same = kid_tok.unsqueeze(2) == kid_tok.unsqueeze(1)  # [B, C, C]
@@ -215,16 +220,18 @@ def verify_rejection(
         if level < depth:
             accepted[:, level] = torch.where(step, child, accepted[:, level])
         num_accepted += step.long()
-        # stopping here: draw from p without the rejected children (all of them)
-        stop = active & ~any_hit
-        removed = torch.zeros_like(probs).scatter_add_(1, kid_tok, kid_ok.float()) > 0
-        rest = probs.masked_fill(removed, 0.0)
-        mass = rest.sum(dim=1, keepdim=True)
-        rest = torch.where(mass > 0, rest / mass.clamp_min(1e-30), probs) if residual else probs
-        stop_dist = rest if stop_dist is None else torch.where(stop[:, None], rest, stop_dist)
+        stop = active & ~any_hit  # stopping here: the final token comes from this node's target
+        stop_probs = probs if stop_probs is None else torch.where(stop[:, None], probs, stop_probs)
         cur = torch.where(step, child, cur)
         active = step
-    final = sample(stop_dist, sampling, rand.final)
+    # the final token: from the stopping node's target without its children (all rejected),
+    # unnormalised (sample takes it so); p itself where they held all of its mass
+    dist = stop_probs
+    if residual:
+        _, kid_ok, kid_tok = children(cur)
+        rest = stop_probs.scatter_reduce(1, kid_tok, torch.where(kid_ok, 0.0, float("inf")), "amin")
+        dist = torch.where(rest.sum(dim=1, keepdim=True) > 0, rest, stop_probs)
+    final = sample(dist, sampling, rand.final)
     return VerifyOutput(accepted, num_accepted, cur, _emit(drafts, accepted, num_accepted, final))
 
 

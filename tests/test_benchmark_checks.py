@@ -514,3 +514,24 @@ def test_closed_round_tail_model_charges_the_slowest_request():
     # one request needs 6 steps: 4 steps of all four (2 ms), then 2 of one (1 ms) = 10 ms
     uniform, with_tail = tail.round_ratios([4, 4, 4, 6], 4, 8, 1.0, cost)
     assert uniform == pytest.approx(8 / (4.5 * 2.0)) and with_tail == pytest.approx(8 / 10)
+
+
+def test_verify_step_cost_runs_every_variant_and_prices_it_against_greedy(monkeypatch, tmp_path):
+    """tools/gpu/verify_step_cost.py off a GPU (its steps eagerly, a tiny vocabulary): one row
+    per tree, variant and batch size, and each variant's excess over the greedy step."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("verify_step_cost", "tools/gpu/verify_step_cost.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "v.json"
+    monkeypatch.setattr(sys, "argv", ["x", "--trees", "sparse-15", "--batch-sizes", "1", "2", "--steps", "1",
+                                      "--vocab", "256", "--profile", "--top", "3", "--out", str(out)])
+    tool.main()
+    d = json.loads(out.read_text())
+    assert len(d["rows"]) == 2 * len(tool.VARIANTS) and not d["rows"][0]["graphs"]
+    cell = d["summary"]["wall_us_per_step"]["sparse-15/bs2"]
+    assert set(cell) == set(tool.VARIANTS) | {f"{v}_minus_greedy" for v in tool.VARIANTS[1:]}
+    assert cell["top-p_minus_greedy"] == round(cell["top-p"] - cell["greedy"], 1)
+    assert len(d["summary"]["profiles"]) == len(tool.VARIANTS) and d["config"]["filter"] == "reference sort"

@@ -111,7 +111,7 @@ def test_sampled_tree_step_matches_the_general_verifier(rule, filtered, min_p):
         sampling = _mixed_sampling(b, g, filtered, min_p)
         rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], sampling, "cpu")
         got = sampled_tree_step(logits, drafts.reshape(-1).int(), hidden, tree_ids, sampling_params_tensor(sampling),
-                                rand.flat(), trees, _propose, rule, filtered)
+                                rand.flat(), trees, _propose, rule, filtered or min_p)  # (min-p: the filtered set)
         rows = torch.where(torch.arange(Q)[None, :] < q, torch.arange(b)[:, None] * q + torch.arange(Q)[None, :], -1)
         want = verify(rule, logits, rows, torch.nn.functional.pad(drafts, (0, Q - q)), torch.full((b,), q - 1),
                       tree_ids, trees, sampling, rand=rand)

@@ -788,9 +788,11 @@ def _sampling_batch(sm, num_reqs: int, device) -> SamplingBatch:
     temp = sm.temperature if sm.temperature is not None else torch.zeros(num_reqs, device=device)
     top_k = sm.top_k.long() if sm.top_k is not None else torch.zeros(num_reqs, dtype=torch.int64, device=device)
     top_p = sm.top_p.float() if sm.top_p is not None else torch.ones(num_reqs, device=device)
+    min_p = min_p_of(sm, num_reqs)
+    # (filtered: the sampled step's graph set with the filters, min-p among them)
     return SamplingBatch(
         temp[:num_reqs].float(), top_k[:num_reqs], top_p[:num_reqs], sm.generators,
-        filtered=sm.top_k is not None or sm.top_p is not None, min_p=min_p_of(sm, num_reqs),
+        filtered=sm.top_k is not None or sm.top_p is not None or min_p is not None, min_p=min_p,
     )
 
 

@@ -473,8 +473,10 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
         """The step's sampling parameters from vLLM's V2 sampling state (per request slot)."""
         st = self.sampler.sampling_states
         idx, idx_np = input_batch.idx_mapping, input_batch.idx_mapping_np
-        filtered = bool((st.top_k.np[idx_np] < st.vocab_size).any() or (st.top_p.np[idx_np] < 1.0).any())
         min_p = st.min_p.gpu[idx] if bool((st.min_p.np[idx_np] > 0).any()) else None
+        # (filtered: the sampled step's graph set with the filters, min-p among them)
+        filtered = bool((st.top_k.np[idx_np] < st.vocab_size).any() or (st.top_p.np[idx_np] < 1.0).any()
+                        or min_p is not None)
         return SamplingBatch(st.temperature.gpu[idx], st.top_k.gpu[idx].long(), st.top_p.gpu[idx], None,
                              filtered, min_p, keys=self._medusa_keys(input_batch))
 

@@ -4,7 +4,8 @@ decodes sampled requests (temperature 0.8, top-p 0.95; seeded) at several batch 
 and sampled side by side, and with min-p; prints how many uniform sampled steps replayed a
 CUDA graph (``medusa_stats()["uniform_sampled"]``), the step paths, τ, and whether each seeded
 request gave the same tokens twice (a replay is a function of its inputs and the seeded rows'
-random numbers come from the request's own generator).
+random numbers come from the request's own key: its seed and computed-token count on the V2
+runner, its own generator on V1).
 
 Usage: python tools/gpu/sampled_check.py MODEL HEADS [TREE]"""
 import json

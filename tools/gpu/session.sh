@@ -15,6 +15,7 @@
 #   bash tools/gpu/session.sh graph_check "<tree> [N]"                      (tools/gpu/graph_check.py)
 #   bash tools/gpu/session.sh sampled_check "[tree]"                        (tools/gpu/sampled_check.py)
 #   bash tools/gpu/session.sh pytest "[test paths]"                         (default tests/kernels)
+#   bash tools/gpu/session.sh verify_step_cost "<tools/gpu/verify_step_cost.py args>"  (no vLLM engine)
 # Results (--out, default <bench>_<gpu>.json) and the log go to $OUT; TP_TIMEOUT (s) bounds the
 # benchmark; SESSION_MODEL / SESSION_HEADS replace the bundled model and heads (e.g. /tmp/qwen_hf
 # from tools/gpu/stage_qwen.sh and heads trained by training/gpu_recipe.sh). The JIT caches live in
@@ -45,6 +46,14 @@ if [ "$bench" = pytest ]; then
     timeout "${TP_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rf ${2:-tests/kernels} \
         > "$OUT/pytest.log" 2>&1
     echo "pytest rc=$?"; grep -a -E "^(FAILED|ERROR)|passed|failed|^E  " "$OUT/pytest.log" | cut -c1-300 | tail -40
+    exit 0
+fi
+if [ "$bench" = verify_step_cost ]; then
+    # the verify step alone, greedy against sampled (tools/gpu/verify_step_cost.py), no engine
+    # shellcheck disable=SC2086
+    timeout "${TP_TIMEOUT:-240}" python3 tools/gpu/verify_step_cost.py --out "$OUT/verify_step_cost_${gpu:-gpu}.json" \
+        $2 > "$OUT/verify_step_cost.log" 2>&1
+    echo "verify_step_cost rc=$?"; grep -a -v "^INFO\|^WARNING" "$OUT/verify_step_cost.log" | cut -c1-200 | tail -80
     exit 0
 fi
 if [ "$bench" = sampled_check ]; then
