@@ -6,6 +6,9 @@
 #   bash tools/gpu/jit_cache.sh save      # $JIT_CACHE -> $OUT/jit_cache.tgz.part* (15 MiB parts)
 # Here, after the call: mkdir -p .carry/jit_cache && cp <files_at>/jit_cache.tgz.part* .carry/jit_cache/
 # and name .carry/jit_cache in the next session's carry (it has to fit beside vk4, _C and the repo).
+# Where it does not fit (the 64 MiB limit of a call), restore it in a staging call instead, e.g.
+# the one carrying .carry/vk2b and .carry/fa3: `bash tools/gpu/jit_cache.sh restore` there puts
+# it in /tmp/jit_cache, which stays while the machine is held; later calls find it restored.
 # Keys of every cache hold the versions, the GPU architecture and the configuration, so a stale
 # or foreign entry is left unread (and vLLM compiles again where loading an artifact fails).
 set -uo pipefail
