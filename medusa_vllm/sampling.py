@@ -52,7 +52,7 @@ class SamplingBatch:
         """The parameters of ``rows`` (a [M] index into the batch), e.g. one per tree row."""
         return SamplingBatch(
             self.temperature[rows], self.top_k[rows], self.top_p[rows], None, self.filtered,
-            None if self.min_p is None else self.min_p[rows],
+            None if self.min_p is None else self.min_p[rows], None if self.keys is None else self.keys[rows],
         )
 
     @classmethod

@@ -49,6 +49,7 @@ def test_step_randomness_from_keys_flat_and_back():
     assert torch.equal(r.flat(), keyed_uniforms(s.keys, 9))
     back = StepRandomness.from_flat(r.flat(), 4)
     assert torch.equal(back.accept, r.accept) and torch.equal(back.final, r.final)
+    assert torch.equal(s.take(torch.tensor([2, 0])).keys, s.keys[[2, 0]])  # a row keeps its key
 
 
 def test_sample_is_the_inverse_cdf_and_never_draws_a_zero_probability_token():
