@@ -535,3 +535,7 @@ def test_verify_step_cost_runs_every_variant_and_prices_it_against_greedy(monkey
     assert set(cell) == set(tool.VARIANTS) | {f"{v}_minus_greedy" for v in tool.VARIANTS[1:]}
     assert cell["top-p_minus_greedy"] == round(cell["top-p"] - cell["greedy"], 1)
     assert len(d["summary"]["profiles"]) == len(tool.VARIANTS) and d["config"]["filter"] == "reference sort"
+    parts = d["summary"]["components"]
+    assert [(p["tree"], p["batch_size"]) for p in parts] == [("sparse-15", 1), ("sparse-15", 2)]
+    assert all(p[k] > 0 for p in parts for k in ("logits_copy_us", "argmax_all_rows_us", "level_target_top_p_us",
+                                                 "level_target_no_filter_us"))

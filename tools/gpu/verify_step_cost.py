@@ -14,7 +14,10 @@ Variants (``--variants``):
 - ``top-p-uniforms``: top-p with the uniforms themselves as the input (the V1 runner's).
 
 Per row: wall µs per step over back-to-back steps (host launch and GPU time overlap as in an
-engine), and host µs per call. ``--profile``: each variant's eager step at the largest batch
+engine), and host µs per call. Per tree and batch size also the GPU time of the sampled step's
+candidate parts (``components``): the logits copy into the static buffer, the greedy argmax
+over every row, one tree level's target distribution with and without top-p (five levels a
+step for the 63-node tree). ``--profile``: each variant's eager step at the largest batch
 size under the torch profiler, its kernels by GPU time (the top ``--top``), so the sampled
 step's extra time can be put on its parts.
 
@@ -110,6 +113,58 @@ def measure(graphs: BatchGraphs, x: tuple, steps: int, sync) -> dict:
     return {"wall_us_per_step": 1e6 * (time.perf_counter() - t0) / steps, "host_us_per_call": 1e6 * host / steps}
 
 
+def time_component(fn, reps: int, iters: int, sync) -> float:
+    """µs per call of ``fn`` (no inputs), GPU time: ``reps`` calls captured in one CUDA graph,
+    replayed ``iters`` times (eager calls off CUDA)."""
+    fn()
+    sync()
+    if torch.cuda.is_available():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        run = graph.replay
+    else:
+        def run():
+            for _ in range(reps):
+                fn()
+    run()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    sync()
+    return 1e6 * (time.perf_counter() - t0) / (iters * reps)
+
+
+def components(b: int, q: int, vocab: int, g: torch.Generator, sync, iters: int) -> dict:
+    """GPU µs of the sampled step's candidate parts at batch b, tree of q - 1 nodes: the copy of
+    the logits (rows × vocabulary, bf16) into a static buffer, the greedy argmax over every row,
+    and one tree level's target distribution (B rows) with and without top-p 0.95."""
+    from medusa_vllm.sampling import SamplingBatch, target_probs
+
+    dev = g.device
+    logits = (torch.randn(b * q, vocab, device=dev, generator=g) * 3).to(torch.bfloat16)
+    static = torch.empty_like(logits)
+    rows = logits[:b]
+    temp = torch.full((b,), 0.8, device=dev)
+    top_k = torch.zeros(b, dtype=torch.int64, device=dev)
+    with_p = SamplingBatch(temp, top_k, torch.full((b,), 0.95, device=dev), filtered=True)
+    without = SamplingBatch(temp, top_k, torch.ones(b, device=dev), filtered=False)
+    reps = 10 if dev.type == "cuda" else 1
+    return {
+        "logits_copy_us": time_component(lambda: static.copy_(logits), reps, iters, sync),
+        "argmax_all_rows_us": time_component(lambda: logits.argmax(dim=-1), reps, iters, sync),
+        "level_target_top_p_us": time_component(lambda: target_probs(rows, with_p), reps, iters, sync),
+        "level_target_no_filter_us": time_component(lambda: target_probs(rows, without), reps, iters, sync),
+    }
+
+
 def profile_kernels(fn, x: tuple, top: int) -> list[dict]:
     """The eager step's kernels (CUDA) or ops (CPU) by device time, three steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -151,7 +206,7 @@ def main() -> None:
             pass
     g = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(HIDDEN, HEADS * args.vocab, device=dev, generator=g).to(torch.bfloat16) * 0.05
-    rows, profiles = [], {}
+    rows, profiles, comps = [], {}, []
     for name in args.trees:
         trees = TreeTensors.build([get_tree(name)], dev)
         q = trees.parents.shape[1]
@@ -177,7 +232,11 @@ def main() -> None:
                 for k in kernels:
                     print(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:5.1f}x  {k['name']}")
             del graphs
-    summary = summarize(rows)
+        for b in args.batch_sizes:
+            parts = {"tree": name, "batch_size": b, **components(b, q, args.vocab, g, sync, max(args.steps // 10, 1))}
+            comps.append(parts)
+            print(json.dumps(parts), flush=True)
+    summary = summarize(rows) | {"components": comps}
     print(json.dumps(summary, indent=1))
     if args.out:
         from training.report import device_name, envelope, write_json
