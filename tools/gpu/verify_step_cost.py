@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from medusa_vllm.graphed_step import BatchGraphs, greedy_tree_step, sampled_tree_step  # noqa: E402
+from medusa_vllm.graphed_step import (  # noqa: E402
+    BatchGraphs, capture_stream, greedy_tree_step, on_stream, sampled_tree_step)
 from medusa_vllm.tree import get_tree  # noqa: E402
 from medusa_vllm.tree_tensors import TreeTensors  # noqa: E402
 
@@ -119,13 +120,11 @@ def time_component(fn, reps: int, iters: int, sync) -> float:
     fn()
     sync()
     if torch.cuda.is_available():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        side = capture_stream("cuda")  # warm-up and capture as the runners' graphs do
+        with on_stream(side):
             fn()
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             for _ in range(reps):
                 fn()
         run = graph.replay
