@@ -101,7 +101,7 @@ def sampled_tree_step(
     q_max = trees.parents.shape[1]
     levels = trees.max_depth + 1
     if rand.dtype == torch.int64:
-        rand = keyed_uniforms(rand, levels * trees.children.shape[2] + 1)
+        rand = keyed_uniforms(rand, StepRandomness.flat_width(levels, trees.children.shape[2]))
     slots = torch.arange(q_max, device=logits.device)
     base = torch.arange(b, device=logits.device)[:, None] * q
     row_of_node = torch.where(slots[None, :] < q, base + slots[None, :], -1)  # [B, Q_max]

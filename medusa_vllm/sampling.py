@@ -165,10 +165,15 @@ class StepRandomness:
     accept: torch.Tensor  # [B, L, C] float32 uniforms in [0, 1): level, child rank
     final: torch.Tensor  # [B] float32 uniform in [0, 1): the final token's draw
 
+    @staticmethod
+    def flat_width(levels: int, width: int) -> int:
+        """Numbers per request in the :meth:`flat` layout: L*C acceptance uniforms, then the final one."""
+        return levels * width + 1
+
     @classmethod
     def draw(cls, batch: int, levels: int, width: int, sampling: SamplingBatch,
              device: torch.device | str) -> StepRandomness:
-        return cls.from_flat(_row_uniforms(batch, levels * width + 1, sampling, device), levels)
+        return cls.from_flat(_row_uniforms(batch, cls.flat_width(levels, width), sampling, device), levels)
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, levels: int) -> StepRandomness:

@@ -19,6 +19,7 @@ from vllm.logger import init_logger
 
 from medusa_vllm.graphed_step import (BatchGraphs, capture_stream, greedy_tree_step, handover, on_stream,
                                       sampled_tree_step)
+from medusa_vllm.sampling import StepRandomness
 
 logger = init_logger(__name__)
 
@@ -434,7 +435,7 @@ def sampled_example(sets: list[BatchGraphs], model, hidden_size: int, device, dt
                          device=device)
     for graphs in sets:
         graphs.buffers = {0: shared}
-    n_rand = (trees.max_depth + 1) * trees.children.shape[2] + 1
+    n_rand = StepRandomness.flat_width(trees.max_depth + 1, trees.children.shape[2])
 
     def example(b: int, q: int, k: int, g: torch.Generator) -> tuple:
         if keyed:

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medusa_vllm.graphed_step import (  # noqa: E402
     BatchGraphs, capture_stream, greedy_tree_step, on_stream, sampled_tree_step)
+from medusa_vllm.sampling import StepRandomness  # noqa: E402
 from medusa_vllm.tree import get_tree  # noqa: E402
 from medusa_vllm.tree_tensors import TreeTensors  # noqa: E402
 
@@ -89,7 +90,8 @@ def make_inputs(variant: str, b: int, q: int, trees: TreeTensors, vocab: int, g:
     top_p = 1.0 if variant == "sampled" else 0.95
     params = torch.tensor([0.8, 0.0, top_p, 0.0], device=dev).repeat(b, 1)
     if variant == "top-p-uniforms":
-        rand = torch.rand(b, (trees.max_depth + 1) * trees.children.shape[2] + 1, device=dev, generator=g)
+        rand = torch.rand(b, StepRandomness.flat_width(trees.max_depth + 1, trees.children.shape[2]),
+                          device=dev, generator=g)
     else:
         rand = torch.stack([torch.randint(0, 2**62, (b,), device=dev, generator=g),
                             torch.randint(0, 2**20, (b,), device=dev, generator=g)], dim=1)
