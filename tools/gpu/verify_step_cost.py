@@ -143,26 +143,32 @@ def time_component(fn, reps: int, iters: int, sync) -> float:
     return 1e6 * (time.perf_counter() - t0) / (iters * reps)
 
 
-def components(b: int, q: int, vocab: int, g: torch.Generator, sync, iters: int) -> dict:
+def components(b: int, q: int, parents: int, vocab: int, g: torch.Generator, sync, iters: int) -> dict:
     """GPU µs of the sampled step's candidate parts at batch b, tree of q - 1 nodes: the copy of
     the logits (rows × vocabulary, bf16) into a static buffer, the greedy argmax over every row,
-    and one tree level's target distribution (B rows) with and without top-p 0.95."""
+    one tree level's target distribution (B rows) with and without top-p 0.95, and the target
+    distribution with top-p of every node that has children (root included: ``parents`` rows
+    per request) in one call, the alternative to one call per level."""
     from medusa_vllm.sampling import SamplingBatch, target_probs
 
     dev = g.device
     logits = (torch.randn(b * q, vocab, device=dev, generator=g) * 3).to(torch.bfloat16)
     static = torch.empty_like(logits)
     rows = logits[:b]
+    all_rows = logits[:b * parents]
     temp = torch.full((b,), 0.8, device=dev)
     top_k = torch.zeros(b, dtype=torch.int64, device=dev)
     with_p = SamplingBatch(temp, top_k, torch.full((b,), 0.95, device=dev), filtered=True)
     without = SamplingBatch(temp, top_k, torch.ones(b, device=dev), filtered=False)
+    every = with_p.take(torch.arange(b, device=dev).repeat_interleave(parents))
     reps = 10 if dev.type == "cuda" else 1
     return {
         "logits_copy_us": time_component(lambda: static.copy_(logits), reps, iters, sync),
         "argmax_all_rows_us": time_component(lambda: logits.argmax(dim=-1), reps, iters, sync),
         "level_target_top_p_us": time_component(lambda: target_probs(rows, with_p), reps, iters, sync),
         "level_target_no_filter_us": time_component(lambda: target_probs(rows, without), reps, iters, sync),
+        "parents_target_top_p_us": time_component(lambda: target_probs(all_rows, every), reps, iters, sync),
+        "parent_rows_per_request": parents,
     }
 
 
@@ -212,6 +218,7 @@ def main() -> None:
         trees = TreeTensors.build([get_tree(name)], dev)
         q = trees.parents.shape[1]
         propose = make_propose(trees, w, args.vocab)
+        parents = int((trees.children[0] >= 0).any(dim=1).sum())  # nodes with children, root included
         for variant in args.variants:
             fn = make_fn(variant, trees, propose)
             graphs = BatchGraphs(fn, rows_per_req(variant, q), max(args.batch_sizes), exact=3,
@@ -234,7 +241,7 @@ def main() -> None:
                     print(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:5.1f}x  {k['name']}")
             del graphs
         for b in args.batch_sizes:
-            parts = {"tree": name, "batch_size": b, **components(b, q, args.vocab, g, sync, max(args.steps // 10, 1))}
+            parts = {"tree": name, "batch_size": b, **components(b, q, parents, args.vocab, g, sync, max(args.steps // 10, 1))}
             comps.append(parts)
             print(json.dumps(parts), flush=True)
     summary = summarize(rows) | {"components": comps}
