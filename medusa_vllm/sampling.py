@@ -65,23 +65,43 @@ class SamplingBatch:
         )
 
 
+@dataclass
+class TargetParams:
+    """A batch's sampling parameters as :func:`target_probs_of` applies them, prepared once
+    for every call of a step (a tree walk filters B rows per level; each preparation is a few
+    kernels)."""
+
+    temperature: torch.Tensor  # [M, 1] float32 (1 for greedy rows: their probabilities are not sampled)
+    top_k: torch.Tensor | None  # [M] int64, vocab = off (None: no row filters)
+    top_p: torch.Tensor | None  # [M] float32, 1 = off
+    min_p: torch.Tensor | None  # [M] float32, 0 = off (None: no row uses it)
+
+    @classmethod
+    def of(cls, sampling: SamplingBatch, vocab: int) -> TargetParams:
+        temp = torch.where(sampling.is_greedy, torch.ones_like(sampling.temperature), sampling.temperature)
+        k, p = sampling.top_k, sampling.top_p
+        if not sampling.filtered:
+            return cls(temp.unsqueeze(1), None, None, sampling.min_p)
+        return cls(temp.unsqueeze(1), torch.where((k > 0) & (k < vocab), k, vocab),
+                   torch.where(p < 1.0, p, 1.0), sampling.min_p)
+
+
 def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
     """[M, V] logits -> [M, V] float32 probabilities after temperature, min-p, top-k and top-p
     (vLLM's sampler's order).
 
     Rows of greedy requests get temperature 1 (their probabilities are not used to sample).
     """
-    temp = torch.where(sampling.is_greedy, torch.ones_like(sampling.temperature), sampling.temperature)
-    x = logits.float() / temp.unsqueeze(1)
-    vocab = x.shape[-1]
-    k = sampling.top_k
-    p = sampling.top_p
-    use_k = (k > 0) & (k < vocab)
-    use_p = p < 1.0
-    if sampling.min_p is not None:
-        x = _apply_min_p(x, sampling.min_p)
-    if sampling.filtered:
-        x = (_top_k_top_p or apply_top_k_top_p_ref)(x, torch.where(use_k, k, vocab), torch.where(use_p, p, 1.0))
+    return target_probs_of(logits, TargetParams.of(sampling, logits.shape[-1]))
+
+
+def target_probs_of(logits: torch.Tensor, params: TargetParams) -> torch.Tensor:
+    """:func:`target_probs` with the parameters prepared (:meth:`TargetParams.of`)."""
+    x = logits.float() / params.temperature
+    if params.min_p is not None:
+        x = _apply_min_p(x, params.min_p)
+    if params.top_k is not None:
+        x = (_top_k_top_p or apply_top_k_top_p_ref)(x, params.top_k, params.top_p)
     return torch.softmax(x, dim=-1)
 
 

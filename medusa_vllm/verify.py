@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_vllm.sampling import SamplingBatch, StepRandomness, sample, target_probs
+from medusa_vllm.sampling import SamplingBatch, StepRandomness, TargetParams, sample, target_probs, target_probs_of
 from medusa_vllm.tree_tensors import TreeTensors
 
 TYPICAL_EPS = 0.09
@@ -178,61 +178,58 @@ def verify_rejection(
     siblings); after rejection, a draw from p instead of the residual); they exist so the
     statistical tests can show that they catch a wrong sampler."""
     tb = TreeBatch.gather(trees, tree_ids, num_nodes)
-    b = drafts.shape[0]
+    b, q, width = tb.children.shape
     dev = drafts.device
     depth = trees.max_depth
     if rand is None:
-        rand = StepRandomness.draw(b, depth + 1, tb.children.shape[2], sampling, dev)
-    tokens = _node_tokens(drafts)  # [B, Q]
+        rand = StepRandomness.draw(b, depth + 1, width, sampling, dev)
+    # every node's children once (the walk then indexes one [B, Q, C, 3] table per level):
+    # their ids, tokens, and whether each is offered (verified, and the first offer of its token:
+    # a token offered twice under one parent is only worth its first offer)
+    kid_tok = _node_tokens(drafts).gather(1, tb.children.clamp_min(0).flatten(1)).view(b, q, width)
+    kid_ok = (tb.children >= 0) & tb.valid.gather(1, tb.children.clamp_min(0).flatten(1)).view(b, q, width)
+    earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril_(-1)
+    dup = (kid_tok.unsqueeze(3) == kid_tok.unsqueeze(2)) & earlier & kid_ok.unsqueeze(2)  # [B, Q, C, C]
+    table = torch.stack([tb.children, kid_tok, (kid_ok & ~dup.any(dim=3)).long()], dim=3).view(b, q, width * 3)
+    params = TargetParams.of(sampling, logits.shape[-1])
+    rows = row_of_node.clamp_min(0)
     cur = torch.zeros(b, dtype=torch.int64, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
-    accepted = torch.full((b, depth), -1, dtype=torch.int64, device=dev)
-    num_accepted = torch.zeros(b, dtype=torch.int64, device=dev)
+    steps = []  # per level [B] bool: the walk accepted a child there
+    accepted = []  # per level [B] the accepted child, -1 if none
     stop_probs = None  # [B, V] the target distribution at each request's stopping node
-    batch_idx = torch.arange(b, device=dev)
-
-    def children(node):  # [B] -> the node's children [B, C], their validity and tokens
-        kids = tb.children[batch_idx, node]
-        ok = (kids >= 0) & tb.valid.gather(1, kids.clamp_min(0))
-        return kids, ok, tokens.gather(1, kids.clamp_min(0))
-
     for level in range(depth + 1):
-        probs = target_probs(_rows(logits, row_of_node, cur), sampling)  # [B, V]
-        kids, kid_ok, kid_tok = children(cur)
-        kid_ok &= active.unsqueeze(1)
-        p_kid = probs.gather(1, kid_tok) * kid_ok
-        # a token offered twice under one parent is only worth its first offer
-        same = kid_tok.unsqueeze(2) == kid_tok.unsqueeze(1)  # [B, C, C]
-        earlier = torch.ones_like(same[0]).tril_(-1).bool()
-        dup = (same & earlier & kid_ok.unsqueeze(1)).any(dim=2)
-        p_kid = p_kid.masked_fill(dup, 0.0)
+        probs = target_probs_of(logits[rows.gather(1, cur[:, None])[:, 0]], params)  # [B, V]
+        kids = table.gather(1, cur[:, None, None].expand(b, 1, width * 3)).view(b, width, 3)
+        p_kid = probs.gather(1, kids[:, :, 1]) * (kids[:, :, 2] & active[:, None])  # [B, C] 0: not offered
         if renormalize:
             remaining = 1.0 - (p_kid.cumsum(dim=1) - p_kid)
             accept_prob = torch.where(remaining > 0, p_kid / remaining.clamp_min(1e-30), 0.0)
         else:
             accept_prob = p_kid
-        u = rand.accept[:, level]  # [B, C]
-        hit = (u < accept_prob) & kid_ok & (p_kid > 0)
-        any_hit = hit.any(dim=1)
-        first = hit.long().argmax(dim=1)
-        child = kids.gather(1, first.unsqueeze(1)).squeeze(1)
-        step = active & any_hit
+        hit = (rand.accept[:, level] < accept_prob) & (p_kid > 0)
+        first = hit.long().argmax(dim=1)  # the first accepted child (0 if none)
+        step = hit.gather(1, first[:, None])[:, 0]
+        child = kids[:, :, 0].gather(1, first[:, None])[:, 0]
         if level < depth:
-            accepted[:, level] = torch.where(step, child, accepted[:, level])
-        num_accepted += step.long()
-        stop = active & ~any_hit  # stopping here: the final token comes from this node's target
-        stop_probs = probs if stop_probs is None else torch.where(stop[:, None], probs, stop_probs)
+            steps.append(step)
+            accepted.append(torch.where(step, child, -1))
+        # stopping here (active, nothing accepted): the final token comes from this node's target
+        stop_probs = probs if stop_probs is None else torch.where((active & ~step)[:, None], probs, stop_probs)
         cur = torch.where(step, child, cur)
         active = step
+    accepted_t = torch.stack(accepted, dim=1) if accepted else torch.empty(b, 0, dtype=torch.int64, device=dev)
+    num_accepted = torch.stack(steps, dim=1).sum(dim=1) if steps else torch.zeros(b, dtype=torch.int64, device=dev)
     # the final token: from the stopping node's target without its children (all rejected),
     # unnormalised (sample takes it so); p itself where they held all of its mass
     dist = stop_probs
     if residual:
-        _, kid_ok, kid_tok = children(cur)
-        rest = stop_probs.scatter_reduce(1, kid_tok, torch.where(kid_ok, 0.0, float("inf")), "amin")
+        # (a child not offered repeats an offered one's token, or is not verified)
+        kids = table.gather(1, cur[:, None, None].expand(b, 1, width * 3)).view(b, width, 3)
+        rest = stop_probs.scatter_reduce(1, kids[:, :, 1], torch.where(kids[:, :, 2] > 0, 0.0, float("inf")), "amin")
         dist = torch.where(rest.sum(dim=1, keepdim=True) > 0, rest, stop_probs)
     final = sample(dist, sampling, rand.final)
-    return VerifyOutput(accepted, num_accepted, cur, _emit(drafts, accepted, num_accepted, final))
+    return VerifyOutput(accepted_t, num_accepted, cur, _emit(drafts, accepted_t, num_accepted, final))
 
 
 def verify(
