@@ -20,17 +20,20 @@ TORCH_LIBRARY(medusa_vllm, m) {
   m.def(
       "move_accepted_kv(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, "
       "Tensor query_start_loc, Tensor accepted) -> ()");
+  m.def("keyed_uniforms(Tensor keys, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medusa_vllm, CPU, m) {
   m.impl("tree_attention", &medusa_vllm::tree_attention_cpu);
   m.impl("move_accepted_kv", &medusa_vllm::move_accepted_kv_cpu);
+  m.impl("keyed_uniforms", &medusa_vllm::keyed_uniforms_cpu);
 }
 
 #ifdef MEDUSA_VLLM_WITH_CUDA
 TORCH_LIBRARY_IMPL(medusa_vllm, CUDA, m) {
   m.impl("tree_attention", &medusa_vllm::tree_attention_cuda);
   m.impl("move_accepted_kv", &medusa_vllm::move_accepted_kv_cuda);
+  m.impl("keyed_uniforms", &medusa_vllm::keyed_uniforms_cuda);
 }
 #endif
 

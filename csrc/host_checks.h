@@ -214,4 +214,16 @@ inline MoveAcceptedParams check_move_accepted_args(at::TensorList k_caches,
   return p;
 }
 
+// keyed_uniforms(keys [B, 2] int64 (seed, counter), n >= 0) -> [B, n] float32.
+inline void check_keyed_uniforms_args(const at::Tensor& keys, int64_t n) {
+  TORCH_CHECK(keys.dim() == 2 && keys.size(1) == 2,
+              "keyed_uniforms: keys must be [B, 2] (seed, counter), got shape ", keys.sizes());
+  TORCH_CHECK(keys.scalar_type() == at::kLong, "keyed_uniforms: keys must be int64, got ",
+              keys.scalar_type());
+  TORCH_CHECK(keys.size(0) == 0 || keys.stride(1) == 1,
+              "keyed_uniforms: keys must be contiguous in their last dimension, got strides ",
+              keys.strides());
+  TORCH_CHECK(n >= 0, "keyed_uniforms: n must be >= 0, got ", n);
+}
+
 }  // namespace medusa_vllm

@@ -12,6 +12,7 @@ namespace medusa_vllm {
 //                  float scale, float softcap, int num_splits) -> ()
 //   move_accepted_kv(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping,
 //                    Tensor query_start_loc, Tensor accepted) -> ()
+//   keyed_uniforms(Tensor keys, int n) -> Tensor
 
 void tree_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -23,6 +24,8 @@ void move_accepted_kv_cpu(at::TensorList k_caches, at::TensorList v_caches,
                           const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
                           const at::Tensor& accepted);
 
+at::Tensor keyed_uniforms_cpu(const at::Tensor& keys, int64_t n);
+
 #ifdef MEDUSA_VLLM_WITH_CUDA
 void tree_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -33,6 +36,8 @@ void tree_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor&
 void move_accepted_kv_cuda(at::TensorList k_caches, at::TensorList v_caches,
                            const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
                            const at::Tensor& accepted);
+
+at::Tensor keyed_uniforms_cuda(const at::Tensor& keys, int64_t n);
 #endif
 
 }  // namespace medusa_vllm

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from medusa_vllm.kernels import keyed_uniforms
+
 _EPS_TEMPERATURE = 1e-5
 
 # (x [M, V] float32 logits, k [M] int64 (vocab = off), p [M] float32 (1 = off)) -> x with the
@@ -127,39 +129,6 @@ def apply_top_k_top_p_ref(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     drop[:, 0] = False
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
-
-
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) and a constant ``c`` < 2**32, in 16-bit
-    halves of ``c`` so that no int64 product overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer (a bijection of [0, 2**32) with full avalanche)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def keyed_uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, 2] int64 (seed, counter) -> [B, n] float32 uniforms in [0, 1) (multiples of 2**-24):
-    a counter-based hash, a pure function of each row's key (any int64 seed, counter >= 0), the
-    same on every device and at any batch row. A request that keys step t by its computed-token
-    count draws fresh numbers every step and the same ones when the step is run again."""
-    seed, counter = keys[:, 0], keys[:, 1]
-    x = _fmix32((counter & _M32) ^ 0x5BD1E995)
-    x = _fmix32(x ^ ((seed >> 32) & _M32))
-    x = _fmix32(x ^ (seed & _M32))  # [B]
-    j = torch.arange(n, device=keys.device, dtype=torch.int64) * _GOLDEN  # [n], < 2**63
-    h = _fmix32((x[:, None] + j[None, :]) & _M32)
-    return (h >> 8).float() * (1.0 / (1 << 24))
 
 
 def _row_uniforms(batch: int, n: int, sampling: SamplingBatch, device: torch.device | str) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare, kstest
 
+from medusa_vllm.kernels import keyed_uniforms_ref
 from medusa_vllm.sampling import SamplingBatch, StepRandomness, keyed_uniforms, sample
 
 
@@ -27,6 +28,26 @@ def test_keyed_uniforms_are_a_pure_function_of_each_rows_key():
     for a, b in ((0, 1), (0, 2), (0, 3)):
         assert not torch.equal(u[a], u[b])
     assert not torch.equal(other[0], u[0])
+
+
+def test_the_keyed_uniforms_op_gives_the_references_numbers():
+    """The compiled op (csrc/keyed_uniforms_cpu.cpp) against its tensor-op reference, bit for
+    bit: seeds of either sign and with high bits, counters past 2**32, batches of 0 rows, no
+    draws, a strided key tensor; then the op's error on a malformed key tensor."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.stack([torch.randint(-2**63, 2**63 - 1, (300,), generator=g),
+                        torch.randint(0, 2**40, (300,), generator=g)], dim=1)
+    keys[:4] = torch.tensor([[0, 0], [-1, 2**32 + 7], [2**63 - 1, 2**32 - 1], [-2**63, 1]])
+    op = torch.ops.medusa_vllm.keyed_uniforms
+    for n in (0, 1, 21, 64):
+        assert torch.equal(op(keys, n), keyed_uniforms_ref(keys, n)), n
+    assert op(keys[:0], 5).shape == (0, 5)
+    columns = keys.t().contiguous().t()  # the same keys, column-major (the wrapper copies them)
+    assert torch.equal(keyed_uniforms(columns, 9), keyed_uniforms_ref(keys, 9))
+    with pytest.raises((RuntimeError, ValueError), match="keys must be"):
+        keyed_uniforms(keys.int(), 3)
+    with pytest.raises(RuntimeError, match="keys must be"):
+        op(keys[:, :1], 3)
 
 
 def test_keyed_uniforms_are_uniform_and_independent_across_steps():

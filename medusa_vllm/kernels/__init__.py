@@ -4,6 +4,7 @@ accepted-path KV move, as torch.ops.medusa_vllm.* (compiled in csrc/).
     tree_attention(out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                    tree_masks, req_tree_ids, scale, softcap=0.0, num_splits=0)
     move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, accepted)
+    keyed_uniforms(keys, n) -> [B, n] float32 (the sampled tree step's random numbers)
 
 The wrappers check tensor metadata (no host syncs) and call the op. Without the compiled
 extension the ops run the PyTorch references (slow) after one warning. Conventions: see
@@ -20,20 +21,24 @@ import torch
 
 from medusa_vllm.kernels import _registry
 from medusa_vllm.kernels.masks import MAX_TREE_QUERIES, num_mask_words, pack_tree_masks, unpack_tree_masks
-from medusa_vllm.kernels.reference import move_accepted_kv_ref, tree_attention_ref
+from medusa_vllm.kernels.reference import keyed_uniforms_ref, move_accepted_kv_ref, tree_attention_ref
 
 __all__ = [
     "tree_attention",
     "move_accepted_kv",
+    "keyed_uniforms",
     "have_extension",
     "extension_error",
     "pack_tree_masks",
     "unpack_tree_masks",
     "tree_attention_ref",
     "move_accepted_kv_ref",
+    "keyed_uniforms_ref",
 ]
 
 _REGISTRATION = _registry.register()
+# (an extension built before keyed_uniforms existed loads without it: the reference serves)
+_KEYED_OP = _registry._op_exists("keyed_uniforms")
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_HEAD_DIMS = (64, 128)
@@ -201,3 +206,18 @@ def _check_move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, a
     _check_index(accepted, "accepted", torch.int32, 2, first.device)
     _require(query_start_loc.shape[0] == accepted.shape[0] + 1,
              f"query_start_loc must have {accepted.shape[0] + 1} entries (accepted is [B, A])")
+
+
+def keyed_uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, 2] int64 (seed, counter) -> [B, n] float32 uniforms in [0, 1) (multiples of 2**-24):
+    a counter-based hash, a pure function of each row's key (any int64 seed, counter >= 0), the
+    same on every device and at any batch row (csrc/keyed_uniforms.h; the reference
+    :func:`keyed_uniforms_ref` gives the same numbers). A request that keys step t by its
+    computed-token count draws fresh numbers every step and the same ones when the step is run
+    again. One kernel, no host sync: a CUDA graph computes it in place."""
+    _require(keys.dim() == 2 and keys.shape[1] == 2, f"keys must be [B, 2] (seed, counter), got shape {tuple(keys.shape)}")
+    _require(keys.dtype == torch.int64, f"keys must be int64, got {keys.dtype}")
+    _require(n >= 0, f"n must be >= 0, got {n}")
+    if not _KEYED_OP:
+        return keyed_uniforms_ref(keys, n)
+    return torch.ops.medusa_vllm.keyed_uniforms(keys.contiguous(), int(n))

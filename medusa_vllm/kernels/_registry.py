@@ -1,4 +1,4 @@
-"""Makes torch.ops.medusa_vllm.{tree_attention, move_accepted_kv} exist, one way or another.
+"""Makes torch.ops.medusa_vllm.{tree_attention, move_accepted_kv, keyed_uniforms} exist, one way or another.
 
 1. `import medusa_vllm._C` (the compiled extension; its TORCH_LIBRARY block registers the ops
    with CPU and, if built so, CUDA kernels).
@@ -30,6 +30,7 @@ SCHEMAS = {
         "move_accepted_kv(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, "
         "Tensor query_start_loc, Tensor accepted) -> ()"
     ),
+    "keyed_uniforms": "keyed_uniforms(Tensor keys, int n) -> Tensor",
 }
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` or "
@@ -60,6 +61,7 @@ def _define_fallback() -> torch.library.Library:
         lib.define(schema)
     lib.impl("tree_attention", reference.tree_attention_ref, "CompositeExplicitAutograd")
     lib.impl("move_accepted_kv", reference.move_accepted_kv_ref, "CompositeExplicitAutograd")
+    lib.impl("keyed_uniforms", reference.keyed_uniforms_ref, "CompositeExplicitAutograd")
     return lib
 
 
@@ -68,7 +70,7 @@ def _op_exists(name: str) -> bool:
 
 
 def _register_fakes() -> None:
-    # The ops only mutate their inputs and return nothing.
+    # tree_attention and move_accepted_kv only mutate their inputs and return nothing.
     @torch.library.register_fake(f"{NAMESPACE}::tree_attention")
     def _tree_attention_fake(out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
                              tree_masks, req_tree_ids, scale, softcap, num_splits) -> None:
@@ -77,6 +79,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAMESPACE}::move_accepted_kv")
     def _move_accepted_kv_fake(k_caches, v_caches, slot_mapping, query_start_loc, accepted) -> None:
         return None
+
+    if _op_exists("keyed_uniforms"):  # (an extension built before the op has no keyed_uniforms)
+        @torch.library.register_fake(f"{NAMESPACE}::keyed_uniforms")
+        def _keyed_uniforms_fake(keys, n):
+            return keys.new_empty((keys.shape[0], n), dtype=torch.float32)
 
 
 def register() -> Registration:

@@ -1,5 +1,7 @@
 """Plain PyTorch references of the medusa_vllm ops: the test oracle and the fallback when the
-compiled extension is missing. Slow (Python loops over requests, host syncs), obviously right.
+compiled extension is missing. Slow (Python loops over requests, host syncs), obviously right;
+except :func:`keyed_uniforms_ref`, tensor ops without a sync (two dozen kernels where the op
+launches one).
 
 Conventions shared with the kernels (see csrc/paged_kv.h):
 - k_cache / v_cache: strided views [num_blocks, block_size, num_kv_heads, head_dim].
@@ -95,3 +97,36 @@ def move_accepted_kv_ref(
                 continue  # padding slot
             for cache in (*k_caches, *v_caches):
                 cache[dst // block_size, dst % block_size] = cache[src // block_size, src % block_size]
+
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) and a constant ``c`` < 2**32, in 16-bit
+    halves of ``c`` so that no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer (a bijection of [0, 2**32) with full avalanche)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keyed_uniforms_ref(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference of the keyed_uniforms op (csrc/keyed_uniforms.h), int64 tensor ops: [B, 2] int64 (seed, counter) -> [B, n] float32 uniforms in [0, 1) (multiples of 2**-24):
+    a counter-based hash, a pure function of each row's key (any int64 seed, counter >= 0), the
+    same on every device and at any batch row. A request that keys step t by its computed-token
+    count draws fresh numbers every step and the same ones when the step is run again."""
+    seed, counter = keys[:, 0], keys[:, 1]
+    x = _fmix32((counter & _M32) ^ 0x5BD1E995)
+    x = _fmix32(x ^ ((seed >> 32) & _M32))
+    x = _fmix32(x ^ (seed & _M32))  # [B]
+    j = torch.arange(n, device=keys.device, dtype=torch.int64) * _GOLDEN  # [n], < 2**63
+    h = _fmix32((x[:, None] + j[None, :]) & _M32)
+    return (h >> 8).float() * (1.0 / (1 << 24))

@@ -288,6 +288,7 @@ def test_the_memory_held_through_vllms_profile_covers_what_the_graphs_take():
 def test_keyed_uniforms_and_the_final_draw_are_the_same_on_cuda_as_on_the_cpu():
     """A request's random numbers are a function of its key alone: the CPU's and a GPU's agree
     bit for bit, and so does the inverse-CDF token drawn from them."""
+    from medusa_vllm.kernels import keyed_uniforms_ref
     from medusa_vllm.sampling import SamplingBatch, keyed_uniforms, sample
 
     g = torch.Generator().manual_seed(0)
@@ -295,6 +296,9 @@ def test_keyed_uniforms_and_the_final_draw_are_the_same_on_cuda_as_on_the_cpu():
                         torch.randint(0, 2**20, (64,), generator=g)], dim=1)
     u = keyed_uniforms(keys, 51)
     assert torch.equal(keyed_uniforms(keys.cuda(), 51).cpu(), u)
+    # the CUDA op and the tensor-op reference on the GPU (the same numbers again)
+    assert torch.equal(torch.ops.medusa_vllm.keyed_uniforms(keys.cuda(), 51).cpu(), u)
+    assert torch.equal(keyed_uniforms_ref(keys.cuda(), 51).cpu(), u)
     probs = torch.softmax(torch.randn(64, V, generator=g) * 3, -1)
     s = SamplingBatch.greedy(64)
     assert torch.equal(sample(probs.cuda(), s, u[:, -1].cuda()).cpu(), sample(probs, s, u[:, -1]))
