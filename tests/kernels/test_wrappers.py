@@ -46,6 +46,9 @@ FALLBACK_SCRIPT = textwrap.dedent(
     expected = p.out.clone()  # the move changed the cache
     kernels.tree_attention_ref(expected, *p.args()[1:], p.scale)
     assert torch.equal(got, expected)
+    keys = torch.tensor([[5, 3], [-2, 2**33]])
+    assert torch.equal(torch.ops.medusa_vllm.keyed_uniforms(keys, 7), kernels.keyed_uniforms_ref(keys, 7))
+    assert torch.equal(kernels.keyed_uniforms(keys, 7), kernels.keyed_uniforms_ref(keys, 7))
     print("FALLBACK_OK")
     """
 )
