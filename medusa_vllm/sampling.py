@@ -21,7 +21,7 @@ from medusa_vllm.kernels import keyed_uniforms
 
 _EPS_TEMPERATURE = 1e-5
 
-# (x [M, V] float32 logits, k [M] int64 (vocab = off), p [M] float32 (1 = off)) -> x with the
+# (x [M, V] float32 logits, k [M] int32 (vocab = off), p [M] float32 (1 = off)) -> x with the
 # tokens outside each row's top-k, then top-p nucleus, set to -inf (may work in place)
 TopKTopP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _top_k_top_p: TopKTopP | None = None  # an engine's own op (set_top_k_top_p); None: the sort below
@@ -74,7 +74,7 @@ class TargetParams:
     kernels)."""
 
     temperature: torch.Tensor  # [M, 1] float32 (1 for greedy rows: their probabilities are not sampled)
-    top_k: torch.Tensor | None  # [M] int64, vocab = off (None: no row filters)
+    top_k: torch.Tensor | None  # [M] int32 (vLLM's op takes it so), vocab = off (None: no row filters)
     top_p: torch.Tensor | None  # [M] float32, 1 = off
     min_p: torch.Tensor | None  # [M] float32, 0 = off (None: no row uses it)
 
@@ -84,8 +84,8 @@ class TargetParams:
         k, p = sampling.top_k, sampling.top_p
         if not sampling.filtered:
             return cls(temp.unsqueeze(1), None, None, sampling.min_p)
-        return cls(temp.unsqueeze(1), torch.where((k > 0) & (k < vocab), k, vocab),
-                   torch.where(p < 1.0, p, 1.0), sampling.min_p)
+        return cls(temp.unsqueeze(1), torch.where((k > 0) & (k < vocab), k, vocab).int(),
+                   torch.where(p < 1.0, p, 1.0).float(), sampling.min_p)
 
 
 def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
@@ -99,7 +99,7 @@ def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
 
 def target_probs_of(logits: torch.Tensor, params: TargetParams) -> torch.Tensor:
     """:func:`target_probs` with the parameters prepared (:meth:`TargetParams.of`)."""
-    x = logits.float() / params.temperature
+    x = logits / params.temperature  # float32 (bf16 / float32 promotes: one kernel, the same values)
     if params.min_p is not None:
         x = _apply_min_p(x, params.min_p)
     if params.top_k is not None:
@@ -121,7 +121,7 @@ def apply_top_k_top_p_ref(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     sorted_x, order = x.sort(dim=-1, descending=True)  # [M, V]
     vocab = x.shape[-1]
     # top-k keeps every logit tied with the k-th largest (vLLM's rule: logits >= the k-th)
-    drop = sorted_x < sorted_x.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1))
+    drop = sorted_x < sorted_x.gather(1, (k.long().clamp(1, vocab) - 1).unsqueeze(1))
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches p (the first token always stays)
     mass_before = probs.cumsum(dim=-1) - probs
