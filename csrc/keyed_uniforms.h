@@ -1,7 +1,7 @@
 // The counter-based hash behind keyed_uniforms: uniforms in [0, 1) that are a pure function of
 // a (seed, counter) key and the draw's index, the same on every device (no state, no
 // generator). Shared by the CPU and CUDA host functions; the PyTorch reference is
-// medusa_vllm.sampling.keyed_uniforms_ref (int64 tensor ops, bit for bit the same numbers).
+// medusa_vllm.kernels.reference.keyed_uniforms_ref (int64 tensor ops, bit for bit the same numbers).
 //
 //   x = fmix32(fmix32(fmix32(lo32(counter) ^ 0x5BD1E995) ^ hi32(seed)) ^ lo32(seed))
 //   u[j] = (fmix32(x + j * 0x9E3779B9 mod 2^32) >> 8) * 2^-24

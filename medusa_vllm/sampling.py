@@ -50,6 +50,10 @@ class SamplingBatch:
     def is_greedy(self) -> torch.Tensor:  # [B] bool
         return self.temperature <= _EPS_TEMPERATURE
 
+    @property
+    def target_temperature(self) -> torch.Tensor:  # [B] the temperature, 1 for greedy rows
+        return torch.where(self.is_greedy, torch.ones_like(self.temperature), self.temperature)
+
     def take(self, rows: torch.Tensor) -> SamplingBatch:
         """The parameters of ``rows`` (a [M] index into the batch), e.g. one per tree row."""
         return SamplingBatch(
@@ -80,7 +84,7 @@ class TargetParams:
 
     @classmethod
     def of(cls, sampling: SamplingBatch, vocab: int) -> TargetParams:
-        temp = torch.where(sampling.is_greedy, torch.ones_like(sampling.temperature), sampling.temperature)
+        temp = sampling.target_temperature
         k, p = sampling.top_k, sampling.top_p
         if not sampling.filtered:
             return cls(temp.unsqueeze(1), None, None, sampling.min_p)

@@ -145,7 +145,7 @@ def verify_typical(
     b, q = row_of_node.shape
     parent_rows = row_of_node.gather(1, tb.parents.clamp_min(0)).clamp_min(0)  # [B, Q]
     # temperature-scaled target at every parent row (top-k/top-p do not enter the rule)
-    temp = torch.where(sampling.is_greedy, torch.ones_like(sampling.temperature), sampling.temperature)
+    temp = sampling.target_temperature
     logp = torch.log_softmax(logits.float()[parent_rows.flatten()] / temp.repeat_interleave(q).unsqueeze(1), -1)
     logp = logp.reshape(b, q, -1)
     entropy = -(logp.exp() * logp).sum(-1)  # [B, Q]
@@ -192,15 +192,17 @@ def verify_rejection(
     dup = (kid_tok.unsqueeze(3) == kid_tok.unsqueeze(2)) & earlier & kid_ok.unsqueeze(2)  # [B, Q, C, C]
     table = torch.stack([tb.children, kid_tok, (kid_ok & ~dup.any(dim=3)).long()], dim=3).view(b, q, width * 3)
     params = TargetParams.of(sampling, logits.shape[-1])
-    rows = row_of_node.clamp_min(0)
+
+    def children(node):  # [B] -> the node's table entry [B, C, 3]: child id, token, offered
+        return table.gather(1, node[:, None, None].expand(b, 1, width * 3)).view(b, width, 3)
+
     cur = torch.zeros(b, dtype=torch.int64, device=dev)
     active = torch.ones(b, dtype=torch.bool, device=dev)
-    steps = []  # per level [B] bool: the walk accepted a child there
     accepted = []  # per level [B] the accepted child, -1 if none
     stop_probs = None  # [B, V] the target distribution at each request's stopping node
     for level in range(depth + 1):
-        probs = target_probs_of(logits[rows.gather(1, cur[:, None])[:, 0]], params)  # [B, V]
-        kids = table.gather(1, cur[:, None, None].expand(b, 1, width * 3)).view(b, width, 3)
+        probs = target_probs_of(_rows(logits, row_of_node, cur), params)  # [B, V]
+        kids = children(cur)
         p_kid = probs.gather(1, kids[:, :, 1]) * (kids[:, :, 2] & active[:, None])  # [B, C] 0: not offered
         if renormalize:
             remaining = 1.0 - (p_kid.cumsum(dim=1) - p_kid)
@@ -212,20 +214,19 @@ def verify_rejection(
         step = hit.gather(1, first[:, None])[:, 0]
         child = kids[:, :, 0].gather(1, first[:, None])[:, 0]
         if level < depth:
-            steps.append(step)
             accepted.append(torch.where(step, child, -1))
         # stopping here (active, nothing accepted): the final token comes from this node's target
         stop_probs = probs if stop_probs is None else torch.where((active & ~step)[:, None], probs, stop_probs)
         cur = torch.where(step, child, cur)
         active = step
     accepted_t = torch.stack(accepted, dim=1) if accepted else torch.empty(b, 0, dtype=torch.int64, device=dev)
-    num_accepted = torch.stack(steps, dim=1).sum(dim=1) if steps else torch.zeros(b, dtype=torch.int64, device=dev)
+    num_accepted = (accepted_t >= 0).sum(dim=1)
     # the final token: from the stopping node's target without its children (all rejected),
     # unnormalised (sample takes it so); p itself where they held all of its mass
     dist = stop_probs
     if residual:
         # (a child not offered repeats an offered one's token, or is not verified)
-        kids = table.gather(1, cur[:, None, None].expand(b, 1, width * 3)).view(b, width, 3)
+        kids = children(cur)
         rest = stop_probs.scatter_reduce(1, kids[:, :, 1], torch.where(kids[:, :, 2] > 0, 0.0, float("inf")), "amin")
         dist = torch.where(rest.sum(dim=1, keepdim=True) > 0, rest, stop_probs)
     final = sample(dist, sampling, rand.final)

@@ -119,10 +119,8 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def keyed_uniforms_ref(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """The reference of the keyed_uniforms op (csrc/keyed_uniforms.h), int64 tensor ops: [B, 2] int64 (seed, counter) -> [B, n] float32 uniforms in [0, 1) (multiples of 2**-24):
-    a counter-based hash, a pure function of each row's key (any int64 seed, counter >= 0), the
-    same on every device and at any batch row. A request that keys step t by its computed-token
-    count draws fresh numbers every step and the same ones when the step is run again."""
+    """The reference of :func:`medusa_vllm.kernels.keyed_uniforms` (csrc/keyed_uniforms.h) in
+    int64 tensor ops: [B, 2] int64 (seed, counter) -> [B, n] float32, the same bits."""
     seed, counter = keys[:, 0], keys[:, 1]
     x = _fmix32((counter & _M32) ^ 0x5BD1E995)
     x = _fmix32(x ^ ((seed >> 32) & _M32))
