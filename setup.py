@@ -22,13 +22,15 @@ import sys
 from setuptools import setup
 
 CSRC = "csrc"
-CPU_SOURCES = ["bindings.cpp", "tree_attention_cpu.cpp", "move_accepted_kv_cpu.cpp", "keyed_uniforms_cpu.cpp"]
+CPU_SOURCES = ["bindings.cpp", "tree_attention_cpu.cpp", "move_accepted_kv_cpu.cpp", "keyed_uniforms_cpu.cpp",
+               "target_probs_cpu.cpp"]
 CUDA_SOURCES = [
     "tree_attention_cuda.cu",
     "tree_attention_cuda_bf16.cu",
     "tree_attention_cuda_fp16.cu",
     "move_accepted_kv_cuda.cu",
     "keyed_uniforms_cuda.cu",
+    "target_probs_cuda.cu",
 ]
 DEFAULT_GENCODE = [
     "-gencode=arch=compute_90a,code=sm_90a",

@@ -21,12 +21,16 @@ TORCH_LIBRARY(medusa_vllm, m) {
       "move_accepted_kv(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, "
       "Tensor query_start_loc, Tensor accepted) -> ()");
   m.def("keyed_uniforms(Tensor keys, int n) -> Tensor");
+  m.def(
+      "target_probs(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, "
+      "Tensor? min_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medusa_vllm, CPU, m) {
   m.impl("tree_attention", &medusa_vllm::tree_attention_cpu);
   m.impl("move_accepted_kv", &medusa_vllm::move_accepted_kv_cpu);
   m.impl("keyed_uniforms", &medusa_vllm::keyed_uniforms_cpu);
+  m.impl("target_probs", &medusa_vllm::target_probs_cpu);
 }
 
 #ifdef MEDUSA_VLLM_WITH_CUDA
@@ -34,6 +38,7 @@ TORCH_LIBRARY_IMPL(medusa_vllm, CUDA, m) {
   m.impl("tree_attention", &medusa_vllm::tree_attention_cuda);
   m.impl("move_accepted_kv", &medusa_vllm::move_accepted_kv_cuda);
   m.impl("keyed_uniforms", &medusa_vllm::keyed_uniforms_cuda);
+  m.impl("target_probs", &medusa_vllm::target_probs_cuda);
 }
 #endif
 

@@ -226,4 +226,34 @@ inline void check_keyed_uniforms_args(const at::Tensor& keys, int64_t n) {
   TORCH_CHECK(n >= 0, "keyed_uniforms: n must be >= 0, got ", n);
 }
 
+// target_probs(logits [M, V] float32/bfloat16/float16, temperature [M] float32 (> 0),
+//              top_k [M] int32 (<= 0 or >= V: off) or none, top_p [M] float32 (>= 1: off) or none,
+//              min_p [M] float32 (<= 0: off) or none) -> [M, V] float32.
+inline void check_target_probs_args(const at::Tensor& logits, const at::Tensor& temperature,
+                                    const c10::optional<at::Tensor>& top_k,
+                                    const c10::optional<at::Tensor>& top_p,
+                                    const c10::optional<at::Tensor>& min_p) {
+  TORCH_CHECK(logits.dim() == 2, "target_probs: logits must be [M, V], got shape ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "target_probs: logits must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) <= 1 || logits.stride(1) == 1,
+              "target_probs: logits must be contiguous in the vocabulary dimension, got strides ",
+              logits.strides());
+  TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, "target_probs: the vocabulary is empty");
+  const int64_t m = logits.size(0);
+  auto check_row_param = [&](const at::Tensor& t, const char* name, at::ScalarType want) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == m, "target_probs: ", name, " must be [M] = [", m,
+                "], got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == want, "target_probs: ", name, " must be ", want, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == logits.device(), "target_probs: ", name, " must be on ",
+                logits.device(), " like logits, got ", t.device());
+  };
+  check_row_param(temperature, "temperature", at::kFloat);
+  if (top_k.has_value()) check_row_param(*top_k, "top_k", at::kInt);
+  if (top_p.has_value()) check_row_param(*top_p, "top_p", at::kFloat);
+  if (min_p.has_value()) check_row_param(*min_p, "min_p", at::kFloat);
+}
+
 }  // namespace medusa_vllm

@@ -13,6 +13,7 @@ namespace medusa_vllm {
 //   move_accepted_kv(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping,
 //                    Tensor query_start_loc, Tensor accepted) -> ()
 //   keyed_uniforms(Tensor keys, int n) -> Tensor
+//   target_probs(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor? min_p) -> Tensor
 
 void tree_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -26,6 +27,10 @@ void move_accepted_kv_cpu(at::TensorList k_caches, at::TensorList v_caches,
 
 at::Tensor keyed_uniforms_cpu(const at::Tensor& keys, int64_t n);
 
+at::Tensor target_probs_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                            const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                            const c10::optional<at::Tensor>& min_p);
+
 #ifdef MEDUSA_VLLM_WITH_CUDA
 void tree_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -38,6 +43,10 @@ void move_accepted_kv_cuda(at::TensorList k_caches, at::TensorList v_caches,
                            const at::Tensor& accepted);
 
 at::Tensor keyed_uniforms_cuda(const at::Tensor& keys, int64_t n);
+
+at::Tensor target_probs_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                             const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                             const c10::optional<at::Tensor>& min_p);
 #endif
 
 }  // namespace medusa_vllm

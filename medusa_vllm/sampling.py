@@ -25,6 +25,10 @@ _EPS_TEMPERATURE = 1e-5
 # tokens outside each row's top-k, then top-p nucleus, set to -inf (may work in place)
 TopKTopP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _top_k_top_p: TopKTopP | None = None  # an engine's own op (set_top_k_top_p); None: the sort below
+# (logits [M, V], temperature [M] float32, top_k [M] int32 | None, top_p [M] float32 | None,
+#  min_p [M] float32 | None) -> [M, V] float32 probabilities: the whole filtered distribution in
+# one op (medusa_vllm.kernels.target_probs; set_target_probs), used for rows that filter
+_target_probs_op: Callable[..., torch.Tensor] | None = None
 
 
 def set_top_k_top_p(fn: TopKTopP | None) -> TopKTopP | None:
@@ -33,6 +37,15 @@ def set_top_k_top_p(fn: TopKTopP | None) -> TopKTopP | None:
     that engine samples from without speculation); returns the one it replaces."""
     global _top_k_top_p
     old, _top_k_top_p = _top_k_top_p, fn
+    return old
+
+
+def set_target_probs(fn: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor] | None:
+    """Compute filtered target distributions (min-p, top-k or top-p on) with ``fn`` in one
+    call, e.g. :func:`medusa_vllm.kernels.target_probs`, instead of the temperature division,
+    the filter and the softmax; returns the one it replaces."""
+    global _target_probs_op
+    old, _target_probs_op = _target_probs_op, fn
     return old
 
 
@@ -103,6 +116,8 @@ def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
 
 def target_probs_of(logits: torch.Tensor, params: TargetParams) -> torch.Tensor:
     """:func:`target_probs` with the parameters prepared (:meth:`TargetParams.of`)."""
+    if _target_probs_op is not None and (params.top_k is not None or params.min_p is not None):
+        return _target_probs_op(logits, params.temperature.view(-1), params.top_k, params.top_p, params.min_p)
     x = logits / params.temperature  # float32 (bf16 / float32 promotes: one kernel, the same values)
     if params.min_p is not None:
         x = _apply_min_p(x, params.min_p)
@@ -127,9 +142,10 @@ def apply_top_k_top_p_ref(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     # top-k keeps every logit tied with the k-th largest (vLLM's rule: logits >= the k-th)
     drop = sorted_x < sorted_x.gather(1, (k.long().clamp(1, vocab) - 1).unsqueeze(1))
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
-    # keep the smallest prefix whose mass reaches p (the first token always stays)
+    # keep the smallest prefix whose mass reaches p (the first token always stays); p = 1 keeps
+    # every token (a float32 cumsum reaches 1 before the tail of a peaked row)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= p.unsqueeze(1)
+    drop |= (mass_before >= p.unsqueeze(1)) & (p < 1).unsqueeze(1)
     drop[:, 0] = False
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)

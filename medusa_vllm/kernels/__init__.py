@@ -5,6 +5,8 @@ accepted-path KV move, as torch.ops.medusa_vllm.* (compiled in csrc/).
                    tree_masks, req_tree_ids, scale, softcap=0.0, num_splits=0)
     move_accepted_kv(k_caches, v_caches, slot_mapping, query_start_loc, accepted)
     keyed_uniforms(keys, n) -> [B, n] float32 (the sampled tree step's random numbers)
+    target_probs(logits, temperature, top_k, top_p, min_p) -> [M, V] float32 (the filtered
+                 target distribution: temperature, min-p, top-k, top-p, softmax; no sort)
 
 The wrappers check tensor metadata (no host syncs) and call the op. Without the compiled
 extension the ops run the PyTorch references (slow) after one warning. Conventions: see
@@ -21,12 +23,18 @@ import torch
 
 from medusa_vllm.kernels import _registry
 from medusa_vllm.kernels.masks import MAX_TREE_QUERIES, num_mask_words, pack_tree_masks, unpack_tree_masks
-from medusa_vllm.kernels.reference import keyed_uniforms_ref, move_accepted_kv_ref, tree_attention_ref
+from medusa_vllm.kernels.reference import (
+    keyed_uniforms_ref,
+    move_accepted_kv_ref,
+    target_probs_ref,
+    tree_attention_ref,
+)
 
 __all__ = [
     "tree_attention",
     "move_accepted_kv",
     "keyed_uniforms",
+    "target_probs",
     "have_extension",
     "extension_error",
     "pack_tree_masks",
@@ -34,11 +42,13 @@ __all__ = [
     "tree_attention_ref",
     "move_accepted_kv_ref",
     "keyed_uniforms_ref",
+    "target_probs_ref",
 ]
 
 _REGISTRATION = _registry.register()
 # (an extension built before keyed_uniforms existed loads without it: the reference serves)
 _KEYED_OP = _registry._op_exists("keyed_uniforms")
+_TARGET_PROBS_OP = _registry._op_exists("target_probs")
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_HEAD_DIMS = (64, 128)
@@ -221,3 +231,27 @@ def keyed_uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
     if not _KEYED_OP:
         return keyed_uniforms_ref(keys, n)
     return torch.ops.medusa_vllm.keyed_uniforms(keys.contiguous(), int(n))
+
+
+def target_probs(
+    logits: torch.Tensor,  # [M, V] float32 / bfloat16 / float16, contiguous over V
+    temperature: torch.Tensor,  # [M] float32, > 0
+    top_k: torch.Tensor | None = None,  # [M] int32, <= 0 or >= V: off
+    top_p: torch.Tensor | None = None,  # [M] float32, >= 1: off
+    min_p: torch.Tensor | None = None,  # [M] float32, <= 0: off
+) -> torch.Tensor:  # [M, V] float32
+    """The distribution a sampled request draws from: logits / temperature, then min-p, top-k
+    and top-p (vLLM's sampler's order; ties with a top-k or top-p boundary stay), renormalised
+    (csrc/target_probs.h). No sort: each threshold is a 4-pass radix select, a row per block
+    on a GPU; no host sync, so a CUDA graph can hold it. The reference
+    :func:`target_probs_ref` sorts."""
+    _require(logits.dim() == 2, f"logits must be [M, V], got shape {tuple(logits.shape)}")
+    rows = logits.shape[0]
+    for name, t, dtype in (("temperature", temperature, torch.float32), ("top_k", top_k, torch.int32),
+                           ("top_p", top_p, torch.float32), ("min_p", min_p, torch.float32)):
+        if t is not None:
+            _require(t.shape == (rows,) and t.dtype == dtype,
+                     f"{name} must be [{rows}] {dtype}, got {tuple(t.shape)} {t.dtype}")
+    if not _TARGET_PROBS_OP:
+        return target_probs_ref(logits, temperature, top_k, top_p, min_p)
+    return torch.ops.medusa_vllm.target_probs(logits, temperature, top_k, top_p, min_p)

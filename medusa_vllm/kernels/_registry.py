@@ -1,4 +1,4 @@
-"""Makes torch.ops.medusa_vllm.{tree_attention, move_accepted_kv, keyed_uniforms} exist, one way or another.
+"""Makes torch.ops.medusa_vllm.{tree_attention, move_accepted_kv, keyed_uniforms, target_probs} exist, one way or another.
 
 1. `import medusa_vllm._C` (the compiled extension; its TORCH_LIBRARY block registers the ops
    with CPU and, if built so, CUDA kernels).
@@ -31,6 +31,10 @@ SCHEMAS = {
         "Tensor query_start_loc, Tensor accepted) -> ()"
     ),
     "keyed_uniforms": "keyed_uniforms(Tensor keys, int n) -> Tensor",
+    "target_probs": (
+        "target_probs(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, "
+        "Tensor? min_p) -> Tensor"
+    ),
 }
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` or "
@@ -62,6 +66,7 @@ def _define_fallback() -> torch.library.Library:
     lib.impl("tree_attention", reference.tree_attention_ref, "CompositeExplicitAutograd")
     lib.impl("move_accepted_kv", reference.move_accepted_kv_ref, "CompositeExplicitAutograd")
     lib.impl("keyed_uniforms", reference.keyed_uniforms_ref, "CompositeExplicitAutograd")
+    lib.impl("target_probs", reference.target_probs_ref, "CompositeExplicitAutograd")
     return lib
 
 
@@ -84,6 +89,11 @@ def _register_fakes() -> None:
         @torch.library.register_fake(f"{NAMESPACE}::keyed_uniforms")
         def _keyed_uniforms_fake(keys, n):
             return keys.new_empty((keys.shape[0], n), dtype=torch.float32)
+
+    if _op_exists("target_probs"):
+        @torch.library.register_fake(f"{NAMESPACE}::target_probs")
+        def _target_probs_fake(logits, temperature, top_k, top_p, min_p):
+            return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 def register() -> Registration:

@@ -128,3 +128,38 @@ def keyed_uniforms_ref(keys: torch.Tensor, n: int) -> torch.Tensor:
     j = torch.arange(n, device=keys.device, dtype=torch.int64) * _GOLDEN  # [n], < 2**63
     h = _fmix32((x[:, None] + j[None, :]) & _M32)
     return (h >> 8).float() * (1.0 / (1 << 24))
+
+
+def target_probs_ref(
+    logits: torch.Tensor,  # [M, V] float32 / bfloat16 / float16
+    temperature: torch.Tensor,  # [M] float32, > 0
+    top_k: torch.Tensor | None = None,  # [M] int32, <= 0 or >= V: off
+    top_p: torch.Tensor | None = None,  # [M] float32, >= 1: off
+    min_p: torch.Tensor | None = None,  # [M] float32, <= 0: off
+) -> torch.Tensor:  # [M, V] float32
+    """The filtered target distribution (csrc/target_probs.h), with sorts: logits / T; min-p
+    keeps e >= min_p (e = exp(x - max x)); top-k keeps x >= the k-th largest; top-p keeps
+    x >= t, t the largest value whose kept mass at or above it reaches p of the kept mass
+    (ties with a boundary stay); then the kept e normalised. A row of -inf gives NaN."""
+    x = logits.float() / temperature.float().unsqueeze(1)
+    vocab = x.shape[1]
+    e = torch.exp(x - x.amax(dim=-1, keepdim=True))
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if min_p is not None:
+        keep &= ~((min_p > 0).unsqueeze(1) & (e < min_p.unsqueeze(1)))
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    if top_k is not None:
+        k = top_k.long()
+        kth = sorted_x.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1))
+        keep &= ~((k > 0) & (k < vocab)).unsqueeze(1) | (x >= kth)
+    if top_p is not None:
+        mass = torch.where(keep, e, 0.0).double().gather(1, order)  # in float64: the op sums exactly
+        # the mass at or above each sorted value, ties included (to the last of its tie group)
+        neg = (-sorted_x).contiguous()
+        last = torch.searchsorted(neg, neg, right=True) - 1
+        at_or_above = mass.cumsum(dim=-1).gather(1, last)
+        reach = at_or_above >= top_p.double().unsqueeze(1) * at_or_above[:, -1:]
+        t = sorted_x.gather(1, reach.int().argmax(dim=-1, keepdim=True))  # the first value that reaches
+        keep &= (top_p >= 1).unsqueeze(1) | (x >= t)
+    e = torch.where(keep, e, 0.0)
+    return e / e.sum(dim=-1, keepdim=True)

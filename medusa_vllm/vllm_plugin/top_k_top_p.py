@@ -42,7 +42,7 @@ def triton_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> tor
     return apply_top_k_top_p_triton(x, k, p)
 
 
-CHOICES = {"vllm": vllm_top_k_top_p, "triton": triton_top_k_top_p, "reference": None}
+CHOICES = {"vllm": vllm_top_k_top_p, "triton": triton_top_k_top_p, "reference": None, "medusa": None}
 
 
 def install(device: torch.device, vocab: int) -> bool:
@@ -53,8 +53,15 @@ def install(device: torch.device, vocab: int) -> bool:
     choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "vllm") or "vllm"
     if choice not in CHOICES:
         raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU, "
-                         f"the default), 'triton' (its Triton kernel at any row count) or 'reference' "
-                         f"(medusa_vllm's sort)")
+                         f"the default), 'triton' (its Triton kernel at any row count), 'medusa' "
+                         f"(medusa_vllm's target_probs op, any device) or 'reference' (medusa_vllm's sort)")
+    if choice == "medusa":
+        from medusa_vllm import kernels
+
+        sampling.set_top_k_top_p(None)
+        sampling.set_target_probs(kernels.target_probs)
+        return True
+    sampling.set_target_probs(None)
     if device.type != "cuda" or CHOICES[choice] is None:
         return False
     from vllm.triton_utils import HAS_TRITON

@@ -49,6 +49,10 @@ FALLBACK_SCRIPT = textwrap.dedent(
     keys = torch.tensor([[5, 3], [-2, 2**33]])
     assert torch.equal(torch.ops.medusa_vllm.keyed_uniforms(keys, 7), kernels.keyed_uniforms_ref(keys, 7))
     assert torch.equal(kernels.keyed_uniforms(keys, 7), kernels.keyed_uniforms_ref(keys, 7))
+    x, t = torch.randn(3, 40), torch.tensor([1.0, 0.5, 2.0])
+    k, p = torch.tensor([40, 3, 10], dtype=torch.int32), torch.tensor([0.9, 1.0, 0.5])
+    assert torch.equal(kernels.target_probs(x, t, k, p), kernels.target_probs_ref(x, t, k, p))
+    assert torch.equal(torch.ops.medusa_vllm.target_probs(x, t, k, p, None), kernels.target_probs_ref(x, t, k, p))
     print("FALLBACK_OK")
     """
 )

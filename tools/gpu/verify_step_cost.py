@@ -10,7 +10,8 @@ Variants (``--variants``):
 - ``sampled``: temperature 0.8, no top-k/top-p (the set without the filter), random numbers as
   [B, 2] keys hashed inside the graph (the V2 runner's input);
 - ``top-p``: the same with top-p 0.95: each tree level's filter (vLLM's op when vLLM imports,
-  as the runners install it on a GPU; else the reference sort);
+  as the runners install it on a GPU, or the one ``MEDUSA_VLLM_TOP_K_TOP_P`` names, e.g.
+  ``medusa``: medusa_vllm's target_probs op; else the reference sort);
 - ``top-p-uniforms``: top-p with the uniforms themselves as the input (the V1 runner's).
 
 Per row: wall µs per step over back-to-back steps (host launch and GPU time overlap as in an
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -208,7 +210,9 @@ def main() -> None:
         try:
             from medusa_vllm.vllm_plugin import top_k_top_p
 
-            filter_op = "vLLM's op" if top_k_top_p.install(torch.device(dev), args.vocab) else filter_op
+            choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P") or "vllm"
+            names = {"vllm": "vLLM's op", "triton": "vLLM's Triton kernel", "medusa": "medusa_vllm target_probs"}
+            filter_op = names[choice] if top_k_top_p.install(torch.device(dev), args.vocab) else filter_op
         except ImportError:  # no vLLM here: the reference sort
             pass
     g = torch.Generator(device=dev).manual_seed(0)
