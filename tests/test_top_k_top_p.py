@@ -75,8 +75,31 @@ def test_a_misspelt_choice_says_what_it_takes(restore_filter, monkeypatch):
     from medusa_vllm.vllm_plugin import top_k_top_p
 
     monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "sort")
-    with pytest.raises(ValueError, match="'vllm'.*'triton'.*'reference'"):
+    with pytest.raises(ValueError, match="'vllm'.*'triton'.*'medusa'.*'reference'"):
         top_k_top_p.install(torch.device("cpu"), V)
     monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "reference")
     assert top_k_top_p.install(torch.device("cuda"), V) is False  # no CUDA touched: the reference stays
     assert sampling._top_k_top_p is None
+
+
+def test_the_medusa_choice_installs_the_target_probs_op_on_any_device(restore_filter, monkeypatch):
+    from medusa_vllm import kernels
+    from medusa_vllm.vllm_plugin import top_k_top_p
+
+    monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "medusa")
+    try:
+        assert top_k_top_p.install(torch.device("cpu"), V) is True
+        assert sampling._target_probs_op is kernels.target_probs and sampling._top_k_top_p is None
+        x, k, p = _rows(12, seed=4)
+        s = SamplingBatch(torch.full((12,), 0.7), k, p)
+        got = target_probs(x, s)  # through the op
+        sampling.set_target_probs(None)
+        want = target_probs(x, s)  # the sort (no ties in these rows: the same tokens)
+        assert torch.equal(got > 0, want > 0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "reference")
+        sampling.set_target_probs(kernels.target_probs)
+        top_k_top_p.install(torch.device("cpu"), V)  # another choice takes it out again
+        assert sampling._target_probs_op is None
+    finally:
+        sampling.set_target_probs(None)

@@ -14,8 +14,12 @@ CUDA only: on a CPU vLLM's op is the same sort as the reference (and syncs for t
 ``MEDUSA_VLLM_TOP_K_TOP_P`` picks the filter on a GPU: ``vllm`` (the default: vLLM's op with
 its dispatch), ``triton`` (vLLM's Triton kernel for any number of rows: below 8 rows vLLM
 sorts, and a batch-1 sampled step filters 1 row five times; the two differ only where float32
-sums round differently, see tests/kernels/test_top_k_top_p_cuda.py), ``reference`` (the sort).
-An A/B of them in one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=triton``.
+sums round differently, see tests/kernels/test_top_k_top_p_cuda.py), ``medusa`` (medusa_vllm's
+own ``target_probs`` op on any device: temperature, min-p, top-k, top-p and the softmax in one
+kernel, radix selects instead of vLLM's one-program-per-row pivot search; it keeps every token
+tied with a boundary, vLLM's kernel may keep part of a tie: tests/kernels/test_target_probs_cuda.py
+bounds the difference), ``reference`` (the sort).
+An A/B of them in one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=medusa``.
 """
 
 from __future__ import annotations
