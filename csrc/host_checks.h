@@ -256,4 +256,19 @@ inline void check_target_probs_args(const at::Tensor& logits, const at::Tensor& 
   if (min_p.has_value()) check_row_param(*min_p, "min_p", at::kFloat);
 }
 
+// The per-row parameters of a checked target_probs call, contiguous (undefined: off).
+struct TargetProbsParams {
+  at::Tensor temperature, top_k, top_p, min_p;
+  TargetProbsParams(const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
+                    const c10::optional<at::Tensor>& top_p, const c10::optional<at::Tensor>& min_p)
+      : temperature(temperature.contiguous()),
+        top_k(top_k.has_value() ? top_k->contiguous() : at::Tensor()),
+        top_p(top_p.has_value() ? top_p->contiguous() : at::Tensor()),
+        min_p(min_p.has_value() ? min_p->contiguous() : at::Tensor()) {}
+  const float* temperature_ptr() const { return temperature.data_ptr<float>(); }
+  const int32_t* top_k_ptr() const { return top_k.defined() ? top_k.data_ptr<int32_t>() : nullptr; }
+  const float* top_p_ptr() const { return top_p.defined() ? top_p.data_ptr<float>() : nullptr; }
+  const float* min_p_ptr() const { return min_p.defined() ? min_p.data_ptr<float>() : nullptr; }
+};
+
 }  // namespace medusa_vllm

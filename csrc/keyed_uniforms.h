@@ -9,11 +9,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MEDUSA_VLLM_HD __host__ __device__ __forceinline__
-#else
-#define MEDUSA_VLLM_HD inline
-#endif
+#include "host_device.h"
 
 namespace medusa_vllm {
 

@@ -19,11 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define MEDUSA_VLLM_HD __host__ __device__ __forceinline__
-#else
-#define MEDUSA_VLLM_HD inline
-#endif
+#include "host_device.h"
 
 namespace medusa_vllm {
 

@@ -88,10 +88,11 @@ at::Tensor target_probs_cpu(const at::Tensor& logits, const at::Tensor& temperat
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({rows, vocab}, logits.options().dtype(at::kFloat));
   if (rows == 0) return out;
-  const at::Tensor temp = temperature.contiguous();
-  const at::Tensor k = top_k.has_value() ? top_k->contiguous() : at::Tensor();
-  const at::Tensor p = top_p.has_value() ? top_p->contiguous() : at::Tensor();
-  const at::Tensor mp = min_p.has_value() ? min_p->contiguous() : at::Tensor();
+  const TargetProbsParams params(temperature, top_k, top_p, min_p);
+  const float* temp = params.temperature_ptr();
+  const int32_t* k = params.top_k_ptr();
+  const float* p = params.top_p_ptr();
+  const float* mp = params.min_p_ptr();
   const int64_t row_stride = logits.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "target_probs_cpu", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
@@ -100,9 +101,7 @@ at::Tensor target_probs_cpu(const at::Tensor& logits, const at::Tensor& temperat
       std::vector<float> x(vocab);
       std::vector<uint32_t> keys(vocab);
       for (int64_t r = begin; r < end; ++r) {
-        const RowParams rp{temp.data_ptr<float>()[r], k.defined() ? k.data_ptr<int32_t>()[r] : vocab,
-                           p.defined() ? p.data_ptr<float>()[r] : 1.f,
-                           mp.defined() ? mp.data_ptr<float>()[r] : 0.f};
+        const RowParams rp{temp[r], k ? k[r] : vocab, p ? p[r] : 1.f, mp ? mp[r] : 0.f};
         target_probs_row(base + r * row_stride, o + r * vocab, vocab, rp, x, keys);
       }
     });

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "host_checks.h"
 #include "ops.h"
@@ -26,6 +27,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 8;  // consecutive tokens a thread takes per sweep step
 constexpr int kSubHists = 4;
 constexpr unsigned kFull = 0xFFFFFFFFu;
+static_assert(kWarps == 32, "block_reduce: one warp reduces the warps' partials");
 
 struct Shared {
   unsigned long long hist[kSubHists][256];
@@ -43,48 +45,28 @@ struct Row {
   __device__ __forceinline__ float x(int64_t i) const { return static_cast<float>(logits[i]) / temperature; }
 };
 
-__device__ float block_max(float v, Shared& sh) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
-  if (threadIdx.x % 32 == 0) sh.fred[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    v = sh.fred[threadIdx.x];  // kWarps == 32
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, off));
-    if (threadIdx.x == 0) sh.fred[0] = v;
-  }
-  __syncthreads();
-  v = sh.fred[0];
-  __syncthreads();
-  return v;
-}
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  template <typename V>
+  __device__ V operator()(V a, V b) const { return a + b; }
+};
 
-// Fixed-order sums (the same shuffle tree every call): the same float on every run.
-__device__ float block_sum(float v, Shared& sh) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  if (threadIdx.x % 32 == 0) sh.fred[threadIdx.x / 32] = v;
+// A block-wide reduction in a fixed order (the same shuffle tree every call: the same float on
+// every run); `slots` holds the warps' partials.
+template <typename V, typename Op>
+__device__ V block_reduce(V v, V* slots, Op op) {
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFull, v, off));
+  if (threadIdx.x % 32 == 0) slots[threadIdx.x / 32] = v;
   __syncthreads();
   if (threadIdx.x < 32) {
-    v = sh.fred[threadIdx.x];
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-    if (threadIdx.x == 0) sh.fred[0] = v;
+    v = slots[threadIdx.x];  // kWarps == 32
+    for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFull, v, off));
+    if (threadIdx.x == 0) slots[0] = v;
   }
   __syncthreads();
-  v = sh.fred[0];
-  __syncthreads();
-  return v;
-}
-
-__device__ unsigned long long block_sum_u64(unsigned long long v, Shared& sh) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  if (threadIdx.x % 32 == 0) sh.ured[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    v = sh.ured[threadIdx.x];
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-    if (threadIdx.x == 0) sh.ured[0] = v;
-  }
-  __syncthreads();
-  v = sh.ured[0];
+  v = slots[0];
   __syncthreads();
   return v;
 }
@@ -191,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
 
   float m = -INFINITY;
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) m = fmaxf(m, row.x(i));
-  m = block_max(m, sh);
+  m = block_reduce(m, sh.fred, MaxOp());
   if (m == -INFINITY) {  // nothing to sample (softmax gives NaN too)
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) o[i] = NAN;
     return;
@@ -209,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
       const float x = row.x(i);
       total += fixed_mass(kept_e(x, order_key(x)), mass_scale);
     }
-    total = block_sum_u64(total, sh);
+    total = block_reduce(total, sh.ured, SumOp());
     tp = radix_select(row, sh, top_p_target(p, total),
                       [&](float x, uint32_t key) { return fixed_mass(kept_e(x, key), mass_scale); });
   }
@@ -218,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
     const float x = row.x(i);
     z += kept_e(x, order_key(x));
   }
-  const float inv = 1.f / block_sum(z, sh);
+  const float inv = 1.f / block_reduce(z, sh.fred, SumOp());
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
     const float x = row.x(i);
     o[i] = kept_e(x, order_key(x)) * inv;
@@ -236,17 +218,13 @@ at::Tensor target_probs_cuda(const at::Tensor& logits, const at::Tensor& tempera
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   at::Tensor out = at::empty({rows, vocab}, logits.options().dtype(at::kFloat));
   if (rows == 0) return out;
-  const at::Tensor temp = temperature.contiguous();
-  const at::Tensor k = top_k.has_value() ? top_k->contiguous() : at::Tensor();
-  const at::Tensor p = top_p.has_value() ? top_p->contiguous() : at::Tensor();
-  const at::Tensor mp = min_p.has_value() ? min_p->contiguous() : at::Tensor();
+  const TargetProbsParams params(temperature, top_k, top_p, min_p);
   const float scale = std::ldexp(1.f, mass_scale_log2(vocab));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "target_probs_cuda", [&] {
     target_probs_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<float>(), vocab, temp.data_ptr<float>(),
-        k.defined() ? k.data_ptr<int32_t>() : nullptr, p.defined() ? p.data_ptr<float>() : nullptr,
-        mp.defined() ? mp.data_ptr<float>() : nullptr, scale);
+        logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<float>(), vocab, params.temperature_ptr(),
+        params.top_k_ptr(), params.top_p_ptr(), params.min_p_ptr(), scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -186,3 +186,38 @@ def make_tree_attention_problem(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         scale=head_dim**-0.5,
     )
+
+
+def sampled_step_problem(vocab: int, device: str = "cuda", logits_dtype: torch.dtype = torch.float32):
+    """A sampled tree step over 16 requests of a 6-node tree (temperature 0.8, top-k 50,
+    top-p 0.95; each row's likeliest token stands out and each node offers its parent's
+    favourite, so drafts get accepted): returns ``step()``, the step's outputs as a tuple."""
+    from medusa_vllm.graphed_step import sampled_tree_step
+    from medusa_vllm.sampling import SamplingBatch, StepRandomness
+    from medusa_vllm.tree import TokenTree
+    from medusa_vllm.tree_tensors import TreeTensors
+
+    tree = TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+    trees = TreeTensors.build([tree], device)
+    q, b, h = 7, 16, 8
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(b * q, vocab, device=device, generator=g) * 3
+    top = logits.argmax(-1)
+    logits[torch.arange(b * q, device=device), top] += 6
+    logits = logits.to(logits_dtype)
+    parent = torch.tensor([0, 0, 1, 1, 2, 3], device=device)  # the tree's nodes 1..6 (BFS)
+    drafts = top.view(b, q)[:, parent].reshape(-1).int()
+    hidden = torch.randn(b * q, h, device=device, generator=g)
+    tree_ids = torch.zeros(b, dtype=torch.int64, device=device)
+    params = torch.stack([torch.full((b,), 0.8, device=device), torch.full((b,), 50.0, device=device),
+                          torch.full((b,), 0.95, device=device), torch.zeros(b, device=device)], dim=1)
+    s = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2])
+    rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], s, device)
+    w = torch.randn(h, vocab, device=device, generator=g)
+
+    def step() -> tuple:
+        out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.flat(), trees,
+                                lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
+        return out.as_tuple()
+
+    return step

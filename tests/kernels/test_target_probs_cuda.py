@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from medusa_vllm import kernels, sampling
-from medusa_vllm.graphed_step import sampled_tree_step
-from medusa_vllm.sampling import SamplingBatch, StepRandomness
-from medusa_vllm.tree import TokenTree
-from medusa_vllm.tree_tensors import TreeTensors
+from medusa_vllm.kernels import testing as kt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,27 +60,7 @@ def test_keeps_the_tokens_vllms_kernel_keeps(m):
 
 
 def test_sampled_step_with_the_op_replays_in_a_graph_without_syncs():
-    tree = TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
-    trees = TreeTensors.build([tree], "cuda")
-    q, b, h = 7, 16, 8
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logits = (torch.randn(b * q, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
-    top = logits.argmax(-1)
-    logits[torch.arange(b * q, device="cuda"), top] += 6  # each row's likeliest token stands out
-    parent = torch.tensor([0, 0, 1, 1, 2, 3], device="cuda")  # the tree's nodes 1..6 (BFS)
-    drafts = top.view(b, q)[:, parent].reshape(-1).int()
-    hidden = torch.randn(b * q, h, device="cuda", generator=g)
-    tree_ids = torch.zeros(b, dtype=torch.int64, device="cuda")
-    params = torch.stack([torch.full((b,), 0.8, device="cuda"), torch.full((b,), 50.0, device="cuda"),
-                          torch.full((b,), 0.95, device="cuda"), torch.zeros(b, device="cuda")], dim=1)
-    s = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2])
-    rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], s, "cuda")
-    w = torch.randn(h, V, device="cuda", generator=g)
-
-    def step():
-        out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.flat(), trees,
-                                lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
-        return out.as_tuple()
+    step = kt.sampled_step_problem(V, logits_dtype=torch.bfloat16)
 
     old_filter = sampling.set_top_k_top_p(None)
     old = sampling.set_target_probs(kernels.target_probs)

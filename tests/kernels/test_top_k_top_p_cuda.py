@@ -8,10 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medusa_vllm.graphed_step import sampled_tree_step
-from medusa_vllm.sampling import SamplingBatch, StepRandomness, apply_top_k_top_p_ref, set_top_k_top_p
-from medusa_vllm.tree import TokenTree
-from medusa_vllm.tree_tensors import TreeTensors
+from medusa_vllm.kernels import testing as kt
+from medusa_vllm.sampling import apply_top_k_top_p_ref, set_top_k_top_p
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,27 +58,7 @@ def test_vllms_op_keeps_the_references_tokens(installed, m, op):
 
 
 def test_sampled_step_with_vllms_op_replays_in_a_graph_without_syncs(installed):
-    tree = TokenTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
-    trees = TreeTensors.build([tree], "cuda")
-    q, b, h = 7, 16, 8
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logits = torch.randn(b * q, V, device="cuda", generator=g) * 3
-    top = logits.argmax(-1)
-    logits[torch.arange(b * q, device="cuda"), top] += 6  # each row's likeliest token stands out
-    parent = torch.tensor([0, 0, 1, 1, 2, 3], device="cuda")  # the tree's nodes 1..6 (BFS)
-    drafts = top.view(b, q)[:, parent].reshape(-1).int()  # each node offers its parent's favourite
-    hidden = torch.randn(b * q, h, device="cuda", generator=g)
-    tree_ids = torch.zeros(b, dtype=torch.int64, device="cuda")
-    params = torch.stack([torch.full((b,), 0.8, device="cuda"), torch.full((b,), 50.0, device="cuda"),
-                          torch.full((b,), 0.95, device="cuda"), torch.zeros(b, device="cuda")], dim=1)
-    s = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2])
-    rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], s, "cuda")
-    w = torch.randn(h, V, device="cuda", generator=g)
-
-    def step():
-        out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.flat(), trees,
-                                lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
-        return out.as_tuple()
+    step = kt.sampled_step_problem(V)
 
     torch.cuda.set_sync_debug_mode("error")
     try:
