@@ -1,10 +1,10 @@
 // CUDA host function and kernel of target_probs: one 1024-thread block per row; the passes of
 // target_probs.h, each a sweep over the row (L2-resident), no sort, no host sync.
 //
-// Histograms: a thread takes 8 consecutive tokens a sweep and adds runs of one byte value in
-// one shared atomic (most of a row shares the key's top byte: without runs every thread would
-// hit one address); warps spread over 4 sub-histograms. Integer atomics: the result does not
-// depend on their order. Float sums (the kept mass) are fixed-order trees.
+// Histograms: a thread takes 8 consecutive tokens a sweep and adds runs of one byte value at
+// once (a row's keys share a few top-byte values: one bin per power of two of |x|); warps spread
+// over 4 sub-histograms; 32-bit shared atomics (add_weight). Integer sums: the result does not
+// depend on the atomics' order. Float sums (the kept mass) are fixed-order trees.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,7 +30,8 @@ constexpr unsigned kFull = 0xFFFFFFFFu;
 static_assert(kWarps == 32, "block_reduce: one warp reduces the warps' partials");
 
 struct Shared {
-  unsigned long long hist[kSubHists][256];
+  unsigned hist_lo[kSubHists][256];  // a bin's weight: hi * 2^32 + lo (add_weight)
+  unsigned hist_hi[kSubHists][256];
   float fred[kWarps];
   unsigned long long ured[kWarps];
   unsigned long long above;
@@ -71,12 +72,30 @@ __device__ V block_reduce(V v, V* slots, Op op) {
   return v;
 }
 
+// A 64-bit weight added to a bin as two 32-bit shared atomics, the low half's wrap-around carried
+// into the high half (exact: each add wraps at most once). A 64-bit shared atomicAdd is a
+// compare-and-swap loop, slow when a row's tokens pile into a few bins (code 084ea7f: about
+// 240 µs a row on an H100 whatever the number of rows).
+__device__ __forceinline__ void add_weight(unsigned* lo, unsigned* hi, unsigned long long w) {
+  const unsigned l = static_cast<unsigned>(w);
+  unsigned h = static_cast<unsigned>(w >> 32);
+  if (l != 0) {
+    const unsigned old = atomicAdd(lo, l);
+    h += (old + l < old) ? 1u : 0u;
+  }
+  if (h != 0) atomicAdd(hi, h);
+}
+
 // hist[byte] = weight of the tokens whose key matches prefix under mask, by the byte at shift.
 template <typename T, typename Weight>
 __device__ void hist_pass(const Row<T>& row, Shared& sh, uint32_t prefix, uint32_t mask, int shift, Weight weight) {
-  for (int j = threadIdx.x; j < kSubHists * 256; j += kThreads) (&sh.hist[0][0])[j] = 0;
+  for (int j = threadIdx.x; j < kSubHists * 256; j += kThreads) {
+    (&sh.hist_lo[0][0])[j] = 0;
+    (&sh.hist_hi[0][0])[j] = 0;
+  }
   __syncthreads();
-  unsigned long long* hist = sh.hist[(threadIdx.x / 32) % kSubHists];
+  unsigned* lo = sh.hist_lo[(threadIdx.x / 32) % kSubHists];
+  unsigned* hi = sh.hist_hi[(threadIdx.x / 32) % kSubHists];
   for (int64_t base = int64_t{threadIdx.x} * kPerThread; base < row.vocab; base += int64_t{kThreads} * kPerThread) {
     const int64_t end = base + kPerThread < row.vocab ? base + kPerThread : row.vocab;
     int run_byte = 0;
@@ -89,13 +108,13 @@ __device__ void hist_pass(const Row<T>& row, Shared& sh, uint32_t prefix, uint32
       if (w == 0) continue;
       const int byte = static_cast<int>((key >> shift) & 0xFFu);
       if (run != 0 && byte != run_byte) {
-        atomicAdd(&hist[run_byte], run);
+        add_weight(&lo[run_byte], &hi[run_byte], run);
         run = 0;
       }
       run_byte = byte;
       run += w;
     }
-    if (run != 0) atomicAdd(&hist[run_byte], run);
+    if (run != 0) add_weight(&lo[run_byte], &hi[run_byte], run);
   }
   __syncthreads();
 }
@@ -110,7 +129,8 @@ __device__ void select_pass(Shared& sh, unsigned long long target, int shift) {
     for (int j = 0; j < 8; ++j) {
       const int d = 255 - 8 * lane - j;
       unsigned long long h = 0;
-      for (int sub = 0; sub < kSubHists; ++sub) h += sh.hist[sub][d];
+      for (int sub = 0; sub < kSubHists; ++sub)
+        h += (static_cast<unsigned long long>(sh.hist_hi[sub][d]) << 32) + sh.hist_lo[sub][d];
       bins[j] = h;
       s += h;
     }

@@ -51,12 +51,18 @@ def test_keeps_the_tokens_vllms_kernel_keeps(m):
     z = x.float() / temp.unsqueeze(1)
     want = torch.isfinite(triton_top_k_top_p(z.clone(), k, p))
     got = kernels.target_probs(x, temp, k, p, None) > 0
-    # Ties: bf16 logits tie in the tail; target_probs keeps every token tied with a boundary,
-    # vLLM's kernel may keep part of a tie; float32 sums of thousands of masses round apart.
-    # The tokens that differ must hold under 1e-3 of the row's probability.
-    off = got != want
-    mass = (torch.softmax(z, dim=-1) * off).sum(dim=1)
-    assert float(mass.max()) < 1e-3, f"tokens {off.sum(dim=1).tolist()} of mass {mass.tolist()} differ"
+    # Ties: target_probs keeps every token tied with the row's boundary (its smallest kept
+    # logit), vLLM's kernel may keep part of such a tie. bf16 logits tie in groups: on an H100
+    # (code 084ea7f) the tokens that differed held up to 8.8% of a flat row's mass, which is why
+    # the op is not the default. Every other difference (float32 sums rounding apart) must hold
+    # under 1e-3 of the row's probability, and vLLM's kernel keeps no tie member we drop.
+    bound = torch.where(got, z, float("inf")).amin(dim=1, keepdim=True)
+    tied = z == bound
+    stray = (got != want) & ~tied
+    mass = (torch.softmax(z, dim=-1) * stray).sum(dim=1)
+    assert float(mass.max()) < 1e-3, f"tokens {stray.sum(dim=1).tolist()} of mass {mass.tolist()} differ"
+    tie_mass = (torch.softmax(z, dim=-1) * ((got != want) & tied)).sum(dim=1)
+    print(f"m={m}: rows with a partial tie {int((tie_mass > 0).sum())}, largest tie mass {float(tie_mass.max()):.2e}")
 
 
 def test_sampled_step_with_the_op_replays_in_a_graph_without_syncs():
