@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -22,22 +23,30 @@ struct RowParams {
   float min_p;     // off: <= 0
 };
 
-// The largest key t with weight(keys >= t) >= target among the candidates (4 byte passes).
-template <typename W, typename Candidate>
-uint32_t radix_select(const uint32_t* keys, int64_t n, W target, Candidate weight_of) {
+struct Selected {
+  uint32_t key;  // the largest key t with weight(keys >= t) >= target
+  uint64_t above;  // weight(keys > t)
+  uint64_t at;     // weight(keys == t)
+};
+
+// The radix select of target_probs.h (4 byte passes) over weight_of(i) of every token.
+template <typename Weight>
+Selected radix_select(const uint32_t* keys, int64_t n, uint64_t target, Weight weight_of) {
   uint32_t prefix = 0, mask = 0;
-  W above = 0;
-  W hist[256];
+  uint64_t above = 0;
+  uint64_t hist[256];
+  int byte = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (W& h : hist) h = 0;
+    for (uint64_t& h : hist) h = 0;
     for (int64_t i = 0; i < n; ++i) {
       if ((keys[i] & mask) != prefix) continue;
       hist[(keys[i] >> shift) & 0xFFu] += weight_of(i);
     }
-    prefix |= static_cast<uint32_t>(select_byte(hist, above, target)) << shift;
+    byte = select_byte(hist, above, target);
+    prefix |= static_cast<uint32_t>(byte) << shift;
     mask |= 0xFFu << shift;
   }
-  return prefix;
+  return Selected{prefix, above, hist[byte]};
 }
 
 template <typename T>
@@ -53,28 +62,38 @@ void target_probs_row(const T* logits, float* out, int64_t vocab, const RowParam
     for (int64_t i = 0; i < vocab; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  // out holds e_i, then 0 where a filter drops the token
-  for (int64_t i = 0; i < vocab; ++i) {
-    const float e = std::exp(x[i] - m);
-    out[i] = (rp.min_p > 0.f && e < rp.min_p) ? 0.f : e;
-  }
-  if (rp.top_k > 0 && rp.top_k < vocab) {
-    const uint32_t t = radix_select<int64_t>(keys.data(), vocab, rp.top_k, [](int64_t) { return int64_t{1}; });
+  auto min_p_e = [&](float xi) {  // e, or 0 where min-p drops the token
+    const float e = std::exp(xi - m);
+    return (rp.min_p > 0.f && e < rp.min_p) ? 0.f : e;
+  };
+  // out holds e_i, 0 where a filter drops the token
+  for (int64_t i = 0; i < vocab; ++i) out[i] = min_p_e(x[i]);
+  // keeps out[i] only for keys above b, and for the first b.keep tokens with key == b.key
+  auto apply = [&](Boundary b) {
+    uint64_t tied = 0;
     for (int64_t i = 0; i < vocab; ++i)
-      if (keys[i] < t) out[i] = 0.f;
+      if (keys[i] < b.key || (keys[i] == b.key && tied++ >= b.keep)) out[i] = 0.f;
+  };
+  Boundary boundary{0, UINT64_MAX};  // no filter: every token
+  if (rp.top_k > 0 && rp.top_k < vocab) {
+    const Selected s = radix_select(keys.data(), vocab, static_cast<uint64_t>(rp.top_k),
+                                    [](int64_t) { return uint64_t{1}; });
+    boundary = Boundary{s.key, static_cast<uint64_t>(rp.top_k) - s.above};
+    apply(boundary);
   }
   if (rp.top_p < 1.f) {
     const float scale = std::ldexp(1.f, mass_scale_log2(vocab));
     uint64_t total = 0;
     for (int64_t i = 0; i < vocab; ++i) total += fixed_mass(out[i], scale);
-    const uint32_t t = radix_select<uint64_t>(keys.data(), vocab, top_p_target(rp.top_p, total),
-                                              [&](int64_t i) { return fixed_mass(out[i], scale); });
-    for (int64_t i = 0; i < vocab; ++i)
-      if (keys[i] < t) out[i] = 0.f;
+    const uint64_t target = top_p_target(rp.top_p, total);
+    const Selected s = radix_select(keys.data(), vocab, target, [&](int64_t i) { return fixed_mass(out[i], scale); });
+    const uint64_t tie = fixed_mass(min_p_e(key_value(s.key)), scale);
+    boundary = combine(boundary, Boundary{s.key, top_p_ties_kept(target, s.above, tie)});
+    apply(boundary);
   }
-  float z = 0.f;
+  double z = 0.0;  // (a float32 running sum over ~1e5 tokens drifts by ~1e-4)
   for (int64_t i = 0; i < vocab; ++i) z += out[i];
-  const float inv = 1.f / z;
+  const float inv = 1.f / static_cast<float>(z);
   for (int64_t i = 0; i < vocab; ++i) out[i] *= inv;
 }
 

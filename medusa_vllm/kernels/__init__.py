@@ -241,10 +241,11 @@ def target_probs(
     min_p: torch.Tensor | None = None,  # [M] float32, <= 0: off
 ) -> torch.Tensor:  # [M, V] float32
     """The distribution a sampled request draws from: logits / temperature, then min-p, top-k
-    and top-p (vLLM's sampler's order; ties with a top-k or top-p boundary stay), renormalised
+    and top-p (vLLM's sampler's order; of equal logits at a boundary the lower token ids stay,
+    the rule of vLLM's Triton top-k/top-p kernel: top-k keeps exactly k), renormalised
     (csrc/target_probs.h). No sort: each threshold is a 4-pass radix select, a row per block
     on a GPU; no host sync, so a CUDA graph can hold it. The reference
-    :func:`target_probs_ref` sorts."""
+    :func:`target_probs_ref` sorts (stably)."""
     _require(logits.dim() == 2, f"logits must be [M, V], got shape {tuple(logits.shape)}")
     rows = logits.shape[0]
     for name, t, dtype in (("temperature", temperature, torch.float32), ("top_k", top_k, torch.int32),

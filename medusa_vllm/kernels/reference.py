@@ -137,29 +137,28 @@ def target_probs_ref(
     top_p: torch.Tensor | None = None,  # [M] float32, >= 1: off
     min_p: torch.Tensor | None = None,  # [M] float32, <= 0: off
 ) -> torch.Tensor:  # [M, V] float32
-    """The filtered target distribution (csrc/target_probs.h), with sorts: logits / T; min-p
-    keeps e >= min_p (e = exp(x - max x)); top-k keeps x >= the k-th largest; top-p keeps
-    x >= t, t the largest value whose kept mass at or above it reaches p of the kept mass
-    (ties with a boundary stay); then the kept e normalised. A row of -inf gives NaN."""
+    """The filtered target distribution (csrc/target_probs.h), with a stable sort: logits / T;
+    min-p keeps e >= min_p (e = exp(x - max x)); in order of x descending, ties by token id
+    (vLLM's Triton top-k/top-p kernel's rule): top-k keeps the first k, top-p the shortest
+    prefix of those whose mass reaches p of theirs; then the kept e normalised. A row of -inf
+    gives NaN."""
     x = logits.float() / temperature.float().unsqueeze(1)
     vocab = x.shape[1]
     e = torch.exp(x - x.amax(dim=-1, keepdim=True))
     keep = torch.ones_like(x, dtype=torch.bool)
     if min_p is not None:
         keep &= ~((min_p > 0).unsqueeze(1) & (e < min_p.unsqueeze(1)))
-    sorted_x, order = x.sort(dim=-1, descending=True)
+    # -0 and +0 tie (the ops' keys treat them as one value)
+    order = torch.sort(x + 0.0, dim=-1, descending=True, stable=True).indices  # [M, V]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(vocab, device=x.device).expand_as(order))
     if top_k is not None:
         k = top_k.long()
-        kth = sorted_x.gather(1, (k.clamp(1, vocab) - 1).unsqueeze(1))
-        keep &= ~((k > 0) & (k < vocab)).unsqueeze(1) | (x >= kth)
+        keep &= ~((k > 0) & (k < vocab)).unsqueeze(1) | (rank < k.unsqueeze(1))
     if top_p is not None:
         mass = torch.where(keep, e, 0.0).double().gather(1, order)  # in float64: the op sums exactly
-        # the mass at or above each sorted value, ties included (to the last of its tie group)
-        neg = (-sorted_x).contiguous()
-        last = torch.searchsorted(neg, neg, right=True) - 1
-        at_or_above = mass.cumsum(dim=-1).gather(1, last)
-        reach = at_or_above >= top_p.double().unsqueeze(1) * at_or_above[:, -1:]
-        t = sorted_x.gather(1, reach.int().argmax(dim=-1, keepdim=True))  # the first value that reaches
-        keep &= (top_p >= 1).unsqueeze(1) | (x >= t)
+        before = mass.cumsum(dim=-1) - mass  # the kept mass ahead of each position
+        target = top_p.double().unsqueeze(1) * mass.sum(dim=-1, keepdim=True)
+        reach = (before < target) | (before == 0)  # (p = 0 keeps the top token)
+        keep &= (top_p >= 1).unsqueeze(1) | reach.gather(1, rank)
     e = torch.where(keep, e, 0.0)
     return e / e.sum(dim=-1, keepdim=True)

@@ -221,3 +221,24 @@ def sampled_step_problem(vocab: int, device: str = "cuda", logits_dtype: torch.d
         return out.as_tuple()
 
     return step
+
+
+def eager_then_graphed(step) -> tuple[tuple, tuple]:
+    """Runs ``step()`` eagerly under torch's sync check (a host sync raises), then captures it in
+    a CUDA graph (warmed up on a side stream) and replays it: (eager outputs, replayed outputs)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured

@@ -16,9 +16,9 @@ its dispatch), ``triton`` (vLLM's Triton kernel for any number of rows: below 8 
 sorts, and a batch-1 sampled step filters 1 row five times; the two differ only where float32
 sums round differently, see tests/kernels/test_top_k_top_p_cuda.py), ``medusa`` (medusa_vllm's
 own ``target_probs`` op on any device: temperature, min-p, top-k, top-p and the softmax in one
-kernel, radix selects instead of vLLM's one-program-per-row pivot search; it keeps every token
-tied with a boundary, vLLM's kernel may keep part of a tie: tests/kernels/test_target_probs_cuda.py
-bounds the difference), ``reference`` (the sort).
+kernel, radix selects instead of vLLM's one-program-per-row pivot search, the same tie rule
+as vLLM's Triton kernel: of equal logits at a boundary the lower token ids stay;
+tests/kernels/test_target_probs_cuda.py compares the two), ``reference`` (the sort).
 An A/B of them in one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=medusa``.
 """
 

@@ -1,4 +1,5 @@
-"""The CUDA kernels' logic on a CPU: csrc/tree_attention_cuda.cuh and move_accepted_kv.cuh run
+"""The CUDA kernels' logic on a CPU: csrc/tree_attention_cuda.cuh, move_accepted_kv.cuh and
+target_probs_cuda.cuh run
 through tests/kernels/cuda_emulation (one fiber per CUDA thread, deferred cp.async, ldmatrix /
 mma.m16n8k16 / shfl assembled from the 32 lanes per the PTX fragment layouts, NaN-filled shared
 memory and workspace, bounds checks on shared and global reads).
@@ -159,3 +160,41 @@ def test_move_accepted_kv(emu, unit_bytes, layout):
     kernels.move_accepted_kv_ref([c.k for c in caches], [c.v for c in caches], *args)
     for g, c, b in zip(got, caches, before):
         assert torch.equal(g, c.storage) and not torch.equal(g, b)
+
+
+def _target_rows(m: int, vocab: int, seed: int):
+    """Rows of bf16-valued logits (ties in groups) and per-row filters, every mix of on and off."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(m)
+    scale = torch.tensor([0.5, 2.0, 6.0])[idx % 3].unsqueeze(1)
+    x = (torch.randn(m, vocab, generator=g) * scale).to(torch.bfloat16).float()
+    temp = torch.tensor([1.0, 0.8, 0.3, 1.7])[idx % 4]
+    k = torch.tensor([vocab, 1, 20, 0, 200, 7, 3], dtype=torch.int32)[idx % 7]
+    p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.95, 0.99, 0.3, 0.0, 0.999])[idx % 9]
+    min_p = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.2])[idx % 5]
+    return x, temp, k, p, min_p
+
+
+def test_target_probs_kernel_matches_the_cpu_op(emu):
+    """The CUDA kernel's thresholds, tie ranks (block scan over the 8-token layout), the top-k
+    ties taken off top-p's bins, and the kept mass: the same tokens as the CPU op and the
+    reference, probabilities within float rounding (the GPU sums in a tree)."""
+    x, temp, k, p, min_p = _target_rows(63, 2500, seed=0)
+    x[5, 100:] = float("-inf")
+    x[8] = 0.0  # one tie of the whole row
+    for args in [(k, p, min_p), (k, None, None), (None, p, None), (None, None, None)]:
+        got = emu.target_probs(x, temp, *args)
+        cpu = kernels.target_probs(x, temp, *args)
+        assert torch.equal(got > 0, cpu > 0), f"kept sets differ in {(got > 0).ne(cpu > 0).sum(dim=1).tolist()}"
+        torch.testing.assert_close(got, cpu, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(got, kernels.target_probs_ref(x, temp, *args), rtol=1e-5, atol=1e-9)
+    # three 8,192-token tiles (tie ranks carried across tiles) and a vocabulary not a multiple of 8;
+    # integer logits: ties of hundreds of tokens at every boundary
+    x, temp, k, p, min_p = _target_rows(7, 20003, seed=1)
+    x = (x * 2).round()
+    got = emu.target_probs(x, temp, k, p, min_p)
+    want = kernels.target_probs(x, temp, k, p, min_p)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    nan_row = emu.target_probs(torch.full((1, 300), float("-inf")), torch.ones(1), None, None, None)
+    assert torch.isnan(nan_row).all()

@@ -42,20 +42,22 @@ def test_matches_the_sort_reference(dtype):
         _assert_same(kernels.target_probs(logits, temp, *args), kernels.target_probs_ref(logits, temp, *args))
 
 
-def test_ties_at_the_boundaries_stay():
-    # integer logits: whole groups tie; top-k and top-p keep every token tied with the boundary
+def test_ties_at_the_boundaries_go_by_token_id():
+    # integer logits: whole groups tie; as in vLLM's Triton kernel, of equal logits the lower
+    # token id comes first: top-k keeps exactly k, top-p the fewest tied tokens that reach p
     logits = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 1.0, 0.0, 2.0]])
     one = torch.ones(1)
     probs = kernels.target_probs(logits, one, torch.tensor([3], dtype=torch.int32), None, None)
-    assert (probs[0] > 0).tolist() == [True, False, True, True, False, False, False, True]
+    assert (probs[0] > 0).tolist() == [True, False, True, True, False, False, False, False]
     e = torch.exp(logits[0] - 3)
     share_top = float(2 * e[0] / e.sum())  # the two tied top tokens' share
-    probs = kernels.target_probs(logits, one, None, torch.tensor([share_top * 0.5]), None)
-    assert (probs[0] > 0).tolist() == [True, False, True, False, False, False, False, False]
-    torch.testing.assert_close(probs[0, 0], torch.tensor(0.5))
+    probs = kernels.target_probs(logits, one, None, torch.tensor([share_top * 0.45]), None)
+    assert (probs[0] > 0).tolist() == [True, False, False, False, False, False, False, False]
     probs = kernels.target_probs(logits, one, None, torch.tensor([share_top * 1.01]), None)
-    assert (probs[0] > 0).tolist() == [True, False, True, True, False, False, False, True]
-    _assert_same(probs, kernels.target_probs_ref(logits, one, None, torch.tensor([share_top * 1.01]), None))
+    assert (probs[0] > 0).tolist() == [True, False, True, True, False, False, False, False]
+    for k, p in [(3, 1.0), (5, share_top * 0.45), (4, 0.9), (8, share_top * 1.01)]:
+        args = (torch.tensor([k], dtype=torch.int32), torch.tensor([p]), None)
+        _assert_same(kernels.target_probs(logits, one, *args), kernels.target_probs_ref(logits, one, *args))
 
 
 def test_edge_rows():
@@ -75,7 +77,7 @@ def test_edge_rows():
     _assert_same(got[keep], kernels.target_probs_ref(logits, temp, k, p, None)[keep])
     assert int((got[0] > 0).sum()) == 1 and float(got[0].max()) == 1.0
     assert (got[1, 7:] == 0).all()
-    assert int((got[3] > 0).sum()) == vocab  # all tied: top-k 10 and top-p 0.5 keep every token
+    assert torch.equal((got[3] > 0).nonzero().flatten(), torch.arange(5))  # all tied (-0 too): by token id
     assert int((got[4] > 0).sum()) == 1
 
 

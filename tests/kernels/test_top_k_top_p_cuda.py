@@ -59,22 +59,7 @@ def test_vllms_op_keeps_the_references_tokens(installed, m, op):
 
 def test_sampled_step_with_vllms_op_replays_in_a_graph_without_syncs(installed):
     step = kt.sampled_step_problem(V)
-
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        eager = step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, captured = kt.eager_then_graphed(step)
     for e, c in zip(eager, captured):
         assert torch.equal(e, c)
     assert int(eager[1].ne(-1).sum()) > 0  # some drafts were accepted

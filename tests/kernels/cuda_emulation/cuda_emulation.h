@@ -47,6 +47,7 @@ struct WarpExchange {
   uint32_t b[32][2];
   float c[32][4];
   float f[32];
+  uint64_t u[32];
 };
 
 void block_sync();
@@ -79,6 +80,40 @@ inline float __shfl_sync(unsigned /*mask*/, float value, int src_lane) {
 
 inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return __shfl_sync(mask, value, (threadIdx.x % 32) ^ lane_mask);
+}
+
+// Integer shuffles (target_probs: 32- and 64-bit sums and scans).
+template <typename T>
+inline T shfl_int(T value, int src_lane) {
+  emu::WarpExchange& ex = emu::warp_exchange();
+  const int lane = threadIdx.x % 32;
+  ex.u[lane] = static_cast<uint64_t>(value);
+  emu::warp_sync();
+  const T other = static_cast<T>(ex.u[src_lane & 31]);
+  emu::warp_sync();
+  return other;
+}
+inline unsigned __shfl_sync(unsigned, unsigned value, int src_lane) { return shfl_int(value, src_lane); }
+inline unsigned long long __shfl_sync(unsigned, unsigned long long value, int src_lane) {
+  return shfl_int(value, src_lane);
+}
+inline unsigned long long __shfl_xor_sync(unsigned, unsigned long long value, int lane_mask) {
+  return shfl_int(value, (threadIdx.x % 32) ^ lane_mask);
+}
+// A lane below delta keeps its own value, as on the GPU.
+template <typename T>
+inline T __shfl_up_sync(unsigned, T value, unsigned delta) {
+  const int lane = threadIdx.x % 32;
+  const T other = shfl_int(value, lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+  return other;
+}
+
+// Fibers switch only at barriers: a read-modify-write is atomic here.
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  emu::check_shared(address, sizeof(unsigned), sizeof(unsigned));
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
 }
 
 // Bit i set when lane i's predicate holds (every lane of the warp takes part).

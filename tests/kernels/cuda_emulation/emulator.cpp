@@ -1,4 +1,5 @@
-// Runs the CUDA kernels of csrc/ (tree_attention_cuda.cuh, move_accepted_kv.cuh) on the CPU
+// Runs the CUDA kernels of csrc/ (tree_attention_cuda.cuh, move_accepted_kv.cuh,
+// target_probs_cuda.cuh) on the CPU
 // through cuda_emulation.h, for tests on machines without a GPU. Built on the fly by
 // tests/kernels/test_cuda_emulation.py (torch.utils.cpp_extension.load). The launch plans
 // mirror csrc/tree_attention_cuda_launch.cuh and csrc/move_accepted_kv_cuda.cu, except that
@@ -13,6 +14,7 @@
 
 #include "host_checks.h"
 #include "move_accepted_kv.cuh"
+#include "target_probs_cuda.cuh"
 #include "tree_attention_cuda.cuh"
 
 emu::Dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -294,7 +296,34 @@ void move_accepted_kv_emulated(std::vector<at::Tensor> k_caches, std::vector<at:
   }
 }
 
+// target_probs_cuda's launch (float32 logits): a block per row.
+at::Tensor target_probs_emulated(at::Tensor logits, at::Tensor temperature, c10::optional<at::Tensor> top_k,
+                                 c10::optional<at::Tensor> top_p, c10::optional<at::Tensor> min_p) {
+  using namespace medusa_vllm;
+  check_target_probs_args(logits, temperature, top_k, top_p, min_p);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "the emulation runs float32 logits");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  at::Tensor out = at::empty({rows, vocab}, logits.options());
+  const TargetProbsParams params(temperature, top_k, top_p, min_p);
+  std::vector<at::Tensor> inputs{logits, params.temperature};
+  for (const at::Tensor& t : {params.top_k, params.top_p, params.min_p})
+    if (t.defined()) inputs.push_back(t);
+  emu::set_global_ranges(inputs);
+  const float scale = std::ldexp(1.f, mass_scale_log2(vocab));
+  for (int64_t r = 0; r < rows; ++r) {
+    emu::run_block({static_cast<unsigned>(r), 0, 0}, {static_cast<unsigned>(rows), 1, 1}, cuda::kThreads,
+                   sizeof(cuda::Shared), [&] {
+                     cuda::target_probs_kernel<float>(logits.data_ptr<float>(), logits.stride(0),
+                                                      out.data_ptr<float>(), vocab, params.temperature_ptr(),
+                                                      params.top_k_ptr(), params.top_p_ptr(), params.min_p_ptr(),
+                                                      scale);
+                   });
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tree_attention", &tree_attention_emulated);
   m.def("move_accepted_kv", &move_accepted_kv_emulated);
+  m.def("target_probs", &target_probs_emulated);
 }
