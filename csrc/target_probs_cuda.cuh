@@ -278,6 +278,10 @@ __global__ void __launch_bounds__(kThreads)
   z = block_reduce(z, sh.fred, SumOp());
   if (b.keep != ~0ull) z += static_cast<float>(b.keep) * min_p_e(key_value(b.key));
   const float inv = 1.f / z;
+  if (b.keep == ~0ull) {  // no filter: no tie to rank
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) o[i] = min_p_e(row.x(i)) * inv;
+    return;
+  }
   // tiles of kThreads * kPerThread tokens, 8 consecutive a thread: a block scan ranks the ties
   unsigned long long ties_before = 0;  // in earlier tiles
   for (int64_t tile = 0; tile < vocab; tile += int64_t{kThreads} * kPerThread) {
