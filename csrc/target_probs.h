@@ -74,6 +74,13 @@ MEDUSA_VLLM_HD uint64_t top_p_target(float p, uint64_t total) {
   return target > 0 ? target : 1;
 }
 
+// What a radix select ends on.
+struct Selected {
+  uint32_t key;    // the largest key t with weight(keys >= t) >= target
+  uint64_t above;  // weight(keys > t)
+  uint64_t at;     // weight(keys == t)
+};
+
 // The boundary of a filter: keys > key are kept, and the first `keep` tokens (by id) with key == key.
 struct Boundary {
   uint32_t key;

@@ -23,12 +23,6 @@ struct RowParams {
   float min_p;     // off: <= 0
 };
 
-struct Selected {
-  uint32_t key;  // the largest key t with weight(keys >= t) >= target
-  uint64_t above;  // weight(keys > t)
-  uint64_t at;     // weight(keys == t)
-};
-
 // The radix select of target_probs.h (4 byte passes) over weight_of(i) of every token.
 template <typename Weight>
 Selected radix_select(const uint32_t* keys, int64_t n, uint64_t target, Weight weight_of) {

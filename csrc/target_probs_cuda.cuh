@@ -191,12 +191,6 @@ __device__ void select_pass(Shared& sh, unsigned long long target, int shift, in
   __syncthreads();
 }
 
-struct Selected {
-  uint32_t key;  // the largest key t with weight(keys >= t) >= target
-  unsigned long long above;  // weight(keys > t)
-  unsigned long long at;     // weight(keys == t)
-};
-
 // The radix select of target_probs.h (4 byte passes); `less` is taken off the weight of the
 // tokens with key `less_key` (the top-k ties that top-k drops, when top-p selects).
 template <typename T, typename Weight>

@@ -49,12 +49,18 @@ def triton_top_k_top_p(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> tor
 CHOICES = {"vllm": vllm_top_k_top_p, "triton": triton_top_k_top_p, "reference": None, "medusa": None}
 
 
+def chosen() -> str:
+    """The filter ``MEDUSA_VLLM_TOP_K_TOP_P`` names (``vllm`` when unset)."""
+    return os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "vllm") or "vllm"
+
+
 def install(device: torch.device, vocab: int) -> bool:
-    """Filter medusa_vllm's target distributions with vLLM's op on ``device`` (a CUDA
-    device; elsewhere nothing changes and False comes back). The Triton kernel keeps a
-    per-device scratch buffer that grows with the rows of a call: it is made here, at its
-    largest (one row per SM), so that no CUDA graph capture allocates or replaces it."""
-    choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "vllm") or "vllm"
+    """Filter medusa_vllm's target distributions with the op :func:`chosen` names; True when
+    one is installed. ``medusa`` (medusa_vllm's target_probs) installs on any device; vLLM's
+    ops only on a CUDA device (elsewhere nothing changes and False comes back). vLLM's Triton
+    kernel keeps a per-device scratch buffer that grows with the rows of a call: it is made
+    here, at its largest (one row per SM), so that no CUDA graph capture allocates or replaces it."""
+    choice = chosen()
     if choice not in CHOICES:
         raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU, "
                          f"the default), 'triton' (its Triton kernel at any row count), 'medusa' "

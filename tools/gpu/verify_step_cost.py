@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -210,9 +209,9 @@ def main() -> None:
         try:
             from medusa_vllm.vllm_plugin import top_k_top_p
 
-            choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P") or "vllm"
             names = {"vllm": "vLLM's op", "triton": "vLLM's Triton kernel", "medusa": "medusa_vllm target_probs"}
-            filter_op = names[choice] if top_k_top_p.install(torch.device(dev), args.vocab) else filter_op
+            if top_k_top_p.install(torch.device(dev), args.vocab):
+                filter_op = names[top_k_top_p.chosen()]
         except ImportError:  # no vLLM here: the reference sort
             pass
     g = torch.Generator(device=dev).manual_seed(0)
