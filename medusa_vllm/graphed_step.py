@@ -87,7 +87,7 @@ def sampled_tree_step(
     rand: torch.Tensor,  # [B, L*C+1] float32 StepRandomness.flat(), or [B, 2] int64 keys (keyed_uniforms)
     trees: TreeTensors,
     propose: Callable[[torch.Tensor], torch.Tensor],  # [B, H] -> [B, T] int64 next drafts
-    rule: str = "rejection",  # sampled requests' rule (greedy ones: the greedy rule)
+    rule: str = "rejection",  # sampled requests' rule (greedy ones: the greedy rule; see verify)
     filtered: bool = True,  # some request uses top-k, top-p or min-p (False: none of them runs)
     eps: float = TYPICAL_EPS,
     delta: float = TYPICAL_DELTA,

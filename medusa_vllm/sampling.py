@@ -90,26 +90,30 @@ class TargetParams:
     for every call of a step (a tree walk filters B rows per level; each preparation is a few
     kernels)."""
 
-    temperature: torch.Tensor  # [M, 1] float32 (1 for greedy rows: their probabilities are not sampled)
+    temperature: torch.Tensor  # [M, 1] float32 (1 for greedy rows: their point mass replaces it)
     top_k: torch.Tensor | None  # [M] int32 (vLLM's op takes it so), vocab = off (None: no row filters)
     top_p: torch.Tensor | None  # [M] float32, 1 = off
     min_p: torch.Tensor | None  # [M] float32, 0 = off (None: no row uses it)
+    greedy: torch.Tensor  # [M, 1] bool: rows whose distribution is the point mass at their argmax
 
     @classmethod
     def of(cls, sampling: SamplingBatch, vocab: int) -> TargetParams:
         temp = sampling.target_temperature
+        greedy = sampling.is_greedy.unsqueeze(1)
         k, p = sampling.top_k, sampling.top_p
         if not sampling.filtered:
-            return cls(temp.unsqueeze(1), None, None, sampling.min_p)
+            return cls(temp.unsqueeze(1), None, None, sampling.min_p, greedy)
         return cls(temp.unsqueeze(1), torch.where((k > 0) & (k < vocab), k, vocab).int(),
-                   torch.where(p < 1.0, p, 1.0).float(), sampling.min_p)
+                   torch.where(p < 1.0, p, 1.0).float(), sampling.min_p, greedy)
 
 
 def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
     """[M, V] logits -> [M, V] float32 probabilities after temperature, min-p, top-k and top-p
     (vLLM's sampler's order).
 
-    Rows of greedy requests get temperature 1 (their probabilities are not used to sample).
+    A greedy request's row is the point mass at its argmax (of equal largest logits the lowest
+    token id, ``torch.argmax``'s rule and vLLM's greedy sampler's), so the rejection walk
+    accepts exactly the greedy rule's tokens (:func:`medusa_vllm.verify.verify`).
     """
     return target_probs_of(logits, TargetParams.of(sampling, logits.shape[-1]))
 
@@ -117,13 +121,17 @@ def target_probs(logits: torch.Tensor, sampling: SamplingBatch) -> torch.Tensor:
 def target_probs_of(logits: torch.Tensor, params: TargetParams) -> torch.Tensor:
     """:func:`target_probs` with the parameters prepared (:meth:`TargetParams.of`)."""
     if _target_probs_op is not None and (params.top_k is not None or params.min_p is not None):
-        return _target_probs_op(logits, params.temperature.view(-1), params.top_k, params.top_p, params.min_p)
-    x = logits / params.temperature  # float32 (bf16 / float32 promotes: one kernel, the same values)
-    if params.min_p is not None:
-        x = _apply_min_p(x, params.min_p)
-    if params.top_k is not None:
-        x = (_top_k_top_p or apply_top_k_top_p_ref)(x, params.top_k, params.top_p)
-    return torch.softmax(x, dim=-1)
+        probs = _target_probs_op(logits, params.temperature.view(-1), params.top_k, params.top_p, params.min_p)
+    else:
+        x = logits / params.temperature  # float32 (bf16 / float32 promotes: one kernel, the same values)
+        if params.min_p is not None:
+            x = _apply_min_p(x, params.min_p)
+        if params.top_k is not None:
+            x = (_top_k_top_p or apply_top_k_top_p_ref)(x, params.top_k, params.top_p)
+        probs = torch.softmax(x, dim=-1)
+    # greedy rows: 1 at the argmax, 0 elsewhere (four kernels on [M, V]; no host sync)
+    point = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(params.greedy, point, probs)
 
 
 def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

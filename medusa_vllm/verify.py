@@ -251,19 +251,23 @@ def verify(
     """Greedy rule for greedy requests, ``rule`` ("rejection" or "typical") for the others.
 
     ``all_greedy`` (host-known) skips the sampling rule entirely. ``rand``: the step's random
-    numbers (:meth:`StepRandomness.draw`; drawn by the rule if None)."""
+    numbers (:meth:`StepRandomness.draw`; drawn by the rule if None).
+
+    Under "rejection" a greedy request's target is the point mass at its argmax
+    (:func:`target_probs_of`), so the walk itself is the greedy rule: at each level it accepts
+    the child whose token is the argmax, and stops with the argmax as the final token. The
+    greedy rule's tokens exactly, and its path too where no two children of a node share a
+    token (Medusa's drafts: a node's children are distinct ranks of one head's top-k); where
+    two do, the walk follows the first (every token it emits is still its row's argmax). No
+    separate greedy pass then: no argmax over every row, no second set of outputs to merge."""
+    if rule not in ("rejection", "typical"):
+        raise ValueError(f"unknown acceptance rule {rule!r}: use 'rejection' or 'typical'")
+    if rule == "rejection" and not all_greedy:
+        return verify_rejection(logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling, rand=rand)
     greedy = verify_greedy(logits, row_of_node, drafts, num_nodes, tree_ids, trees)
     if all_greedy:
         return greedy
-    if rule == "rejection":
-        other = verify_rejection(logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling,
-                                 rand=rand)
-    elif rule == "typical":
-        other = verify_typical(
-            logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling, eps, delta, rand
-        )
-    else:
-        raise ValueError(f"unknown acceptance rule {rule!r}: use 'rejection' or 'typical'")
+    other = verify_typical(logits, row_of_node, drafts, num_nodes, tree_ids, trees, sampling, eps, delta, rand)
     g = sampling.is_greedy
 
     def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -222,3 +222,70 @@ def test_mixed_batch_uses_greedy_rule_for_greedy_requests():
     assert out.tokens[0].tolist() == [6, 3, 9, -1]
     # one-hot targets make sampling deterministic too
     assert out.tokens[1].tolist() == [6, 3, 9, -1]
+
+
+def _distinct_sibling_drafts(trees, b, vocab, g, at_parent):
+    """[B, Q-1] drafts whose siblings differ (Medusa's: a node's children are distinct ranks
+    of one head's top-k), mostly the target's favourite at the parent, else random."""
+    parents, q = trees.parents[0], trees.parents.shape[1]
+    drafts = torch.full((b, q - 1), -1, dtype=torch.int64)
+    for i in range(1, q):
+        taken = drafts[:, : i - 1].masked_fill(parents[1:i][None, :] != parents[i], -1)  # earlier siblings
+        for r in range(b):
+            want = int(at_parent[r, i - 1]) if torch.rand(1, generator=g).item() < 0.7 else -1
+            if want < 0 or want in taken[r].tolist():
+                free = [t for t in range(vocab) if t not in taken[r].tolist()]
+                want = free[int(torch.randint(len(free), (1,), generator=g))]
+            drafts[r, i - 1] = want
+    return drafts
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_rejection_greedy_rows_are_the_greedy_rule(filtered):
+    """Under "rejection" greedy rows run the walk on a point-mass target (no greedy pass): with
+    distinct siblings, exactly the greedy rule's path and tokens, whatever the sampled rows
+    beside them use (top-k, top-p, min-p)."""
+    trees = TreeTensors.build([TREE])
+    b, q, vocab = 24, 8, 6
+    lengths = set()
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(b * q, vocab, generator=g) * 2
+        logits[0, :] = 1.0  # a row of equal logits: the lowest token id is its argmax
+        rows = torch.arange(b * q).view(b, q)
+        at_parent = logits.argmax(-1).view(b, q).gather(1, trees.parents[0][1:].clamp_min(0).expand(b, -1))
+        drafts = _distinct_sibling_drafts(trees, b, vocab, g, at_parent)
+        s = SamplingBatch(torch.where(torch.arange(b) % 2 == 0, 0.0, 0.9), torch.full((b,), 3 if filtered else 0),
+                          torch.full((b,), 0.8 if filtered else 1.0), filtered=filtered,
+                          min_p=torch.full((b,), 0.1) if filtered else None)
+        nodes = torch.randint(0, q, (b,), generator=g)
+        got = verify("rejection", logits, rows, drafts, nodes, torch.zeros(b, dtype=torch.int64), trees, s)
+        want = verify_greedy(logits, rows, drafts, nodes, torch.zeros(b, dtype=torch.int64), trees)
+        g_rows = s.is_greedy
+        for name in ("accepted", "num_accepted", "last_node", "tokens"):
+            assert torch.equal(getattr(got, name)[g_rows], getattr(want, name)[g_rows]), (seed, name)
+        lengths |= set(want.num_accepted[g_rows].tolist())
+    assert len(lengths) >= 3, lengths
+
+
+def test_rejection_greedy_row_with_equal_siblings_follows_the_first():
+    """Two children holding the argmax: the greedy rule takes the one with the longer path, the
+    walk the first; both emit only argmax tokens of the rows they pass (rows that, in a model,
+    are equal: the two nodes' contexts are the same tokens)."""
+    trees = TreeTensors.build([TREE])
+    drafts = torch.tensor([[5, 5, 7, 1, 2, 3, 4]])  # nodes 1 and 2 both hold token 5
+    argmax = [5, 0, 3, 0, 0, 0, 0, 0]  # node 1's children (1, 2) miss; node 2's child 6 (3) matches
+    logits = _one_hot_logits(argmax)
+    s = SamplingBatch(torch.zeros(1), torch.zeros(1, dtype=torch.int64), torch.ones(1), filtered=False)
+    out = verify("rejection", logits, torch.arange(8)[None], drafts, torch.tensor([7]), torch.tensor([0]), trees, s)
+    assert out.accepted.tolist() == [[1, -1, -1]] and out.tokens.tolist() == [[5, 0, -1, -1]]
+    greedy = verify_greedy(logits, torch.arange(8)[None], drafts, torch.tensor([7]), torch.tensor([0]), trees)
+    assert greedy.accepted.tolist() == [[2, 6, -1]] and greedy.tokens.tolist() == [[5, 3, 0, -1]]
+
+
+def test_target_probs_of_a_greedy_row_is_its_argmax_point_mass():
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [0.5, 2.0, 2.0, -1.0]])
+    s = SamplingBatch(torch.tensor([0.0, 1.0]), torch.tensor([1, 0]), torch.tensor([0.5, 1.0]), filtered=True)
+    probs = target_probs(logits, s)
+    assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]  # the lowest id of the tied largest
+    assert torch.allclose(probs[1], torch.softmax(logits[1], -1))

@@ -569,7 +569,7 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
         return step
 
     def _medusa_sampled_fn(self, k: int, filtered: bool):
-        """A uniform step of tree k with sampled requests (greedy ones by the greedy rule) as one
+        """A uniform step of tree k with sampled requests (greedy ones: :func:`verify`) as one
         fixed-shape function of the logits and the step's random numbers: verify, move the
         accepted KV, draft tree k again (outputs as :meth:`_medusa_uniform_fn`'s)."""
         q = 1 + self.medusa_tree_sizes[k]
