@@ -23,7 +23,7 @@ from setuptools import setup
 
 CSRC = "csrc"
 CPU_SOURCES = ["bindings.cpp", "tree_attention_cpu.cpp", "move_accepted_kv_cpu.cpp", "keyed_uniforms_cpu.cpp",
-               "target_probs_cpu.cpp"]
+               "target_probs_cpu.cpp", "rejection_walk_cpu.cpp"]
 CUDA_SOURCES = [
     "tree_attention_cuda.cu",
     "tree_attention_cuda_bf16.cu",
@@ -31,6 +31,7 @@ CUDA_SOURCES = [
     "move_accepted_kv_cuda.cu",
     "keyed_uniforms_cuda.cu",
     "target_probs_cuda.cu",
+    "rejection_walk_cuda.cu",
 ]
 DEFAULT_GENCODE = [
     "-gencode=arch=compute_90a,code=sm_90a",

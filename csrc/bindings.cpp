@@ -24,6 +24,9 @@ TORCH_LIBRARY(medusa_vllm, m) {
   m.def(
       "target_probs(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, "
       "Tensor? min_p) -> Tensor");
+  m.def(
+      "rejection_walk(Tensor logits, Tensor row_of_node, Tensor children, Tensor drafts, Tensor valid, "
+      "Tensor temperature, Tensor accept_u, Tensor final_u) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(medusa_vllm, CPU, m) {
@@ -31,6 +34,7 @@ TORCH_LIBRARY_IMPL(medusa_vllm, CPU, m) {
   m.impl("move_accepted_kv", &medusa_vllm::move_accepted_kv_cpu);
   m.impl("keyed_uniforms", &medusa_vllm::keyed_uniforms_cpu);
   m.impl("target_probs", &medusa_vllm::target_probs_cpu);
+  m.impl("rejection_walk", &medusa_vllm::rejection_walk_cpu);
 }
 
 #ifdef MEDUSA_VLLM_WITH_CUDA
@@ -39,6 +43,7 @@ TORCH_LIBRARY_IMPL(medusa_vllm, CUDA, m) {
   m.impl("move_accepted_kv", &medusa_vllm::move_accepted_kv_cuda);
   m.impl("keyed_uniforms", &medusa_vllm::keyed_uniforms_cuda);
   m.impl("target_probs", &medusa_vllm::target_probs_cuda);
+  m.impl("rejection_walk", &medusa_vllm::rejection_walk_cuda);
 }
 #endif
 

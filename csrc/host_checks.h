@@ -3,11 +3,16 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "paged_kv.h"
+#include "rejection_walk.h"
 
 namespace medusa_vllm {
 
@@ -270,5 +275,93 @@ struct TargetProbsParams {
   const float* top_p_ptr() const { return top_p.defined() ? top_p.data_ptr<float>() : nullptr; }
   const float* min_p_ptr() const { return min_p.defined() ? min_p.data_ptr<float>() : nullptr; }
 };
+
+// rejection_walk(logits [R, V] float32/bfloat16/float16 (rows contiguous in V),
+//                row_of_node [B, Q] int64 (-1: none; read as row 0), children [B, Q, C] int64
+//                (-1: none; C <= kMaxChildren), drafts [B, Q-1] int64, valid [B, Q] bool,
+//                temperature [B] float32, accept_u [B, L, C] float32, final_u [B] float32)
+//   -> (accepted [B, L-1] int64, last_node [B] int64, final [B] int64)
+inline void check_rejection_walk_args(const at::Tensor& logits, const at::Tensor& row_of_node,
+                                      const at::Tensor& children, const at::Tensor& drafts,
+                                      const at::Tensor& valid, const at::Tensor& temperature,
+                                      const at::Tensor& accept_u, const at::Tensor& final_u,
+                                      int64_t max_children) {
+  TORCH_CHECK(logits.dim() == 2, "rejection_walk: logits must be [R, V], got shape ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "rejection_walk: logits must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(logits.size(0) > 0 && logits.size(1) > 0, "rejection_walk: logits must have rows and a vocabulary, got ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1,
+              "rejection_walk: logits must be contiguous in the vocabulary dimension, got strides ", logits.strides());
+  TORCH_CHECK(row_of_node.dim() == 2, "rejection_walk: row_of_node must be [B, Q], got shape ", row_of_node.sizes());
+  const int64_t b = row_of_node.size(0), q = row_of_node.size(1);
+  TORCH_CHECK(q >= 1, "rejection_walk: row_of_node needs the root slot, got shape ", row_of_node.sizes());
+  TORCH_CHECK(children.dim() == 3 && children.size(0) == b && children.size(1) == q,
+              "rejection_walk: children must be [B, Q, C] = [", b, ", ", q, ", C], got shape ", children.sizes());
+  const int64_t c = children.size(2);
+  TORCH_CHECK(c >= 1 && c <= max_children, "rejection_walk: children per node must be 1..", max_children,
+              ", got ", c);
+  TORCH_CHECK(drafts.dim() == 2 && drafts.size(0) == b && drafts.size(1) == q - 1,
+              "rejection_walk: drafts must be [B, Q-1] = [", b, ", ", q - 1, "], got shape ", drafts.sizes());
+  TORCH_CHECK(valid.dim() == 2 && valid.size(0) == b && valid.size(1) == q,
+              "rejection_walk: valid must be [B, Q] = [", b, ", ", q, "], got shape ", valid.sizes());
+  TORCH_CHECK(temperature.dim() == 1 && temperature.size(0) == b,
+              "rejection_walk: temperature must be [B] = [", b, "], got shape ", temperature.sizes());
+  TORCH_CHECK(accept_u.dim() == 3 && accept_u.size(0) == b && accept_u.size(1) >= 1 && accept_u.size(2) == c,
+              "rejection_walk: accept_u must be [B, L, C] = [", b, ", L, ", c, "], got shape ", accept_u.sizes());
+  TORCH_CHECK(final_u.dim() == 1 && final_u.size(0) == b,
+              "rejection_walk: final_u must be [B] = [", b, "], got shape ", final_u.sizes());
+  const struct {
+    const at::Tensor* t;
+    const char* name;
+    at::ScalarType want;
+  } args[] = {{&row_of_node, "row_of_node", at::kLong}, {&children, "children", at::kLong},
+              {&drafts, "drafts", at::kLong},           {&valid, "valid", at::kBool},
+              {&temperature, "temperature", at::kFloat}, {&accept_u, "accept_u", at::kFloat},
+              {&final_u, "final_u", at::kFloat}};
+  for (const auto& a : args) {
+    TORCH_CHECK(a.t->scalar_type() == a.want, "rejection_walk: ", a.name, " must be ", a.want, ", got ",
+                a.t->scalar_type());
+    TORCH_CHECK(a.t->device() == logits.device(), "rejection_walk: ", a.name, " must be on ", logits.device(),
+                " like logits, got ", a.t->device());
+  }
+}
+
+// The inputs of a checked rejection_walk call, contiguous; the outputs allocated (accepted -1).
+struct RejectionWalkArgs {
+  at::Tensor row_of_node, children, drafts, valid, temperature, accept_u, final_u;
+  at::Tensor accepted, last_node, final_token;
+  int64_t batch, slots, width, levels;
+  RejectionWalkArgs(const at::Tensor& row_of_node, const at::Tensor& children, const at::Tensor& drafts,
+                    const at::Tensor& valid, const at::Tensor& temperature, const at::Tensor& accept_u,
+                    const at::Tensor& final_u)
+      : row_of_node(row_of_node.contiguous()),
+        children(children.contiguous()),
+        drafts(drafts.contiguous()),
+        valid(valid.contiguous()),
+        temperature(temperature.contiguous()),
+        accept_u(accept_u.contiguous()),
+        final_u(final_u.contiguous()),
+        batch(row_of_node.size(0)),
+        slots(row_of_node.size(1)),
+        width(children.size(2)),
+        levels(accept_u.size(1)) {
+    accepted = at::full({batch, levels - 1}, -1, row_of_node.options());
+    last_node = at::empty({batch}, row_of_node.options());
+    final_token = at::empty({batch}, row_of_node.options());
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const { return {accepted, last_node, final_token}; }
+};
+
+// The kernels' parameters of a checked rejection_walk call (its logits, its RejectionWalkArgs).
+inline WalkParams make_walk_params(const at::Tensor& logits, const RejectionWalkArgs& a) {
+  return WalkParams{a.row_of_node.data_ptr<int64_t>(), a.children.data_ptr<int64_t>(), a.drafts.data_ptr<int64_t>(),
+                    a.valid.data_ptr<bool>(), a.temperature.data_ptr<float>(), a.accept_u.data_ptr<float>(),
+                    a.final_u.data_ptr<float>(), a.accepted.data_ptr<int64_t>(), a.last_node.data_ptr<int64_t>(),
+                    a.final_token.data_ptr<int64_t>(), logits.size(0), logits.size(1), logits.stride(0), a.slots,
+                    static_cast<int>(a.width), static_cast<int>(a.levels),
+                    std::ldexp(1.f, mass_scale_log2(logits.size(1)))};
+}
 
 }  // namespace medusa_vllm

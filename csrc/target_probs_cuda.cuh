@@ -12,17 +12,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "block_ops.cuh"
 #include "target_probs.h"
 
 namespace medusa_vllm {
 namespace cuda {
 
-constexpr int kThreads = 1024;
-constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 8;  // consecutive tokens a thread takes per sweep step
 constexpr int kSubHists = 4;
-constexpr unsigned kFull = 0xFFFFFFFFu;
-static_assert(kWarps == 32, "block_reduce: one warp reduces the warps' partials");
 
 struct Shared {
   unsigned hist_lo[kSubHists][256];  // a bin's weight: hi * 2^32 + lo (add_weight)
@@ -42,57 +39,6 @@ struct Row {
   float temperature;
   __device__ __forceinline__ float x(int64_t i) const { return static_cast<float>(logits[i]) / temperature; }
 };
-
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct SumOp {
-  template <typename V>
-  __device__ V operator()(V a, V b) const { return a + b; }
-};
-
-// A block-wide reduction in a fixed order (the same shuffle tree every call: the same float on
-// every run); `slots` holds the warps' partials.
-template <typename V, typename Op>
-__device__ V block_reduce(V v, V* slots, Op op) {
-  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFull, v, off));
-  if (threadIdx.x % 32 == 0) slots[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    v = slots[threadIdx.x];  // kWarps == 32
-    for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFull, v, off));
-    if (threadIdx.x == 0) slots[0] = v;
-  }
-  __syncthreads();
-  v = slots[0];
-  __syncthreads();
-  return v;
-}
-
-// Exclusive prefix sum over the block's threads in thread order; `total` gets the block's sum.
-__device__ unsigned block_exclusive_sum(unsigned v, unsigned* slots, unsigned& total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  unsigned incl = v;
-  for (int off = 1; off < 32; off <<= 1) {
-    const unsigned o = __shfl_up_sync(kFull, incl, off);
-    if (lane >= off) incl += o;
-  }
-  if (lane == 31) slots[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    unsigned w = slots[lane];  // kWarps == 32
-    for (int off = 1; off < 32; off <<= 1) {
-      const unsigned o = __shfl_up_sync(kFull, w, off);
-      if (lane >= off) w += o;
-    }
-    slots[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  const unsigned before = (warp == 0 ? 0u : slots[warp - 1]) + incl - v;
-  total = slots[kWarps - 1];
-  __syncthreads();  // slots are reused by the next call
-  return before;
-}
 
 // A 64-bit weight added to a bin as two 32-bit shared atomics, the low half's wrap-around carried
 // into the high half (exact: each add wraps at most once). A 64-bit shared atomicAdd is a

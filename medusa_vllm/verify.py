@@ -28,6 +28,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,22 @@ from medusa_vllm.tree_tensors import TreeTensors
 
 TYPICAL_EPS = 0.09
 TYPICAL_DELTA = 0.3
+
+# The walk of an unfiltered rejection step in one op (medusa_vllm.kernels.rejection_walk:
+# (logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u) -> (accepted,
+# last_node, final)); None: the tensor ops below. Set by an engine adapter (set_rejection_walk).
+_walk_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+def set_rejection_walk(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None):
+    """Run the rejection walk of steps without top-k, top-p or min-p with ``fn`` (e.g.
+    :func:`medusa_vllm.kernels.rejection_walk`: one kernel instead of about 200 tensor ops; the
+    same accepted paths, and its final draws by the inverse CDF of fixed-point masses, not of
+    float64 sums: the same token but where a uniform falls within rounding of a boundary);
+    returns the one it replaces."""
+    global _walk_op
+    old, _walk_op = _walk_op, fn
+    return old
 
 
 @dataclass
@@ -183,6 +200,11 @@ def verify_rejection(
     depth = trees.max_depth
     if rand is None:
         rand = StepRandomness.draw(b, depth + 1, width, sampling, dev)
+    if _walk_op is not None and renormalize and residual and not sampling.filtered and sampling.min_p is None:
+        accepted_t, cur, final = _walk_op(logits, row_of_node.long(), tb.children, drafts.long(), tb.valid,
+                                          sampling.temperature.float(), rand.accept, rand.final)
+        num_accepted = (accepted_t >= 0).sum(dim=1)
+        return VerifyOutput(accepted_t, num_accepted, cur, _emit(drafts, accepted_t, num_accepted, final))
     # every node's children once (the walk then indexes one [B, Q, C, 3] table per level):
     # their ids, tokens, and whether each is offered (verified, and the first offer of its token:
     # a token offered twice under one parent is only worth its first offer)

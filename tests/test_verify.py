@@ -121,14 +121,24 @@ def _rejection_pvalues(renormalize, duplicate=False, batch=20000, vocab=6, seed=
     return p_first, p_pair
 
 
-def test_rejection_sampling_matches_target_distribution():
+@pytest.fixture(params=["tensor ops", "walk op"])
+def walk(request):
+    """Each rejection test twice: the walk in tensor ops, and medusa_vllm's rejection_walk op."""
+    from medusa_vllm import kernels, verify as verify_module
+
+    old = verify_module.set_rejection_walk(kernels.rejection_walk if request.param == "walk op" else None)
+    yield request.param
+    verify_module.set_rejection_walk(old)
+
+
+def test_rejection_sampling_matches_target_distribution(walk):
     # (seed 1: the inverse-CDF draw of the final token gave seed 0 a p of 0.005 on the pairs;
     # at 400,000 samples per seed neither p falls below 0.007 on six seeds: no bias)
     p_first, p_pair = _rejection_pvalues(renormalize=True, seed=1)
     assert p_first > 0.01 and p_pair > 0.01
 
 
-def test_rejection_sampling_with_duplicate_siblings_is_still_exact():
+def test_rejection_sampling_with_duplicate_siblings_is_still_exact(walk):
     p_first, p_pair = _rejection_pvalues(renormalize=True, duplicate=True, seed=3)
     assert p_first > 0.01 and p_pair > 0.01
 
@@ -210,7 +220,7 @@ def test_typical_acceptance_thresholds():
     assert out.num_accepted.item() >= 2
 
 
-def test_mixed_batch_uses_greedy_rule_for_greedy_requests():
+def test_mixed_batch_uses_greedy_rule_for_greedy_requests(walk):
     trees = TreeTensors.build([TREE])
     argmax = [6, 0, 3, 0, 0, 0, 9, 0]
     logits = _one_hot_logits(argmax).repeat(2, 1)
@@ -241,7 +251,7 @@ def _distinct_sibling_drafts(trees, b, vocab, g, at_parent):
 
 
 @pytest.mark.parametrize("filtered", [False, True])
-def test_rejection_greedy_rows_are_the_greedy_rule(filtered):
+def test_rejection_greedy_rows_are_the_greedy_rule(filtered, walk):
     """Under "rejection" greedy rows run the walk on a point-mass target (no greedy pass): with
     distinct siblings, exactly the greedy rule's path and tokens, whatever the sampled rows
     beside them use (top-k, top-p, min-p)."""
@@ -268,7 +278,7 @@ def test_rejection_greedy_rows_are_the_greedy_rule(filtered):
     assert len(lengths) >= 3, lengths
 
 
-def test_rejection_greedy_row_with_equal_siblings_follows_the_first():
+def test_rejection_greedy_row_with_equal_siblings_follows_the_first(walk):
     """Two children holding the argmax: the greedy rule takes the one with the longer path, the
     walk the first; both emit only argmax tokens of the rows they pass (rows that, in a model,
     are equal: the two nodes' contexts are the same tokens)."""

@@ -7,6 +7,8 @@ accepted-path KV move, as torch.ops.medusa_vllm.* (compiled in csrc/).
     keyed_uniforms(keys, n) -> [B, n] float32 (the sampled tree step's random numbers)
     target_probs(logits, temperature, top_k, top_p, min_p) -> [M, V] float32 (the filtered
                  target distribution: temperature, min-p, top-k, top-p, softmax; no sort)
+    rejection_walk(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u)
+                 -> (accepted, last_node, final) (a sampled tree step's lossless walk, one op)
 
 The wrappers check tensor metadata (no host syncs) and call the op. Without the compiled
 extension the ops run the PyTorch references (slow) after one warning. Conventions: see
@@ -26,6 +28,7 @@ from medusa_vllm.kernels.masks import MAX_TREE_QUERIES, num_mask_words, pack_tre
 from medusa_vllm.kernels.reference import (
     keyed_uniforms_ref,
     move_accepted_kv_ref,
+    rejection_walk_ref,
     target_probs_ref,
     tree_attention_ref,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "move_accepted_kv",
     "keyed_uniforms",
     "target_probs",
+    "rejection_walk",
     "have_extension",
     "extension_error",
     "pack_tree_masks",
@@ -43,12 +47,15 @@ __all__ = [
     "move_accepted_kv_ref",
     "keyed_uniforms_ref",
     "target_probs_ref",
+    "rejection_walk_ref",
 ]
 
 _REGISTRATION = _registry.register()
 # (an extension built before keyed_uniforms existed loads without it: the reference serves)
 _KEYED_OP = _registry._op_exists("keyed_uniforms")
 _TARGET_PROBS_OP = _registry._op_exists("target_probs")
+_WALK_OP = _registry._op_exists("rejection_walk")
+MAX_WALK_CHILDREN = 64  # csrc/rejection_walk.h: kMaxChildren
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_HEAD_DIMS = (64, 128)
@@ -256,3 +263,42 @@ def target_probs(
     if not _TARGET_PROBS_OP:
         return target_probs_ref(logits, temperature, top_k, top_p, min_p)
     return torch.ops.medusa_vllm.target_probs(logits, temperature, top_k, top_p, min_p)
+
+
+def rejection_walk(
+    logits: torch.Tensor,  # [R, V] float32 / bfloat16 / float16, contiguous over V
+    row_of_node: torch.Tensor,  # [B, Q] int64 logits row of each node (slot 0: root), -1: none
+    children: torch.Tensor,  # [B, Q, C] int64 children of each node in rank order, -1: none
+    drafts: torch.Tensor,  # [B, Q-1] int64 token of node i at i - 1
+    valid: torch.Tensor,  # [B, Q] bool: node verified this step
+    temperature: torch.Tensor,  # [B] float32, <= 1e-5: greedy (the point mass at the argmax)
+    accept_u: torch.Tensor,  # [B, L, C] float32 uniforms in [0, 1) of each level's children
+    final_u: torch.Tensor,  # [B] float32 uniform in [0, 1) of the final draw
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # accepted [B, L-1] int64 (-1 pad), last_node [B], final [B]
+    """The lossless rejection walk of a sampled tree step (no top-k / top-p / min-p), one op
+    (csrc/rejection_walk.h): from the root, each level's target softmax(x / T) at the current
+    node's row (a greedy request: the point mass at its argmax), the first offered child
+    accepted with probability p / (1 - the earlier offered children's p), and at the stopping
+    node the final token drawn from its target without its offered children's tokens (fixed-
+    point masses: the same token on every device). A request per 1024-thread block on a GPU, no
+    [B, V] tensor written, no host sync. The reference :func:`rejection_walk_ref` is the same
+    walk in tensor ops."""
+    _require(logits.dim() == 2 and row_of_node.dim() == 2 and children.dim() == 3,
+             f"logits must be [R, V], row_of_node [B, Q], children [B, Q, C]; got {tuple(logits.shape)}, "
+             f"{tuple(row_of_node.shape)}, {tuple(children.shape)}")
+    b, q = row_of_node.shape
+    width = children.shape[2]
+    _require(1 <= width <= MAX_WALK_CHILDREN, f"children per node must be 1..{MAX_WALK_CHILDREN}, got {width}")
+    for name, t, shape, dtype in (
+            ("children", children, (b, q, width), torch.int64), ("drafts", drafts, (b, q - 1), torch.int64),
+            ("valid", valid, (b, q), torch.bool), ("temperature", temperature, (b,), torch.float32),
+            ("final_u", final_u, (b,), torch.float32), ("row_of_node", row_of_node, (b, q), torch.int64)):
+        _require(tuple(t.shape) == shape and t.dtype == dtype,
+                 f"{name} must be {list(shape)} {dtype}, got {tuple(t.shape)} {t.dtype}")
+    _require(accept_u.dim() == 3 and accept_u.shape[0] == b and accept_u.shape[2] == width
+             and accept_u.shape[1] >= 1 and accept_u.dtype == torch.float32,
+             f"accept_u must be [{b}, L, {width}] float32, got {tuple(accept_u.shape)} {accept_u.dtype}")
+    if not _WALK_OP:
+        return rejection_walk_ref(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u)
+    return torch.ops.medusa_vllm.rejection_walk(logits, row_of_node, children, drafts, valid, temperature,
+                                                accept_u, final_u)

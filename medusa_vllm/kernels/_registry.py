@@ -1,4 +1,5 @@
-"""Makes torch.ops.medusa_vllm.{tree_attention, move_accepted_kv, keyed_uniforms, target_probs} exist, one way or another.
+"""Makes torch.ops.medusa_vllm.{tree_attention, move_accepted_kv, keyed_uniforms, target_probs,
+rejection_walk} exist, one way or another.
 
 1. `import medusa_vllm._C` (the compiled extension; its TORCH_LIBRARY block registers the ops
    with CPU and, if built so, CUDA kernels).
@@ -35,6 +36,10 @@ SCHEMAS = {
         "target_probs(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, "
         "Tensor? min_p) -> Tensor"
     ),
+    "rejection_walk": (
+        "rejection_walk(Tensor logits, Tensor row_of_node, Tensor children, Tensor drafts, Tensor valid, "
+        "Tensor temperature, Tensor accept_u, Tensor final_u) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` or "
@@ -67,6 +72,7 @@ def _define_fallback() -> torch.library.Library:
     lib.impl("move_accepted_kv", reference.move_accepted_kv_ref, "CompositeExplicitAutograd")
     lib.impl("keyed_uniforms", reference.keyed_uniforms_ref, "CompositeExplicitAutograd")
     lib.impl("target_probs", reference.target_probs_ref, "CompositeExplicitAutograd")
+    lib.impl("rejection_walk", reference.rejection_walk_ref, "CompositeExplicitAutograd")
     return lib
 
 
@@ -94,6 +100,13 @@ def _register_fakes() -> None:
         @torch.library.register_fake(f"{NAMESPACE}::target_probs")
         def _target_probs_fake(logits, temperature, top_k, top_p, min_p):
             return logits.new_empty(logits.shape, dtype=torch.float32)
+
+    if _op_exists("rejection_walk"):
+        @torch.library.register_fake(f"{NAMESPACE}::rejection_walk")
+        def _rejection_walk_fake(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u):
+            b, levels = row_of_node.shape[0], accept_u.shape[1]
+            return (row_of_node.new_empty((b, levels - 1)), row_of_node.new_empty((b,)),
+                    row_of_node.new_empty((b,)))
 
 
 def register() -> Registration:

@@ -162,3 +162,76 @@ def target_probs_ref(
         keep &= (top_p >= 1).unsqueeze(1) | reach.gather(1, rank)
     e = torch.where(keep, e, 0.0)
     return e / e.sum(dim=-1, keepdim=True)
+
+
+GREEDY_TEMPERATURE = 1e-5  # medusa_vllm.sampling._EPS_TEMPERATURE
+
+
+def rejection_walk_ref(
+    logits: torch.Tensor,  # [R, V] float32 / bfloat16 / float16
+    row_of_node: torch.Tensor,  # [B, Q] int64, -1: none (read as row 0)
+    children: torch.Tensor,  # [B, Q, C] int64, -1: none
+    drafts: torch.Tensor,  # [B, Q-1] int64 token of node i at i - 1
+    valid: torch.Tensor,  # [B, Q] bool: node verified
+    temperature: torch.Tensor,  # [B] float32, <= 1e-5: greedy
+    accept_u: torch.Tensor,  # [B, L, C] float32 uniforms of each level's children
+    final_u: torch.Tensor,  # [B] float32 uniform of the final draw
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # accepted [B, L-1], last_node [B], final [B]
+    """The rejection walk of csrc/rejection_walk.h in tensor ops, level by level over the batch:
+    the target at each current node's row (softmax of x / T, or the point mass at the argmax),
+    the first offered child accepted with probability p / (1 - the earlier offered p), and at
+    the stopping node the final token by the inverse CDF of fixed-point masses (floor(e * 2^s),
+    e = exp(x / T - max), the stopping node's offered tokens left out unless they held it all)."""
+    b, q = row_of_node.shape
+    width, levels, vocab = children.shape[2], accept_u.shape[1], logits.shape[1]
+    dev = logits.device
+    scale = 2.0 ** (62 - max(vocab - 1, 0).bit_length())  # target_probs.h: mass_scale_log2
+    greedy = temperature <= GREEDY_TEMPERATURE
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    tokens = torch.cat([torch.zeros_like(drafts[:, :1]), drafts], dim=1).clamp_min(0)  # [B, Q] token per node
+    batch = torch.arange(b, device=dev)
+    earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril_(-1)
+    cur = torch.zeros(b, dtype=torch.int64, device=dev)
+    active = torch.ones(b, dtype=torch.bool, device=dev)
+    accepted = torch.full((b, max(levels - 1, 0)), -1, dtype=torch.int64, device=dev)
+    final = torch.zeros(b, dtype=torch.int64, device=dev)
+    for level in range(levels):
+        rows = row_of_node[batch, cur].clamp(0, logits.shape[0] - 1)
+        raw = logits[rows].float()  # [B, V]
+        x = raw / temp[:, None]
+        e = torch.exp(x - x.amax(dim=1, keepdim=True))
+        argmax = raw.argmax(dim=1)
+        point = torch.zeros_like(e).scatter_(1, argmax[:, None], 1.0)
+        e = torch.where(greedy[:, None], point, e)  # (a greedy row's e is its point mass, z = 1)
+        empty = ~greedy & (x.amax(dim=1) == float("-inf"))
+        kid = children[batch, cur]  # [B, C]
+        kid_tok = tokens.gather(1, kid.clamp_min(0))
+        ok = (kid >= 0) & valid.gather(1, kid.clamp_min(0))
+        dup = ((kid_tok[:, :, None] == kid_tok[:, None, :]) & earlier & ok[:, None, :]).any(dim=2)
+        offered = ok & ~dup
+        p = torch.where(offered & ~empty[:, None], e.gather(1, kid_tok) / e.sum(dim=1, keepdim=True), 0.0)
+        remaining = 1.0 - (p.cumsum(dim=1) - p)
+        accept = torch.where(remaining > 0, p / remaining.clamp_min(1e-30), 0.0)
+        hit = (accept_u[:, level] < accept) & (p > 0) & active[:, None]
+        if level == levels - 1:
+            hit &= False  # (the last level's nodes are leaves: the walk stops there)
+        step = hit.any(dim=1)
+        child = kid.gather(1, hit.long().argmax(dim=1, keepdim=True))[:, 0]
+        if level < levels - 1:
+            accepted[:, level] = torch.where(step, child, -1)
+        stop = active & ~step
+        # the final draw at the rows that stop here
+        mass = (e * scale).long()  # [B, V] (e * scale in float32, truncated: fixed_mass)
+        removed = torch.zeros_like(mass).scatter_reduce(1, kid_tok, offered.long(), "amax") > 0
+        rest = torch.where(removed, 0, mass)
+        use_rest = rest.sum(dim=1) > 0
+        cum = torch.where(use_rest[:, None], rest, mass).cumsum(dim=1)
+        total = cum[:, -1]
+        x_thr = torch.minimum((final_u.double() * total.double()).long(), (total - 1).clamp_min(0))
+        tok = torch.searchsorted(cum, x_thr[:, None], right=True)[:, 0].clamp_max(vocab - 1)
+        tok = torch.where(total > 0, tok, torch.where(greedy, argmax, 0))
+        tok = torch.where(empty, 0, tok)
+        final = torch.where(stop, tok, final)
+        cur = torch.where(step, child, cur)
+        active = step
+    return accepted, cur, final

@@ -188,10 +188,11 @@ def make_tree_attention_problem(
     )
 
 
-def sampled_step_problem(vocab: int, device: str = "cuda", logits_dtype: torch.dtype = torch.float32):
+def sampled_step_problem(vocab: int, device: str = "cuda", logits_dtype: torch.dtype = torch.float32,
+                         filtered: bool = True):
     """A sampled tree step over 16 requests of a 6-node tree (temperature 0.8, top-k 50,
-    top-p 0.95; each row's likeliest token stands out and each node offers its parent's
-    favourite, so drafts get accepted): returns ``step()``, the step's outputs as a tuple."""
+    top-p 0.95, or no filter; each row's likeliest token stands out and each node offers its
+    parent's favourite, so drafts get accepted): returns ``step()``, the step's outputs as a tuple."""
     from medusa_vllm.graphed_step import sampled_tree_step
     from medusa_vllm.sampling import SamplingBatch, StepRandomness
     from medusa_vllm.tree import TokenTree
@@ -209,15 +210,15 @@ def sampled_step_problem(vocab: int, device: str = "cuda", logits_dtype: torch.d
     drafts = top.view(b, q)[:, parent].reshape(-1).int()
     hidden = torch.randn(b * q, h, device=device, generator=g)
     tree_ids = torch.zeros(b, dtype=torch.int64, device=device)
-    params = torch.stack([torch.full((b,), 0.8, device=device), torch.full((b,), 50.0, device=device),
-                          torch.full((b,), 0.95, device=device), torch.zeros(b, device=device)], dim=1)
+    k, p = (50.0, 0.95) if filtered else (0.0, 1.0)
+    params = torch.tensor([0.8, k, p, 0.0], device=device).expand(b, 4).contiguous()
     s = SamplingBatch(params[:, 0], params[:, 1].long(), params[:, 2])
     rand = StepRandomness.draw(b, trees.max_depth + 1, trees.children.shape[2], s, device)
     w = torch.randn(h, vocab, device=device, generator=g)
 
     def step() -> tuple:
         out = sampled_tree_step(logits, drafts, hidden, tree_ids, params, rand.flat(), trees,
-                                lambda hh: (hh @ w).topk(q - 1, dim=-1).indices)
+                                lambda hh: (hh @ w).topk(q - 1, dim=-1).indices, filtered=filtered)
         return out.as_tuple()
 
     return step
@@ -242,3 +243,47 @@ def eager_then_graphed(step) -> tuple[tuple, tuple]:
     graph.replay()
     torch.cuda.synchronize()
     return eager, captured
+
+
+def walk_problem(batch: int, vocab: int, seed: int = 0, device: str = "cpu",
+                 logits_dtype: torch.dtype = torch.float32, trees=("default-63", "sparse-15"),
+                 distinct: bool = False) -> tuple:
+    """rejection_walk's inputs for ``batch`` requests over a stack of trees (each request's tree
+    and verified-node count random): (logits, row_of_node, children, drafts, valid, temperature,
+    accept_u, final_u). Every fourth request is greedy, the others sample at temperatures 0.3 to
+    1.5; each row's favourite stands out. A rank-0 node mostly holds its parent's favourite
+    (paths of every length get accepted), a rank-1 node sometimes repeats its rank-0 sibling's
+    token; the others hold random tokens. ``distinct``: rank r holds the parent's favourite + r
+    (siblings never share a token, as Medusa's top-k drafts)."""
+    from medusa_vllm.tree import get_tree
+    from medusa_vllm.tree_tensors import TreeTensors
+
+    stack = TreeTensors.build([get_tree(t, num_heads=4, topk=10) for t in trees], device)
+    q, width, levels = stack.parents.shape[1], stack.children.shape[2], stack.max_depth + 1
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, device=device, generator=g)
+
+    tree_ids = torch.randint(0, len(trees), (batch,), device=device, generator=g)
+    sizes = torch.tensor([get_tree(t, num_heads=4, topk=10).num_nodes for t in trees], device=device)[tree_ids]
+    num_nodes = (rand(batch) * (sizes + 1).float()).long().clamp_max(sizes)
+    logits = torch.randn(batch * q, vocab, device=device, generator=g) * 2
+    top = logits.argmax(-1)
+    logits[torch.arange(batch * q, device=device), top] += 4 * rand(batch * q)
+    fav = top.view(batch, q).gather(1, stack.parents[tree_ids].clamp_min(0))[:, 1:]  # [B, Q-1]
+    rank = stack.ranks[tree_ids][:, 1:].clamp_min(0)
+    if distinct:
+        drafts = (fav + rank) % vocab
+    else:
+        other = torch.randint(0, vocab, (batch, q - 1), device=device, generator=g)
+        drafts = torch.where((rank == 0) & (rand(batch, q - 1) < 0.8), fav, other)
+        first = torch.zeros_like(drafts)  # each node's rank-0 sibling's token (node ids: BFS, siblings adjacent)
+        first[:, 1:] = drafts[:, :-1]
+        drafts = torch.where((rank == 1) & (rand(batch, q - 1) < 0.3), first, drafts)
+    rows = torch.arange(batch * q, device=device).view(batch, q)
+    valid = torch.arange(q, device=device)[None, :] <= num_nodes[:, None]
+    row_of_node = torch.where(valid, rows, -1)
+    temperature = torch.where(torch.arange(batch, device=device) % 4 == 0, 0.0, 0.3 + 1.2 * rand(batch))
+    return (logits.to(logits_dtype), row_of_node, stack.children[tree_ids].contiguous(), drafts, valid,
+            temperature.float(), rand(batch, levels, width), rand(batch))

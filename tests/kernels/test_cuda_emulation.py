@@ -1,5 +1,5 @@
-"""The CUDA kernels' logic on a CPU: csrc/tree_attention_cuda.cuh, move_accepted_kv.cuh and
-target_probs_cuda.cuh run
+"""The CUDA kernels' logic on a CPU: csrc/tree_attention_cuda.cuh, move_accepted_kv.cuh,
+target_probs_cuda.cuh and rejection_walk_cuda.cuh run
 through tests/kernels/cuda_emulation (one fiber per CUDA thread, deferred cp.async, ldmatrix /
 mma.m16n8k16 / shfl assembled from the 32 lanes per the PTX fragment layouts, NaN-filled shared
 memory and workspace, bounds checks on shared and global reads).
@@ -198,3 +198,22 @@ def test_target_probs_kernel_matches_the_cpu_op(emu):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
     nan_row = emu.target_probs(torch.full((1, 300), float("-inf")), torch.ones(1), None, None, None)
     assert torch.isnan(nan_row).all()
+
+
+def test_rejection_walk_kernel_matches_the_cpu_op(emu):
+    """The CUDA walk (a block per request: the online max and normaliser, the argmax of greedy
+    rows, the final draw by a block scan over 8-token tiles, several tiles) gives the CPU op's
+    paths and tokens (fixed-point masses: the same draw whatever the summation order)."""
+    args = kt.walk_problem(24, 20003, seed=0)
+    _same_walk(emu.rejection_walk(*args), kernels.rejection_walk(*args))
+    args = kt.walk_problem(40, 700, seed=1, trees=("sparse-15",))
+    _same_walk(emu.rejection_walk(*args), kernels.rejection_walk(*args))
+    logits = args[0].clone()
+    logits[args[1][:, 0].clamp_min(0)] = float("-inf")  # rows without mass: token 0, nothing accepted
+    got = emu.rejection_walk(logits, *args[1:])
+    assert (got[0] == -1).all() and (got[2] == 0).all()
+
+
+def _same_walk(got, want):
+    for name, a, b in zip(("accepted", "last_node", "final"), got, want):
+        assert torch.equal(a, b), f"{name} differs at {(a != b).reshape(a.shape[0], -1).any(1).nonzero()[:, 0].tolist()}"

@@ -8,7 +8,8 @@ Variants (``--variants``):
 - ``greedy``: the greedy step, from the target argmax of each row (the argmax itself included,
   as the runners compute it before the replay);
 - ``sampled``: temperature 0.8, no top-k/top-p (the set without the filter), random numbers as
-  [B, 2] keys hashed inside the graph (the V2 runner's input);
+  [B, 2] keys hashed inside the graph (the V2 runner's input); the walk the one ``MEDUSA_VLLM_REJECTION_WALK`` names
+  (:mod:`medusa_vllm.vllm_plugin.rejection_walk`: ``kernel`` or ``tensor``);
 - ``top-p``: the same with top-p 0.95: each tree level's filter (vLLM's op when vLLM imports,
   as the runners install it on a GPU, or the one ``MEDUSA_VLLM_TOP_K_TOP_P`` names, e.g.
   ``medusa``: medusa_vllm's target_probs op; else the reference sort);
@@ -214,6 +215,13 @@ def main() -> None:
                 filter_op = names[top_k_top_p.chosen()]
         except ImportError:  # no vLLM here: the reference sort
             pass
+    walk = "tensor"
+    try:  # the walk of unfiltered steps (MEDUSA_VLLM_REJECTION_WALK), as the runners install it
+        from medusa_vllm.vllm_plugin import rejection_walk
+
+        walk = rejection_walk.install(torch.device(dev))
+    except ImportError:
+        pass
     g = torch.Generator(device=dev).manual_seed(0)
     w = torch.randn(HIDDEN, HEADS * args.vocab, device=dev, generator=g).to(torch.bfloat16) * 0.05
     rows, profiles, comps = [], {}, []
@@ -254,6 +262,7 @@ def main() -> None:
 
         config = {k: getattr(args, k) for k in ("trees", "batch_sizes", "variants", "steps", "vocab")}
         config["filter"] = filter_op
+        config["walk"] = walk
         write_json(args.out, envelope("verify_step_cost", device=device_name(), config=config, rows=rows,
                                       summary=summary | {"profiles": profiles}))
         print("wrote", args.out)

@@ -1,5 +1,5 @@
 // Runs the CUDA kernels of csrc/ (tree_attention_cuda.cuh, move_accepted_kv.cuh,
-// target_probs_cuda.cuh) on the CPU
+// target_probs_cuda.cuh, rejection_walk_cuda.cuh) on the CPU
 // through cuda_emulation.h, for tests on machines without a GPU. Built on the fly by
 // tests/kernels/test_cuda_emulation.py (torch.utils.cpp_extension.load). The launch plans
 // mirror csrc/tree_attention_cuda_launch.cuh and csrc/move_accepted_kv_cuda.cu, except that
@@ -14,6 +14,7 @@
 
 #include "host_checks.h"
 #include "move_accepted_kv.cuh"
+#include "rejection_walk_cuda.cuh"
 #include "target_probs_cuda.cuh"
 #include "tree_attention_cuda.cuh"
 
@@ -322,8 +323,29 @@ at::Tensor target_probs_emulated(at::Tensor logits, at::Tensor temperature, c10:
   return out;
 }
 
+// rejection_walk_cuda's launch (float32 logits): a block per request.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_walk_emulated(at::Tensor logits, at::Tensor row_of_node,
+                                                                       at::Tensor children, at::Tensor drafts,
+                                                                       at::Tensor valid, at::Tensor temperature,
+                                                                       at::Tensor accept_u, at::Tensor final_u) {
+  using namespace medusa_vllm;
+  check_rejection_walk_args(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u,
+                            kMaxChildren);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, "the emulation runs float32 logits");
+  const RejectionWalkArgs a(row_of_node, children, drafts, valid, temperature, accept_u, final_u);
+  emu::set_global_ranges({logits, a.row_of_node, a.children, a.drafts, a.valid, a.temperature, a.accept_u,
+                          a.final_u, a.accepted, a.last_node, a.final_token});
+  const WalkParams p = make_walk_params(logits, a);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    emu::run_block({static_cast<unsigned>(b), 0, 0}, {static_cast<unsigned>(a.batch), 1, 1}, cuda::kThreads,
+                   sizeof(cuda::WalkShared), [&] { cuda::rejection_walk_kernel<float>(logits.data_ptr<float>(), p); });
+  }
+  return a.outputs();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tree_attention", &tree_attention_emulated);
   m.def("move_accepted_kv", &move_accepted_kv_emulated);
   m.def("target_probs", &target_probs_emulated);
+  m.def("rejection_walk", &rejection_walk_emulated);
 }
