@@ -30,3 +30,14 @@ def bundled_model_dir():
         return bundled_model_path()
     except RuntimeError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(params=["tensor ops", "walk op"])
+def walk(request):
+    """A rejection test twice: verify's walk in tensor ops, and medusa_vllm's rejection_walk op
+    (medusa_vllm.verify.set_rejection_walk; restored after the test)."""
+    from medusa_vllm import kernels, verify
+
+    old = verify.set_rejection_walk(kernels.rejection_walk if request.param == "walk op" else None)
+    yield request.param
+    verify.set_rejection_walk(old)

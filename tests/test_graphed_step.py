@@ -90,7 +90,7 @@ def _mixed_sampling(b: int, g: torch.Generator, filtered: bool, min_p: bool) -> 
 
 @pytest.mark.parametrize("rule", ["rejection", "typical"])
 @pytest.mark.parametrize("filtered,min_p", [(False, False), (True, False), (False, True), (True, True)])
-def test_sampled_tree_step_matches_the_general_verifier(rule, filtered, min_p):
+def test_sampled_tree_step_matches_the_general_verifier(rule, filtered, min_p, walk):
     """The runner's general verifier reads each request's rows from a Q-wide layout (-1 past
     its nodes) with the parameters as tensors of their own; the fixed-shape step reads packed
     rows and one [B, 4] parameter tensor: same random numbers, same outputs, for the largest

@@ -121,16 +121,6 @@ def _rejection_pvalues(renormalize, duplicate=False, batch=20000, vocab=6, seed=
     return p_first, p_pair
 
 
-@pytest.fixture(params=["tensor ops", "walk op"])
-def walk(request):
-    """Each rejection test twice: the walk in tensor ops, and medusa_vllm's rejection_walk op."""
-    from medusa_vllm import kernels, verify as verify_module
-
-    old = verify_module.set_rejection_walk(kernels.rejection_walk if request.param == "walk op" else None)
-    yield request.param
-    verify_module.set_rejection_walk(old)
-
-
 def test_rejection_sampling_matches_target_distribution(walk):
     # (seed 1: the inverse-CDF draw of the final token gave seed 0 a p of 0.005 on the pairs;
     # at 400,000 samples per seed neither p falls below 0.007 on six seeds: no bias)
