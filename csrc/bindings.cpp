@@ -26,7 +26,8 @@ TORCH_LIBRARY(medusa_vllm, m) {
       "Tensor? min_p) -> Tensor");
   m.def(
       "rejection_walk(Tensor logits, Tensor row_of_node, Tensor children, Tensor drafts, Tensor valid, "
-      "Tensor temperature, Tensor accept_u, Tensor final_u) -> (Tensor, Tensor, Tensor)");
+      "Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor? min_p, Tensor accept_u, Tensor final_u) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(medusa_vllm, CPU, m) {

@@ -279,13 +279,15 @@ struct TargetProbsParams {
 // rejection_walk(logits [R, V] float32/bfloat16/float16 (rows contiguous in V),
 //                row_of_node [B, Q] int64 (-1: none; read as row 0), children [B, Q, C] int64
 //                (-1: none; C <= kMaxChildren), drafts [B, Q-1] int64, valid [B, Q] bool,
-//                temperature [B] float32, accept_u [B, L, C] float32, final_u [B] float32)
+//                temperature [B] float32, top_k [B] int32 / top_p [B] float32 / min_p [B] float32
+//                (each optional, off as in target_probs), accept_u [B, L, C] float32, final_u [B] float32)
 //   -> (accepted [B, L-1] int64, last_node [B] int64, final [B] int64)
 inline void check_rejection_walk_args(const at::Tensor& logits, const at::Tensor& row_of_node,
                                       const at::Tensor& children, const at::Tensor& drafts,
                                       const at::Tensor& valid, const at::Tensor& temperature,
-                                      const at::Tensor& accept_u, const at::Tensor& final_u,
-                                      int64_t max_children) {
+                                      const c10::optional<at::Tensor>& top_k, const c10::optional<at::Tensor>& top_p,
+                                      const c10::optional<at::Tensor>& min_p, const at::Tensor& accept_u,
+                                      const at::Tensor& final_u, int64_t max_children) {
   TORCH_CHECK(logits.dim() == 2, "rejection_walk: logits must be [R, V], got shape ", logits.sizes());
   const auto dt = logits.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
@@ -326,21 +328,38 @@ inline void check_rejection_walk_args(const at::Tensor& logits, const at::Tensor
     TORCH_CHECK(a.t->device() == logits.device(), "rejection_walk: ", a.name, " must be on ", logits.device(),
                 " like logits, got ", a.t->device());
   }
+  const struct {
+    const c10::optional<at::Tensor>* t;
+    const char* name;
+    at::ScalarType want;
+  } filters[] = {{&top_k, "top_k", at::kInt}, {&top_p, "top_p", at::kFloat}, {&min_p, "min_p", at::kFloat}};
+  for (const auto& f : filters) {
+    if (!f.t->has_value()) continue;
+    const at::Tensor& t = **f.t;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == b, "rejection_walk: ", f.name, " must be [B] = [", b, "], got shape ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == f.want && t.device() == logits.device(), "rejection_walk: ", f.name,
+                " must be ", f.want, " on ", logits.device(), ", got ", t.scalar_type(), " on ", t.device());
+  }
 }
 
 // The inputs of a checked rejection_walk call, contiguous; the outputs allocated (accepted -1).
 struct RejectionWalkArgs {
-  at::Tensor row_of_node, children, drafts, valid, temperature, accept_u, final_u;
+  at::Tensor row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p, accept_u, final_u;
   at::Tensor accepted, last_node, final_token;
   int64_t batch, slots, width, levels;
   RejectionWalkArgs(const at::Tensor& row_of_node, const at::Tensor& children, const at::Tensor& drafts,
-                    const at::Tensor& valid, const at::Tensor& temperature, const at::Tensor& accept_u,
-                    const at::Tensor& final_u)
+                    const at::Tensor& valid, const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
+                    const c10::optional<at::Tensor>& top_p, const c10::optional<at::Tensor>& min_p,
+                    const at::Tensor& accept_u, const at::Tensor& final_u)
       : row_of_node(row_of_node.contiguous()),
         children(children.contiguous()),
         drafts(drafts.contiguous()),
         valid(valid.contiguous()),
         temperature(temperature.contiguous()),
+        top_k(top_k.has_value() ? top_k->contiguous() : at::Tensor()),
+        top_p(top_p.has_value() ? top_p->contiguous() : at::Tensor()),
+        min_p(min_p.has_value() ? min_p->contiguous() : at::Tensor()),
         accept_u(accept_u.contiguous()),
         final_u(final_u.contiguous()),
         batch(row_of_node.size(0)),
@@ -357,7 +376,10 @@ struct RejectionWalkArgs {
 // The kernels' parameters of a checked rejection_walk call (its logits, its RejectionWalkArgs).
 inline WalkParams make_walk_params(const at::Tensor& logits, const RejectionWalkArgs& a) {
   return WalkParams{a.row_of_node.data_ptr<int64_t>(), a.children.data_ptr<int64_t>(), a.drafts.data_ptr<int64_t>(),
-                    a.valid.data_ptr<bool>(), a.temperature.data_ptr<float>(), a.accept_u.data_ptr<float>(),
+                    a.valid.data_ptr<bool>(), a.temperature.data_ptr<float>(),
+                    a.top_k.defined() ? a.top_k.data_ptr<int32_t>() : nullptr,
+                    a.top_p.defined() ? a.top_p.data_ptr<float>() : nullptr,
+                    a.min_p.defined() ? a.min_p.data_ptr<float>() : nullptr, a.accept_u.data_ptr<float>(),
                     a.final_u.data_ptr<float>(), a.accepted.data_ptr<int64_t>(), a.last_node.data_ptr<int64_t>(),
                     a.final_token.data_ptr<int64_t>(), logits.size(0), logits.size(1), logits.stride(0), a.slots,
                     static_cast<int>(a.width), static_cast<int>(a.levels),

@@ -17,7 +17,8 @@ namespace medusa_vllm {
 //   keyed_uniforms(Tensor keys, int n) -> Tensor
 //   target_probs(Tensor logits, Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor? min_p) -> Tensor
 //   rejection_walk(Tensor logits, Tensor row_of_node, Tensor children, Tensor drafts, Tensor valid,
-//                  Tensor temperature, Tensor accept_u, Tensor final_u) -> (Tensor, Tensor, Tensor)
+//                  Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor? min_p, Tensor accept_u,
+//                  Tensor final_u) -> (Tensor, Tensor, Tensor)
 
 void tree_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& block_table,
@@ -37,7 +38,9 @@ at::Tensor target_probs_cpu(const at::Tensor& logits, const at::Tensor& temperat
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_walk_cpu(
     const at::Tensor& logits, const at::Tensor& row_of_node, const at::Tensor& children, const at::Tensor& drafts,
-    const at::Tensor& valid, const at::Tensor& temperature, const at::Tensor& accept_u, const at::Tensor& final_u);
+    const at::Tensor& valid, const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
+    const c10::optional<at::Tensor>& top_p, const c10::optional<at::Tensor>& min_p, const at::Tensor& accept_u,
+    const at::Tensor& final_u);
 
 #ifdef MEDUSA_VLLM_WITH_CUDA
 void tree_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
@@ -58,7 +61,9 @@ at::Tensor target_probs_cuda(const at::Tensor& logits, const at::Tensor& tempera
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_walk_cuda(
     const at::Tensor& logits, const at::Tensor& row_of_node, const at::Tensor& children, const at::Tensor& drafts,
-    const at::Tensor& valid, const at::Tensor& temperature, const at::Tensor& accept_u, const at::Tensor& final_u);
+    const at::Tensor& valid, const at::Tensor& temperature, const c10::optional<at::Tensor>& top_k,
+    const c10::optional<at::Tensor>& top_p, const c10::optional<at::Tensor>& min_p, const at::Tensor& accept_u,
+    const at::Tensor& final_u);
 #endif
 
 }  // namespace medusa_vllm

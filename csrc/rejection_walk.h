@@ -2,8 +2,9 @@
 // and rejection_walk_cuda.cuh; the PyTorch reference is medusa_vllm.kernels.reference.
 // rejection_walk_ref (the walk of medusa_vllm.verify.verify_rejection, without filters).
 //
-// Per request, from the root: the target at the current node's row is softmax(x / T) (a greedy
-// request, T <= 1e-5: the point mass at its argmax, the lowest id of equal maxima); the node's
+// Per request, from the root: the target at the current node's row is softmax(x / T) after the
+// request's min-p, top-k and top-p, exactly as target_probs.h filters (a greedy request,
+// T <= 1e-5: the point mass at its argmax, the lowest id of equal maxima); the node's
 // children are offered in rank order (a verified child whose token no earlier verified sibling
 // holds); child j is accepted with probability p(x_j) / (1 - the earlier offered children's p),
 // tested against the request's uniform for (level, j). An accepted child becomes the current
@@ -34,6 +35,9 @@ struct WalkParams {
   const int64_t* drafts;       // [B, Q-1]
   const bool* valid;           // [B, Q]
   const float* temperature;    // [B]
+  const int32_t* top_k;        // [B] or null (off: <= 0 or >= V)
+  const float* top_p;          // [B] or null (off: >= 1)
+  const float* min_p;          // [B] or null (off: <= 0)
   const float* accept_u;       // [B, L, C]
   const float* final_u;        // [B]
   int64_t* accepted;           // [B, L-1]
@@ -43,6 +47,18 @@ struct WalkParams {
   int width, levels;
   float scale;  // fixed-point mass scale (target_probs.h)
 };
+
+// A request's filters (target_probs.h; off: top_k <= 0 or >= V, top_p >= 1, min_p <= 0).
+struct RequestFilter {
+  int64_t top_k;
+  float top_p;
+  float min_p;
+  MEDUSA_VLLM_HD bool any(int64_t vocab) const { return (top_k > 0 && top_k < vocab) || top_p < 1.f || min_p > 0.f; }
+};
+
+MEDUSA_VLLM_HD RequestFilter request_filter(const WalkParams& p, int64_t b) {
+  return RequestFilter{p.top_k ? p.top_k[b] : p.vocab, p.top_p ? p.top_p[b] : 1.f, p.min_p ? p.min_p[b] : 0.f};
+}
 
 // A node's children as the walk offers them, in rank order.
 struct Children {

@@ -90,7 +90,7 @@ __device__ void hist_pass(const Row<T>& row, Shared& sh, uint32_t prefix, uint32
 // select_byte (target_probs.h) over the summed sub-histograms, by warp 0: lane l takes the
 // bytes 255 - 8l down to 248 - 8l, a warp scan finds the lane where the target is reached.
 // `less` is taken off the bin of byte `less_byte` first (-1: none).
-__device__ void select_pass(Shared& sh, unsigned long long target, int shift, int less_byte,
+__device__ inline void select_pass(Shared& sh, unsigned long long target, int shift, int less_byte,
                             unsigned long long less) {
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -160,6 +160,65 @@ __device__ Selected radix_select(const Row<T>& row, Shared& sh, unsigned long lo
   return out;
 }
 
+// A row's filters (target_probs.h), every thread taking part: the max of x, the boundary of the
+// kept tokens (keys above b.key, and the first b.keep by id at it; ~0: every token) and their
+// mass z (a fixed-order float sum). empty: every logit -inf (nothing to sample).
+struct RowFilter {
+  float m;
+  float mp;  // min-p (0: off)
+  Boundary b;
+  float z;
+  bool empty;
+  // e = exp(x - m), or 0 where min-p drops the token
+  __device__ __forceinline__ float min_p_e(float x) const {
+    const float e = expf(x - m);
+    return (mp > 0.f && e < mp) ? 0.f : e;
+  }
+};
+
+template <typename T>
+__device__ RowFilter filter_row(const Row<T>& row, Shared& sh, int64_t k, float p, float mp, float mass_scale) {
+  const int64_t vocab = row.vocab;
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) m = fmaxf(m, row.x(i));
+  m = block_reduce(m, sh.fred, MaxOp());
+  RowFilter f{m, mp, Boundary{0, ~0ull}, 0.f, m == -INFINITY};  // (no filter: every token)
+  if (f.empty) return f;
+  unsigned long long k_dropped = 0;  // top-k ties at b.key that top-k drops (by token id)
+  if (k > 0 && k < vocab) {
+    const Selected s = radix_select(row, sh, static_cast<unsigned long long>(k), [](float, uint32_t) { return 1ull; });
+    f.b = Boundary{s.key, static_cast<unsigned long long>(k) - s.above};
+    k_dropped = s.at - f.b.keep;
+  }
+  if (p < 1.f) {
+    // weights of the tokens top-k keeps: every tie at its boundary counted, the dropped ones
+    // taken off their bin (they weigh the same: equal logits)
+    const uint32_t tk = f.b.key;
+    auto weight = [&](float x, uint32_t key) { return key < tk ? 0ull : fixed_mass(f.min_p_e(x), mass_scale); };
+    const unsigned long long less = k_dropped * fixed_mass(f.min_p_e(key_value(tk)), mass_scale);
+    unsigned long long total = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      const float x = row.x(i);
+      total += weight(x, order_key(x));
+    }
+    total = block_reduce(total, sh.ured, SumOp()) - less;
+    const unsigned long long target = top_p_target(p, total);
+    const Selected s = radix_select(row, sh, target, weight, tk, less);
+    const unsigned long long tie = fixed_mass(f.min_p_e(key_value(s.key)), mass_scale);
+    f.b = combine(f.b, Boundary{s.key, top_p_ties_kept(target, s.above, tie)});
+  }
+  // kept: key > b.key, and the first b.keep tokens (by id) with key == b.key
+  float z = 0.f;
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+    const float x = row.x(i);
+    if (order_key(x) > f.b.key) z += f.min_p_e(x);
+  }
+  z = block_reduce(z, sh.fred, SumOp());
+  if (f.b.keep != ~0ull) z += static_cast<float>(f.b.keep) * f.min_p_e(key_value(f.b.key));
+  f.z = z;
+  return f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     target_probs_kernel(const T* __restrict__ logits, int64_t row_stride, float* __restrict__ out, int64_t vocab,
@@ -170,54 +229,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r = blockIdx.x;
   const Row<T> row{logits + r * row_stride, vocab, temperature[r]};
   float* o = out + r * vocab;
-  const int64_t k = top_k ? top_k[r] : vocab;
-  const float p = top_p ? top_p[r] : 1.f;
-  const float mp = min_p ? min_p[r] : 0.f;
-
-  float m = -INFINITY;
-  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) m = fmaxf(m, row.x(i));
-  m = block_reduce(m, sh.fred, MaxOp());
-  if (m == -INFINITY) {  // nothing to sample (softmax gives NaN too)
+  const RowFilter f = filter_row(row, sh, top_k ? top_k[r] : vocab, top_p ? top_p[r] : 1.f,
+                                 min_p ? min_p[r] : 0.f, mass_scale);
+  if (f.empty) {  // nothing to sample (softmax gives NaN too)
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) o[i] = NAN;
     return;
   }
-  auto min_p_e = [&](float x) {  // e, or 0 where min-p drops the token
-    const float e = expf(x - m);
-    return (mp > 0.f && e < mp) ? 0.f : e;
-  };
-  Boundary b{0, ~0ull};  // no filter: every token
-  unsigned long long k_dropped = 0;  // top-k ties at b.key that top-k drops (by token id)
-  if (k > 0 && k < vocab) {
-    const Selected s = radix_select(row, sh, static_cast<unsigned long long>(k), [](float, uint32_t) { return 1ull; });
-    b = Boundary{s.key, static_cast<unsigned long long>(k) - s.above};
-    k_dropped = s.at - b.keep;
-  }
-  if (p < 1.f) {
-    // weights of the tokens top-k keeps: every tie at its boundary counted, the dropped ones
-    // taken off their bin (they weigh the same: equal logits)
-    const uint32_t tk = b.key;
-    auto weight = [&](float x, uint32_t key) { return key < tk ? 0ull : fixed_mass(min_p_e(x), mass_scale); };
-    const unsigned long long less = k_dropped * fixed_mass(min_p_e(key_value(tk)), mass_scale);
-    unsigned long long total = 0;
-    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const float x = row.x(i);
-      total += weight(x, order_key(x));
-    }
-    total = block_reduce(total, sh.ured, SumOp()) - less;
-    const unsigned long long target = top_p_target(p, total);
-    const Selected s = radix_select(row, sh, target, weight, tk, less);
-    const unsigned long long tie = fixed_mass(min_p_e(key_value(s.key)), mass_scale);
-    b = combine(b, Boundary{s.key, top_p_ties_kept(target, s.above, tie)});
-  }
-  // kept: key > b.key, and the first b.keep tokens (by id) with key == b.key
-  float z = 0.f;
-  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-    const float x = row.x(i);
-    if (order_key(x) > b.key) z += min_p_e(x);
-  }
-  z = block_reduce(z, sh.fred, SumOp());
-  if (b.keep != ~0ull) z += static_cast<float>(b.keep) * min_p_e(key_value(b.key));
-  const float inv = 1.f / z;
+  const Boundary b = f.b;
+  auto min_p_e = [&](float x) { return f.min_p_e(x); };
+  const float inv = 1.f / f.z;
   if (b.keep == ~0ull) {  // no filter: no tie to rank
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) o[i] = min_p_e(row.x(i)) * inv;
     return;

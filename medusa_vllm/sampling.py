@@ -49,6 +49,11 @@ def set_target_probs(fn: Callable[..., torch.Tensor] | None) -> Callable[..., to
     return old
 
 
+def filters_with_target_probs() -> bool:
+    """Whether the installed filter is a whole-distribution op (:func:`set_target_probs`)."""
+    return _target_probs_op is not None
+
+
 @dataclass
 class SamplingBatch:
     temperature: torch.Tensor  # [B] float32; <= 1e-5 means greedy

@@ -33,21 +33,24 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_vllm.sampling import SamplingBatch, StepRandomness, TargetParams, sample, target_probs, target_probs_of
+from medusa_vllm.sampling import (
+    SamplingBatch, StepRandomness, TargetParams, filters_with_target_probs, sample, target_probs, target_probs_of)
 from medusa_vllm.tree_tensors import TreeTensors
 
 TYPICAL_EPS = 0.09
 TYPICAL_DELTA = 0.3
 
-# The walk of an unfiltered rejection step in one op (medusa_vllm.kernels.rejection_walk:
-# (logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u) -> (accepted,
+# The walk of a rejection step in one op (medusa_vllm.kernels.rejection_walk:
+# (logits, row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p, accept_u, final_u)
+# -> (accepted,
 # last_node, final)); None: the tensor ops below. Set by an engine adapter (set_rejection_walk).
 _walk_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def set_rejection_walk(fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None):
-    """Run the rejection walk of steps without top-k, top-p or min-p with ``fn`` (e.g.
-    :func:`medusa_vllm.kernels.rejection_walk`: one kernel instead of about 200 tensor ops; the
+    """Run the rejection walk with ``fn`` (e.g. :func:`medusa_vllm.kernels.rejection_walk`: one
+    kernel instead of about 200 tensor ops; steps with top-k, top-p or min-p only where
+    :func:`medusa_vllm.sampling.set_target_probs` installed the filter it applies; the
     same accepted paths, and its final draws by the inverse CDF of fixed-point masses, not of
     float64 sums: the same token but where a uniform falls within rounding of a boundary);
     returns the one it replaces."""
@@ -200,9 +203,14 @@ def verify_rejection(
     depth = trees.max_depth
     if rand is None:
         rand = StepRandomness.draw(b, depth + 1, width, sampling, dev)
-    if _walk_op is not None and renormalize and residual and not sampling.filtered and sampling.min_p is None:
+    params = TargetParams.of(sampling, logits.shape[-1])
+    # the op filters as medusa_vllm's target_probs does: steps with a filter take it only when
+    # that is the installed filter (else the tensor walk, with the engine's own filter)
+    if _walk_op is not None and renormalize and residual and (
+            (params.top_k is None and params.min_p is None) or filters_with_target_probs()):
         accepted_t, cur, final = _walk_op(logits, row_of_node.long(), tb.children, drafts.long(), tb.valid,
-                                          sampling.temperature.float(), rand.accept, rand.final)
+                                          sampling.temperature.float(), params.top_k, params.top_p, params.min_p,
+                                          rand.accept, rand.final)
         num_accepted = (accepted_t >= 0).sum(dim=1)
         return VerifyOutput(accepted_t, num_accepted, cur, _emit(drafts, accepted_t, num_accepted, final))
     # every node's children once (the walk then indexes one [B, Q, C, 3] table per level):
@@ -213,7 +221,6 @@ def verify_rejection(
     earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril_(-1)
     dup = (kid_tok.unsqueeze(3) == kid_tok.unsqueeze(2)) & earlier & kid_ok.unsqueeze(2)  # [B, Q, C, C]
     table = torch.stack([tb.children, kid_tok, (kid_ok & ~dup.any(dim=3)).long()], dim=3).view(b, q, width * 3)
-    params = TargetParams.of(sampling, logits.shape[-1])
 
     def children(node):  # [B] -> the node's table entry [B, C, 3]: child id, token, offered
         return table.gather(1, node[:, None, None].expand(b, 1, width * 3)).view(b, width, 3)

@@ -7,7 +7,8 @@ accepted-path KV move, as torch.ops.medusa_vllm.* (compiled in csrc/).
     keyed_uniforms(keys, n) -> [B, n] float32 (the sampled tree step's random numbers)
     target_probs(logits, temperature, top_k, top_p, min_p) -> [M, V] float32 (the filtered
                  target distribution: temperature, min-p, top-k, top-p, softmax; no sort)
-    rejection_walk(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u)
+    rejection_walk(logits, row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p,
+                   accept_u, final_u)
                  -> (accepted, last_node, final) (a sampled tree step's lossless walk, one op)
 
 The wrappers check tensor metadata (no host syncs) and call the op. Without the compiled
@@ -272,12 +273,16 @@ def rejection_walk(
     drafts: torch.Tensor,  # [B, Q-1] int64 token of node i at i - 1
     valid: torch.Tensor,  # [B, Q] bool: node verified this step
     temperature: torch.Tensor,  # [B] float32, <= 1e-5: greedy (the point mass at the argmax)
+    top_k: torch.Tensor | None,  # [B] int32, <= 0 or >= V: off (None: no request filters)
+    top_p: torch.Tensor | None,  # [B] float32, >= 1: off
+    min_p: torch.Tensor | None,  # [B] float32, <= 0: off
     accept_u: torch.Tensor,  # [B, L, C] float32 uniforms in [0, 1) of each level's children
     final_u: torch.Tensor,  # [B] float32 uniform in [0, 1) of the final draw
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # accepted [B, L-1] int64 (-1 pad), last_node [B], final [B]
-    """The lossless rejection walk of a sampled tree step (no top-k / top-p / min-p), one op
-    (csrc/rejection_walk.h): from the root, each level's target softmax(x / T) at the current
-    node's row (a greedy request: the point mass at its argmax), the first offered child
+    """The lossless rejection walk of a sampled tree step, one op (csrc/rejection_walk.h): from
+    the root, each level's target at the current node's row (softmax(x / T) after min-p, top-k
+    and top-p as :func:`target_probs` filters; a greedy request: the point mass at its argmax),
+    the first offered child
     accepted with probability p / (1 - the earlier offered children's p), and at the stopping
     node the final token drawn from its target without its offered children's tokens (fixed-
     point masses: the same token on every device). A request per 1024-thread block on a GPU, no
@@ -292,13 +297,17 @@ def rejection_walk(
     for name, t, shape, dtype in (
             ("children", children, (b, q, width), torch.int64), ("drafts", drafts, (b, q - 1), torch.int64),
             ("valid", valid, (b, q), torch.bool), ("temperature", temperature, (b,), torch.float32),
-            ("final_u", final_u, (b,), torch.float32), ("row_of_node", row_of_node, (b, q), torch.int64)):
-        _require(tuple(t.shape) == shape and t.dtype == dtype,
-                 f"{name} must be {list(shape)} {dtype}, got {tuple(t.shape)} {t.dtype}")
+            ("final_u", final_u, (b,), torch.float32), ("row_of_node", row_of_node, (b, q), torch.int64),
+            ("top_k", top_k, (b,), torch.int32), ("top_p", top_p, (b,), torch.float32),
+            ("min_p", min_p, (b,), torch.float32)):
+        _require(t is None and name in ("top_k", "top_p", "min_p")
+                 or t is not None and tuple(t.shape) == shape and t.dtype == dtype,
+                 f"{name} must be {list(shape)} {dtype}, got {None if t is None else (tuple(t.shape), t.dtype)}")
     _require(accept_u.dim() == 3 and accept_u.shape[0] == b and accept_u.shape[2] == width
              and accept_u.shape[1] >= 1 and accept_u.dtype == torch.float32,
              f"accept_u must be [{b}, L, {width}] float32, got {tuple(accept_u.shape)} {accept_u.dtype}")
     if not _WALK_OP:
-        return rejection_walk_ref(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u)
+        return rejection_walk_ref(logits, row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p,
+                                  accept_u, final_u)
     return torch.ops.medusa_vllm.rejection_walk(logits, row_of_node, children, drafts, valid, temperature,
-                                                accept_u, final_u)
+                                                top_k, top_p, min_p, accept_u, final_u)

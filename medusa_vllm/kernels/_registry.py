@@ -38,7 +38,8 @@ SCHEMAS = {
     ),
     "rejection_walk": (
         "rejection_walk(Tensor logits, Tensor row_of_node, Tensor children, Tensor drafts, Tensor valid, "
-        "Tensor temperature, Tensor accept_u, Tensor final_u) -> (Tensor, Tensor, Tensor)"
+        "Tensor temperature, Tensor? top_k, Tensor? top_p, Tensor? min_p, Tensor accept_u, Tensor final_u) "
+        "-> (Tensor, Tensor, Tensor)"
     ),
 }
 BUILD_HINT = (
@@ -103,7 +104,8 @@ def _register_fakes() -> None:
 
     if _op_exists("rejection_walk"):
         @torch.library.register_fake(f"{NAMESPACE}::rejection_walk")
-        def _rejection_walk_fake(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u):
+        def _rejection_walk_fake(logits, row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p,
+                                 accept_u, final_u):
             b, levels = row_of_node.shape[0], accept_u.shape[1]
             return (row_of_node.new_empty((b, levels - 1)), row_of_node.new_empty((b,)),
                     row_of_node.new_empty((b,)))

@@ -174,11 +174,15 @@ def rejection_walk_ref(
     drafts: torch.Tensor,  # [B, Q-1] int64 token of node i at i - 1
     valid: torch.Tensor,  # [B, Q] bool: node verified
     temperature: torch.Tensor,  # [B] float32, <= 1e-5: greedy
+    top_k: torch.Tensor | None,  # [B] int32, <= 0 or >= V: off
+    top_p: torch.Tensor | None,  # [B] float32, >= 1: off
+    min_p: torch.Tensor | None,  # [B] float32, <= 0: off
     accept_u: torch.Tensor,  # [B, L, C] float32 uniforms of each level's children
     final_u: torch.Tensor,  # [B] float32 uniform of the final draw
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # accepted [B, L-1], last_node [B], final [B]
     """The rejection walk of csrc/rejection_walk.h in tensor ops, level by level over the batch:
-    the target at each current node's row (softmax of x / T, or the point mass at the argmax),
+    the target at each current node's row (softmax of x / T over the tokens
+    :func:`target_probs_ref` keeps, or the point mass at the argmax),
     the first offered child accepted with probability p / (1 - the earlier offered p), and at
     the stopping node the final token by the inverse CDF of fixed-point masses (floor(e * 2^s),
     e = exp(x / T - max), the stopping node's offered tokens left out unless they held it all)."""
@@ -200,10 +204,12 @@ def rejection_walk_ref(
         raw = logits[rows].float()  # [B, V]
         x = raw / temp[:, None]
         e = torch.exp(x - x.amax(dim=1, keepdim=True))
+        if top_k is not None or top_p is not None or min_p is not None:
+            e = torch.where(target_probs_ref(raw, temp, top_k, top_p, min_p) > 0, e, 0.0)
         argmax = raw.argmax(dim=1)
         point = torch.zeros_like(e).scatter_(1, argmax[:, None], 1.0)
         e = torch.where(greedy[:, None], point, e)  # (a greedy row's e is its point mass, z = 1)
-        empty = ~greedy & (x.amax(dim=1) == float("-inf"))
+        empty = ~greedy & ~(e.sum(dim=1) > 0)
         kid = children[batch, cur]  # [B, C]
         kid_tok = tokens.gather(1, kid.clamp_min(0))
         ok = (kid >= 0) & valid.gather(1, kid.clamp_min(0))

@@ -247,11 +247,13 @@ def eager_then_graphed(step) -> tuple[tuple, tuple]:
 
 def walk_problem(batch: int, vocab: int, seed: int = 0, device: str = "cpu",
                  logits_dtype: torch.dtype = torch.float32, trees=("default-63", "sparse-15"),
-                 distinct: bool = False) -> tuple:
+                 distinct: bool = False, filters: bool = False) -> tuple:
     """rejection_walk's inputs for ``batch`` requests over a stack of trees (each request's tree
     and verified-node count random): (logits, row_of_node, children, drafts, valid, temperature,
-    accept_u, final_u). Every fourth request is greedy, the others sample at temperatures 0.3 to
-    1.5; each row's favourite stands out. A rank-0 node mostly holds its parent's favourite
+    top_k, top_p, min_p, accept_u, final_u). Every fourth request is greedy, the others sample at
+    temperatures 0.3 to 1.5; ``filters``: requests use top-k (1 to 200, or off), top-p (0.3 to
+    0.99, or off) and min-p (0.05, 0.2, or off) in every mix (else None: no filter); each row's
+    favourite stands out. A rank-0 node mostly holds its parent's favourite
     (paths of every length get accepted), a rank-1 node sometimes repeats its rank-0 sibling's
     token; the others hold random tokens. ``distinct``: rank r holds the parent's favourite + r
     (siblings never share a token, as Medusa's top-k drafts)."""
@@ -284,6 +286,12 @@ def walk_problem(batch: int, vocab: int, seed: int = 0, device: str = "cpu",
     rows = torch.arange(batch * q, device=device).view(batch, q)
     valid = torch.arange(q, device=device)[None, :] <= num_nodes[:, None]
     row_of_node = torch.where(valid, rows, -1)
-    temperature = torch.where(torch.arange(batch, device=device) % 4 == 0, 0.0, 0.3 + 1.2 * rand(batch))
+    idx = torch.arange(batch, device=device)
+    temperature = torch.where(idx % 4 == 0, 0.0, 0.3 + 1.2 * rand(batch))
+    top_k = top_p = min_p = None
+    if filters:
+        top_k = torch.tensor([vocab, 1, 20, vocab, 200, 7], dtype=torch.int32, device=device)[idx % 6]
+        top_p = torch.tensor([1.0, 0.9, 0.5, 0.95, 0.99, 0.3, 1.0], device=device)[idx % 7]
+        min_p = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.2], device=device)[idx % 5]
     return (logits.to(logits_dtype), row_of_node, stack.children[tree_ids].contiguous(), drafts, valid,
-            temperature.float(), rand(batch, levels, width), rand(batch))
+            temperature.float(), top_k, top_p, min_p, rand(batch, levels, width), rand(batch))

@@ -202,10 +202,19 @@ def test_target_probs_kernel_matches_the_cpu_op(emu):
 
 def test_rejection_walk_kernel_matches_the_cpu_op(emu):
     """The CUDA walk (a block per request: the online max and normaliser, the argmax of greedy
-    rows, the final draw by a block scan over 8-token tiles, several tiles) gives the CPU op's
-    paths and tokens (fixed-point masses: the same draw whatever the summation order)."""
+    rows, target_probs' filter passes with top-k / top-p / min-p, children tied at a filter's
+    boundary ranked by id, the final draw by a block scan over 8-token tiles, several tiles)
+    gives the CPU op's paths and tokens (fixed-point masses: the same draw whatever the
+    summation order)."""
     args = kt.walk_problem(24, 20003, seed=0)
     _same_walk(emu.rejection_walk(*args), kernels.rejection_walk(*args))
+    args = kt.walk_problem(24, 20003, seed=2, filters=True)
+    _same_walk(emu.rejection_walk(*args), kernels.rejection_walk(*args))
+    # integer logits: hundreds of tokens tied at every filter boundary, children among them
+    args = list(kt.walk_problem(42, 2500, seed=3, filters=True))
+    args[0] = (args[0] * 2).round()
+    _same_walk(emu.rejection_walk(*args), kernels.rejection_walk(*args))
+    _same_walk(kernels.rejection_walk(*args), kernels.rejection_walk_ref(*args))
     args = kt.walk_problem(40, 700, seed=1, trees=("sparse-15",))
     _same_walk(emu.rejection_walk(*args), kernels.rejection_walk(*args))
     logits = args[0].clone()

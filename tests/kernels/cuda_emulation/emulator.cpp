@@ -327,14 +327,21 @@ at::Tensor target_probs_emulated(at::Tensor logits, at::Tensor temperature, c10:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rejection_walk_emulated(at::Tensor logits, at::Tensor row_of_node,
                                                                        at::Tensor children, at::Tensor drafts,
                                                                        at::Tensor valid, at::Tensor temperature,
+                                                                       c10::optional<at::Tensor> top_k,
+                                                                       c10::optional<at::Tensor> top_p,
+                                                                       c10::optional<at::Tensor> min_p,
                                                                        at::Tensor accept_u, at::Tensor final_u) {
   using namespace medusa_vllm;
-  check_rejection_walk_args(logits, row_of_node, children, drafts, valid, temperature, accept_u, final_u,
-                            kMaxChildren);
+  check_rejection_walk_args(logits, row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p,
+                            accept_u, final_u, kMaxChildren);
   TORCH_CHECK(logits.scalar_type() == at::kFloat, "the emulation runs float32 logits");
-  const RejectionWalkArgs a(row_of_node, children, drafts, valid, temperature, accept_u, final_u);
-  emu::set_global_ranges({logits, a.row_of_node, a.children, a.drafts, a.valid, a.temperature, a.accept_u,
-                          a.final_u, a.accepted, a.last_node, a.final_token});
+  const RejectionWalkArgs a(row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p, accept_u,
+                            final_u);
+  std::vector<at::Tensor> inputs{logits,     a.row_of_node, a.children, a.drafts,    a.valid,      a.temperature,
+                                 a.accept_u, a.final_u,     a.accepted, a.last_node, a.final_token};
+  for (const at::Tensor& t : {a.top_k, a.top_p, a.min_p})
+    if (t.defined()) inputs.push_back(t);
+  emu::set_global_ranges(inputs);
   const WalkParams p = make_walk_params(logits, a);
   for (int64_t b = 0; b < a.batch; ++b) {
     emu::run_block({static_cast<unsigned>(b), 0, 0}, {static_cast<unsigned>(a.batch), 1, 1}, cuda::kThreads,
