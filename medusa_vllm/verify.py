@@ -40,9 +40,8 @@ from medusa_vllm.tree_tensors import TreeTensors
 TYPICAL_EPS = 0.09
 TYPICAL_DELTA = 0.3
 
-# The walk of a rejection step in one op (medusa_vllm.kernels.rejection_walk:
-# (logits, row_of_node, children, drafts, valid, temperature, top_k, top_p, min_p, accept_u, final_u)
-# -> (accepted,
+# The walk of a rejection step in one op (medusa_vllm.kernels.rejection_walk: (logits, row_of_node,
+# children, drafts, valid, temperature, top_k, top_p, min_p, accept_u, final_u) -> (accepted,
 # last_node, final)); None: the tensor ops below. Set by an engine adapter (set_rejection_walk).
 _walk_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
