@@ -12,9 +12,12 @@ paths; their final draws are inverse CDFs of the same distribution over differen
 so a step with a filter takes it only where that is the installed filter
 (``MEDUSA_VLLM_TOP_K_TOP_P=medusa``); with vLLM's filter such steps keep the tensor walk.
 
-``MEDUSA_VLLM_REJECTION_WALK`` picks one; unset: ``kernel`` on a CPU, ``tensor`` on a GPU (the
-CUDA kernel has run through tests/kernels/cuda_emulation, not yet on a GPU). An A/B in one
-benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_REJECTION_WALK=kernel``.
+``MEDUSA_VLLM_REJECTION_WALK`` picks one (default ``kernel``). Measured on an H100 (code
+ca4aa24, CUDA-graphed verify step of ``default-63`` at 1 / 8 / 32 / 64 requests,
+benchmarks/results/verify_step_cost_h100_{walk,tensor}_ca4aa24.json): without a filter 735 /
+851 / 1,144 / 1,556 µs with the tensor walk, 271 / 351 / 563 / 734 µs with the op; with top-p
+0.95 and target_probs as the filter 383 / 512 / 779 / 1,092 µs. An A/B in one benchmark run:
+``medusa-v2:default-63+MEDUSA_VLLM_REJECTION_WALK=tensor``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ CHOICES = ("kernel", "tensor")
 
 
 def chosen(device: torch.device) -> str:
-    """The walk ``MEDUSA_VLLM_REJECTION_WALK`` names, or the device's default."""
-    choice = os.environ.get("MEDUSA_VLLM_REJECTION_WALK", "") or ("tensor" if device.type == "cuda" else "kernel")
+    """The walk ``MEDUSA_VLLM_REJECTION_WALK`` names (``kernel`` when unset; ``device`` kept for
+    a per-device default)."""
+    choice = os.environ.get("MEDUSA_VLLM_REJECTION_WALK", "") or "kernel"
     if choice not in CHOICES:
         raise ValueError(f"MEDUSA_VLLM_REJECTION_WALK={choice!r}: expected 'kernel' (medusa_vllm's "
                          f"rejection_walk op) or 'tensor' (the walk in tensor ops)")

@@ -52,13 +52,19 @@ def test_keeps_the_tokens_vllms_kernel_keeps(m):
     z = x.float() / temp.unsqueeze(1)
     want = torch.isfinite(triton_top_k_top_p(z.clone(), k, p))
     got = kernels.target_probs(x, temp, k, p, None) > 0
-    # Both keep, of equal logits at a boundary, the lowest token ids (bf16 logits tie in groups:
-    # at 084ea7f, which kept whole ties, the tokens that differed held up to 8.8% of a flat
-    # row's mass). What may differ is where float32 sums put a top-p boundary: those tokens must
-    # hold under 1e-3 of the row's probability.
+    # Both keep, of equal logits at a boundary, the lowest token ids first, and as many as reach
+    # top-p in exact arithmetic (target_probs in integers). vLLM's kernel finds its top-p ties
+    # again by a float round trip (log(prob * sum) + max within 1e-9 of the logit); where that
+    # misses it keeps the whole tie group (H100, ca4aa24: 38 tokens, 0.7% of a flat row's mass,
+    # at p = 0.3). So tokens may differ only within one tie group a row, at the lower boundary
+    # of what either keeps; elsewhere the two keep the same tokens.
     off = got != want
     mass = (torch.softmax(z, dim=-1) * off).sum(dim=1)
-    assert float(mass.max()) < 1e-3, f"tokens {off.sum(dim=1).tolist()} of mass {mass.tolist()} differ"
+    for r in off.any(dim=1).nonzero()[:, 0].tolist():
+        tied = z[r, off[r]].unique()
+        lowest = min(float(z[r, got[r]].min()), float(z[r, want[r]].min()))
+        assert tied.numel() == 1 and float(tied[0]) == lowest, \
+            f"row {r}: the tokens that differ hold logits {tied[:8].tolist()}, not one tie at the boundary {lowest}"
     print(f"m={m}: rows that differ {int(off.any(dim=1).sum())}, largest mass {float(mass.max()):.2e}")
 
 

@@ -14,7 +14,7 @@ TP_TIMEOUT=${PYTEST_TIMEOUT:-170} bash tools/gpu/session.sh pytest \
     "tests/kernels/test_rejection_walk_cuda.py tests/kernels/test_target_probs_cuda.py tests/kernels/test_target_probs.py tests/kernels/test_top_k_top_p_cuda.py tests/kernels/test_graphed_step_cuda.py"
 source tools/gpu/env.sh
 vsc() {  # $1: name, $2: directory of the package, $3: filter, $4: walk
-    (cd "$2" && MEDUSA_VLLM_TOP_K_TOP_P=$3 MEDUSA_VLLM_REJECTION_WALK=$4 PYTHONPATH=$PWD timeout 100 \
+    (cd "$2" && MEDUSA_VLLM_TOP_K_TOP_P=$3 MEDUSA_VLLM_REJECTION_WALK=$4 PYTHONPATH=$PWD:${PYTHONPATH:-} timeout 100 \
         python3 tools/gpu/verify_step_cost.py --trees default-63 --variants sampled top-p --steps 100 \
         --out "$OUT/vsc_$1.json" > "$OUT/vsc_$1.log" 2>&1)
     echo "vsc $1 rc=$?"
