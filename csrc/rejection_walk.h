@@ -1,6 +1,6 @@
 // The lossless rejection walk of a sampled tree step in one op, shared by rejection_walk_cpu.cpp
 // and rejection_walk_cuda.cuh; the PyTorch reference is medusa_vllm.kernels.reference.
-// rejection_walk_ref (the walk of medusa_vllm.verify.verify_rejection, without filters).
+// rejection_walk_ref (the walk of medusa_vllm.verify.verify_rejection, with target_probs' filters).
 //
 // Per request, from the root: the target at the current node's row is softmax(x / T) after the
 // request's min-p, top-k and top-p, exactly as target_probs.h filters (a greedy request,

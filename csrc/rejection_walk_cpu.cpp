@@ -3,8 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 

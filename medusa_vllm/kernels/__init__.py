@@ -67,6 +67,12 @@ def have_extension() -> bool:
     return _REGISTRATION.have_extension
 
 
+def compiled(op: str) -> bool:
+    """True when torch.ops.medusa_vllm.<op> runs a compiled kernel, not the PyTorch reference
+    (no extension, or one built before the op existed)."""
+    return have_extension() and _registry._op_exists(op)
+
+
 def extension_error() -> str | None:
     """Why the compiled extension is not in use, or None when it is."""
     if _REGISTRATION.error is None:

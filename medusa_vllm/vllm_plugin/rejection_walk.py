@@ -22,18 +22,17 @@ benchmarks/results/verify_step_cost_h100_{walk,tensor}_ca4aa24.json): without a 
 
 from __future__ import annotations
 
+import logging
 import os
-
-import torch
 
 from medusa_vllm import verify
 
 CHOICES = ("kernel", "tensor")
+logger = logging.getLogger(__name__)
 
 
-def chosen(device: torch.device) -> str:
-    """The walk ``MEDUSA_VLLM_REJECTION_WALK`` names (``kernel`` when unset; ``device`` kept for
-    a per-device default)."""
+def chosen() -> str:
+    """The walk ``MEDUSA_VLLM_REJECTION_WALK`` names (``kernel`` when unset)."""
     choice = os.environ.get("MEDUSA_VLLM_REJECTION_WALK", "") or "kernel"
     if choice not in CHOICES:
         raise ValueError(f"MEDUSA_VLLM_REJECTION_WALK={choice!r}: expected 'kernel' (medusa_vllm's "
@@ -41,10 +40,17 @@ def chosen(device: torch.device) -> str:
     return choice
 
 
-def install(device: torch.device) -> str:
-    """Installs the chosen walk for medusa_vllm's verification; returns its name."""
+def install() -> str:
+    """Installs the chosen walk for medusa_vllm's verification; returns its name. ``kernel``
+    without the compiled op (no extension, or one built before the op) installs ``tensor``: the
+    op's PyTorch reference is slower than the tensor walk."""
     from medusa_vllm import kernels
 
-    choice = chosen(device)
+    choice = chosen()
+    if choice == "kernel" and not kernels.compiled("rejection_walk"):
+        logger.warning("medusa_vllm: the rejection_walk op is not compiled (%s); sampled steps use the walk "
+                       "in tensor ops. Rebuild the extension (pip install --no-build-isolation -e .) for it",
+                       kernels.extension_error() or "an extension built before the op")
+        choice = "tensor"
     verify.set_rejection_walk(kernels.rejection_walk if choice == "kernel" else None)
     return choice

@@ -129,7 +129,7 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
         super().__init__(vllm_config, device)
         self.medusa_cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
         top_k_top_p.install(self.device, vllm_config.model_config.get_vocab_size())
-        rejection_walk.install(self.device)
+        rejection_walk.install()
         trees = self.medusa_cfg.trees
         self.medusa_max_query = 1 + self.num_spec_tokens
         self.medusa_trees = TreeTensors.build(trees, self.device, q_max=self.medusa_max_query)

@@ -136,7 +136,7 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
             super().__init__(vllm_config, device)
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
         top_k_top_p.install(device, vllm_config.model_config.get_vocab_size())
-        rejection_walk.install(device)
+        rejection_walk.install()
         self._medusa_init(cfg, _attention_backend(cfg.attention, vllm_config, device),
                           graphs=(device.type == "cuda" and cfg.cuda_graphs
                                   and vllm_config.parallel_config.world_size == 1))

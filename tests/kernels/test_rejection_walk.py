@@ -161,3 +161,21 @@ def test_errors_name_the_argument():
         torch.ops.medusa_vllm.rejection_walk(*args[:4], args[4][:, :3], *args[5:])
     with pytest.raises(RuntimeError, match="rejection_walk: top_p must be"):
         torch.ops.medusa_vllm.rejection_walk(*args[:7], args[7][:1], *args[8:])
+
+
+def test_install_uses_the_tensor_walk_without_the_compiled_op(monkeypatch):
+    """MEDUSA_VLLM_REJECTION_WALK: ``kernel`` (the default) installs the op only where it is
+    compiled; its PyTorch reference is slower than the tensor walk, which serves otherwise."""
+    from medusa_vllm.vllm_plugin import rejection_walk
+
+    old = verify.set_rejection_walk(None)
+    try:
+        monkeypatch.delenv("MEDUSA_VLLM_REJECTION_WALK", raising=False)
+        assert rejection_walk.install() == "kernel" and verify._walk_op is kernels.rejection_walk
+        monkeypatch.setattr(kernels, "compiled", lambda op: False)
+        assert rejection_walk.install() == "tensor" and verify._walk_op is None
+        monkeypatch.setenv("MEDUSA_VLLM_REJECTION_WALK", "tensors")
+        with pytest.raises(ValueError, match="expected 'kernel'"):
+            rejection_walk.install()
+    finally:
+        verify.set_rejection_walk(old)

@@ -219,7 +219,7 @@ def main() -> None:
     try:  # the walk of unfiltered steps (MEDUSA_VLLM_REJECTION_WALK), as the runners install it
         from medusa_vllm.vllm_plugin import rejection_walk
 
-        walk = rejection_walk.install(torch.device(dev))
+        walk = rejection_walk.install()
     except ImportError:
         pass
     g = torch.Generator(device=dev).manual_seed(0)
