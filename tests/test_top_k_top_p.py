@@ -1,6 +1,6 @@
-"""The target distribution's top-k/top-p filter: vLLM's op (what the adapter installs on a GPU)
-keeps the same tokens as medusa_vllm's sort reference, and target_probs goes through an
-installed op. On a CPU vLLM's op is its PyTorch path; its Triton kernel, the one a GPU runs,
+"""The target distribution's top-k/top-p filter: vLLM's op (what the adapter installs on a GPU
+without the compiled target_probs op) keeps the same tokens as medusa_vllm's sort reference,
+target_probs goes through an installed op, and the default is target_probs where compiled. On a CPU vLLM's op is its PyTorch path; its Triton kernel, the one a GPU runs,
 is checked against the same reference in tests/kernels/test_top_k_top_p_cuda.py."""
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ def _rows(m: int, seed: int):
 
 @pytest.fixture
 def restore_filter():
-    old = set_top_k_top_p(None)
+    old, old_op = set_top_k_top_p(None), sampling.set_target_probs(None)
     yield
     set_top_k_top_p(old)
+    sampling.set_target_probs(old_op)
 
 
 @pytest.mark.parametrize("m", [1, 5, 8, 42])
@@ -64,11 +65,27 @@ def test_target_probs_goes_through_an_installed_op(restore_filter):
     assert len(calls) == 1
 
 
-def test_install_leaves_a_cpu_engine_on_the_reference(restore_filter):
+def test_the_default_is_target_probs_where_compiled_else_vllms_op(restore_filter, monkeypatch):
+    from medusa_vllm import kernels
     from medusa_vllm.vllm_plugin import top_k_top_p
 
+    monkeypatch.delenv("MEDUSA_VLLM_TOP_K_TOP_P", raising=False)
+    monkeypatch.setattr(kernels, "compiled", lambda op: op == "target_probs")
+    assert top_k_top_p.chosen() == "medusa"
+    assert top_k_top_p.install(torch.device("cpu"), V) is True
+    assert sampling._target_probs_op is kernels.target_probs and sampling._top_k_top_p is None
+    monkeypatch.setattr(kernels, "compiled", lambda op: False)  # no extension, or one without the op
+    assert top_k_top_p.chosen() == "vllm"
+    assert top_k_top_p.install(torch.device("cpu"), V) is False  # vLLM's op is a GPU's; the CPU sorts
+    assert sampling._target_probs_op is None and sampling._top_k_top_p is None
+
+
+def test_vllms_op_leaves_a_cpu_engine_on_the_reference(restore_filter, monkeypatch):
+    from medusa_vllm.vllm_plugin import top_k_top_p
+
+    monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "vllm")
     assert top_k_top_p.install(torch.device("cpu"), V) is False
-    assert sampling._top_k_top_p is None
+    assert sampling._top_k_top_p is None and sampling._target_probs_op is None
 
 
 def test_a_misspelt_choice_says_what_it_takes(restore_filter, monkeypatch):

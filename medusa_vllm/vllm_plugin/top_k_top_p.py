@@ -1,4 +1,4 @@
-"""The target distribution's top-k/top-p filter on a GPU: vLLM's own op.
+"""The target distribution's top-k/top-p filter: medusa_vllm's target_probs op, or vLLM's own.
 
 A sampled tree step filters the target logits of the B rows it walks at each tree level
 (``medusa_vllm.sampling.target_probs``), five times a step for the 63-node tree. The
@@ -8,18 +8,30 @@ greedy ones at batch 1 / 8 / 32 (from the runs' tokens/s and acceptance). vLLM 0
 its own samples with ``apply_top_k_top_p``: a Triton top-k/top-p kernel without a sort from 8
 rows on, PyTorch's sort below. With that op installed, the distribution medusa_vllm verifies
 against is the one vLLM samples from without speculation, made by the same code, and the
-sampled step sorts only where vLLM's own sampler would.
+sampled step sorts only where vLLM's own sampler would; medusa_vllm's ``target_probs`` op
+(the default since the sixteenth session) gives the same distribution up to top-p tie groups
+(below) in one kernel.
 
-CUDA only: on a CPU vLLM's op is the same sort as the reference (and syncs for top-k alone).
-``MEDUSA_VLLM_TOP_K_TOP_P`` picks the filter on a GPU: ``vllm`` (the default: vLLM's op with
-its dispatch), ``triton`` (vLLM's Triton kernel for any number of rows: below 8 rows vLLM
-sorts, and a batch-1 sampled step filters 1 row five times; the two differ only where float32
-sums round differently, see tests/kernels/test_top_k_top_p_cuda.py), ``medusa`` (medusa_vllm's
-own ``target_probs`` op on any device: temperature, min-p, top-k, top-p and the softmax in one
-kernel, radix selects instead of vLLM's one-program-per-row pivot search, the same tie rule
-as vLLM's Triton kernel: of equal logits at a boundary the lower token ids stay;
-tests/kernels/test_target_probs_cuda.py compares the two), ``reference`` (the sort).
-An A/B of them in one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=medusa``.
+``MEDUSA_VLLM_TOP_K_TOP_P`` picks the filter:
+- ``medusa`` (the default wherever the extension has the op compiled): medusa_vllm's own
+  ``target_probs`` op on any device: temperature, min-p, top-k, top-p and the softmax in one
+  kernel, radix selects instead of a sort or vLLM's one-program-per-row pivot search. Of equal
+  logits at a boundary it keeps the fewest, lowest token ids that reach p, computed in integers.
+  With it a filtered sampled step's walk is one kernel too (``rejection_walk``, which filters
+  the same way): on an H100 (code ca4aa24, ``default-63``, 1 / 8 / 32 / 64 requests, top-p 0.95)
+  383 / 512 / 779 / 1,092 µs a verify step, against 1,388 / 1,961 / 2,444 / 2,958 µs with
+  vLLM's op and the tensor walk (fourteenth session's H100).
+- ``vllm`` (the default without the compiled op; CUDA only): vLLM's op with its dispatch. On a
+  CPU vLLM's op is the same sort as the reference (and syncs for top-k alone), so nothing is
+  installed there. vLLM's Triton kernel finds top-p ties again through a float round trip
+  (``log(prob * sum) + max`` within 1e-9 of the logit) and keeps the whole tie group where that
+  misses; that is the only place it and ``medusa`` differ
+  (tests/kernels/test_target_probs_cuda.py).
+- ``triton`` (CUDA only): vLLM's Triton kernel for any number of rows (below 8 rows vLLM sorts,
+  and a batch-1 sampled step filters 1 row five times; the two differ only where float32 sums
+  round differently, see tests/kernels/test_top_k_top_p_cuda.py).
+- ``reference``: medusa_vllm's sort.
+An A/B of them in one benchmark run: ``medusa-v2:default-63+MEDUSA_VLLM_TOP_K_TOP_P=vllm``.
 """
 
 from __future__ import annotations
@@ -50,8 +62,14 @@ CHOICES = {"vllm": vllm_top_k_top_p, "triton": triton_top_k_top_p, "reference": 
 
 
 def chosen() -> str:
-    """The filter ``MEDUSA_VLLM_TOP_K_TOP_P`` names (``vllm`` when unset)."""
-    return os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "vllm") or "vllm"
+    """The filter ``MEDUSA_VLLM_TOP_K_TOP_P`` names; when unset ``medusa`` where the target_probs
+    op is compiled, else ``vllm``."""
+    choice = os.environ.get("MEDUSA_VLLM_TOP_K_TOP_P", "")
+    if choice:
+        return choice
+    from medusa_vllm import kernels
+
+    return "medusa" if kernels.compiled("target_probs") else "vllm"
 
 
 def install(device: torch.device, vocab: int) -> bool:
@@ -62,9 +80,10 @@ def install(device: torch.device, vocab: int) -> bool:
     here, at its largest (one row per SM), so that no CUDA graph capture allocates or replaces it."""
     choice = chosen()
     if choice not in CHOICES:
-        raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU, "
-                         f"the default), 'triton' (its Triton kernel at any row count), 'medusa' "
-                         f"(medusa_vllm's target_probs op, any device) or 'reference' (medusa_vllm's sort)")
+        raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU), "
+                         f"'triton' (its Triton kernel at any row count), 'medusa' (medusa_vllm's "
+                         f"target_probs op, any device; the default where compiled) or 'reference' "
+                         f"(medusa_vllm's sort)")
     if choice == "medusa":
         from medusa_vllm import kernels
 
