@@ -120,3 +120,22 @@ def test_the_medusa_choice_installs_the_target_probs_op_on_any_device(restore_fi
         assert sampling._target_probs_op is None
     finally:
         sampling.set_target_probs(None)
+
+
+def test_sampling_ops_names_what_it_installed(restore_filter, monkeypatch):
+    from medusa_vllm import kernels, verify
+    from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
+
+    old_walk = verify.set_rejection_walk(None)
+    try:
+        monkeypatch.delenv("MEDUSA_VLLM_TOP_K_TOP_P", raising=False)
+        monkeypatch.delenv("MEDUSA_VLLM_REJECTION_WALK", raising=False)
+        monkeypatch.setattr(kernels, "compiled", lambda op: True)
+        assert sampling_ops(torch.device("cpu"), V) == {"filter": "medusa", "walk": "kernel"}
+        assert sampling._target_probs_op is kernels.target_probs
+        monkeypatch.setenv("MEDUSA_VLLM_TOP_K_TOP_P", "vllm")  # a GPU's op: the CPU keeps the sort
+        monkeypatch.setenv("MEDUSA_VLLM_REJECTION_WALK", "tensor")
+        assert sampling_ops(torch.device("cpu"), V) == {"filter": "reference", "walk": "tensor"}
+        assert sampling._target_probs_op is None and sampling._top_k_top_p is None
+    finally:
+        verify.set_rejection_walk(old_walk)

@@ -251,6 +251,12 @@ def test_worker_stats_agree_with_vllm_metrics(medusa):
     assert all("+KV move" in name for name in uniform["by_tree"]), uniform
     depth0 = m["vllm:spec_decode_num_accepted_tokens_per_pos[0]"] / m["vllm:spec_decode_num_drafts"]
     assert stats["acceptance_per_depth"][0] == pytest.approx(depth0, abs=0.02)
+    # the sampled steps' filter and walk: medusa_vllm's ops where the extension has them
+    from medusa_vllm import kernels
+
+    want = {"filter": "medusa" if kernels.compiled("target_probs") else "reference",
+            "walk": "kernel" if kernels.compiled("rejection_walk") else "tensor"}
+    assert stats["sampling_ops"] == want, stats["sampling_ops"]
 
 
 def test_trees_were_verified_and_accepted(medusa):

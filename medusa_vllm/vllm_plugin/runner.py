@@ -47,7 +47,7 @@ from medusa_vllm.graphed_step import sampling_params_tensor
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
-from medusa_vllm.vllm_plugin import rejection_walk, top_k_top_p
+from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.compile_warmup import warm_batch_change_compiles
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
@@ -128,8 +128,7 @@ class MedusaRunnerMixin(MedusaGraphsMixin):
     def __init__(self, vllm_config, device) -> None:
         super().__init__(vllm_config, device)
         self.medusa_cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
-        top_k_top_p.install(self.device, vllm_config.model_config.get_vocab_size())
-        rejection_walk.install()
+        self.medusa_sampling_ops = sampling_ops(self.device, vllm_config.model_config.get_vocab_size())
         trees = self.medusa_cfg.trees
         self.medusa_max_query = 1 + self.num_spec_tokens
         self.medusa_trees = TreeTensors.build(trees, self.device, q_max=self.medusa_max_query)

@@ -70,7 +70,7 @@ from medusa_vllm.packed_step import (
 from medusa_vllm.sampling import SamplingBatch
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
-from medusa_vllm.vllm_plugin import rejection_walk, top_k_top_p
+from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.graphs import (SAMPLED_GRAPH_ROWS, GraphMemoryMixin, capture_sampled_sets,
@@ -135,8 +135,7 @@ class MedusaV2ModelRunner(GraphMemoryMixin, GPUModelRunner):
         with _swapped(v2_model_runner, "init_speculator", MedusaV2Speculator):
             super().__init__(vllm_config, device)
         cfg = MedusaSpecConfig.from_dict(vllm_config.additional_config["medusa_vllm"])
-        top_k_top_p.install(device, vllm_config.model_config.get_vocab_size())
-        rejection_walk.install()
+        self.medusa_sampling_ops = sampling_ops(device, vllm_config.model_config.get_vocab_size())
         self._medusa_init(cfg, _attention_backend(cfg.attention, vllm_config, device),
                           graphs=(device.type == "cuda" and cfg.cuda_graphs
                                   and vllm_config.parallel_config.world_size == 1))

@@ -105,3 +105,14 @@ def install(device: torch.device, vocab: int) -> bool:
         triton_top_k_top_p(torch.zeros(rows, vocab, dtype=torch.float32, device=device),
                            torch.full((rows,), vocab, dtype=torch.int32, device=device), torch.ones(rows, device=device))
     return True
+
+
+def sampling_ops(device: torch.device, vocab: int) -> dict[str, str]:
+    """Installs the sampled step's target filter and rejection walk (an engine's runner calls it
+    once); returns their names for ``medusa_stats()``: ``{"filter": "medusa" | "vllm" | "triton" |
+    "reference", "walk": "kernel" | "tensor"}`` (``reference``: the sort, also where the chosen op
+    does not apply, e.g. vLLM's on a CPU)."""
+    from medusa_vllm.vllm_plugin import rejection_walk
+
+    filt = chosen() if install(device, vocab) else "reference"
+    return {"filter": filt, "walk": rejection_walk.install()}

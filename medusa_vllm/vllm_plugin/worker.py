@@ -40,6 +40,8 @@ class MedusaStatsMixin:
             "attention": attention, "uniform_greedy": _graphs_summary(runner._medusa_graphs),
             "uniform_sampled": _graphs_summary(runner._medusa_sampled_graphs),
             "async_scheduling": bool(runner.scheduler_config.async_scheduling),
+            # the sampled step's target filter and rejection walk (top_k_top_p, rejection_walk)
+            "sampling_ops": getattr(runner, "medusa_sampling_ops", None),
             # per draft count of a step: how its plan, forward (CUDA graph mode) and
             # verification ran (runner.StepPaths)
             "step_paths": runner.medusa_paths.summary(),
