@@ -1,6 +1,7 @@
 """The target distribution's top-k/top-p filter: vLLM's op (what the adapter installs on a GPU
 without the compiled target_probs op) keeps the same tokens as medusa_vllm's sort reference,
-target_probs goes through an installed op, and the default is target_probs where compiled. On a CPU vLLM's op is its PyTorch path; its Triton kernel, the one a GPU runs,
+target_probs goes through an installed op, and the default is vLLM's op on a GPU and target_probs
+elsewhere (where compiled). On a CPU vLLM's op is its PyTorch path; its Triton kernel, the one a GPU runs,
 is checked against the same reference in tests/kernels/test_top_k_top_p_cuda.py."""
 
 from __future__ import annotations
@@ -65,17 +66,18 @@ def test_target_probs_goes_through_an_installed_op(restore_filter):
     assert len(calls) == 1
 
 
-def test_the_default_is_target_probs_where_compiled_else_vllms_op(restore_filter, monkeypatch):
+def test_the_default_is_vllms_op_on_a_gpu_and_target_probs_elsewhere(restore_filter, monkeypatch):
     from medusa_vllm import kernels
     from medusa_vllm.vllm_plugin import top_k_top_p
 
     monkeypatch.delenv("MEDUSA_VLLM_TOP_K_TOP_P", raising=False)
     monkeypatch.setattr(kernels, "compiled", lambda op: op == "target_probs")
-    assert top_k_top_p.chosen() == "medusa"
+    assert top_k_top_p.chosen(torch.device("cuda")) == "vllm"  # what vLLM samples from there
+    assert top_k_top_p.chosen(torch.device("cpu")) == "medusa"
     assert top_k_top_p.install(torch.device("cpu"), V) is True
     assert sampling._target_probs_op is kernels.target_probs and sampling._top_k_top_p is None
     monkeypatch.setattr(kernels, "compiled", lambda op: False)  # no extension, or one without the op
-    assert top_k_top_p.chosen() == "vllm"
+    assert top_k_top_p.chosen(torch.device("cpu")) == "vllm"
     assert top_k_top_p.install(torch.device("cpu"), V) is False  # vLLM's op is a GPU's; the CPU sorts
     assert sampling._target_probs_op is None and sampling._top_k_top_p is None
 

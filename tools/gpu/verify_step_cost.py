@@ -212,7 +212,7 @@ def main() -> None:
 
             names = {"vllm": "vLLM's op", "triton": "vLLM's Triton kernel", "medusa": "medusa_vllm target_probs"}
             if top_k_top_p.install(torch.device(dev), args.vocab):
-                filter_op = names[top_k_top_p.chosen()]
+                filter_op = names[top_k_top_p.chosen(torch.device(dev))]
         except ImportError:  # no vLLM here: the reference sort
             pass
     walk = "tensor"
