@@ -1,8 +1,8 @@
 """The target distribution's top-k/top-p filter: vLLM's op (what the adapter installs on a GPU
-without the compiled target_probs op) keeps the same tokens as medusa_vllm's sort reference,
-target_probs goes through an installed op, and the default is vLLM's op on a GPU and target_probs
-elsewhere (where compiled). On a CPU vLLM's op is its PyTorch path; its Triton kernel, the one a GPU runs,
-is checked against the same reference in tests/kernels/test_top_k_top_p_cuda.py."""
+by default) keeps the same tokens as medusa_vllm's sort reference, target_probs goes through an
+installed op, and the default is target_probs elsewhere (where compiled). On a CPU vLLM's op is
+its PyTorch path; its Triton kernel, the one a GPU runs, is checked against the same reference
+in tests/kernels/test_top_k_top_p_cuda.py."""
 
 from __future__ import annotations
 

@@ -47,7 +47,6 @@ from medusa_vllm.graphed_step import sampling_params_tensor
 from medusa_vllm.sampling import SamplingBatch, StepRandomness
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
-from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.compile_warmup import warm_batch_change_compiles
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
@@ -59,6 +58,7 @@ from medusa_vllm.vllm_plugin.step import (
 from medusa_vllm.vllm_plugin.step_cache import (
     PinnedUpload, UniformStepCache, copy_uniform_input_ids, uniform_drafts,
 )
+from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
 
 logger = init_logger(__name__)
 

@@ -70,7 +70,6 @@ from medusa_vllm.packed_step import (
 from medusa_vllm.sampling import SamplingBatch
 from medusa_vllm.tree_tensors import TreeTensors, causal_masks
 from medusa_vllm.verify import verify
-from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
 from medusa_vllm.vllm_plugin.attention import MedusaAttnContext, TreeAttnStep
 from medusa_vllm.vllm_plugin.config import MedusaConfigError, MedusaSpecConfig
 from medusa_vllm.vllm_plugin.graphs import (SAMPLED_GRAPH_ROWS, GraphMemoryMixin, capture_sampled_sets,
@@ -82,6 +81,7 @@ from medusa_vllm.vllm_plugin.step import (
     V2_GREEDY, V2_NO_SPEC, V2_SAMPLED, position_offsets, step_trees, tree_lead, v2_mode,
 )
 from medusa_vllm.vllm_plugin.step_cache import uniform_drafts
+from medusa_vllm.vllm_plugin.top_k_top_p import sampling_ops
 from medusa_vllm.vllm_plugin.worker import _swapped
 
 logger = init_logger(__name__)

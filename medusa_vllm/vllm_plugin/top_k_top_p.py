@@ -25,11 +25,11 @@ gives the sort's distribution in one kernel (below).
   and the tensor walk (fourteenth session's H100). Why it is not the GPU default: from 8 rows
   on vLLM samples through its Triton kernel (Qrita's pivot search, float32 sums), and on an
   H100 (code d0a40bc) that kernel kept other tokens than target_probs in the 64- and 300-row
-  cases of tests/kernels/test_target_probs_cuda.py::test_keeps_the_tokens_vllms_kernel_keeps,
-  beyond the one tie group at the boundary that test allows (the 8-row case passed; the
-  failures' details were lost: the call ran out of device time before pytest printed them). Verifying against
-  target_probs there is lossless with respect to the exact top-k/top-p distribution, not to
-  the one vLLM's kernel samples from.
+  cases of tests/kernels/test_target_probs_cuda.py::test_keeps_about_the_tokens_vllms_kernel_keeps,
+  beyond the one tie group at the boundary that test allowed (the 8-row case passed; the
+  failures' details were lost: the call ran out of device time before pytest printed them).
+  Verifying against target_probs there is lossless with respect to the exact top-k/top-p
+  distribution, not to the one vLLM's kernel samples from.
 - ``triton`` (CUDA only): vLLM's Triton kernel for any number of rows (below 8 rows vLLM sorts,
   and a batch-1 sampled step filters 1 row five times; the two differ only where float32 sums
   round differently, see tests/kernels/test_top_k_top_p_cuda.py).
@@ -86,10 +86,10 @@ def install(device: torch.device, vocab: int) -> bool:
     here, at its largest (one row per SM), so that no CUDA graph capture allocates or replaces it."""
     choice = chosen(device)
     if choice not in CHOICES:
-        raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU), "
-                         f"'triton' (its Triton kernel at any row count), 'medusa' (medusa_vllm's "
-                         f"target_probs op, any device; the default where compiled) or 'reference' "
-                         f"(medusa_vllm's sort)")
+        raise ValueError(f"MEDUSA_VLLM_TOP_K_TOP_P={choice!r}: expected 'vllm' (vLLM's op on a GPU, "
+                         f"the default there), 'triton' (its Triton kernel at any row count), 'medusa' "
+                         f"(medusa_vllm's target_probs op, any device; the CPU default where compiled) "
+                         f"or 'reference' (medusa_vllm's sort)")
     if choice == "medusa":
         from medusa_vllm import kernels
 
